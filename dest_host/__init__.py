@@ -1,0 +1,1 @@
+"""The restore side of a migration: what the destination host's agent does."""

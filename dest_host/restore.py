@@ -1,0 +1,178 @@
+"""The restore side of one migration (Xen's xg_sr_restore.c, as asyncio).
+
+prepare  reserve the domain, create its memory, start the guest process that will
+         resume it (loaded and idle, so that resume costs no start-up)
+stream   records from the source agent, one handler per record type
+commit   only with the whole stream in hand; the decision is recorded durably
+resume   hand the vCPU context to the waiting guest
+abort    (any time before commit) discard everything
+
+Verification needs the destination's memory as it was at resume. Only the stream
+writes it before then, so each frame's hash is taken after its last write: frames
+received are marked unhashed, hashed in the background between rounds, and the few
+left by the final pass are hashed just before resume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import numpy as np
+
+from pvmig import errors, pages
+from pvmig._proto import pvmig_pb2 as pb
+from pvmig.domain import INCOMING, Domain
+from pvmig.host import Host
+
+log = logging.getLogger(__name__)
+HASH_CHUNK_FRAMES = 1 << 16
+
+
+@dataclass
+class RestoreSession:
+    host: Host
+    domain: Domain
+    migration_id: str
+    source_agent: str
+    committed: bool = False
+    vcpu: bytes | None = None
+    ended: bool = False
+    streaming: bool = False
+    round_pages: dict = field(default_factory=dict)
+    hashes: np.ndarray | None = None
+    unhashed: np.ndarray | None = None
+    _hasher: asyncio.Task | None = None
+
+    # ---- prepare
+
+    @classmethod
+    async def prepare(cls, host: Host, request: pb.PrepareRequest) -> "RestoreSession":
+        if request.migration_id in host.restores:
+            raise errors.AlreadyExists(f"migration {request.migration_id} already exists")
+        dom = host.reserve(request.domain, request.ram_bytes, workload={})
+        dom.migration_id = request.migration_id
+        session = cls(host, dom, request.migration_id, request.source_agent)
+        n = dom.mem.nr_frames
+        session.hashes = np.zeros(n, dtype=np.uint64)
+        session.unhashed = np.zeros(n, dtype=np.uint8)
+        host.restores[request.migration_id] = session
+        try:
+            await dom.start_waiting(host.log_path(dom))
+        except BaseException:
+            await session.discard()
+            raise
+        return session
+
+    # ---- the stream
+
+    async def receive(self, records: AsyncIterator[pb.StreamRecord]) -> AsyncIterator[pb.StreamAck]:
+        if self.streaming or self.ended:
+            raise errors.FailedPrecondition(
+                f"migration {self.migration_id} already has its stream")
+        self.streaming = True
+        try:
+            async for record in records:
+                if record.migration_id != self.migration_id:
+                    raise errors.FailedPrecondition(
+                        f"record for migration {record.migration_id!r} on the stream of "
+                        f"{self.migration_id!r}")
+                kind = record.WhichOneof("body")
+                handler = _HANDLERS.get(kind)
+                if handler is None:
+                    raise errors.InvalidArgument(f"unknown stream record {kind!r}")
+                ack = handler(self, getattr(record, kind))
+                if ack is not None:
+                    yield ack
+        finally:
+            self.streaming = False
+
+    def on_pages(self, batch: pb.PageBatch) -> None:
+        if self.ended:
+            raise errors.FailedPrecondition("page batch after the end of the stream")
+        unpacked = pages.unpack(batch, self.domain.mem.nr_frames)
+        pages.apply(self.domain.mem, unpacked)
+        # After the write, as with log-dirty: a frame is hashed after its last write.
+        self.unhashed[unpacked.frames] = 1
+        self.unhashed[unpacked.zero_frames] = 1
+        self.round_pages[batch.round] = self.round_pages.get(batch.round, 0) + unpacked.pages
+
+    def on_round_end(self, end: pb.RoundEnd) -> pb.StreamAck:
+        if self._hasher is None or self._hasher.done():
+            self._hasher = asyncio.create_task(asyncio.to_thread(self._hash_pending))
+        return pb.StreamAck(round=end.round, pages_received=self.round_pages.get(end.round, 0))
+
+    def on_device_state(self, state: pb.DeviceState) -> None:
+        if not state.vcpu:
+            raise errors.InvalidArgument("device state without a vCPU context")
+        self.vcpu = state.vcpu
+
+    def on_end(self, _end: pb.StreamEnd) -> pb.StreamAck:
+        if self.vcpu is None:
+            raise errors.InvalidArgument("end of stream before the device state")
+        self.ended = True
+        return pb.StreamAck(end=True)
+
+    def _hash_pending(self) -> None:
+        # Clear before hashing: a frame written meanwhile is marked again (see logdirty).
+        frames = np.flatnonzero(self.unhashed)
+        self.unhashed[frames] = 0
+        self.hashes[frames] = self.domain.mem.frame_hashes(frames)
+
+    # ---- commit, resume
+
+    def commit(self) -> None:
+        if not self.ended:
+            raise errors.FailedPrecondition(
+                f"migration {self.migration_id}: cannot commit before the whole stream "
+                "(final pass and device state) has arrived")
+        self.host.record_commit(self.migration_id, "destination", self.domain.name)
+        self.committed = True
+
+    async def resume(self) -> int:
+        if not self.committed:
+            raise errors.FailedPrecondition("resume comes after commit")
+        if self._hasher is not None:
+            await self._hasher
+        self._hash_pending()
+        t = await self.domain.resume(self.vcpu)
+        self.domain.migration_id = ""
+        return t
+
+    async def frame_hashes(self) -> AsyncIterator[pb.HashChunk]:
+        """Hashes of this side's memory as it was at resume."""
+        if self.domain.state == INCOMING:
+            raise errors.FailedPrecondition("frame hashes are kept from resume on")
+        for lo in range(0, len(self.hashes), HASH_CHUNK_FRAMES):
+            chunk = self.hashes[lo:lo + HASH_CHUNK_FRAMES]
+            yield pb.HashChunk(first_frame=lo, hashes=chunk.astype("<u8").tobytes())
+
+    def finish(self) -> None:
+        """The coordinator has what it needs; forget the session, keep the domain."""
+        self.host.restores.pop(self.migration_id, None)
+
+    # ---- abort
+
+    async def abort(self, reason: str) -> None:
+        if self.committed:
+            raise errors.FailedPrecondition(
+                f"migration {self.migration_id} is committed: it cannot be discarded")
+        log.warning("migration %s discarded: %s", self.migration_id, reason)
+        await self.discard()
+
+    async def discard(self) -> None:
+        self.host.restores.pop(self.migration_id, None)
+        if self._hasher is not None:
+            await asyncio.gather(self._hasher, return_exceptions=True)
+        if self.host.domains.get(self.domain.name) is self.domain:
+            await self.host.drop(self.domain.name)
+
+
+_HANDLERS = {
+    "pages": RestoreSession.on_pages,
+    "round_end": RestoreSession.on_round_end,
+    "device_state": RestoreSession.on_device_state,
+    "end": RestoreSession.on_end,
+}

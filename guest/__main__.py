@@ -1,0 +1,71 @@
+"""python -m guest: the guest process, started by its host agent.
+
+    python -m guest boot    --ram PATH --dirty PATH --fd N --config JSON
+    python -m guest restore --ram PATH --dirty PATH --fd N
+
+`boot` lays out a fresh domain; `restore` waits, already loaded, for the vCPU context
+that resumes a migrated one (started during prepare so that resume costs no start-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import signal
+import socket
+import sys
+import time
+
+from pvmig.hypercall import GuestChannel
+from pvmig.logdirty import DirtyLog
+from pvmig.memory import GuestMemory
+
+from .kernel import Kernel
+from .memapi import VcpuMemory
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_agent() -> None:
+    # The agent is this domain's hypervisor: a guest must not outlive it.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m guest")
+    p.add_argument("mode", choices=["boot", "restore"])
+    p.add_argument("--ram", required=True)
+    p.add_argument("--dirty", required=True)
+    p.add_argument("--fd", type=int, required=True)
+    p.add_argument("--config", default="{}")
+    args = p.parse_args(argv)
+    _die_with_agent()
+    chan = GuestChannel(socket.socket(fileno=args.fd))
+    vm = VcpuMemory(GuestMemory.open(args.ram), DirtyLog.open(args.dirty))
+    if args.mode == "boot":
+        kernel = Kernel.boot(vm, json.loads(args.config))
+        chan.send({"op": "booted", "t": time.monotonic_ns()})
+    else:
+        chan.send({"op": "waiting"})
+        msg = chan.recv()
+        if msg is None:
+            return 0
+        if msg.get("op") != "resume":
+            chan.send({"op": "error", "error": f"expected resume, got {msg.get('op')!r}"})
+            return 1
+        try:
+            kernel = Kernel.restore(vm, msg["vcpu"])
+        except ValueError as e:
+            chan.send({"op": "error", "error": str(e)})
+            return 1
+        t = time.monotonic_ns()
+        kernel.step()  # the first step on this host, before anyone is told
+        chan.send({"op": "resumed", "t": t})
+    kernel.run(chan)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""The guest's main loop: boot or restore, then step the workload until told otherwise.
+
+A step writes the pages the dirty rate owes since the last step and checks the next
+slice of the rolling sweep. Between steps the guest answers its host agent: suspend
+(hand over the vCPU context and wait), resume after a cancelled suspend, or the end of
+its channel (the domain is destroyed).
+"""
+
+from __future__ import annotations
+
+import time
+
+import msgpack
+import numpy as np
+
+from pvmig import guestinfo
+from pvmig.hypercall import GuestChannel
+
+from .memapi import VcpuMemory
+from .workload import MemoryWorkload
+
+TICK_S = 0.01
+SWEEP_FRAMES = 512  # frames checked per step: a full 64 MiB sweep takes ~32 steps
+VCPU_VERSION = 1
+
+
+class Kernel:
+    def __init__(self, vm: VcpuMemory, rng: np.random.Generator) -> None:
+        self.vm = vm
+        self.work = MemoryWorkload(vm)
+        self.rng = rng
+        self.owed = 0.0
+        self.last = time.monotonic()
+
+    # ---- lifecycle
+
+    @classmethod
+    def boot(cls, vm: VcpuMemory, config: dict) -> "Kernel":
+        """First start: lay out the info page and generation table, fill memory."""
+        gen_first, gen_frames, work_first, work_frames = guestinfo.layout(vm.mem.nr_frames)
+        with vm.writing(0):
+            info = guestinfo.view(vm.mem)
+            info[0] = np.zeros((), guestinfo.INFO)
+            for key, value in dict(
+                    nr_frames=vm.mem.nr_frames, gen_first=gen_first, gen_frames=gen_frames,
+                    work_first=work_first, work_frames=work_frames,
+                    dirty_rate=config["dirty_rate"], hot_fraction=config["hot_fraction"],
+                    hot_share=config["hot_share"], fill=config["fill"],
+                    seed=config["seed"]).items():
+                info[key] = value
+            # The magic goes last: a reader that sees it sees a complete page.
+            info["magic"] = guestinfo.MAGIC
+        kernel = cls(vm, np.random.default_rng(config["seed"]))
+        kernel.work.fill(config["fill"])
+        return kernel
+
+    @classmethod
+    def restore(cls, vm: VcpuMemory, vcpu: bytes) -> "Kernel":
+        """Resume on a new host from RAM and the vCPU context taken at suspend."""
+        ctx = msgpack.unpackb(vcpu, raw=False)
+        if ctx.get("version") != VCPU_VERSION:
+            raise ValueError(f"vCPU context version {ctx.get('version')} is not {VCPU_VERSION}")
+        if int(guestinfo.view(vm.mem)[0]["magic"]) != guestinfo.MAGIC:
+            raise ValueError("guest RAM has no info page: nothing to resume")
+        rng = np.random.default_rng()
+        rng.bit_generator.state = _rng_state_in(ctx["rng"])
+        kernel = cls(vm, rng)
+        kernel.owed = ctx["owed"]
+        kernel.resumed()
+        return kernel
+
+    def resumed(self) -> None:
+        """After any resume: a fresh sweep starts counting, time restarts."""
+        with self.vm.writing(0):
+            info = self.work.info
+            info["resumes"] += 1
+            for name in ("sweeps_since_resume", "checks_since_resume", "failed_since_resume"):
+                info[name] = 0
+        self.last = time.monotonic()
+
+    def vcpu_context(self) -> bytes:
+        return msgpack.packb({
+            "version": VCPU_VERSION,
+            "rng": _rng_state_out(self.rng.bit_generator.state),
+            "owed": self.owed,
+            "steps": int(self.work.info[0]["steps"]),
+        })
+
+    # ---- running
+
+    def step(self) -> None:
+        now = time.monotonic()
+        self.owed += float(self.work.info[0]["dirty_rate"]) * (now - self.last)
+        self.last = now
+        n = int(self.owed)
+        if n:
+            self.owed -= n
+            self.work.write(self.work.pick(self.rng, n))
+        self.work.sweep_step(SWEEP_FRAMES)
+        self.work.count("steps", 1)
+
+    def run(self, chan: GuestChannel) -> None:
+        next_tick = time.monotonic()
+        while True:
+            if chan.poll(next_tick - time.monotonic()):
+                msg = chan.recv()
+                if msg is None or not self.handle(msg, chan):
+                    return
+                continue
+            self.step()
+            next_tick = max(next_tick + TICK_S, time.monotonic())
+
+    def handle(self, msg: dict, chan: GuestChannel) -> bool:
+        """Answer one request from the agent; False when the guest must stop."""
+        op = msg.get("op")
+        if op == "suspend":
+            chan.send({"op": "suspended", "vcpu": self.vcpu_context(),
+                       "t": time.monotonic_ns()})
+            # Suspended: the next word from the agent is a cancelled suspend (go on
+            # here), or the channel closing (the domain is destroyed after commit).
+            reply = chan.recv()
+            if reply is None:
+                return False
+            if reply.get("op") != "resume-cancelled":
+                chan.send({"op": "error", "error": f"unexpected {reply.get('op')!r} while suspended"})
+                return False
+            self.resumed()
+            chan.send({"op": "resumed", "t": time.monotonic_ns()})
+            return True
+        if op == "ping":
+            chan.send({"op": "pong"})
+            return True
+        chan.send({"op": "error", "error": f"unknown request {op!r}"})
+        return True
+
+
+def _rng_state_out(state: dict) -> dict:
+    # msgpack holds 64-bit integers; PCG64's state is 128-bit.
+    return {"bit_generator": state["bit_generator"],
+            "state": {k: str(v) for k, v in state["state"].items()},
+            "has_uint32": state["has_uint32"], "uinteger": state["uinteger"]}
+
+
+def _rng_state_in(state: dict) -> dict:
+    return {**state, "state": {k: int(v) for k, v in state["state"].items()}}

@@ -1,0 +1,315 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class HelloRequest(_message.Message):
+    __slots__ = ("protocol_version", "client")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    client: str
+    def __init__(self, protocol_version: _Optional[int] = ..., client: _Optional[str] = ...) -> None: ...
+
+class HelloReply(_message.Message):
+    __slots__ = ("protocol_version", "agent_name", "instance_id", "capabilities", "advertise", "max_ram_bytes")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    AGENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
+    ADVERTISE_FIELD_NUMBER: _ClassVar[int]
+    MAX_RAM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    agent_name: str
+    instance_id: str
+    capabilities: _containers.RepeatedScalarFieldContainer[str]
+    advertise: str
+    max_ram_bytes: int
+    def __init__(self, protocol_version: _Optional[int] = ..., agent_name: _Optional[str] = ..., instance_id: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., advertise: _Optional[str] = ..., max_ram_bytes: _Optional[int] = ...) -> None: ...
+
+class ClockRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ClockReply(_message.Message):
+    __slots__ = ("monotonic_ns",)
+    MONOTONIC_NS_FIELD_NUMBER: _ClassVar[int]
+    monotonic_ns: int
+    def __init__(self, monotonic_ns: _Optional[int] = ...) -> None: ...
+
+class WorkloadConfig(_message.Message):
+    __slots__ = ("dirty_rate", "hot_fraction", "hot_share", "fill", "seed")
+    DIRTY_RATE_FIELD_NUMBER: _ClassVar[int]
+    HOT_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    HOT_SHARE_FIELD_NUMBER: _ClassVar[int]
+    FILL_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    dirty_rate: float
+    hot_fraction: float
+    hot_share: float
+    fill: float
+    seed: int
+    def __init__(self, dirty_rate: _Optional[float] = ..., hot_fraction: _Optional[float] = ..., hot_share: _Optional[float] = ..., fill: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class CreateDomainRequest(_message.Message):
+    __slots__ = ("name", "ram_bytes", "workload")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    RAM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WORKLOAD_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    ram_bytes: int
+    workload: WorkloadConfig
+    def __init__(self, name: _Optional[str] = ..., ram_bytes: _Optional[int] = ..., workload: _Optional[_Union[WorkloadConfig, _Mapping]] = ...) -> None: ...
+
+class GuestFailure(_message.Message):
+    __slots__ = ("frame", "expected_generation", "found_generation")
+    FRAME_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    FOUND_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    frame: int
+    expected_generation: int
+    found_generation: int
+    def __init__(self, frame: _Optional[int] = ..., expected_generation: _Optional[int] = ..., found_generation: _Optional[int] = ...) -> None: ...
+
+class GuestStats(_message.Message):
+    __slots__ = ("steps", "pages_written", "checks_run", "checks_failed", "sweeps", "resumes", "sweeps_since_resume", "checks_since_resume", "failed_since_resume", "failures")
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    PAGES_WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    CHECKS_RUN_FIELD_NUMBER: _ClassVar[int]
+    CHECKS_FAILED_FIELD_NUMBER: _ClassVar[int]
+    SWEEPS_FIELD_NUMBER: _ClassVar[int]
+    RESUMES_FIELD_NUMBER: _ClassVar[int]
+    SWEEPS_SINCE_RESUME_FIELD_NUMBER: _ClassVar[int]
+    CHECKS_SINCE_RESUME_FIELD_NUMBER: _ClassVar[int]
+    FAILED_SINCE_RESUME_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    steps: int
+    pages_written: int
+    checks_run: int
+    checks_failed: int
+    sweeps: int
+    resumes: int
+    sweeps_since_resume: int
+    checks_since_resume: int
+    failed_since_resume: int
+    failures: _containers.RepeatedCompositeFieldContainer[GuestFailure]
+    def __init__(self, steps: _Optional[int] = ..., pages_written: _Optional[int] = ..., checks_run: _Optional[int] = ..., checks_failed: _Optional[int] = ..., sweeps: _Optional[int] = ..., resumes: _Optional[int] = ..., sweeps_since_resume: _Optional[int] = ..., checks_since_resume: _Optional[int] = ..., failed_since_resume: _Optional[int] = ..., failures: _Optional[_Iterable[_Union[GuestFailure, _Mapping]]] = ...) -> None: ...
+
+class DomainInfo(_message.Message):
+    __slots__ = ("name", "domid", "ram_bytes", "state", "guest_pid", "guest", "migration_id", "workload")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DOMID_FIELD_NUMBER: _ClassVar[int]
+    RAM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    GUEST_PID_FIELD_NUMBER: _ClassVar[int]
+    GUEST_FIELD_NUMBER: _ClassVar[int]
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKLOAD_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    domid: int
+    ram_bytes: int
+    state: str
+    guest_pid: int
+    guest: GuestStats
+    migration_id: str
+    workload: WorkloadConfig
+    def __init__(self, name: _Optional[str] = ..., domid: _Optional[int] = ..., ram_bytes: _Optional[int] = ..., state: _Optional[str] = ..., guest_pid: _Optional[int] = ..., guest: _Optional[_Union[GuestStats, _Mapping]] = ..., migration_id: _Optional[str] = ..., workload: _Optional[_Union[WorkloadConfig, _Mapping]] = ...) -> None: ...
+
+class DomainRef(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ListDomainsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListDomainsReply(_message.Message):
+    __slots__ = ("domains",)
+    DOMAINS_FIELD_NUMBER: _ClassVar[int]
+    domains: _containers.RepeatedCompositeFieldContainer[DomainInfo]
+    def __init__(self, domains: _Optional[_Iterable[_Union[DomainInfo, _Mapping]]] = ...) -> None: ...
+
+class DestroyDomainReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class MigrationRef(_message.Message):
+    __slots__ = ("migration_id", "reason")
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    migration_id: str
+    reason: str
+    def __init__(self, migration_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class BeginRequest(_message.Message):
+    __slots__ = ("migration_id", "domain", "dest_address", "batch_pages")
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    DEST_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_PAGES_FIELD_NUMBER: _ClassVar[int]
+    migration_id: str
+    domain: str
+    dest_address: str
+    batch_pages: int
+    def __init__(self, migration_id: _Optional[str] = ..., domain: _Optional[str] = ..., dest_address: _Optional[str] = ..., batch_pages: _Optional[int] = ...) -> None: ...
+
+class BeginReply(_message.Message):
+    __slots__ = ("ram_bytes", "nr_frames")
+    RAM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NR_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    ram_bytes: int
+    nr_frames: int
+    def __init__(self, ram_bytes: _Optional[int] = ..., nr_frames: _Optional[int] = ...) -> None: ...
+
+class RoundRequest(_message.Message):
+    __slots__ = ("migration_id", "round", "final")
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
+    migration_id: str
+    round: int
+    final: bool
+    def __init__(self, migration_id: _Optional[str] = ..., round: _Optional[int] = ..., final: _Optional[bool] = ...) -> None: ...
+
+class RoundStats(_message.Message):
+    __slots__ = ("round", "dirty_pages", "sent_pages", "zero_pages", "bytes", "duration_ns", "dirty_rate", "started_ns", "remaining_pages")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    DIRTY_PAGES_FIELD_NUMBER: _ClassVar[int]
+    SENT_PAGES_FIELD_NUMBER: _ClassVar[int]
+    ZERO_PAGES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    DURATION_NS_FIELD_NUMBER: _ClassVar[int]
+    DIRTY_RATE_FIELD_NUMBER: _ClassVar[int]
+    STARTED_NS_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_PAGES_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    dirty_pages: int
+    sent_pages: int
+    zero_pages: int
+    bytes: int
+    duration_ns: int
+    dirty_rate: float
+    started_ns: int
+    remaining_pages: int
+    def __init__(self, round: _Optional[int] = ..., dirty_pages: _Optional[int] = ..., sent_pages: _Optional[int] = ..., zero_pages: _Optional[int] = ..., bytes: _Optional[int] = ..., duration_ns: _Optional[int] = ..., dirty_rate: _Optional[float] = ..., started_ns: _Optional[int] = ..., remaining_pages: _Optional[int] = ...) -> None: ...
+
+class RoundProgress(_message.Message):
+    __slots__ = ("done_pages", "total_pages", "bytes", "stats")
+    DONE_PAGES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_PAGES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    done_pages: int
+    total_pages: int
+    bytes: int
+    stats: RoundStats
+    def __init__(self, done_pages: _Optional[int] = ..., total_pages: _Optional[int] = ..., bytes: _Optional[int] = ..., stats: _Optional[_Union[RoundStats, _Mapping]] = ...) -> None: ...
+
+class SuspendReply(_message.Message):
+    __slots__ = ("suspended_ns", "vcpu_bytes")
+    SUSPENDED_NS_FIELD_NUMBER: _ClassVar[int]
+    VCPU_BYTES_FIELD_NUMBER: _ClassVar[int]
+    suspended_ns: int
+    vcpu_bytes: int
+    def __init__(self, suspended_ns: _Optional[int] = ..., vcpu_bytes: _Optional[int] = ...) -> None: ...
+
+class HashChunk(_message.Message):
+    __slots__ = ("first_frame", "hashes")
+    FIRST_FRAME_FIELD_NUMBER: _ClassVar[int]
+    HASHES_FIELD_NUMBER: _ClassVar[int]
+    first_frame: int
+    hashes: bytes
+    def __init__(self, first_frame: _Optional[int] = ..., hashes: _Optional[bytes] = ...) -> None: ...
+
+class DoneReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PrepareRequest(_message.Message):
+    __slots__ = ("migration_id", "domain", "ram_bytes", "source_agent")
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    RAM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_AGENT_FIELD_NUMBER: _ClassVar[int]
+    migration_id: str
+    domain: str
+    ram_bytes: int
+    source_agent: str
+    def __init__(self, migration_id: _Optional[str] = ..., domain: _Optional[str] = ..., ram_bytes: _Optional[int] = ..., source_agent: _Optional[str] = ...) -> None: ...
+
+class PrepareReply(_message.Message):
+    __slots__ = ("guest_pid",)
+    GUEST_PID_FIELD_NUMBER: _ClassVar[int]
+    guest_pid: int
+    def __init__(self, guest_pid: _Optional[int] = ...) -> None: ...
+
+class ResumeReply(_message.Message):
+    __slots__ = ("resumed_ns",)
+    RESUMED_NS_FIELD_NUMBER: _ClassVar[int]
+    resumed_ns: int
+    def __init__(self, resumed_ns: _Optional[int] = ...) -> None: ...
+
+class PageBatch(_message.Message):
+    __slots__ = ("seq", "round", "frames", "zero_frames", "data", "checksum")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    ZERO_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    round: int
+    frames: bytes
+    zero_frames: bytes
+    data: bytes
+    checksum: int
+    def __init__(self, seq: _Optional[int] = ..., round: _Optional[int] = ..., frames: _Optional[bytes] = ..., zero_frames: _Optional[bytes] = ..., data: _Optional[bytes] = ..., checksum: _Optional[int] = ...) -> None: ...
+
+class RoundEnd(_message.Message):
+    __slots__ = ("round", "pages")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    PAGES_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    pages: int
+    def __init__(self, round: _Optional[int] = ..., pages: _Optional[int] = ...) -> None: ...
+
+class DeviceState(_message.Message):
+    __slots__ = ("vcpu", "devices")
+    VCPU_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    vcpu: bytes
+    devices: bytes
+    def __init__(self, vcpu: _Optional[bytes] = ..., devices: _Optional[bytes] = ...) -> None: ...
+
+class StreamEnd(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StreamRecord(_message.Message):
+    __slots__ = ("migration_id", "pages", "round_end", "device_state", "end")
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    PAGES_FIELD_NUMBER: _ClassVar[int]
+    ROUND_END_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_STATE_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    migration_id: str
+    pages: PageBatch
+    round_end: RoundEnd
+    device_state: DeviceState
+    end: StreamEnd
+    def __init__(self, migration_id: _Optional[str] = ..., pages: _Optional[_Union[PageBatch, _Mapping]] = ..., round_end: _Optional[_Union[RoundEnd, _Mapping]] = ..., device_state: _Optional[_Union[DeviceState, _Mapping]] = ..., end: _Optional[_Union[StreamEnd, _Mapping]] = ...) -> None: ...
+
+class StreamAck(_message.Message):
+    __slots__ = ("round", "pages_received", "end")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    PAGES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    pages_received: int
+    end: bool
+    def __init__(self, round: _Optional[int] = ..., pages_received: _Optional[int] = ..., end: _Optional[bool] = ...) -> None: ...

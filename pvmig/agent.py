@@ -1,0 +1,242 @@
+"""The host agent: one gRPC server per machine, one thin servicer per service.
+
+Servicers translate messages to calls on Host, SaveSession and RestoreSession and
+errors.PvmigError back to a status with its message; the work lives there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+import grpc
+import uvloop
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from . import errors, rpc
+from ._proto import pvmig_pb2 as pb
+from ._proto import pvmig_pb2_grpc as pb_grpc
+from .host import Host
+
+log = logging.getLogger("pvmig.agent")
+CAPABILITIES = ["precopy", "zero-pages", "crc32-batches"]
+
+
+def _status(fn):
+    """Turn a PvmigError raised by the work into a precise status with its message."""
+    if inspect.isasyncgenfunction(fn):
+        @functools.wraps(fn)
+        async def stream(self, request, context):
+            try:
+                async for item in fn(self, request, context):
+                    yield item
+            except errors.PvmigError as e:
+                await context.abort(e.code, str(e))
+        return stream
+
+    @functools.wraps(fn)
+    async def unary(self, request, context):
+        try:
+            return await fn(self, request, context)
+        except errors.PvmigError as e:
+            await context.abort(e.code, str(e))
+    return unary
+
+
+def _workload_msg(w: dict) -> pb.WorkloadConfig:
+    return pb.WorkloadConfig(**w) if w else pb.WorkloadConfig()
+
+
+def _domain_msg(info: dict) -> pb.DomainInfo:
+    g = dict(info["guest"])
+    failures = [pb.GuestFailure(frame=f["frame"], expected_generation=f["expected"],
+                                found_generation=f["found"]) for f in g.pop("failures", [])]
+    return pb.DomainInfo(name=info["name"], domid=info["domid"], ram_bytes=info["ram_bytes"],
+                         state=info["state"], guest_pid=info["guest_pid"] or 0,
+                         migration_id=info["migration_id"],
+                         guest=pb.GuestStats(**g, failures=failures),
+                         workload=_workload_msg(info["workload"]))
+
+
+class AgentServicer(pb_grpc.AgentServicer):
+    def __init__(self, host: Host) -> None:
+        self.host = host
+
+    async def Hello(self, request, context):
+        return pb.HelloReply(protocol_version=rpc.PROTOCOL_VERSION, agent_name=self.host.name,
+                             instance_id=self.host.instance_id, capabilities=CAPABILITIES,
+                             advertise=self.host.advertise,
+                             max_ram_bytes=self.host.max_ram_bytes)
+
+    async def Clock(self, request, context):
+        return pb.ClockReply(monotonic_ns=time.monotonic_ns())
+
+    @_status
+    async def CreateDomain(self, request, context):
+        fields = {f.name: v for f, v in request.workload.ListFields()}
+        dom = await self.host.create_domain(request.name, request.ram_bytes, fields)
+        return _domain_msg(dom.info())
+
+    async def ListDomains(self, request, context):
+        return pb.ListDomainsReply(
+            domains=[_domain_msg(d.info()) for d in self.host.domains.values()])
+
+    @_status
+    async def QueryDomain(self, request, context):
+        return _domain_msg(self.host.domain(request.name).info())
+
+    @_status
+    async def DestroyDomain(self, request, context):
+        await self.host.destroy_domain(request.name)
+        return pb.DestroyDomainReply()
+
+
+class MigrationSourceServicer(pb_grpc.MigrationSourceServicer):
+    def __init__(self, host: Host) -> None:
+        self.host = host
+
+    @_status
+    async def Begin(self, request, context):
+        from source_host.save import SaveSession
+        session = await SaveSession.begin(self.host, request)
+        mem = session.domain.mem
+        return pb.BeginReply(ram_bytes=mem.ram_bytes, nr_frames=mem.nr_frames)
+
+    @_status
+    async def Round(self, request, context):
+        session = self.host.save(request.migration_id)
+        async for progress in session.round(request.round, request.final):
+            yield progress
+
+    @_status
+    async def Suspend(self, request, context):
+        return await self.host.save(request.migration_id).suspend()
+
+    @_status
+    async def Commit(self, request, context):
+        self.host.save(request.migration_id).commit()
+        return pb.DoneReply()
+
+    @_status
+    async def FrameHashes(self, request, context):
+        async for chunk in self.host.save(request.migration_id).frame_hashes():
+            yield chunk
+
+    @_status
+    async def Complete(self, request, context):
+        await self.host.save(request.migration_id).complete()
+        return pb.DoneReply()
+
+    @_status
+    async def Abort(self, request, context):
+        await self.host.save(request.migration_id).abort(request.reason)
+        return pb.DoneReply()
+
+
+class MigrationDestServicer(pb_grpc.MigrationDestServicer):
+    def __init__(self, host: Host) -> None:
+        self.host = host
+
+    @_status
+    async def Prepare(self, request, context):
+        from dest_host.restore import RestoreSession
+        session = await RestoreSession.prepare(self.host, request)
+        return pb.PrepareReply(guest_pid=session.domain.proc.pid)
+
+    @_status
+    async def Commit(self, request, context):
+        self.host.restore(request.migration_id).commit()
+        return pb.DoneReply()
+
+    @_status
+    async def Resume(self, request, context):
+        return pb.ResumeReply(resumed_ns=await self.host.restore(request.migration_id).resume())
+
+    @_status
+    async def FrameHashes(self, request, context):
+        session = self.host.restore(request.migration_id)
+        async for chunk in session.frame_hashes():
+            yield chunk
+        session.finish()
+
+    @_status
+    async def Abort(self, request, context):
+        await self.host.restore(request.migration_id).abort(request.reason)
+        return pb.DoneReply()
+
+
+class PageStreamServicer(pb_grpc.PageStreamServicer):
+    def __init__(self, host: Host) -> None:
+        self.host = host
+
+    async def Transfer(self, request_iterator, context):
+        try:
+            first = await anext(aiter(request_iterator))
+        except StopAsyncIteration:
+            return
+        try:
+            session = self.host.restore(first.migration_id)
+            async for ack in session.receive(_prepend(first, request_iterator)):
+                yield ack
+        except errors.PvmigError as e:
+            await context.abort(e.code, str(e))
+
+
+async def _prepend(first, rest):
+    yield first
+    async for item in rest:
+        yield item
+
+
+async def serve(host: Host, listen: str, *, ready_file: Path | None = None) -> None:
+    bind_host, _ = rpc.parse_address(listen, listen=True)
+    server = grpc.aio.server(options=rpc.SERVER_OPTIONS)
+    pb_grpc.add_AgentServicer_to_server(AgentServicer(host), server)
+    pb_grpc.add_MigrationSourceServicer_to_server(MigrationSourceServicer(host), server)
+    pb_grpc.add_MigrationDestServicer_to_server(MigrationDestServicer(host), server)
+    pb_grpc.add_PageStreamServicer_to_server(PageStreamServicer(host), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    try:
+        port = server.add_insecure_port(listen)
+    except RuntimeError as e:
+        raise errors.Unavailable(
+            f"cannot listen on {listen}: {e} (is the port in use, or the address not "
+            "one of this host's?)") from None
+    bound = f"{bind_host}:{port}" if ":" not in bind_host else f"[{bind_host}]:{port}"
+    if not host.advertise or host.advertise.endswith(":0"):
+        host.advertise = bound
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set("pvmig.v1.Agent", health_pb2.HealthCheckResponse.SERVING)
+    log.info("agent %s listening on %s (advertised as %s), guest RAM under %s",
+             host.name, bound, host.advertise, host.mem_dir)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if ready_file is not None:
+        tmp = Path(f"{ready_file}.tmp")
+        tmp.write_text(json.dumps({"address": bound, "pid": os.getpid()}))
+        tmp.replace(ready_file)
+    try:
+        await stop.wait()
+    finally:
+        await health_servicer.enter_graceful_shutdown()
+        await server.stop(grace=2.0)
+        for name in list(host.domains):
+            await host.drop(name)
+
+
+def run(*, listen: str, name: str, data_dir: Path, mem_dir: Path, max_ram_bytes: int,
+        advertise: str = "", ready_file: Path | None = None) -> None:
+    host = Host(name=name, data_dir=data_dir, mem_dir=mem_dir, max_ram_bytes=max_ram_bytes,
+                advertise=advertise)
+    uvloop.run(serve(host, listen, ready_file=ready_file))

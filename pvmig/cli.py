@@ -1,0 +1,189 @@
+"""The `pvmig` command: agent, domain, migrate, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+
+import uvloop
+
+from . import errors
+from ._proto import pvmig_pb2 as pb
+from .client import AgentClient
+from .host import DEFAULT_WORKLOAD, default_max_ram
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(args, "log_level", "INFO").upper(),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except errors.PvmigError as e:
+        print(f"pvmig: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("pvmig: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pvmig", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    a = sub.add_parser("agent", help="run a host agent")
+    a.add_argument("--listen", required=True, metavar="HOST:PORT",
+                   help="address to serve gRPC on (port 0: pick one)")
+    a.add_argument("--name", required=True, help="this host's name")
+    a.add_argument("--data-dir", required=True, type=Path,
+                   help="logs and durable migration records")
+    a.add_argument("--mem-dir", type=Path,
+                   help="where guest RAM files live (default /dev/shm/pvmig/NAME)")
+    a.add_argument("--max-ram-mb", type=int, help="guest RAM this host allows in all "
+                   "(default: half of the host's memory)")
+    a.add_argument("--advertise", default="", metavar="HOST:PORT",
+                   help="the address other agents reach this one at (default: --listen)")
+    a.add_argument("--ready-file", type=Path, help="write the bound address here once serving")
+    a.add_argument("--log-level", default="info")
+    a.set_defaults(func=_agent)
+
+    d = sub.add_parser("domain", help="create, list, show or destroy domains on an agent")
+    dsub = d.add_subparsers(dest="action", required=True)
+    c = dsub.add_parser("create", help="create a domain and boot its guest")
+    c.add_argument("name")
+    c.add_argument("--agent", required=True, metavar="HOST:PORT")
+    c.add_argument("--ram-mb", type=int, default=64)
+    c.add_argument("--dirty-rate", type=float, default=DEFAULT_WORKLOAD["dirty_rate"],
+                   help="pages the guest writes per second")
+    c.add_argument("--hot-fraction", type=float, default=DEFAULT_WORKLOAD["hot_fraction"],
+                   help="fraction of memory forming the hot set")
+    c.add_argument("--hot-share", type=float, default=DEFAULT_WORKLOAD["hot_share"],
+                   help="share of writes landing in the hot set")
+    c.add_argument("--fill", type=float, default=DEFAULT_WORKLOAD["fill"],
+                   help="fraction of memory written at boot (the rest stays zero)")
+    c.add_argument("--seed", type=int, default=DEFAULT_WORKLOAD["seed"])
+    c.set_defaults(func=_domain_create)
+    for name, func, help_ in (("list", _domain_list, "list domains"),
+                              ("show", _domain_show, "show one domain and its guest's checks"),
+                              ("destroy", _domain_destroy, "destroy a domain")):
+        x = dsub.add_parser(name, help=help_)
+        if name != "list":
+            x.add_argument("name")
+        x.add_argument("--agent", required=True, metavar="HOST:PORT")
+        x.set_defaults(func=func)
+
+    m = sub.add_parser("migrate", help="live-migrate a domain from one agent to another")
+    m.add_argument("--source", required=True, metavar="HOST:PORT")
+    m.add_argument("--dest", required=True, metavar="HOST:PORT")
+    m.add_argument("--domain", required=True)
+    m.add_argument("--downtime-limit", type=float, default=300.0, metavar="MS")
+    m.add_argument("--max-rounds", type=int, default=30, metavar="N")
+    m.add_argument("--batch-pages", type=int, default=0, help=argparse.SUPPRESS)
+    m.add_argument("--verify-timeout", type=float, default=60.0, metavar="S",
+                   help="how long the resumed guest may take to check all its memory")
+    m.add_argument("--report", type=Path, metavar="FILE", help="write the JSON report here")
+    m.set_defaults(func=_migrate)
+
+    demo = sub.add_parser("demo", help="two agents on loopback, a busy guest, a migration")
+    demo.add_argument("--ram-mb", type=int, default=256)
+    demo.add_argument("--dirty-rate", type=float, default=5000.0)
+    demo.add_argument("--report", type=Path, metavar="FILE")
+    demo.set_defaults(func=_demo)
+    return p
+
+
+# ---- agent
+
+def _agent(args) -> int:
+    from .agent import run
+    max_ram = args.max_ram_mb << 20 if args.max_ram_mb else default_max_ram()
+    mem_dir = args.mem_dir or Path("/dev/shm/pvmig") / args.name
+    run(listen=args.listen, name=args.name, data_dir=args.data_dir, mem_dir=mem_dir,
+        max_ram_bytes=max_ram, advertise=args.advertise, ready_file=args.ready_file)
+    return EXIT_OK
+
+
+# ---- domains
+
+def _run(coro):
+    return uvloop.run(coro)
+
+
+def _domain_create(args) -> int:
+    workload = pb.WorkloadConfig(dirty_rate=args.dirty_rate, hot_fraction=args.hot_fraction,
+                                 hot_share=args.hot_share, fill=args.fill, seed=args.seed)
+
+    async def go():
+        async with AgentClient(args.agent) as agent:
+            await agent.hello()
+            return await agent.call(agent.agent.CreateDomain, pb.CreateDomainRequest(
+                name=args.name, ram_bytes=args.ram_mb << 20, workload=workload), timeout=600.0)
+    info = _run(go())
+    print(f"created {info.name} (domid {info.domid}, {info.ram_bytes >> 20} MiB, "
+          f"guest pid {info.guest_pid}) on {args.agent}")
+    return EXIT_OK
+
+
+def _domain_list(args) -> int:
+    async def go():
+        async with AgentClient(args.agent) as agent:
+            return await agent.call(agent.agent.ListDomains, pb.ListDomainsRequest())
+    reply = _run(go())
+    print(f"{'NAME':<20} {'DOMID':>5} {'RAM MiB':>8} {'STATE':<10} {'CHECKS':>10} {'FAILED':>6}")
+    for d in reply.domains:
+        print(f"{d.name:<20} {d.domid:>5} {d.ram_bytes >> 20:>8} {d.state:<10} "
+              f"{d.guest.checks_run:>10} {d.guest.checks_failed:>6}")
+    return EXIT_OK
+
+
+def _domain_show(args) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    async def go():
+        async with AgentClient(args.agent) as agent:
+            return await agent.call(agent.agent.QueryDomain, pb.DomainRef(name=args.name))
+    print(json.dumps(MessageToDict(_run(go())), indent=2))
+    return EXIT_OK
+
+
+def _domain_destroy(args) -> int:
+    async def go():
+        async with AgentClient(args.agent) as agent:
+            await agent.call(agent.agent.DestroyDomain, pb.DomainRef(name=args.name))
+    _run(go())
+    print(f"destroyed {args.name} on {args.agent}")
+    return EXIT_OK
+
+
+# ---- migrate
+
+def _migrate(args) -> int:
+    from .coordinator import Options, migrate
+    from .progress import for_stream
+    from .summary import print_summary
+
+    options = Options(downtime_limit_ms=args.downtime_limit, max_rounds=args.max_rounds,
+                      batch_pages=args.batch_pages, verify_timeout_s=args.verify_timeout)
+    if options.downtime_limit_ms <= 0 or options.max_rounds < 1:
+        raise errors.InvalidArgument("--downtime-limit must be > 0 ms and --max-rounds >= 1")
+    reporter = for_stream(sys.stdout)
+    try:
+        report = _run(migrate(args.source, args.dest, args.domain, options, reporter))
+    finally:
+        reporter.close()
+    if args.report:
+        report.write(args.report)
+    print_summary(report, sys.stdout.isatty())
+    return EXIT_OK if report.verified else EXIT_FAILED
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+    return run_demo(ram_mb=args.ram_mb, dirty_rate=args.dirty_rate, report_path=args.report)

@@ -1,0 +1,67 @@
+"""The coordinator's and CLI's side of an agent: one object per agent address.
+
+Every call has a deadline and every failure comes back as an errors.PvmigError whose
+message names the agent.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import AsyncIterator
+
+import grpc
+
+from . import errors, rpc
+from ._proto import pvmig_pb2 as pb
+from ._proto import pvmig_pb2_grpc as pb_grpc
+
+
+class AgentClient:
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._channel = rpc.channel(address)
+        self.agent = pb_grpc.AgentStub(self._channel)
+        self.source = pb_grpc.MigrationSourceStub(self._channel)
+        self.dest = pb_grpc.MigrationDestStub(self._channel)
+        self.hello_reply: pb.HelloReply | None = None
+
+    async def __aenter__(self) -> "AgentClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def call(self, method, request, timeout: float = rpc.CALL_TIMEOUT_S):
+        try:
+            return await method(request, timeout=timeout)
+        except grpc.RpcError as e:
+            raise errors.from_rpc(e, self.address) from None
+
+    async def stream(self, method, request, timeout: float | None = None) -> AsyncIterator:
+        try:
+            async for item in method(request, timeout=timeout):
+                yield item
+        except grpc.RpcError as e:
+            raise errors.from_rpc(e, self.address) from None
+
+    async def hello(self, client: str = "pvmig") -> pb.HelloReply:
+        reply = await self.call(self.agent.Hello, pb.HelloRequest(
+            protocol_version=rpc.PROTOCOL_VERSION, client=client), timeout=10.0)
+        rpc.check_hello(reply, self.address)
+        self.hello_reply = reply
+        return reply
+
+    async def clock_offset(self, samples: int = 5) -> tuple[int, int]:
+        """(agent clock - our clock, uncertainty) in ns, from the tightest round trip."""
+        best = None
+        for _ in range(samples):
+            t0 = time.monotonic_ns()
+            reply = await self.call(self.agent.Clock, pb.ClockRequest(), timeout=5.0)
+            t1 = time.monotonic_ns()
+            if best is None or t1 - t0 < best[1]:
+                best = (reply.monotonic_ns - (t0 + t1) // 2, t1 - t0)
+        offset, rtt = best
+        return offset, rtt // 2

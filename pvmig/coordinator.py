@@ -1,0 +1,237 @@
+"""The coordinator: drives one migration through both agents, top to bottom.
+
+    connect    handshake with both agents, clocks, the two must be different hosts
+    prepare    the destination reserves the domain and starts its guest process, waiting
+    begin      the source connects to the destination and turns log-dirty on
+    precopy    round 0, then rounds until the policy says stop
+    suspend    the guest acknowledges; its last step on the source
+    final      the last dirty set, then the device state; the stream ends
+    -- any failure up to here aborts: the destination discards, the source resumes
+    commit     recorded durably on both agents: the point of no return
+    resume     the destination's guest takes its first step
+    verify     frame hashes of both memories, the source copy destroyed, then the
+               resumed guest's own checks
+
+Pages never pass through here: the source agent streams them to the destination agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import errors
+from ._proto import pvmig_pb2 as pb
+from .client import AgentClient
+from .precopy import PrecopyPolicy, RoundStats
+from .progress import Reporter
+from .report import Report
+
+FINAL_ROUND = -1
+
+
+@dataclass
+class Options:
+    downtime_limit_ms: float = 300.0
+    max_rounds: int = 30
+    batch_pages: int = 0  # 0: the agents' default
+    verify_timeout_s: float = 60.0  # for the resumed guest to sweep its memory once
+
+
+@dataclass
+class Migration:
+    source: AgentClient
+    dest: AgentClient
+    domain: str
+    options: Options
+    reporter: Reporter
+    migration_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    report: Report = field(init=False)
+    _begun: bool = False
+    _prepared: bool = False
+    _committed: bool = False
+    _offsets: dict = field(default_factory=dict)
+    _suspended_ns: int = 0
+
+    def __post_init__(self) -> None:
+        self.report = Report(migration_id=self.migration_id, domain=self.domain,
+                             source=self.source.address, dest=self.dest.address)
+        self.policy = PrecopyPolicy(downtime_limit_s=self.options.downtime_limit_ms / 1e3,
+                                    max_rounds=self.options.max_rounds)
+
+    async def run(self) -> Report:
+        t0 = time.monotonic()
+        try:
+            try:
+                await self.connect()
+                await self.prepare()
+                await self.begin()
+                self.report.setup_time_s = time.monotonic() - t0
+                await self.precopy()
+                await self.suspend()
+                await self.final_pass()
+            except BaseException as e:
+                await self.abort(e)
+                raise
+            await self.commit()
+            await self.resume()
+            await self.verify()
+        except errors.PvmigError as e:
+            self.report.fail(e, committed=self._committed)
+        finally:
+            self.report.total_time_s = time.monotonic() - t0
+            self.reporter.phase("done", status=self.report.status)
+        return self.report
+
+    # ---- phases
+
+    async def connect(self) -> None:
+        self.reporter.phase("connect", source=self.source.address, dest=self.dest.address)
+        src, dst = await asyncio.gather(self.source.hello("coordinator"),
+                                        self.dest.hello("coordinator"))
+        if src.instance_id == dst.instance_id:
+            raise errors.InvalidArgument(
+                f"source {self.source.address} and destination {self.dest.address} are the "
+                f"same agent ({src.agent_name}): a migration needs two hosts")
+        info = await self.source.call(self.source.agent.QueryDomain, pb.DomainRef(name=self.domain))
+        if info.state != "running":
+            raise errors.FailedPrecondition(
+                f"domain {self.domain!r} on {src.agent_name} is {info.state}, not running")
+        self.report.ram_bytes = info.ram_bytes
+        self.report.source_agent, self.report.dest_agent = src.agent_name, dst.agent_name
+        for name, client in (("source", self.source), ("dest", self.dest)):
+            self._offsets[name] = await client.clock_offset()
+
+    async def prepare(self) -> None:
+        self.reporter.phase("prepare")
+        await self.dest.call(self.dest.dest.Prepare, pb.PrepareRequest(
+            migration_id=self.migration_id, domain=self.domain,
+            ram_bytes=self.report.ram_bytes, source_agent=self.report.source_agent),
+            timeout=120.0)
+        self._prepared = True
+
+    async def begin(self) -> None:
+        self.reporter.phase("begin", migration=self.migration_id)
+        await self.source.call(self.source.source.Begin, pb.BeginRequest(
+            migration_id=self.migration_id, domain=self.domain,
+            dest_address=self.dest.hello_reply.advertise or self.dest.address,
+            batch_pages=self.options.batch_pages))
+        self._begun = True
+
+    async def precopy(self) -> None:
+        rounds: list[RoundStats] = []
+        while True:
+            rounds.append(await self._round(len(rounds), final=False))
+            decision = self.policy(rounds)
+            self.report.expected_downtime_s = decision.expected_downtime_s
+            if decision.stop:
+                self.report.stop_reason = decision.reason
+                self.reporter.phase("stop-and-copy", reason=decision.reason)
+                return
+
+    async def suspend(self) -> None:
+        self.reporter.phase("suspend")
+        reply = await self.source.call(self.source.source.Suspend, self._ref(), timeout=90.0)
+        self._suspended_ns = reply.suspended_ns
+
+    async def final_pass(self) -> None:
+        await self._round(FINAL_ROUND, final=True)
+
+    async def commit(self) -> None:
+        # As xl's handshake: the destination has acknowledged the whole stream (the
+        # final pass waited for it), the source records the decision, the point of no
+        # return, and only then the destination records it and may run the guest.
+        self.reporter.phase("commit")
+        await self.source.call(self.source.source.Commit, self._ref())
+        self._committed = True
+        await self.dest.call(self.dest.dest.Commit, self._ref())
+
+    async def resume(self) -> None:
+        reply = await self.dest.call(self.dest.dest.Resume, self._ref())
+        src_off, src_err = self._offsets["source"]
+        dst_off, dst_err = self._offsets["dest"]
+        self.report.downtime_s = ((reply.resumed_ns - dst_off)
+                                  - (self._suspended_ns - src_off)) / 1e9
+        self.report.downtime_uncertainty_s = (src_err + dst_err) / 1e9
+        self.reporter.phase("resumed", downtime_ms=round(self.report.downtime_s * 1e3, 2))
+
+    async def verify(self) -> None:
+        self.reporter.phase("verify")
+        src = await self._hashes(self.source, self.source.source.FrameHashes)
+        await self.source.call(self.source.source.Complete, self._ref())
+        dst = await self._hashes(self.dest, self.dest.dest.FrameHashes)
+        self.report.set_memory_verdict(np.flatnonzero(src != dst) if len(src) == len(dst)
+                                       else None)
+        self.report.guest = await self._guest_checks()
+
+    async def abort(self, cause: BaseException) -> None:
+        reason = str(cause) or type(cause).__name__
+        self.reporter.phase("abort", reason=reason)
+        ref = pb.MigrationRef(migration_id=self.migration_id, reason=reason)
+        if self._begun:
+            await _best_effort(self.source.call(self.source.source.Abort, ref, timeout=90.0),
+                               self.report.abort_errors)
+        if self._prepared:
+            await _best_effort(self.dest.call(self.dest.dest.Abort, ref),
+                               self.report.abort_errors)
+
+    # ---- helpers
+
+    async def _round(self, number: int, final: bool) -> RoundStats:
+        req = pb.RoundRequest(migration_id=self.migration_id, round=max(number, 0), final=final)
+        if final:
+            req.round = len(self.report.rounds)
+        async for p in self.source.stream(self.source.source.Round, req):
+            self.reporter.round_progress(number, p.done_pages, p.total_pages, p.bytes)
+            if p.HasField("stats"):
+                stats = _stats(p.stats)
+        self.report.add_round(stats, final=final)
+        self.reporter.round_done(self.report.rounds[-1])
+        return stats
+
+    async def _hashes(self, client: AgentClient, method) -> np.ndarray:
+        parts = [np.frombuffer(c.hashes, dtype="<u8")
+                 async for c in client.stream(method, self._ref(), timeout=300.0)]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64)
+
+    async def _guest_checks(self) -> dict:
+        deadline = time.monotonic() + self.options.verify_timeout_s
+        while True:
+            info = await self.dest.call(self.dest.agent.QueryDomain,
+                                        pb.DomainRef(name=self.domain))
+            g = info.guest
+            if info.state != "running":
+                raise errors.GuestError(
+                    f"domain {self.domain!r} is {info.state} on {self.dest.address} after resume")
+            if g.sweeps_since_resume >= 1 or time.monotonic() > deadline:
+                return {"run": g.checks_since_resume, "failed": g.failed_since_resume,
+                        "sweeps": g.sweeps_since_resume, "resumes": g.resumes,
+                        "failures": [{"frame": f.frame, "expected": f.expected_generation,
+                                      "found": f.found_generation} for f in g.failures]}
+            await asyncio.sleep(0.1)
+
+    def _ref(self) -> pb.MigrationRef:
+        return pb.MigrationRef(migration_id=self.migration_id)
+
+
+def _stats(s: pb.RoundStats) -> RoundStats:
+    return RoundStats(round=s.round, dirty_pages=s.dirty_pages, sent_pages=s.sent_pages,
+                      zero_pages=s.zero_pages, bytes=s.bytes, duration_s=s.duration_ns / 1e9,
+                      dirty_rate=s.dirty_rate, remaining_pages=s.remaining_pages)
+
+
+async def _best_effort(call, errors_out: list) -> None:
+    try:
+        await call
+    except errors.PvmigError as e:
+        errors_out.append(str(e))
+
+
+async def migrate(source: str, dest: str, domain: str, options: Options,
+                  reporter: Reporter) -> Report:
+    async with AgentClient(source) as src, AgentClient(dest) as dst:
+        return await Migration(src, dst, domain, options, reporter).run()

@@ -1,0 +1,168 @@
+"""A domain as its host agent holds it: RAM and log-dirty files, and the guest process.
+
+The agent is the domain's hypervisor: it creates the memory, starts the guest process
+with the memory mapped as its physical RAM, and talks to it over the hypercall channel
+for what memory does not carry (boot, suspend, resume).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import errors, guestinfo
+from .hypercall import AgentChannel
+from .logdirty import DirtyLog
+from .memory import PAGE_SIZE, GuestMemory
+
+BOOT_TIMEOUT_S = 300.0  # filling a large guest's memory takes a while
+START_TIMEOUT_S = 60.0
+SUSPEND_TIMEOUT_S = 60.0  # as Xen's toolstack waits for the suspend acknowledgement
+RESUME_TIMEOUT_S = 30.0
+
+RUNNING, SUSPENDED, OUTGOING, INCOMING, CRASHED = (
+    "running", "suspended", "outgoing", "incoming", "crashed")
+
+
+@dataclass
+class Domain:
+    name: str
+    domid: int
+    mem: GuestMemory
+    log: DirtyLog
+    workload: dict
+    state: str = INCOMING
+    migration_id: str = ""
+    proc: asyncio.subprocess.Process | None = None
+    chan: AgentChannel | None = None
+    log_path: Path | None = None
+    _watch: asyncio.Task | None = field(default=None, repr=False)
+
+    @property
+    def ram_bytes(self) -> int:
+        return self.mem.ram_bytes
+
+    @classmethod
+    def allocate(cls, *, name: str, domid: int, ram_bytes: int, mem_dir: Path,
+                 workload: dict) -> "Domain":
+        base = mem_dir / f"{name}.{domid}"
+        mem = GuestMemory.create(f"{base}.ram", ram_bytes // PAGE_SIZE)
+        try:
+            log = DirtyLog.create(f"{base}.dirty", mem.nr_frames)
+        except BaseException:
+            mem.close()
+            mem.unlink()
+            raise
+        return cls(name=name, domid=domid, mem=mem, log=log, workload=workload)
+
+    # ---- the guest process
+
+    async def boot(self, log_path: Path) -> None:
+        """Start a fresh guest and wait until it has laid out and filled its memory."""
+        await self._spawn("boot", log_path, config=self.workload)
+        await self._expect("booted", BOOT_TIMEOUT_S)
+        self.state = RUNNING
+
+    async def start_waiting(self, log_path: Path) -> None:
+        """Start the guest process that will resume this incoming domain, loaded and idle."""
+        await self._spawn("restore", log_path)
+        await self._expect("waiting", START_TIMEOUT_S)
+
+    async def suspend(self) -> tuple[bytes, int]:
+        """Ask the guest to suspend; return its vCPU context and when it acknowledged."""
+        self._require(RUNNING, OUTGOING)
+        await self._send({"op": "suspend"})
+        msg = await self._expect("suspended", SUSPEND_TIMEOUT_S)
+        self.state = SUSPENDED
+        return msg["vcpu"], msg["t"]
+
+    async def cancel_suspend(self) -> int:
+        """Resume in place after a suspend that will not be followed by a move."""
+        self._require(SUSPENDED)
+        await self._send({"op": "resume-cancelled"})
+        msg = await self._expect("resumed", RESUME_TIMEOUT_S)
+        self.state = RUNNING
+        return msg["t"]
+
+    async def resume(self, vcpu: bytes) -> int:
+        """Hand the vCPU context to the waiting guest; return its first step's time."""
+        self._require(INCOMING)
+        await self._send({"op": "resume", "vcpu": vcpu})
+        msg = await self._expect("resumed", RESUME_TIMEOUT_S)
+        self.state = RUNNING
+        return msg["t"]
+
+    async def destroy(self) -> None:
+        if self._watch:
+            self._watch.cancel()
+        if self.chan:
+            self.chan.close()
+        if self.proc and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+        self.mem.close()
+        self.log.close()
+        self.mem.unlink()
+        self.log.unlink()
+
+    def info(self) -> dict:
+        stats = guestinfo.read(self.mem) if self.state != INCOMING else {}
+        return {"name": self.name, "domid": self.domid, "ram_bytes": self.ram_bytes,
+                "state": self.state, "migration_id": self.migration_id,
+                "guest_pid": self.proc.pid if self.proc else 0,
+                "guest": stats, "workload": self.workload}
+
+    # ---- internals
+
+    async def _spawn(self, mode: str, log_path: Path, config: dict | None = None) -> None:
+        ours, theirs = socket.socketpair()
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        argv = [sys.executable, "-m", "guest", mode, "--ram", str(self.mem.path),
+                "--dirty", str(self.log.path), "--fd", str(theirs.fileno())]
+        if config is not None:
+            argv += ["--config", json.dumps(config)]
+        with open(log_path, "ab") as out:
+            self.proc = await asyncio.create_subprocess_exec(
+                *argv, pass_fds=[theirs.fileno()], stdin=asyncio.subprocess.DEVNULL,
+                stdout=out, stderr=out, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        theirs.close()
+        self.chan = await AgentChannel.open(ours)
+        self._watch = asyncio.create_task(self._watch_exit())
+
+    async def _watch_exit(self) -> None:
+        code = await self.proc.wait()
+        if self.state != INCOMING:
+            self.state = CRASHED
+        self._exit_code = code
+
+    async def _send(self, msg: dict) -> None:
+        try:
+            await self.chan.send(msg)
+        except (ConnectionError, OSError) as e:
+            raise errors.GuestError(f"domain {self.name}: guest process is gone ({e})") from e
+
+    async def _expect(self, op: str, timeout: float) -> dict:
+        try:
+            msg = await asyncio.wait_for(self.chan.recv(), timeout)
+        except asyncio.TimeoutError:
+            raise errors.GuestError(
+                f"domain {self.name}: guest did not answer {op!r} within {timeout:.0f} s") from None
+        except EOFError:
+            raise errors.GuestError(
+                f"domain {self.name}: guest process exited (see {self.log_path})") from None
+        if msg.get("op") != op:
+            raise errors.GuestError(
+                f"domain {self.name}: guest answered {msg.get('op')!r} "
+                f"({msg.get('error', '')}) where {op!r} was expected")
+        return msg
+
+    def _require(self, *states: str) -> None:
+        if self.state not in states:
+            raise errors.FailedPrecondition(
+                f"domain {self.name} is {self.state}, not {' or '.join(states)}")

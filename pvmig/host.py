@@ -1,0 +1,163 @@
+"""A host: the domains one agent holds, and the migrations it takes part in.
+
+The logic behind the agent's gRPC services lives here and in source_host/ and
+dest_host/; the servicers only translate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from . import errors
+from .domain import Domain
+from .memory import PAGE_SIZE
+
+if TYPE_CHECKING:
+    from dest_host.restore import RestoreSession
+    from source_host.save import SaveSession
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+DEFAULT_WORKLOAD = {"dirty_rate": 1000.0, "hot_fraction": 0.1, "hot_share": 0.9,
+                    "fill": 1.0, "seed": 1}
+
+
+def default_max_ram() -> int:
+    """Half of the host's memory: the rest is for the agent, the guests' peers and the OS."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+
+class Host:
+    def __init__(self, *, name: str, data_dir: Path, mem_dir: Path, max_ram_bytes: int,
+                 advertise: str) -> None:
+        self.name = name
+        self.instance_id = uuid.uuid4().hex
+        self.data_dir = Path(data_dir)
+        self.mem_dir = Path(mem_dir)
+        self.max_ram_bytes = max_ram_bytes
+        self.advertise = advertise
+        self.domains: dict[str, Domain] = {}
+        self.saves: dict[str, SaveSession] = {}
+        self.restores: dict[str, RestoreSession] = {}
+        self._next_domid = 1
+        for d in (self.data_dir, self.mem_dir, self.data_dir / "migrations",
+                  self.data_dir / "logs"):
+            d.mkdir(parents=True, exist_ok=True)
+
+    # ---- domains
+
+    def domain(self, name: str) -> Domain:
+        try:
+            return self.domains[name]
+        except KeyError:
+            raise errors.NotFound(f"no domain {name!r} on host {self.name}") from None
+
+    def reserve(self, name: str, ram_bytes: int, workload: dict) -> Domain:
+        """Check and allocate a domain's memory; the caller starts its guest."""
+        if not _NAME.match(name):
+            raise errors.InvalidArgument(
+                f"bad domain name {name!r}: use letters, digits, '_', '.', '-' (at most 64)")
+        if name in self.domains:
+            raise errors.AlreadyExists(f"domain {name!r} already exists on host {self.name}")
+        self._check_ram(ram_bytes)
+        dom = Domain.allocate(name=name, domid=self._next_domid, ram_bytes=ram_bytes,
+                              mem_dir=self.mem_dir, workload=workload)
+        self._next_domid += 1
+        self.domains[name] = dom
+        return dom
+
+    async def create_domain(self, name: str, ram_bytes: int, workload: dict) -> Domain:
+        for key in workload:
+            if key not in DEFAULT_WORKLOAD:
+                raise errors.InvalidArgument(f"unknown workload setting {key!r}")
+        workload = {**DEFAULT_WORKLOAD, **workload}
+        _check_workload(workload)
+        dom = self.reserve(name, ram_bytes, workload)
+        try:
+            await dom.boot(self.log_path(dom))
+        except BaseException:
+            await self.destroy_domain(name)
+            raise
+        return dom
+
+    async def destroy_domain(self, name: str) -> None:
+        dom = self.domain(name)
+        if dom.migration_id and (dom.migration_id in self.saves
+                                 or dom.migration_id in self.restores):
+            raise errors.FailedPrecondition(
+                f"domain {name!r} is migrating ({dom.migration_id}); cancel that first")
+        await self.drop(name)
+
+    async def drop(self, name: str) -> None:
+        dom = self.domains.pop(name)
+        await dom.destroy()
+
+    def log_path(self, dom: Domain) -> Path:
+        return self.data_dir / "logs" / f"{dom.name}.{dom.domid}.log"
+
+    def _check_ram(self, ram_bytes: int) -> None:
+        if ram_bytes <= 0 or ram_bytes % PAGE_SIZE:
+            raise errors.InvalidArgument(
+                f"guest RAM must be a positive multiple of {PAGE_SIZE} bytes, not {ram_bytes}")
+        mib = ram_bytes >> 20
+        if ram_bytes > self.max_ram_bytes:
+            raise errors.ResourceExhausted(
+                f"a {mib} MiB guest is larger than host {self.name} allows "
+                f"({self.max_ram_bytes >> 20} MiB, agent --max-ram-mb)")
+        used = sum(d.ram_bytes for d in self.domains.values())
+        if used + ram_bytes > self.max_ram_bytes:
+            raise errors.ResourceExhausted(
+                f"host {self.name} has {(self.max_ram_bytes - used) >> 20} MiB of guest RAM "
+                f"left, not {mib} MiB")
+        free = shutil.disk_usage(self.mem_dir).free
+        if ram_bytes > free:
+            raise errors.ResourceExhausted(
+                f"{self.mem_dir} has {free >> 20} MiB free, not {mib} MiB for the guest's RAM")
+
+    # ---- migrations
+
+    def record_commit(self, migration_id: str, role: str, domain: str) -> None:
+        """Write the commit decision durably, before anyone acts on it."""
+        path = self.data_dir / "migrations" / f"{migration_id}.json"
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump({"migration_id": migration_id, "role": role, "domain": domain,
+                       "state": "committed", "time": time.time()}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def save(self, migration_id: str) -> "SaveSession":
+        try:
+            return self.saves[migration_id]
+        except KeyError:
+            raise errors.NotFound(
+                f"no outgoing migration {migration_id!r} on host {self.name}") from None
+
+    def restore(self, migration_id: str) -> "RestoreSession":
+        try:
+            return self.restores[migration_id]
+        except KeyError:
+            raise errors.NotFound(
+                f"no incoming migration {migration_id!r} on host {self.name}") from None
+
+
+def _check_workload(w: dict) -> None:
+    if w["dirty_rate"] < 0:
+        raise errors.InvalidArgument(f"dirty rate must be >= 0 pages/s, not {w['dirty_rate']}")
+    for key in ("hot_fraction", "hot_share", "fill"):
+        if not 0.0 <= w[key] <= 1.0:
+            raise errors.InvalidArgument(f"{key} must be within 0..1, not {w[key]}")
+    if w["hot_fraction"] == 0:
+        raise errors.InvalidArgument("hot_fraction must be above 0")

@@ -1,0 +1,85 @@
+"""The channel between a guest process and its host agent: the emulated hypercall and
+upcall path for what the shared memory does not carry (boot, suspend, resume).
+
+Length-prefixed msgpack over a socketpair. The guest side is blocking (the guest is a
+single vCPU); the agent side is asyncio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import select
+import socket
+import struct
+
+import msgpack
+
+_LEN = struct.Struct("<I")
+MAX_MESSAGE = 1 << 20
+
+
+def encode(msg: dict) -> bytes:
+    body = msgpack.packb(msg, use_bin_type=True)
+    return _LEN.pack(len(body)) + body
+
+
+class GuestChannel:
+    """The guest's end: blocking send and receive, and a poll for the main loop."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        sock.setblocking(True)
+
+    def send(self, msg: dict) -> None:
+        self._sock.sendall(encode(msg))
+
+    def poll(self, timeout: float) -> bool:
+        return bool(select.select([self._sock], [], [], max(timeout, 0.0))[0])
+
+    def recv(self) -> dict | None:
+        """The next message, or None when the agent has gone."""
+        head = self._read(_LEN.size)
+        if head is None:
+            return None
+        body = self._read(_LEN.unpack(head)[0])
+        return None if body is None else msgpack.unpackb(body, raw=False)
+
+    def _read(self, n: int) -> bytes | None:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = self._sock.recv(n - len(buf))
+            if not chunk:
+                return None
+            buf += chunk
+        return bytes(buf)
+
+
+class AgentChannel:
+    """The agent's end, over asyncio streams."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+
+    @classmethod
+    async def open(cls, sock: socket.socket) -> "AgentChannel":
+        reader, writer = await asyncio.open_unix_connection(sock=sock)
+        return cls(reader, writer)
+
+    async def send(self, msg: dict) -> None:
+        self._writer.write(encode(msg))
+        await self._writer.drain()
+
+    async def recv(self) -> dict:
+        """The next message; EOFError when the guest has gone."""
+        try:
+            head = await self._reader.readexactly(_LEN.size)
+            (n,) = _LEN.unpack(head)
+            if n > MAX_MESSAGE:
+                raise EOFError(f"guest sent a {n}-byte message")
+            return msgpack.unpackb(await self._reader.readexactly(n), raw=False)
+        except asyncio.IncompleteReadError as e:
+            raise EOFError("the guest closed its channel") from e
+
+    def close(self) -> None:
+        self._writer.close()

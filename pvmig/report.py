@@ -1,0 +1,120 @@
+"""The report of one migration: one JSON object. Where a figure means what QEMU's
+query-migrate means, it has that name (total-time, setup-time, downtime, ...)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import errors
+from .memory import PAGE_SIZE
+from .precopy import RoundStats
+
+MAX_LISTED_FRAMES = 32
+
+
+@dataclass
+class Report:
+    migration_id: str
+    domain: str
+    source: str
+    dest: str
+    source_agent: str = ""
+    dest_agent: str = ""
+    status: str = "completed"
+    error: str | None = None
+    committed: bool = False
+    ram_bytes: int = 0
+    total_time_s: float = 0.0
+    setup_time_s: float = 0.0
+    downtime_s: float | None = None
+    downtime_uncertainty_s: float = 0.0
+    expected_downtime_s: float = 0.0
+    stop_reason: str = ""
+    rounds: list[dict] = field(default_factory=list)
+    memory: str | int | None = None
+    differing_frames: list[int] = field(default_factory=list)
+    guest: dict | None = None
+    abort_errors: list[str] = field(default_factory=list)
+    _precopy_s: float = 0.0
+
+    # ---- filled in by the coordinator
+
+    def add_round(self, s: RoundStats, final: bool) -> None:
+        self.rounds.append({
+            "round": s.round, "final": final, "pages": s.dirty_pages,
+            "normal-pages": s.sent_pages, "zero-pages": s.zero_pages, "bytes": s.bytes,
+            "duration-ms": round(s.duration_s * 1e3, 3),
+            "dirty-pages-rate": round(s.dirty_rate, 1),
+            "remaining": s.remaining_pages,
+            "mbps": round(s.bytes * 8 / 1e6 / s.duration_s, 1) if s.duration_s else 0.0})
+        self._precopy_s += s.duration_s
+
+    def set_memory_verdict(self, differing: np.ndarray | None) -> None:
+        if differing is None:
+            self.memory = "size-mismatch"
+        elif len(differing) == 0:
+            self.memory = "identical"
+        else:
+            self.memory = int(len(differing))
+            self.differing_frames = [int(f) for f in differing[:MAX_LISTED_FRAMES]]
+
+    def fail(self, err: errors.PvmigError, committed: bool) -> None:
+        self.status = "failed"
+        self.committed = committed
+        where = ("after commit: the guest belongs to the destination"
+                 if committed else "before commit: the guest runs on the source")
+        self.error = f"{err} ({where})"
+
+    # ---- verdicts
+
+    @property
+    def verified(self) -> bool:
+        return (self.status == "completed" and self.memory == "identical"
+                and self.guest is not None and self.guest["failed"] == 0
+                and self.guest["sweeps"] >= 1)
+
+    @property
+    def transferred_bytes(self) -> int:
+        return sum(r["bytes"] for r in self.rounds)
+
+    def to_dict(self) -> dict:
+        transferred = self.transferred_bytes
+        ms = lambda s: None if s is None else round(s * 1e3, 3)  # noqa: E731
+        return {
+            "status": self.status,
+            "error": self.error,
+            "migration-id": self.migration_id,
+            "domain": self.domain,
+            "source": self.source, "dest": self.dest,
+            "source-agent": self.source_agent, "dest-agent": self.dest_agent,
+            "ram-bytes": self.ram_bytes,
+            "total-time-ms": ms(self.total_time_s),
+            "setup-time-ms": ms(self.setup_time_s),
+            "downtime-ms": ms(self.downtime_s),
+            "downtime-uncertainty-ms": ms(self.downtime_uncertainty_s),
+            "expected-downtime-ms": ms(self.expected_downtime_s),
+            "stop-reason": self.stop_reason,
+            "transferred-bytes": transferred,
+            "transferred-ratio": round(transferred / self.ram_bytes, 4) if self.ram_bytes else None,
+            "zero-pages": sum(r["zero-pages"] for r in self.rounds),
+            "normal-pages": sum(r["normal-pages"] for r in self.rounds),
+            "normal-bytes": sum(r["normal-pages"] for r in self.rounds) * PAGE_SIZE,
+            "dirty-sync-count": len(self.rounds),
+            "mbps": round(transferred * 8 / 1e6 / self._precopy_s, 1) if self._precopy_s else 0.0,
+            "rounds": self.rounds,
+            "verification": {
+                "memory": self.memory,
+                "differing-frames": self.differing_frames,
+                "guest-checks": self.guest,
+                "passed": self.verified,
+            },
+            "abort-errors": self.abort_errors,
+        }
+
+    def write(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+            f.write("\n")

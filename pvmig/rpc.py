@@ -1,0 +1,46 @@
+"""Addresses, channels and the handshake every pvmig connection starts with."""
+
+from __future__ import annotations
+
+import grpc
+
+from . import errors
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE = 16 << 20
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+    # A dead peer must be noticed even while a stream is idle between rounds.
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+SERVER_OPTIONS = CHANNEL_OPTIONS + [
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.so_reuseport", 0),
+]
+CALL_TIMEOUT_S = 30.0
+
+
+def parse_address(text: str, *, listen: bool = False) -> tuple[str, int]:
+    """HOST:PORT (IPv6 as [::1]:PORT) -> (host, port); a clear error otherwise.
+    Port 0 is allowed only for an address to listen on (the kernel picks one)."""
+    host, sep, port = text.rpartition(":")
+    lowest = 0 if listen else 1
+    if not sep or not host or not port.isdigit() or not lowest <= int(port) < 65536:
+        raise errors.InvalidArgument(f"bad address {text!r}: expected HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def channel(address: str) -> grpc.aio.Channel:
+    parse_address(address)
+    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+def check_hello(reply, address: str) -> None:
+    if reply.protocol_version != PROTOCOL_VERSION:
+        raise errors.FailedPrecondition(
+            f"agent at {address} speaks protocol version {reply.protocol_version}, "
+            f"this pvmig speaks {PROTOCOL_VERSION}: run the same pvmig release on both")

@@ -1,0 +1,1 @@
+"""The save side of a migration: what the source host's agent does."""
