@@ -9,8 +9,8 @@ abort    (any time before commit) discard everything
 
 Verification needs the destination's memory as it was at resume. Only the stream
 writes it before then, so each frame's hash is taken after its last write: frames
-received are marked unhashed, hashed in the background between rounds, and the few
-left by the final pass are hashed just before resume.
+received are marked unhashed and hashed by a background task that keeps up with the
+stream, and the few the final pass leaves are hashed just before resume.
 """
 
 from __future__ import annotations
@@ -22,13 +22,14 @@ from typing import AsyncIterator
 
 import numpy as np
 
-from pvmig import errors, pages
+from pvmig import errors, logdirty, pages
 from pvmig._proto import pvmig_pb2 as pb
 from pvmig.domain import INCOMING, Domain
 from pvmig.host import Host
 
 log = logging.getLogger(__name__)
 HASH_CHUNK_FRAMES = 1 << 16
+HASH_EVERY_S = 0.02  # keeps each pass, and so the wait at resume, to a few ms
 
 
 @dataclass
@@ -45,6 +46,7 @@ class RestoreSession:
     hashes: np.ndarray | None = None
     unhashed: np.ndarray | None = None
     _hasher: asyncio.Task | None = None
+    _end_event: asyncio.Event = field(default_factory=asyncio.Event)
 
     # ---- prepare
 
@@ -98,10 +100,10 @@ class RestoreSession:
         self.unhashed[unpacked.frames] = 1
         self.unhashed[unpacked.zero_frames] = 1
         self.round_pages[batch.round] = self.round_pages.get(batch.round, 0) + unpacked.pages
+        if self._hasher is None:
+            self._hasher = asyncio.create_task(self._hash_in_background())
 
     def on_round_end(self, end: pb.RoundEnd) -> pb.StreamAck:
-        if self._hasher is None or self._hasher.done():
-            self._hasher = asyncio.create_task(asyncio.to_thread(self._hash_pending))
         return pb.StreamAck(round=end.round, pages_received=self.round_pages.get(end.round, 0))
 
     def on_device_state(self, state: pb.DeviceState) -> None:
@@ -113,12 +115,20 @@ class RestoreSession:
         if self.vcpu is None:
             raise errors.InvalidArgument("end of stream before the device state")
         self.ended = True
+        self._end_event.set()
         return pb.StreamAck(end=True)
+
+    async def _hash_in_background(self) -> None:
+        while not self.ended:
+            await asyncio.to_thread(self._hash_pending)
+            try:  # woken early by the end of the stream
+                await asyncio.wait_for(self._end_event.wait(), HASH_EVERY_S)
+            except asyncio.TimeoutError:
+                pass
 
     def _hash_pending(self) -> None:
         # Clear before hashing: a frame written meanwhile is marked again (see logdirty).
-        frames = np.flatnonzero(self.unhashed)
-        self.unhashed[frames] = 0
+        frames = logdirty.take(self.unhashed)
         self.hashes[frames] = self.domain.mem.frame_hashes(frames)
 
     # ---- commit, resume
@@ -135,7 +145,7 @@ class RestoreSession:
         if not self.committed:
             raise errors.FailedPrecondition("resume comes after commit")
         if self._hasher is not None:
-            await self._hasher
+            await self._hasher  # ends with the stream: at most one short pass to wait for
         self._hash_pending()
         t = await self.domain.resume(self.vcpu)
         self.domain.migration_id = ""
@@ -165,6 +175,7 @@ class RestoreSession:
     async def discard(self) -> None:
         self.host.restores.pop(self.migration_id, None)
         if self._hasher is not None:
+            self._hasher.cancel()
             await asyncio.gather(self._hasher, return_exceptions=True)
         if self.host.domains.get(self.domain.name) is self.domain:
             await self.host.drop(self.domain.name)

@@ -60,9 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             chan.send({"op": "error", "error": str(e)})
             return 1
-        t = time.monotonic_ns()
-        kernel.step()  # the first step on this host, before anyone is told
-        chan.send({"op": "resumed", "t": t})
+        # Running from here: this is the first step on the new host.
+        chan.send({"op": "resumed", "t": time.monotonic_ns()})
     kernel.run(chan)
     return 0
 

@@ -64,7 +64,7 @@ class Migration:
                                     max_rounds=self.options.max_rounds)
 
     async def run(self) -> Report:
-        t0 = time.monotonic()
+        t0 = self.report.t0 = time.monotonic()
         try:
             try:
                 await self.connect()
@@ -84,13 +84,13 @@ class Migration:
             self.report.fail(e, committed=self._committed)
         finally:
             self.report.total_time_s = time.monotonic() - t0
-            self.reporter.phase("done", status=self.report.status)
+            self._phase("done", status=self.report.status)
         return self.report
 
     # ---- phases
 
     async def connect(self) -> None:
-        self.reporter.phase("connect", source=self.source.address, dest=self.dest.address)
+        self._phase("connect", source=self.source.address, dest=self.dest.address)
         src, dst = await asyncio.gather(self.source.hello("coordinator"),
                                         self.dest.hello("coordinator"))
         if src.instance_id == dst.instance_id:
@@ -107,7 +107,7 @@ class Migration:
             self._offsets[name] = await client.clock_offset()
 
     async def prepare(self) -> None:
-        self.reporter.phase("prepare")
+        self._phase("prepare")
         await self.dest.call(self.dest.dest.Prepare, pb.PrepareRequest(
             migration_id=self.migration_id, domain=self.domain,
             ram_bytes=self.report.ram_bytes, source_agent=self.report.source_agent),
@@ -115,7 +115,7 @@ class Migration:
         self._prepared = True
 
     async def begin(self) -> None:
-        self.reporter.phase("begin", migration=self.migration_id)
+        self._phase("begin", migration=self.migration_id)
         await self.source.call(self.source.source.Begin, pb.BeginRequest(
             migration_id=self.migration_id, domain=self.domain,
             dest_address=self.dest.hello_reply.advertise or self.dest.address,
@@ -130,22 +130,23 @@ class Migration:
             self.report.expected_downtime_s = decision.expected_downtime_s
             if decision.stop:
                 self.report.stop_reason = decision.reason
-                self.reporter.phase("stop-and-copy", reason=decision.reason)
+                self._phase("stop-and-copy", reason=decision.reason)
                 return
 
     async def suspend(self) -> None:
-        self.reporter.phase("suspend")
+        self._phase("suspend")
         reply = await self.source.call(self.source.source.Suspend, self._ref(), timeout=90.0)
         self._suspended_ns = reply.suspended_ns
 
     async def final_pass(self) -> None:
+        self._phase("final")
         await self._round(FINAL_ROUND, final=True)
 
     async def commit(self) -> None:
         # As xl's handshake: the destination has acknowledged the whole stream (the
         # final pass waited for it), the source records the decision, the point of no
         # return, and only then the destination records it and may run the guest.
-        self.reporter.phase("commit")
+        self._phase("commit")
         await self.source.call(self.source.source.Commit, self._ref())
         self._committed = True
         await self.dest.call(self.dest.dest.Commit, self._ref())
@@ -157,10 +158,10 @@ class Migration:
         self.report.downtime_s = ((reply.resumed_ns - dst_off)
                                   - (self._suspended_ns - src_off)) / 1e9
         self.report.downtime_uncertainty_s = (src_err + dst_err) / 1e9
-        self.reporter.phase("resumed", downtime_ms=round(self.report.downtime_s * 1e3, 2))
+        self._phase("resumed", downtime_ms=round(self.report.downtime_s * 1e3, 2))
 
     async def verify(self) -> None:
-        self.reporter.phase("verify")
+        self._phase("verify")
         src = await self._hashes(self.source, self.source.source.FrameHashes)
         await self.source.call(self.source.source.Complete, self._ref())
         dst = await self._hashes(self.dest, self.dest.dest.FrameHashes)
@@ -170,7 +171,7 @@ class Migration:
 
     async def abort(self, cause: BaseException) -> None:
         reason = str(cause) or type(cause).__name__
-        self.reporter.phase("abort", reason=reason)
+        self._phase("abort", reason=reason)
         ref = pb.MigrationRef(migration_id=self.migration_id, reason=reason)
         if self._begun:
             await _best_effort(self.source.call(self.source.source.Abort, ref, timeout=90.0),
@@ -213,6 +214,10 @@ class Migration:
                         "failures": [{"frame": f.frame, "expected": f.expected_generation,
                                       "found": f.found_generation} for f in g.failures]}
             await asyncio.sleep(0.1)
+
+    def _phase(self, name: str, **fields) -> None:
+        self.report.mark(name)
+        self.reporter.phase(name, **fields)
 
     def _ref(self) -> pb.MigrationRef:
         return pb.MigrationRef(migration_id=self.migration_id)

@@ -48,11 +48,7 @@ class DirtyLog:
 
     def read_and_clear(self) -> np.ndarray:
         """Frames marked since the last call, ascending (Xen's CLEAN)."""
-        frames = np.flatnonzero(self.map).astype(np.uint32)
-        # Per-element stores only: a bulk clear (memset) would wipe marks made after
-        # the snapshot on frames the snapshot did not hold.
-        self.map[frames] = 0
-        return frames
+        return take(self.map)
 
     def close(self) -> None:
         self.map = None  # type: ignore[assignment]
@@ -60,3 +56,14 @@ class DirtyLog:
 
     def unlink(self) -> None:
         self._shared.unlink()
+
+
+def take(marks: np.ndarray) -> np.ndarray:
+    """Read and clear a byte-per-frame map that other threads or processes go on marking:
+    the marked frames, ascending, as u32."""
+    # Snapshot first: counting and collecting over a map that changes underneath fails.
+    frames = np.flatnonzero(marks.copy()).astype(np.uint32)
+    # Per-element stores only: a bulk clear (memset) would wipe marks made after the
+    # snapshot on frames the snapshot did not hold.
+    marks[frames] = 0
+    return frames

@@ -27,17 +27,15 @@ def checksum(frames: bytes, zero_frames: bytes, data: bytes) -> int:
 
 @dataclass(frozen=True)
 class Packed:
-    batch: pb.PageBatch
     normal: int
     zero: int
-
-    @property
-    def wire_bytes(self) -> int:
-        return len(self.batch.data) + len(self.batch.frames) + len(self.batch.zero_frames)
+    wire_bytes: int
 
 
-def pack(mem: GuestMemory, frames: np.ndarray, *, seq: int, round: int) -> Packed:
-    """Copy `frames` out of guest memory into one batch."""
+def pack(mem: GuestMemory, frames: np.ndarray, *, seq: int, round: int,
+         out: pb.PageBatch) -> Packed:
+    """Copy `frames` out of guest memory into the batch `out` (in place: a batch built
+    apart and then set into its record would be copied whole once more)."""
     block = mem.pages[frames]
     zero = ~block.view(np.uint64).any(axis=1)
     if zero.any():
@@ -47,9 +45,9 @@ def pack(mem: GuestMemory, frames: np.ndarray, *, seq: int, round: int) -> Packe
     fbytes = frames.astype(_FRAME).tobytes()
     zbytes = zero_frames.astype(_FRAME).tobytes()
     data = block.tobytes()
-    batch = pb.PageBatch(seq=seq, round=round, frames=fbytes, zero_frames=zbytes,
-                         data=data, checksum=checksum(fbytes, zbytes, data))
-    return Packed(batch, len(frames), len(zero_frames))
+    out.seq, out.round, out.frames, out.zero_frames, out.data = seq, round, fbytes, zbytes, data
+    out.checksum = checksum(fbytes, zbytes, data)
+    return Packed(len(frames), len(zero_frames), len(fbytes) + len(zbytes) + len(data))
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ query-migrate means, it has that name (total-time, setup-time, downtime, ...).""
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,7 +39,13 @@ class Report:
     differing_frames: list[int] = field(default_factory=list)
     guest: dict | None = None
     abort_errors: list[str] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)  # ms from the start
+    t0: float = 0.0
     _precopy_s: float = 0.0
+
+    def mark(self, phase: str) -> None:
+        """Note when a phase began, on the coordinator's clock."""
+        self.phases[phase] = round((time.monotonic() - self.t0) * 1e3, 3)
 
     # ---- filled in by the coordinator
 
@@ -105,6 +112,7 @@ class Report:
             "dirty-sync-count": len(self.rounds),
             "mbps": round(transferred * 8 / 1e6 / self._precopy_s, 1) if self._precopy_s else 0.0,
             "rounds": self.rounds,
+            "phases-ms": self.phases,
             "verification": {
                 "memory": self.memory,
                 "differing-frames": self.differing_frames,

@@ -7,11 +7,16 @@ its pages read as zeros and cost nothing until written, like a guest's untouched
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
+# Linux 5.14's MADV_POPULATE_WRITE (Python 3.11's mmap has no name for it).
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 
 
 class SharedFile:
@@ -31,7 +36,7 @@ class SharedFile:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.ftruncate(fd, size)
-            return cls(path, mmap.mmap(fd, size), size)
+            return cls(path, _map(fd, size), size)
         except BaseException:
             os.unlink(path)
             raise
@@ -44,7 +49,7 @@ class SharedFile:
         fd = os.open(path, os.O_RDWR)
         try:
             size = os.fstat(fd).st_size
-            return cls(path, mmap.mmap(fd, size), size)
+            return cls(path, _map(fd, size), size)
         finally:
             os.close(fd)
 
@@ -59,3 +64,15 @@ class SharedFile:
 
     def unlink(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+def _map(fd: int, size: int) -> mmap.mmap:
+    """Map and populate: allocate and map every page now, as a hypervisor allocates a
+    domain's memory when it builds it. A first touch later costs ~12 us a page on these
+    virtual machines (3 s per GiB): paid at creation, not in the middle of a migration."""
+    mapping = mmap.mmap(fd, size)
+    try:
+        mapping.madvise(_MADV_POPULATE_WRITE)
+    except OSError as e:  # kernels before 5.14: pages fault in on first touch instead
+        log.debug("MADV_POPULATE_WRITE unavailable (%s); pages fault in lazily", e)
+    return mapping

@@ -116,18 +116,17 @@ class SaveSession:
                               started_ns=time.monotonic_ns())
         last_report = started
         for lo in range(0, len(frames), self.batch_pages):
+            record = pb.StreamRecord(migration_id=self.migration_id)
             packed = pages.pack(self.domain.mem, frames[lo:lo + self.batch_pages],
-                                seq=self._seq, round=number)
+                                seq=self._seq, round=number, out=record.pages)
             self._seq += 1
-            await self._write(pb.StreamRecord(migration_id=self.migration_id,
-                                              pages=packed.batch))
+            await self._write(record)
             stats.sent_pages += packed.normal
             stats.zero_pages += packed.zero
             stats.bytes += packed.wire_bytes
             if time.monotonic() - last_report >= PROGRESS_EVERY_S:
                 last_report = time.monotonic()
-                yield pb.RoundProgress(done_pages=lo + len(packed.batch.frames) // 4
-                                       + len(packed.batch.zero_frames) // 4,
+                yield pb.RoundProgress(done_pages=lo + packed.normal + packed.zero,
                                        total_pages=len(frames), bytes=stats.bytes)
         await self._end_round(number, len(frames))
         if final:

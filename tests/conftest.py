@@ -1,0 +1,60 @@
+"""Shared pytest fixtures.
+
+Keep this file generic: each section below is owned by the tests that use it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from pvmig.logdirty import DirtyLog
+from pvmig.memory import GuestMemory
+
+
+# --------------------------------------------------------------------------------------
+# Unit tests: shared-memory files (guest RAM, log-dirty bitmap)
+#
+# The files are ordinary files under pytest's tmp_path: MAP_SHARED works the same on
+# any filesystem, and pytest removes them with the rest of tmp_path.
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def shm_dir(tmp_path: Path) -> Path:
+    """A fresh directory for this test's shared-memory files."""
+    d = tmp_path / "shm"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def make_memory(shm_dir: Path) -> Callable[..., GuestMemory]:
+    """Factory: make_memory(nr_frames, name="ram") -> a new GuestMemory, closed after the test."""
+    made: list[GuestMemory] = []
+
+    def make(nr_frames: int, name: str = "ram") -> GuestMemory:
+        mem = GuestMemory.create(shm_dir / name, nr_frames)
+        made.append(mem)
+        return mem
+
+    yield make
+    for mem in made:
+        mem.close()
+
+
+@pytest.fixture
+def make_log(shm_dir: Path) -> Callable[..., DirtyLog]:
+    """Factory: make_log(nr_frames, name="log") -> a new DirtyLog, closed after the test."""
+    made: list[DirtyLog] = []
+
+    def make(nr_frames: int, name: str = "log") -> DirtyLog:
+        log = DirtyLog.create(shm_dir / name, nr_frames)
+        made.append(log)
+        return log
+
+    yield make
+    for log in made:
+        log.close()
