@@ -41,8 +41,7 @@ class RestoreSession:
     committed: bool = False
     vcpu: bytes | None = None
     ended: bool = False
-    streaming: bool = False
-    round_pages: dict = field(default_factory=dict)
+    ends: int = 0
     hashes: np.ndarray | None = None
     unhashed: np.ndarray | None = None
     _hasher: asyncio.Task | None = None
@@ -68,54 +67,58 @@ class RestoreSession:
             raise
         return session
 
-    # ---- the stream
+    # ---- the streams
 
     async def receive(self, records: AsyncIterator[pb.StreamRecord]) -> AsyncIterator[pb.StreamAck]:
-        if self.streaming or self.ended:
-            raise errors.FailedPrecondition(
-                f"migration {self.migration_id} already has its stream")
-        self.streaming = True
-        try:
-            async for record in records:
-                if record.migration_id != self.migration_id:
-                    raise errors.FailedPrecondition(
-                        f"record for migration {record.migration_id!r} on the stream of "
-                        f"{self.migration_id!r}")
-                kind = record.WhichOneof("body")
-                handler = _HANDLERS.get(kind)
-                if handler is None:
-                    raise errors.InvalidArgument(f"unknown stream record {kind!r}")
-                ack = handler(self, getattr(record, kind))
-                if ack is not None:
-                    yield ack
-        finally:
-            self.streaming = False
-
-    def on_pages(self, batch: pb.PageBatch) -> None:
+        """One page stream of the migration (there may be several side by side)."""
         if self.ended:
-            raise errors.FailedPrecondition("page batch after the end of the stream")
+            raise errors.FailedPrecondition(f"migration {self.migration_id} has ended its streams")
+        stream = _StreamState()
+        async for record in records:
+            if record.migration_id != self.migration_id:
+                raise errors.FailedPrecondition(
+                    f"record for migration {record.migration_id!r} on a stream of "
+                    f"{self.migration_id!r}")
+            if stream.ended:
+                raise errors.InvalidArgument("record after the end of the stream")
+            kind = record.WhichOneof("body")
+            handler = _HANDLERS.get(kind)
+            if handler is None:
+                raise errors.InvalidArgument(f"unknown stream record {kind!r}")
+            ack = handler(self, stream, getattr(record, kind))
+            if ack is not None:
+                yield ack
+
+    def on_pages(self, stream: "_StreamState", batch: pb.PageBatch) -> None:
         unpacked = pages.unpack(batch, self.domain.mem.nr_frames)
         pages.apply(self.domain.mem, unpacked)
         # After the write, as with log-dirty: a frame is hashed after its last write.
         self.unhashed[unpacked.frames] = 1
         self.unhashed[unpacked.zero_frames] = 1
-        self.round_pages[batch.round] = self.round_pages.get(batch.round, 0) + unpacked.pages
+        stream.round_pages[batch.round] = stream.round_pages.get(batch.round, 0) + unpacked.pages
         if self._hasher is None:
             self._hasher = asyncio.create_task(self._hash_in_background())
 
-    def on_round_end(self, end: pb.RoundEnd) -> pb.StreamAck:
-        return pb.StreamAck(round=end.round, pages_received=self.round_pages.get(end.round, 0))
+    def on_round_end(self, stream: "_StreamState", end: pb.RoundEnd) -> pb.StreamAck:
+        return pb.StreamAck(round=end.round, pages_received=stream.round_pages.pop(end.round, 0))
 
-    def on_device_state(self, state: pb.DeviceState) -> None:
+    def on_device_state(self, stream: "_StreamState", state: pb.DeviceState) -> None:
         if not state.vcpu:
             raise errors.InvalidArgument("device state without a vCPU context")
         self.vcpu = state.vcpu
 
-    def on_end(self, _end: pb.StreamEnd) -> pb.StreamAck:
-        if self.vcpu is None:
-            raise errors.InvalidArgument("end of stream before the device state")
-        self.ended = True
-        self._end_event.set()
+    def on_end(self, stream: "_StreamState", end: pb.StreamEnd) -> pb.StreamAck:
+        if not 0 < end.streams <= 64:
+            raise errors.InvalidArgument(f"end of stream announces {end.streams} streams")
+        stream.ended = True
+        self.ends += 1
+        # Whole when every stream has ended and the device state is in: acknowledged
+        # ends are what the source waits for before it commits.
+        if self.ends >= end.streams:
+            if self.vcpu is None:
+                raise errors.InvalidArgument("every stream ended without the device state")
+            self.ended = True
+            self._end_event.set()
         return pb.StreamAck(end=True)
 
     async def _hash_in_background(self) -> None:
@@ -179,6 +182,12 @@ class RestoreSession:
             await asyncio.gather(self._hasher, return_exceptions=True)
         if self.host.domains.get(self.domain.name) is self.domain:
             await self.host.drop(self.domain.name)
+
+
+@dataclass
+class _StreamState:
+    round_pages: dict = field(default_factory=dict)
+    ended: bool = False
 
 
 _HANDLERS = {

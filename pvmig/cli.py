@@ -85,7 +85,10 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--domain", required=True)
     m.add_argument("--downtime-limit", type=float, default=300.0, metavar="MS")
     m.add_argument("--max-rounds", type=int, default=30, metavar="N")
-    m.add_argument("--batch-pages", type=int, default=0, help=argparse.SUPPRESS)
+    m.add_argument("--streams", type=int, default=0, metavar="N",
+                   help="parallel page streams between the agents (default 4)")
+    m.add_argument("--batch-pages", type=int, default=0, metavar="N",
+                   help="pages per batch on the stream (default 256: 1 MiB)")
     m.add_argument("--verify-timeout", type=float, default=60.0, metavar="S",
                    help="how long the resumed guest may take to check all its memory")
     m.add_argument("--report", type=Path, metavar="FILE", help="write the JSON report here")
@@ -170,9 +173,12 @@ def _migrate(args) -> int:
     from .summary import print_summary
 
     options = Options(downtime_limit_ms=args.downtime_limit, max_rounds=args.max_rounds,
-                      batch_pages=args.batch_pages, verify_timeout_s=args.verify_timeout)
+                      batch_pages=args.batch_pages, streams=args.streams,
+                      verify_timeout_s=args.verify_timeout)
     if options.downtime_limit_ms <= 0 or options.max_rounds < 1:
         raise errors.InvalidArgument("--downtime-limit must be > 0 ms and --max-rounds >= 1")
+    if not 0 <= options.streams <= 16 or not 0 <= options.batch_pages <= 1024:
+        raise errors.InvalidArgument("--streams must be within 1..16 and --batch-pages 1..1024")
     reporter = for_stream(sys.stdout)
     try:
         report = _run(migrate(args.source, args.dest, args.domain, options, reporter))

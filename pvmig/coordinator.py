@@ -39,6 +39,7 @@ class Options:
     downtime_limit_ms: float = 300.0
     max_rounds: int = 30
     batch_pages: int = 0  # 0: the agents' default
+    streams: int = 0      # 0: the agents' default
     verify_timeout_s: float = 60.0  # for the resumed guest to sweep its memory once
 
 
@@ -119,7 +120,7 @@ class Migration:
         await self.source.call(self.source.source.Begin, pb.BeginRequest(
             migration_id=self.migration_id, domain=self.domain,
             dest_address=self.dest.hello_reply.advertise or self.dest.address,
-            batch_pages=self.options.batch_pages))
+            batch_pages=self.options.batch_pages, streams=self.options.streams))
         self._begun = True
 
     async def precopy(self) -> None:

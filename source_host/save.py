@@ -1,7 +1,7 @@
 """The save side of one migration (Xen's xg_sr_save.c, as asyncio).
 
 Phases, each one call from the coordinator:
-    begin    connect to the destination agent, open the stream, log-dirty on
+    begin    connect to the destination agent, open the page streams, log-dirty on
     round    round 0 sends every frame; later rounds the frames dirtied since the last
              read of the log; the final round, after suspend, the last dirty set, then
              the device state and the end of the stream
@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Iterator
 
 import grpc
 import numpy as np
@@ -28,9 +28,13 @@ from pvmig._proto import pvmig_pb2_grpc as pb_grpc
 from pvmig.domain import OUTGOING, RUNNING, SUSPENDED, Domain
 from pvmig.host import Host
 
+from .stream import PageStream
+
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 0.1
 HASH_CHUNK_FRAMES = 1 << 16
+DEFAULT_STREAMS = 4  # measured best on 2 cores: 1 GiB round 0 in 2.4 s (1), 2.1 s (2), 1.3-1.6 s (4), 1.25 s (8)
+MAX_STREAMS = 16
 
 
 @dataclass
@@ -40,16 +44,14 @@ class SaveSession:
     migration_id: str
     dest_address: str
     batch_pages: int = pages.BATCH_PAGES
+    nr_streams: int = DEFAULT_STREAMS
     committed: bool = False
-    delivered: bool = False  # the destination acknowledged the end of the stream
+    delivered: bool = False  # the destination acknowledged the end of every stream
     vcpu: bytes | None = None
     _channel: grpc.aio.Channel | None = None
-    _call: grpc.aio.StreamStreamCall | None = None
-    _acks: dict = field(default_factory=dict)
-    _ack_reader: asyncio.Task | None = None
+    _streams: list[PageStream] = field(default_factory=list)
     _seq: int = 0
     _last_read: float = 0.0
-    _round_duration: float = 0.0
 
     # ---- begin
 
@@ -63,8 +65,11 @@ class SaveSession:
             raise errors.FailedPrecondition(f"domain {dom.name!r} is {dom.state}, not running")
         if request.migration_id in host.saves:
             raise errors.AlreadyExists(f"migration {request.migration_id} already exists")
+        if request.streams > MAX_STREAMS:
+            raise errors.InvalidArgument(f"at most {MAX_STREAMS} streams, not {request.streams}")
         session = cls(host, dom, request.migration_id, request.dest_address,
-                      request.batch_pages or pages.BATCH_PAGES)
+                      request.batch_pages or pages.BATCH_PAGES,
+                      request.streams or DEFAULT_STREAMS)
         await session._connect()
         dom.migration_id = request.migration_id
         dom.state = OUTGOING
@@ -81,19 +86,21 @@ class SaveSession:
                 pb.HelloRequest(protocol_version=rpc.PROTOCOL_VERSION,
                                 client=f"agent {self.host.name}"),
                 timeout=rpc.CALL_TIMEOUT_S)
+            rpc.check_hello(hello, self.dest_address)
+            if hello.instance_id == self.host.instance_id:
+                raise errors.InvalidArgument(
+                    f"{self.dest_address} is this same agent ({self.host.name}): "
+                    "a migration needs two hosts")
         except grpc.RpcError as e:
             await self._channel.close()
             raise errors.Unavailable(
                 f"source agent {self.host.name} cannot reach the destination agent at "
                 f"{self.dest_address}: {e.details()}") from None
-        rpc.check_hello(hello, self.dest_address)
-        if hello.instance_id == self.host.instance_id:
+        except errors.PvmigError:
             await self._channel.close()
-            raise errors.InvalidArgument(
-                f"{self.dest_address} is this same agent ({self.host.name}): "
-                "a migration needs two hosts")
-        self._call = pb_grpc.PageStreamStub(self._channel).Transfer()
-        self._ack_reader = asyncio.create_task(self._read_acks())
+            raise
+        self._streams = [PageStream(self._channel, self.migration_id, self.dest_address)
+                         for _ in range(self.nr_streams)]
 
     # ---- rounds
 
@@ -109,49 +116,58 @@ class SaveSession:
             frames = np.arange(self.domain.mem.nr_frames, dtype=np.uint32)
         else:
             frames = self.domain.log.read_and_clear()
-        since = started - self._last_read
-        self._last_read = started
-        dirty_rate = len(frames) / since if number and since > 0 else 0.0
-        stats = pb.RoundStats(round=number, dirty_pages=len(frames), dirty_rate=dirty_rate,
-                              started_ns=time.monotonic_ns())
-        last_report = started
-        for lo in range(0, len(frames), self.batch_pages):
-            record = pb.StreamRecord(migration_id=self.migration_id)
-            packed = pages.pack(self.domain.mem, frames[lo:lo + self.batch_pages],
-                                seq=self._seq, round=number, out=record.pages)
-            self._seq += 1
-            await self._write(record)
-            stats.sent_pages += packed.normal
-            stats.zero_pages += packed.zero
-            stats.bytes += packed.wire_bytes
-            if time.monotonic() - last_report >= PROGRESS_EVERY_S:
-                last_report = time.monotonic()
-                yield pb.RoundProgress(done_pages=lo + packed.normal + packed.zero,
+        since, self._last_read = started - self._last_read, started
+        stats = pb.RoundStats(round=number, dirty_pages=len(frames), started_ns=time.monotonic_ns(),
+                              dirty_rate=len(frames) / since if number and since > 0 else 0.0)
+        batches = self._batches(frames)
+        pumps = [asyncio.create_task(self._pump(s, batches, number, stats))
+                 for s in self._streams]
+        try:
+            while True:
+                done, pending = await asyncio.wait(pumps, timeout=PROGRESS_EVERY_S,
+                                                   return_when=asyncio.FIRST_EXCEPTION)
+                for task in done:
+                    task.result()  # the first failure ends the round
+                if not pending:
+                    break
+                yield pb.RoundProgress(done_pages=stats.sent_pages + stats.zero_pages,
                                        total_pages=len(frames), bytes=stats.bytes)
-        await self._end_round(number, len(frames))
+        finally:
+            for task in pumps:
+                task.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
         if final:
-            await self._send_device_state()
+            await self._end_streams()
         stats.duration_ns = int((time.monotonic() - started) * 1e9)
         stats.remaining_pages = self.domain.log.count()
         yield pb.RoundProgress(done_pages=len(frames), total_pages=len(frames),
                                bytes=stats.bytes, stats=stats)
 
-    async def _end_round(self, number: int, sent: int) -> None:
-        ack = self._expect_ack(number)
-        await self._write(pb.StreamRecord(migration_id=self.migration_id,
-                                          round_end=pb.RoundEnd(round=number, pages=sent)))
-        reply = await ack
-        if reply.pages_received != sent:
-            raise errors.DataLoss(f"round {number}: destination received "
-                                  f"{reply.pages_received} pages of {sent}")
+    def _batches(self, frames: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+        for lo in range(0, len(frames), self.batch_pages):
+            yield self._seq, frames[lo:lo + self.batch_pages]
+            self._seq += 1
 
-    async def _send_device_state(self) -> None:
-        ack = self._expect_ack("end")
-        await self._write(pb.StreamRecord(migration_id=self.migration_id,
-                                          device_state=pb.DeviceState(vcpu=self.vcpu)))
-        await self._write(pb.StreamRecord(migration_id=self.migration_id, end=pb.StreamEnd()))
-        await self._call.done_writing()
-        await ack
+    async def _pump(self, stream: PageStream, batches, number: int, stats: pb.RoundStats) -> None:
+        """Send batches until the round has none left, then this stream's round end.
+        The streams share one iterator: each batch goes on exactly one stream."""
+        sent = 0
+        for seq, frames in batches:
+            record = stream.record()
+            packed = pages.pack(self.domain.mem, frames, seq=seq, round=number,
+                                out=record.pages)
+            await stream.write(record)
+            sent += len(frames)
+            stats.sent_pages += packed.normal
+            stats.zero_pages += packed.zero
+            stats.bytes += packed.wire_bytes
+        await stream.end_round(number, sent)
+
+    async def _end_streams(self) -> None:
+        first, *rest = self._streams
+        device_state = pb.DeviceState(vcpu=self.vcpu)
+        await asyncio.gather(first.end(len(self._streams), device_state),
+                             *(s.end(len(self._streams)) for s in rest))
         self.delivered = True
 
     # ---- suspend, commit, complete, abort
@@ -199,61 +215,7 @@ class SaveSession:
         elif dom.state == OUTGOING:
             dom.state = RUNNING
 
-    # ---- the stream
-
-    async def _write(self, record: pb.StreamRecord) -> None:
-        try:
-            await self._call.write(record)
-        except (grpc.RpcError, asyncio.InvalidStateError, grpc.aio.UsageError) as e:
-            raise await self._stream_error(e) from None
-
-    async def _stream_error(self, cause: Exception) -> errors.PvmigError:
-        if self._ack_reader and self._ack_reader.done() and self._ack_reader.exception():
-            return self._ack_reader.exception()
-        code = await self._call.code() if self._call else None
-        details = await self._call.details() if self._call else str(cause)
-        return _dest_error(code, details, self.dest_address)
-
-    def _expect_ack(self, key) -> asyncio.Future:
-        fut = asyncio.get_running_loop().create_future()
-        self._acks[key] = fut
-        if self._ack_reader.done():
-            fut.set_exception(self._ack_reader.exception() or errors.Aborted("stream closed"))
-        return fut
-
-    async def _read_acks(self) -> None:
-        try:
-            async for ack in self._call:
-                fut = self._acks.pop("end" if ack.end else ack.round, None)
-                if fut and not fut.done():
-                    fut.set_result(ack)
-            raise errors.Unavailable("the destination closed the stream")
-        except grpc.RpcError as e:
-            err = _dest_error(e.code(), e.details(), self.dest_address)
-            self._fail_acks(err)
-            raise err from None
-        except errors.PvmigError as e:
-            self._fail_acks(e)
-            raise
-
-    def _fail_acks(self, err: Exception) -> None:
-        for fut in self._acks.values():
-            if not fut.done():
-                fut.set_exception(err)
-        self._acks.clear()
-
     async def _close(self) -> None:
-        if self._call is not None:
-            self._call.cancel()
-        if self._ack_reader is not None:
-            self._ack_reader.cancel()
-            await asyncio.gather(self._ack_reader, return_exceptions=True)
+        await asyncio.gather(*(s.close() for s in self._streams))
         if self._channel is not None:
             await self._channel.close()
-
-
-def _dest_error(code, details: str, address: str) -> errors.PvmigError:
-    if code == grpc.StatusCode.UNAVAILABLE or code is None:
-        return errors.Unavailable(f"lost the destination agent at {address}: {details}")
-    cls = errors._BY_CODE.get(code, errors.PvmigError)
-    return cls(f"destination agent at {address} refused the stream: {details}")

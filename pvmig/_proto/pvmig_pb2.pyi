@@ -147,16 +147,18 @@ class MigrationRef(_message.Message):
     def __init__(self, migration_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class BeginRequest(_message.Message):
-    __slots__ = ("migration_id", "domain", "dest_address", "batch_pages")
+    __slots__ = ("migration_id", "domain", "dest_address", "batch_pages", "streams")
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     DOMAIN_FIELD_NUMBER: _ClassVar[int]
     DEST_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     BATCH_PAGES_FIELD_NUMBER: _ClassVar[int]
+    STREAMS_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     domain: str
     dest_address: str
     batch_pages: int
-    def __init__(self, migration_id: _Optional[str] = ..., domain: _Optional[str] = ..., dest_address: _Optional[str] = ..., batch_pages: _Optional[int] = ...) -> None: ...
+    streams: int
+    def __init__(self, migration_id: _Optional[str] = ..., domain: _Optional[str] = ..., dest_address: _Optional[str] = ..., batch_pages: _Optional[int] = ..., streams: _Optional[int] = ...) -> None: ...
 
 class BeginReply(_message.Message):
     __slots__ = ("ram_bytes", "nr_frames")
@@ -287,8 +289,10 @@ class DeviceState(_message.Message):
     def __init__(self, vcpu: _Optional[bytes] = ..., devices: _Optional[bytes] = ...) -> None: ...
 
 class StreamEnd(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("streams",)
+    STREAMS_FIELD_NUMBER: _ClassVar[int]
+    streams: int
+    def __init__(self, streams: _Optional[int] = ...) -> None: ...
 
 class StreamRecord(_message.Message):
     __slots__ = ("migration_id", "pages", "round_end", "device_state", "end")
