@@ -74,11 +74,12 @@ class Kernel:
         return kernel
 
     def resumed(self) -> None:
-        """After any resume: a fresh sweep starts counting, time restarts."""
+        """After any resume: a full sweep starts from the first frame, time restarts."""
         with self.vm.writing(0):
             info = self.work.info
             info["resumes"] += 1
-            for name in ("sweeps_since_resume", "checks_since_resume", "failed_since_resume"):
+            for name in ("sweeps_since_resume", "checks_since_resume", "failed_since_resume",
+                         "sweep_cursor"):
                 info[name] = 0
         self.last = time.monotonic()
 

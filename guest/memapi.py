@@ -32,6 +32,9 @@ class VcpuMemory:
 
     @contextmanager
     def writing(self, frames: np.ndarray | int) -> Iterator[None]:
-        """Mark `frames` dirty once the block's stores are done."""
-        yield
-        self.log.mark(frames)
+        """Mark `frames` dirty once the block's stores are done (even a block that
+        failed part-way may have stored something)."""
+        try:
+            yield
+        finally:
+            self.log.mark(frames)

@@ -16,10 +16,12 @@ from .shm import SharedFile
 PAGE_SIZE = 4096
 PAGE_WORDS = PAGE_SIZE // 8
 
-# Per-word multipliers of the frame hash: odd, so that any change to one word changes
-# its product, and fixed, so that both hosts compute the same hash.
-_HASH_MUL = (np.random.default_rng(0x9E3779B97F4A7C15).integers(
-    0, 2**63, size=PAGE_WORDS, dtype=np.uint64) << np.uint64(1)) | np.uint64(1)
+# Per-position keys of the frame hash, fixed so that both hosts compute the same hash:
+# the same value in another word hashes differently.
+_HASH_KEY = np.random.default_rng(0x9E3779B97F4A7C15).integers(
+    0, 2**63, size=PAGE_WORDS, dtype=np.uint64)
+_M1, _M2 = np.uint64(0xFF51AFD7ED558CCD), np.uint64(0xC4CEB9FE1A85EC53)
+_S33 = np.uint64(33)
 _HASH_CHUNK = 4096  # frames per step: bounds the temporaries to 16 MiB
 
 
@@ -72,7 +74,16 @@ class GuestMemory:
 
 
 def hash_words(block: np.ndarray) -> np.ndarray:
-    """Hash each row of an (n, 512) u64 array; equal rows give equal hashes."""
-    x = block * _HASH_MUL  # wraps mod 2**64; odd multipliers keep every word's change
-    x ^= x >> np.uint64(29)  # a bijection: a changed product stays changed
+    """Hash each row of an (n, 512) u64 array; equal rows give equal hashes.
+
+    Each word, keyed by its position, goes through murmur3's 64-bit finalizer (a
+    bijection in which every input bit reaches every output bit), then the row sums:
+    one changed word always changes the sum, and several changed words collide only by
+    chance (2**-64), not by pattern."""
+    x = block ^ _HASH_KEY
+    x ^= x >> _S33
+    x *= _M1
+    x ^= x >> _S33
+    x *= _M2
+    x ^= x >> _S33
     return x.sum(axis=1, dtype=np.uint64)

@@ -8,6 +8,7 @@ files and the message, never a Python loop per page.
 
 from __future__ import annotations
 
+import struct
 import zlib
 from dataclasses import dataclass
 
@@ -21,8 +22,14 @@ BATCH_PAGES = 256  # 1 MiB of page data
 _FRAME = np.dtype("<u4")
 
 
-def checksum(frames: bytes, zero_frames: bytes, data: bytes) -> int:
-    return zlib.crc32(data, zlib.crc32(zero_frames, zlib.crc32(frames)))
+_HEADER = struct.Struct("<QIII")
+
+
+def checksum(seq: int, round: int, frames: bytes, zero_frames: bytes, data: bytes) -> int:
+    """crc32 over the batch's header (sequence, round, field lengths) and its fields,
+    so that neither a field boundary nor the batch's place in the stream can shift."""
+    head = _HEADER.pack(seq, round, len(frames), len(zero_frames))
+    return zlib.crc32(data, zlib.crc32(zero_frames, zlib.crc32(frames, zlib.crc32(head))))
 
 
 @dataclass(frozen=True)
@@ -46,7 +53,7 @@ def pack(mem: GuestMemory, frames: np.ndarray, *, seq: int, round: int,
     zbytes = zero_frames.astype(_FRAME).tobytes()
     data = block.tobytes()
     out.seq, out.round, out.frames, out.zero_frames, out.data = seq, round, fbytes, zbytes, data
-    out.checksum = checksum(fbytes, zbytes, data)
+    out.checksum = checksum(seq, round, fbytes, zbytes, data)
     return Packed(len(frames), len(zero_frames), len(fbytes) + len(zbytes) + len(data))
 
 
@@ -70,7 +77,8 @@ def unpack(batch: pb.PageBatch, nr_frames: int) -> Unpacked:
     if len(batch.data) != len(frames) * PAGE_SIZE:
         raise errors.InvalidArgument(
             f"batch {batch.seq}: {len(batch.data)} bytes of data for {len(frames)} frames")
-    if checksum(batch.frames, batch.zero_frames, batch.data) != batch.checksum:
+    if checksum(batch.seq, batch.round, batch.frames, batch.zero_frames,
+                batch.data) != batch.checksum:
         raise errors.DataLoss(f"batch {batch.seq}: checksum mismatch")
     for name, arr in (("frame", frames), ("zero frame", zero)):
         if len(arr) and int(arr.max()) >= nr_frames:

@@ -24,6 +24,13 @@ class RoundStats:
     remaining_pages: int  # dirty again when the round ended
 
     @property
+    def dirty_estimate(self) -> float:
+        """Pages dirty for the next round. The peek at the round's end undercounts a
+        guest that writes in bursts; the rate measured over the previous round does not
+        (unknown in round 0, which has only the peek)."""
+        return max(float(self.remaining_pages), self.dirty_rate * self.duration_s)
+
+    @property
     def bandwidth(self) -> float:
         """Bytes per second this round achieved."""
         return self.bytes / self.duration_s if self.duration_s > 0 else 0.0
@@ -52,9 +59,9 @@ class PrecopyPolicy:
             return Decision(True, f"reached the cap of {self.max_rounds} rounds", expected)
         window = rounds[-self.no_progress_rounds - 1:]
         if (len(window) > self.no_progress_rounds
-                and min(r.remaining_pages for r in window[1:]) >= window[0].remaining_pages):
+                and min(r.dirty_pages for r in window[1:]) >= window[0].dirty_pages):
             return Decision(True, f"no progress in {self.no_progress_rounds} rounds "
-                                  f"({last.remaining_pages} pages stay dirty)", expected)
+                                  f"({last.dirty_pages} pages dirty each round)", expected)
         return Decision(False, "iterate", expected)
 
 
@@ -64,5 +71,5 @@ def expected_downtime(rounds: list[RoundStats]) -> float:
     if bandwidth == 0.0:
         bandwidth = max((r.bandwidth for r in rounds), default=0.0)
     if bandwidth == 0.0:
-        return 0.0 if rounds[-1].remaining_pages == 0 else float("inf")
-    return rounds[-1].remaining_pages * PAGE_SIZE / bandwidth
+        return 0.0 if rounds[-1].dirty_estimate == 0 else float("inf")
+    return rounds[-1].dirty_estimate * PAGE_SIZE / bandwidth
