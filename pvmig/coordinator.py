@@ -82,7 +82,8 @@ class Migration:
             await self.resume()
             await self.verify()
         except errors.PvmigError as e:
-            self.report.fail(e, committed=self._committed)
+            self.report.fail(e, started=self._prepared or self._begun,
+                             committed=self._committed)
         finally:
             self.report.total_time_s = time.monotonic() - t0
             self._phase("done", status=self.report.status)

@@ -68,11 +68,15 @@ class Report:
             self.memory = int(len(differing))
             self.differing_frames = [int(f) for f in differing[:MAX_LISTED_FRAMES]]
 
-    def fail(self, err: errors.PvmigError, committed: bool) -> None:
+    def fail(self, err: errors.PvmigError, *, started: bool, committed: bool) -> None:
         self.status = "failed"
         self.committed = committed
-        where = ("after commit: the guest belongs to the destination"
-                 if committed else "before commit: the guest runs on the source")
+        if committed:
+            where = "after commit: the guest belongs to the destination"
+        elif started:
+            where = "before commit: aborted, the guest runs on the source"
+        else:
+            where = "nothing was changed on either host"
         self.error = f"{err} ({where})"
 
     # ---- verdicts
