@@ -5,4 +5,10 @@ guest lives in guest/, the save side of a migration in source_host/, the restore
 in dest_host/. See the README for the commands and docs/ for the model.
 """
 
+import os as _os
+
+# pvmig forks only to exec (guest processes, via vfork); gRPC's fork handlers are of no
+# use to it and have crashed children. Must be set before grpc is imported.
+_os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+
 __version__ = "0.1.0"

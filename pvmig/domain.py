@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import socket
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,7 @@ class Domain:
     workload: dict
     state: str = INCOMING
     migration_id: str = ""
-    proc: asyncio.subprocess.Process | None = None
+    proc: subprocess.Popen | None = None
     chan: AgentChannel | None = None
     log_path: Path | None = None
     _watch: asyncio.Task | None = field(default=None, repr=False)
@@ -102,9 +103,9 @@ class Domain:
             self._watch.cancel()
         if self.chan:
             self.chan.close()
-        if self.proc and self.proc.returncode is None:
+        if self.proc and not self._exited.done():
             self.proc.kill()
-            await self.proc.wait()
+            await asyncio.shield(self._exited)
         self.mem.close()
         self.log.close()
         self.mem.unlink()
@@ -123,23 +124,35 @@ class Domain:
         ours, theirs = socket.socketpair()
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        argv = [sys.executable, "-m", "guest", mode, "--ram", str(self.mem.path),
-                "--dirty", str(self.log.path), "--fd", str(theirs.fileno())]
+        argv = [sys.executable, "-X", "faulthandler", "-m", "guest", mode,
+                "--ram", str(self.mem.path), "--dirty", str(self.log.path),
+                "--fd", str(theirs.fileno())]
         if config is not None:
             argv += ["--config", json.dumps(config)]
+        # subprocess, not the event loop's spawn: it uses vfork, which runs no atfork
+        # handlers. A plain fork() of this multi-threaded gRPC process runs gRPC's in
+        # the child, which crashed guests with SIGSEGV before exec under load.
         with open(log_path, "ab") as out:
-            self.proc = await asyncio.create_subprocess_exec(
-                *argv, pass_fds=[theirs.fileno()], stdin=asyncio.subprocess.DEVNULL,
-                stdout=out, stderr=out, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            self.proc = subprocess.Popen(
+                argv, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=out,
+                stderr=out, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         theirs.close()
+        self._exited = asyncio.get_running_loop().create_future()
+        _on_exit(self.proc, self._exited)
         self.chan = await AgentChannel.open(ours)
         self._watch = asyncio.create_task(self._watch_exit())
 
     async def _watch_exit(self) -> None:
-        code = await self.proc.wait()
+        await asyncio.shield(self._exited)
         if self.state != INCOMING:
             self.state = CRASHED
-        self._exit_code = code
+
+    async def _exit_status(self) -> str:
+        try:
+            code = await asyncio.wait_for(asyncio.shield(self._exited), 5.0)
+        except asyncio.TimeoutError:
+            return "closed its channel"
+        return f"exited with {code}" if code >= 0 else f"was killed by signal {-code}"
 
     async def _send(self, msg: dict) -> None:
         try:
@@ -155,7 +168,8 @@ class Domain:
                 f"domain {self.name}: guest did not answer {op!r} within {timeout:.0f} s") from None
         except EOFError:
             raise errors.GuestError(
-                f"domain {self.name}: guest process exited (see {self.log_path})") from None
+                f"domain {self.name}: guest process {await self._exit_status()} "
+                f"(see {self.log_path})") from None
         if msg.get("op") != op:
             raise errors.GuestError(
                 f"domain {self.name}: guest answered {msg.get('op')!r} "
@@ -166,3 +180,19 @@ class Domain:
         if self.state not in states:
             raise errors.FailedPrecondition(
                 f"domain {self.name} is {self.state}, not {' or '.join(states)}")
+
+
+def _on_exit(proc: subprocess.Popen, exited: asyncio.Future) -> None:
+    """Resolve `exited` with the process's return code when it ends: a pidfd in the
+    event loop, no thread and no SIGCHLD handler."""
+    loop = asyncio.get_running_loop()
+    pidfd = os.pidfd_open(proc.pid)
+
+    def reap() -> None:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+        code = proc.wait()
+        if not exited.done():
+            exited.set_result(code)
+
+    loop.add_reader(pidfd, reap)
