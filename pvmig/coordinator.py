@@ -228,7 +228,8 @@ class Migration:
 def _stats(s: pb.RoundStats) -> RoundStats:
     return RoundStats(round=s.round, dirty_pages=s.dirty_pages, sent_pages=s.sent_pages,
                       zero_pages=s.zero_pages, bytes=s.bytes, duration_s=s.duration_ns / 1e9,
-                      dirty_rate=s.dirty_rate, remaining_pages=s.remaining_pages)
+                      dirty_rate=s.dirty_rate, remaining_pages=s.remaining_pages,
+                      interval_s=s.interval_ns / 1e9)
 
 
 async def _best_effort(call, errors_out: list) -> None:

@@ -21,14 +21,8 @@ class RoundStats:
     bytes: int
     duration_s: float
     dirty_rate: float     # pages dirtied per second during the previous round
-    remaining_pages: int  # dirty again when the round ended
-
-    @property
-    def dirty_estimate(self) -> float:
-        """Pages dirty for the next round. The peek at the round's end undercounts a
-        guest that writes in bursts; the rate measured over the previous round does not
-        (unknown in round 0, which has only the peek)."""
-        return max(float(self.remaining_pages), self.dirty_rate * self.duration_s)
+    remaining_pages: int  # dirty again when the round ended (a peek)
+    interval_s: float = 0.0  # the time over which dirty_pages were dirtied
 
     @property
     def bandwidth(self) -> float:
@@ -65,11 +59,36 @@ class PrecopyPolicy:
         return Decision(False, "iterate", expected)
 
 
+RATE_WINDOW_S = 0.2
+
+
+def dirty_rate(rounds: list[RoundStats], window_s: float = RATE_WINDOW_S) -> float:
+    """Pages dirtied per second over the last rounds, back to at least window_s. A guest
+    writes in bursts: a round shorter than the gap between bursts can find nothing
+    dirty, and one round's rate alone would say the guest went idle."""
+    dirty, interval = 0, 0.0
+    for r in reversed(rounds):
+        if r.round == 0:  # round 0 sends every frame: it says nothing about the rate
+            break
+        dirty += r.dirty_pages
+        interval += r.interval_s
+        if interval >= window_s:
+            break
+    return dirty / interval if interval > 0 else 0.0
+
+
+def dirty_estimate(rounds: list[RoundStats]) -> float:
+    """Pages the next round will find dirty: those written during the last round, at
+    the rate of the last rounds; at least what a peek at the round's end saw."""
+    last = rounds[-1]
+    return max(float(last.remaining_pages), dirty_rate(rounds) * last.duration_s)
+
+
 def expected_downtime(rounds: list[RoundStats]) -> float:
     """Seconds to send what is dirty now at the best bandwidth a round has shown."""
     bandwidth = max((r.bandwidth for r in rounds if r.bytes >= 1 << 20), default=0.0)
     if bandwidth == 0.0:
         bandwidth = max((r.bandwidth for r in rounds), default=0.0)
     if bandwidth == 0.0:
-        return 0.0 if rounds[-1].dirty_estimate == 0 else float("inf")
-    return rounds[-1].dirty_estimate * PAGE_SIZE / bandwidth
+        return 0.0 if dirty_estimate(rounds) == 0 else float("inf")
+    return dirty_estimate(rounds) * PAGE_SIZE / bandwidth

@@ -118,6 +118,7 @@ class SaveSession:
             frames = self.domain.log.read_and_clear()
         since, self._last_read = started - self._last_read, started
         stats = pb.RoundStats(round=number, dirty_pages=len(frames), started_ns=time.monotonic_ns(),
+                              interval_ns=int(since * 1e9),
                               dirty_rate=len(frames) / since if number and since > 0 else 0.0)
         batches = self._batches(frames)
         pumps = [asyncio.create_task(self._pump(s, batches, number, stats))

@@ -88,7 +88,9 @@ def test_busy_guest_iterates_rounds(cluster, tmp_path):
     _assert_good_report(data, 64 << 20)
     precopy = [x for x in data["rounds"] if not x["final"]]
     assert len(precopy) == 4 and "cap of 4 rounds" in data["stop-reason"]
-    assert all(x["dirty-pages-rate"] > 0 for x in precopy[1:])
+    # The guest writes in 10 ms bursts: a short round may find nothing, but the rounds
+    # after round 0 together found what it wrote.
+    assert sum(x["pages"] for x in precopy[1:]) > 0
 
 
 def test_domain_cli(cluster):

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from pvmig.memory import PAGE_SIZE
-from pvmig.precopy import PrecopyPolicy, RoundStats, expected_downtime
+from pvmig.precopy import PrecopyPolicy, RoundStats, dirty_estimate, dirty_rate, expected_downtime
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -159,3 +159,30 @@ def test_a_steady_shrink_iterates():
     rounds = history(*[100000 - 1000 * i for i in range(20)])
     for n in range(1, len(rounds) + 1):
         assert not policy(rounds[:n]).stop, f"stopped after {n} rounds"
+
+
+# ---- the dirty rate over a window of rounds
+
+
+def test_a_round_that_found_nothing_does_not_make_the_guest_idle():
+    """A guest that writes in bursts every 10 ms, rounds of 4 ms: the last round found
+    nothing, the window's rate still says 20000 pages/s."""
+    rounds = [rs(0, round=0, dirty=16384, bytes=64 * MiB, duration_s=0.1)]
+    rounds += [RoundStats(round=i, dirty_pages=dirty, sent_pages=dirty, zero_pages=0,
+                          bytes=dirty * PAGE_SIZE, duration_s=0.004, dirty_rate=0.0,
+                          remaining_pages=0, interval_s=0.005)
+               for i, dirty in enumerate([200, 0, 200, 0, 0], start=1)]
+    assert dirty_rate(rounds) == pytest.approx(400 / 0.025)
+    assert dirty_estimate(rounds) == pytest.approx(400 / 0.025 * 0.004)
+    decision = PrecopyPolicy(downtime_limit_s=1e-5)(rounds)
+    assert not decision.stop and decision.expected_downtime_s > 1e-5
+
+
+def test_the_window_reaches_back_far_enough_and_no_further():
+    old = RoundStats(round=1, dirty_pages=10_000, sent_pages=0, zero_pages=0, bytes=0,
+                     duration_s=0.1, dirty_rate=0.0, remaining_pages=0, interval_s=0.3)
+    new = RoundStats(round=2, dirty_pages=100, sent_pages=0, zero_pages=0, bytes=0,
+                     duration_s=0.1, dirty_rate=0.0, remaining_pages=0, interval_s=0.25)
+    assert dirty_rate([old, new]) == pytest.approx(100 / 0.25)  # the window is full
+    assert dirty_rate([old, new], window_s=0.5) == pytest.approx(10_100 / 0.55)
+    assert dirty_rate([rs(5, round=0)]) == 0.0  # round 0 tells nothing

@@ -179,7 +179,7 @@ class RoundRequest(_message.Message):
     def __init__(self, migration_id: _Optional[str] = ..., round: _Optional[int] = ..., final: _Optional[bool] = ...) -> None: ...
 
 class RoundStats(_message.Message):
-    __slots__ = ("round", "dirty_pages", "sent_pages", "zero_pages", "bytes", "duration_ns", "dirty_rate", "started_ns", "remaining_pages")
+    __slots__ = ("round", "dirty_pages", "sent_pages", "zero_pages", "bytes", "duration_ns", "dirty_rate", "started_ns", "remaining_pages", "interval_ns")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     DIRTY_PAGES_FIELD_NUMBER: _ClassVar[int]
     SENT_PAGES_FIELD_NUMBER: _ClassVar[int]
@@ -189,6 +189,7 @@ class RoundStats(_message.Message):
     DIRTY_RATE_FIELD_NUMBER: _ClassVar[int]
     STARTED_NS_FIELD_NUMBER: _ClassVar[int]
     REMAINING_PAGES_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_NS_FIELD_NUMBER: _ClassVar[int]
     round: int
     dirty_pages: int
     sent_pages: int
@@ -198,7 +199,8 @@ class RoundStats(_message.Message):
     dirty_rate: float
     started_ns: int
     remaining_pages: int
-    def __init__(self, round: _Optional[int] = ..., dirty_pages: _Optional[int] = ..., sent_pages: _Optional[int] = ..., zero_pages: _Optional[int] = ..., bytes: _Optional[int] = ..., duration_ns: _Optional[int] = ..., dirty_rate: _Optional[float] = ..., started_ns: _Optional[int] = ..., remaining_pages: _Optional[int] = ...) -> None: ...
+    interval_ns: int
+    def __init__(self, round: _Optional[int] = ..., dirty_pages: _Optional[int] = ..., sent_pages: _Optional[int] = ..., zero_pages: _Optional[int] = ..., bytes: _Optional[int] = ..., duration_ns: _Optional[int] = ..., dirty_rate: _Optional[float] = ..., started_ns: _Optional[int] = ..., remaining_pages: _Optional[int] = ..., interval_ns: _Optional[int] = ...) -> None: ...
 
 class RoundProgress(_message.Message):
     __slots__ = ("done_pages", "total_pages", "bytes", "stats")
