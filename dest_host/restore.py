@@ -9,8 +9,9 @@ abort    (any time before commit) discard everything
 
 Verification needs the destination's memory as it was at resume. Only the stream
 writes it before then, so each frame's hash is taken after its last write: frames
-received are marked unhashed and hashed by a background task that keeps up with the
-stream, and the few the final pass leaves are hashed just before resume.
+received are marked unhashed and hashed by a background task while the stream runs;
+the coordinator lets it catch up (settle) after each round, and the few frames the
+final pass leaves are hashed just before resume.
 """
 
 from __future__ import annotations
@@ -133,6 +134,11 @@ class RestoreSession:
         # Clear before hashing: a frame written meanwhile is marked again (see logdirty).
         frames = logdirty.take(self.unhashed)
         self.hashes[frames] = self.domain.mem.frame_hashes(frames)
+
+    async def settle(self) -> None:
+        """Hash what has been received so far (called between rounds, while the guest
+        still runs on the source), so that little is left to hash before resume."""
+        await asyncio.to_thread(self._hash_pending)
 
     # ---- commit, resume
 

@@ -151,6 +151,11 @@ class MigrationDestServicer(pb_grpc.MigrationDestServicer):
         return pb.PrepareReply(guest_pid=session.domain.proc.pid)
 
     @_status
+    async def Settle(self, request, context):
+        await self.host.restore(request.migration_id).settle()
+        return pb.DoneReply()
+
+    @_status
     async def Commit(self, request, context):
         self.host.restore(request.migration_id).commit()
         return pb.DoneReply()

@@ -128,6 +128,11 @@ class Migration:
         rounds: list[RoundStats] = []
         while True:
             rounds.append(await self._round(len(rounds), final=False))
+            # The destination catches up while the guest still runs here: what it
+            # leaves undone it must do before resume, inside the downtime.
+            t = time.monotonic()
+            await self.dest.call(self.dest.dest.Settle, self._ref(), timeout=300.0)
+            self.report.rounds[-1]["settle-ms"] = round((time.monotonic() - t) * 1e3, 3)
             decision = self.policy(rounds)
             self.report.expected_downtime_s = decision.expected_downtime_s
             if decision.stop:

@@ -108,3 +108,31 @@ def test_domain_cli(cluster):
         for _ in range(50):
             os.kill(pid, 0)
             time.sleep(0.1)
+
+
+def test_progress_bar_on_a_terminal(cluster, tmp_path):
+    """On a terminal, rich draws a bar per round and a summary table instead of JSON."""
+    import pty
+    a, b = cluster["a"].address, cluster["b"].address
+    create(a, "tty", ram_mb=32)
+    parent, child = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "pvmig", "migrate", "--source", a,
+                             "--dest", b, "--domain", "tty"],
+                            stdin=child, stdout=child, stderr=child, close_fds=True,
+                            env={**os.environ, "COLUMNS": "160", "TERM": "xterm"})
+    os.close(child)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(parent, 65536)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(parent)
+    assert proc.wait(timeout=120) == 0
+    text = out.decode(errors="replace")
+    assert "round 0" in text and "pages left" in text
+    assert "verdict" in text and "passed" in text
+    assert '{"event"' not in text

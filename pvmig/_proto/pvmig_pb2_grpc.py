@@ -658,6 +658,11 @@ class MigrationDestStub:
                 request_serializer=pvmig_dot___proto_dot_pvmig__pb2.PrepareRequest.SerializeToString,
                 response_deserializer=pvmig_dot___proto_dot_pvmig__pb2.PrepareReply.FromString,
                 _registered_method=True)
+        self.Settle = channel.unary_unary(
+                '/pvmig.v1.MigrationDest/Settle',
+                request_serializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
+                response_deserializer=pvmig_dot___proto_dot_pvmig__pb2.DoneReply.FromString,
+                _registered_method=True)
         self.Commit = channel.unary_unary(
                 '/pvmig.v1.MigrationDest/Commit',
                 request_serializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
@@ -685,6 +690,14 @@ class MigrationDestServicer:
 
     def Prepare(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Settle(self, request, context):
+        """Returns once the destination has caught up with what it received (its hashes of
+        the received frames), so that catching up is done before suspend, not in downtime.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -721,6 +734,11 @@ def add_MigrationDestServicer_to_server(servicer, server):
                     servicer.Prepare,
                     request_deserializer=pvmig_dot___proto_dot_pvmig__pb2.PrepareRequest.FromString,
                     response_serializer=pvmig_dot___proto_dot_pvmig__pb2.PrepareReply.SerializeToString,
+            ),
+            'Settle': grpc.unary_unary_rpc_method_handler(
+                    servicer.Settle,
+                    request_deserializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.FromString,
+                    response_serializer=pvmig_dot___proto_dot_pvmig__pb2.DoneReply.SerializeToString,
             ),
             'Commit': grpc.unary_unary_rpc_method_handler(
                     servicer.Commit,
@@ -770,6 +788,33 @@ class MigrationDest:
             '/pvmig.v1.MigrationDest/Prepare',
             pvmig_dot___proto_dot_pvmig__pb2.PrepareRequest.SerializeToString,
             pvmig_dot___proto_dot_pvmig__pb2.PrepareReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Settle(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pvmig.v1.MigrationDest/Settle',
+            pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
+            pvmig_dot___proto_dot_pvmig__pb2.DoneReply.FromString,
             options,
             channel_credentials,
             insecure,
