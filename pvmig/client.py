@@ -17,8 +17,9 @@ from ._proto import pvmig_pb2_grpc as pb_grpc
 
 
 class AgentClient:
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, role: str = "agent") -> None:
         self.address = address
+        self.where = f"{role} at {address}"  # how errors name it: "the destination agent at ..."
         self._channel = rpc.channel(address)
         self.agent = pb_grpc.AgentStub(self._channel)
         self.source = pb_grpc.MigrationSourceStub(self._channel)
@@ -38,14 +39,14 @@ class AgentClient:
         try:
             return await method(request, timeout=timeout)
         except grpc.RpcError as e:
-            raise errors.from_rpc(e, self.address) from None
+            raise errors.from_rpc(e, self.where) from None
 
     async def stream(self, method, request, timeout: float | None = None) -> AsyncIterator:
         try:
             async for item in method(request, timeout=timeout):
                 yield item
         except grpc.RpcError as e:
-            raise errors.from_rpc(e, self.address) from None
+            raise errors.from_rpc(e, self.where) from None
 
     async def hello(self, client: str = "pvmig") -> pb.HelloReply:
         reply = await self.call(self.agent.Hello, pb.HelloRequest(

@@ -246,5 +246,6 @@ async def _best_effort(call, errors_out: list) -> None:
 
 async def migrate(source: str, dest: str, domain: str, options: Options,
                   reporter: Reporter) -> Report:
-    async with AgentClient(source) as src, AgentClient(dest) as dst:
+    async with AgentClient(source, "the source agent") as src, \
+            AgentClient(dest, "the destination agent") as dst:
         return await Migration(src, dst, domain, options, reporter).run()

@@ -58,12 +58,13 @@ _BY_CODE = {cls.code: cls for cls in (NotFound, AlreadyExists, InvalidArgument,
 
 
 def from_rpc(err: grpc.RpcError, where: str) -> PvmigError:
-    """The PvmigError for a failed call to the agent at `where`."""
+    """The PvmigError for a failed call to `where` ("the destination agent at HOST:PORT")."""
     code = err.code()
     details = err.details() or code.name
     if code == grpc.StatusCode.UNAVAILABLE and "agent" not in details:
-        details = f"cannot reach agent at {where}: {details}"
+        details = f"cannot reach {where}: {details}"
     elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        details = f"agent at {where} did not answer in time"
-        return Unavailable(details)
+        return Unavailable(f"{where} did not answer in time")
+    elif code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
+        details = f"{where} failed: {details}"
     return _BY_CODE.get(code, PvmigError)(details)

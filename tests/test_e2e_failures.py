@@ -174,7 +174,7 @@ def test_bad_input_to_migrate(cluster, tmp_path, case):
             "bad-limit": ("--source", a, "--dest", b, "--domain", "vm", "--downtime-limit", "0"),
             }[case]
     expected = {"unknown-domain": "no domain 'nope' on host a",
-                "unreachable": "cannot reach agent at 127.0.0.1:",
+                "unreachable": "cannot reach the destination agent at 127.0.0.1:",
                 "same-host": "are the same agent (a): a migration needs two hosts",
                 "bad-address": "bad address 'no-port-here': expected HOST:PORT",
                 "bad-limit": "--downtime-limit must be > 0 ms",
