@@ -2,14 +2,17 @@
 
 prepare  reserve the domain, create its memory, start the guest process that will
          resume it (loaded and idle, so that resume costs no start-up)
-stream   records from the source agent, one handler per record type
-commit   only with the whole stream in hand; the decision is recorded durably
+streams  records from the source agent, one handler per record type, on several
+         streams side by side
+ready    the whole stream is in and the waiting guest is alive: the coordinator asks
+         before the source records the commit
+commit   the decision is recorded durably
 resume   hand the vCPU context to the waiting guest
 abort    (any time before commit) discard everything
 
-Verification needs the destination's memory as it was at resume. Only the stream
-writes it before then, so each frame's hash is taken after its last write: frames
-received are marked unhashed and hashed by a background task while the stream runs;
+Verification needs the destination's memory as it was at resume. Only the streams
+write it before then, so each frame's hash is taken after its last write: frames
+received are marked unhashed and hashed by a background task while the streams run;
 the coordinator lets it catch up (settle) after each round, and the few frames the
 final pass leaves are hashed just before resume.
 """
@@ -23,13 +26,12 @@ from typing import AsyncIterator
 
 import numpy as np
 
-from pvmig import errors, logdirty, pages
+from pvmig import errors, logdirty, pages, verify
 from pvmig._proto import pvmig_pb2 as pb
 from pvmig.domain import INCOMING, Domain
-from pvmig.host import Host
+from pvmig.host import Host, Lease
 
 log = logging.getLogger(__name__)
-HASH_CHUNK_FRAMES = 1 << 16
 HASH_EVERY_S = 0.02  # keeps each pass, and so the wait at resume, to a few ms
 
 
@@ -39,13 +41,16 @@ class RestoreSession:
     domain: Domain
     migration_id: str
     source_agent: str
+    lease: Lease
     committed: bool = False
+    discarded: str = ""  # why, once discarded
     vcpu: bytes | None = None
     ended: bool = False
     ends: int = 0
     hashes: np.ndarray | None = None
     unhashed: np.ndarray | None = None
     _hasher: asyncio.Task | None = None
+    _hash_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _end_event: asyncio.Event = field(default_factory=asyncio.Event)
 
     # ---- prepare
@@ -56,7 +61,8 @@ class RestoreSession:
             raise errors.AlreadyExists(f"migration {request.migration_id} already exists")
         dom = host.reserve(request.domain, request.ram_bytes, workload={})
         dom.migration_id = request.migration_id
-        session = cls(host, dom, request.migration_id, request.source_agent)
+        session = cls(host, dom, request.migration_id, request.source_agent,
+                      Lease(host.session_timeout_s))
         n = dom.mem.nr_frames
         session.hashes = np.zeros(n, dtype=np.uint64)
         session.unhashed = np.zeros(n, dtype=np.uint8)
@@ -64,7 +70,7 @@ class RestoreSession:
         try:
             await dom.start_waiting(host.log_path(dom))
         except BaseException:
-            await session.discard()
+            await session.discard("the guest process did not start")
             raise
         return session
 
@@ -72,23 +78,23 @@ class RestoreSession:
 
     async def receive(self, records: AsyncIterator[pb.StreamRecord]) -> AsyncIterator[pb.StreamAck]:
         """One page stream of the migration (there may be several side by side)."""
-        if self.ended:
-            raise errors.FailedPrecondition(f"migration {self.migration_id} has ended its streams")
         stream = _StreamState()
-        async for record in records:
-            if record.migration_id != self.migration_id:
-                raise errors.FailedPrecondition(
-                    f"record for migration {record.migration_id!r} on a stream of "
-                    f"{self.migration_id!r}")
-            if stream.ended:
-                raise errors.InvalidArgument("record after the end of the stream")
-            kind = record.WhichOneof("body")
-            handler = _HANDLERS.get(kind)
-            if handler is None:
-                raise errors.InvalidArgument(f"unknown stream record {kind!r}")
-            ack = handler(self, stream, getattr(record, kind))
-            if ack is not None:
-                yield ack
+        with self.lease.hold():
+            async for record in records:
+                self._check_open()
+                if record.migration_id != self.migration_id:
+                    raise errors.FailedPrecondition(
+                        f"record for migration {record.migration_id!r} on a stream of "
+                        f"{self.migration_id!r}")
+                if stream.ended or self.ended:
+                    raise errors.InvalidArgument("record after the end of the stream")
+                kind = record.WhichOneof("body")
+                handler = _HANDLERS.get(kind)
+                if handler is None:
+                    raise errors.InvalidArgument(f"unknown stream record {kind!r}")
+                ack = handler(self, stream, getattr(record, kind))
+                if ack is not None:
+                    yield ack
 
     def on_pages(self, stream: "_StreamState", batch: pb.PageBatch) -> None:
         unpacked = pages.unpack(batch, self.domain.mem.nr_frames)
@@ -109,7 +115,7 @@ class RestoreSession:
         self.vcpu = state.vcpu
 
     def on_end(self, stream: "_StreamState", end: pb.StreamEnd) -> pb.StreamAck:
-        if not 0 < end.streams <= 64:
+        if not 0 < end.streams <= pages.MAX_STREAMS:
             raise errors.InvalidArgument(f"end of stream announces {end.streams} streams")
         stream.ended = True
         self.ends += 1
@@ -122,13 +128,26 @@ class RestoreSession:
             self._end_event.set()
         return pb.StreamAck(end=True)
 
+    # ---- hashing what was received
+
     async def _hash_in_background(self) -> None:
         while not self.ended:
-            await asyncio.to_thread(self._hash_pending)
+            await self._hash_pass()
             try:  # woken early by the end of the stream
                 await asyncio.wait_for(self._end_event.wait(), HASH_EVERY_S)
             except asyncio.TimeoutError:
                 pass
+
+    async def _hash_pass(self) -> None:
+        # One pass at a time: a slower pass must not store a hash older than a newer
+        # pass's for the same frame.
+        async with self._hash_lock:
+            task = asyncio.create_task(asyncio.to_thread(self._hash_pending))
+            try:
+                await asyncio.shield(task)
+            finally:  # even when cancelled: the thread must be off the memory first
+                if not task.done():
+                    await asyncio.wait([task])
 
     def _hash_pending(self) -> None:
         # Clear before hashing: a frame written meanwhile is marked again (see logdirty).
@@ -138,15 +157,27 @@ class RestoreSession:
     async def settle(self) -> None:
         """Hash what has been received so far (called between rounds, while the guest
         still runs on the source), so that little is left to hash before resume."""
-        await asyncio.to_thread(self._hash_pending)
+        self._check_open()
+        with self.lease.hold():
+            await self._hash_pass()
 
-    # ---- commit, resume
+    # ---- ready, commit, resume
 
-    def commit(self) -> None:
+    def ready(self) -> None:
+        """Everything needed to resume is here: refuse otherwise, before the source
+        records a commit this side could not honour."""
+        self._check_open()
         if not self.ended:
             raise errors.FailedPrecondition(
-                f"migration {self.migration_id}: cannot commit before the whole stream "
-                "(final pass and device state) has arrived")
+                f"migration {self.migration_id}: the stream (final pass and device state) "
+                "has not all arrived")
+        if not self.domain.guest_alive:
+            raise errors.GuestError(
+                f"domain {self.domain.name}: the guest process waiting to resume it is gone "
+                f"(see {self.domain.log_path})")
+
+    def commit(self) -> None:
+        self.ready()
         self.host.record_commit(self.migration_id, "destination", self.domain.name)
         self.committed = True
 
@@ -155,7 +186,7 @@ class RestoreSession:
             raise errors.FailedPrecondition("resume comes after commit")
         if self._hasher is not None:
             await self._hasher  # ends with the stream: at most one short pass to wait for
-        self._hash_pending()
+        await self._hash_pass()
         t = await self.domain.resume(self.vcpu)
         self.domain.migration_id = ""
         return t
@@ -164,12 +195,11 @@ class RestoreSession:
         """Hashes of this side's memory as it was at resume."""
         if self.domain.state == INCOMING:
             raise errors.FailedPrecondition("frame hashes are kept from resume on")
-        for lo in range(0, len(self.hashes), HASH_CHUNK_FRAMES):
-            chunk = self.hashes[lo:lo + HASH_CHUNK_FRAMES]
-            yield pb.HashChunk(first_frame=lo, hashes=chunk.astype("<u8").tobytes())
+        for chunk in verify.chunks(self.hashes):
+            yield chunk
 
     def finish(self) -> None:
-        """The coordinator has what it needs; forget the session, keep the domain."""
+        """The session is no longer needed (the domain lives on)."""
         self.host.restores.pop(self.migration_id, None)
 
     # ---- abort
@@ -179,15 +209,39 @@ class RestoreSession:
             raise errors.FailedPrecondition(
                 f"migration {self.migration_id} is committed: it cannot be discarded")
         log.warning("migration %s discarded: %s", self.migration_id, reason)
-        await self.discard()
+        await self.discard(reason)
 
-    async def discard(self) -> None:
+    async def discard(self, reason: str) -> None:
+        self.discarded = reason
         self.host.restores.pop(self.migration_id, None)
         if self._hasher is not None:
             self._hasher.cancel()
-            await asyncio.gather(self._hasher, return_exceptions=True)
+        async with self._hash_lock:  # no hashing pass left on the memory
+            pass
         if self.host.domains.get(self.domain.name) is self.domain:
             await self.host.drop(self.domain.name)
+
+    def _check_open(self) -> None:
+        if self.discarded:
+            raise errors.Aborted(f"migration {self.migration_id} was discarded: {self.discarded}")
+
+
+async def receive_stream(host: Host, records: AsyncIterator[pb.StreamRecord]
+                         ) -> AsyncIterator[pb.StreamAck]:
+    """A page stream as it arrives: its first record names the migration."""
+    records = aiter(records)
+    try:
+        first = await anext(records)
+    except StopAsyncIteration:
+        return
+    session = host.restore(first.migration_id)
+
+    async def whole():
+        yield first
+        async for record in records:
+            yield record
+    async for ack in session.receive(whole()):
+        yield ack
 
 
 @dataclass

@@ -52,16 +52,18 @@ def main(argv: list[str] | None = None) -> int:
         msg = chan.recv()
         if msg is None:
             return 0
+        rid = msg.get("id", 0)
         if msg.get("op") != "resume":
-            chan.send({"op": "error", "error": f"expected resume, got {msg.get('op')!r}"})
+            chan.send({"op": "error", "id": rid,
+                       "error": f"expected resume, got {msg.get('op')!r}"})
             return 1
         try:
             kernel = Kernel.restore(vm, msg["vcpu"])
         except ValueError as e:
-            chan.send({"op": "error", "error": str(e)})
+            chan.send({"op": "error", "id": rid, "error": str(e)})
             return 1
         # Running from here: this is the first step on the new host.
-        chan.send({"op": "resumed", "t": time.monotonic_ns()})
+        chan.send({"op": "resumed", "id": rid, "t": time.monotonic_ns()})
     kernel.run(chan)
     return 0
 

@@ -118,25 +118,27 @@ class Kernel:
 
     def handle(self, msg: dict, chan: GuestChannel) -> bool:
         """Answer one request from the agent; False when the guest must stop."""
-        op = msg.get("op")
+        op, rid = msg.get("op"), msg.get("id", 0)
         if op == "suspend":
-            chan.send({"op": "suspended", "vcpu": self.vcpu_context(),
+            chan.send({"op": "suspended", "id": rid, "vcpu": self.vcpu_context(),
                        "t": time.monotonic_ns()})
             # Suspended: the next word from the agent is a cancelled suspend (go on
             # here), or the channel closing (the domain is destroyed after commit).
-            reply = chan.recv()
-            if reply is None:
-                return False
-            if reply.get("op") != "resume-cancelled":
-                chan.send({"op": "error", "error": f"unexpected {reply.get('op')!r} while suspended"})
-                return False
+            while True:
+                request = chan.recv()
+                if request is None:
+                    return False
+                if request.get("op") == "resume-cancelled":
+                    break
+                chan.send({"op": "error", "id": request.get("id", 0),
+                           "error": f"suspended: cannot {request.get('op')!r}"})
             self.resumed()
-            chan.send({"op": "resumed", "t": time.monotonic_ns()})
+            chan.send({"op": "resumed", "id": request.get("id", 0), "t": time.monotonic_ns()})
             return True
         if op == "ping":
-            chan.send({"op": "pong"})
+            chan.send({"op": "pong", "id": rid})
             return True
-        chan.send({"op": "error", "error": f"unknown request {op!r}"})
+        chan.send({"op": "error", "id": rid, "error": f"unknown request {op!r}"})
         return True
 
 

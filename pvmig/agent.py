@@ -99,6 +99,8 @@ class AgentServicer(pb_grpc.AgentServicer):
 
 
 class MigrationSourceServicer(pb_grpc.MigrationSourceServicer):
+    """The save half; every call on a session renews its lease (see host.Lease)."""
+
     def __init__(self, host: Host) -> None:
         self.host = host
 
@@ -112,16 +114,21 @@ class MigrationSourceServicer(pb_grpc.MigrationSourceServicer):
     @_status
     async def Round(self, request, context):
         session = self.host.save(request.migration_id)
-        async for progress in session.round(request.round, request.final):
-            yield progress
+        with session.lease.hold():
+            async for progress in session.round(request.round, request.final):
+                yield progress
 
     @_status
     async def Suspend(self, request, context):
-        return await self.host.save(request.migration_id).suspend()
+        session = self.host.save(request.migration_id)
+        with session.lease.hold():
+            return await session.suspend()
 
     @_status
     async def Commit(self, request, context):
-        self.host.save(request.migration_id).commit()
+        session = self.host.save(request.migration_id)
+        with session.lease.hold():
+            session.commit()
         return pb.DoneReply()
 
     @_status
@@ -141,6 +148,8 @@ class MigrationSourceServicer(pb_grpc.MigrationSourceServicer):
 
 
 class MigrationDestServicer(pb_grpc.MigrationDestServicer):
+    """The restore half; every call on a session renews its lease (see host.Lease)."""
+
     def __init__(self, host: Host) -> None:
         self.host = host
 
@@ -156,8 +165,17 @@ class MigrationDestServicer(pb_grpc.MigrationDestServicer):
         return pb.DoneReply()
 
     @_status
+    async def Ready(self, request, context):
+        session = self.host.restore(request.migration_id)
+        with session.lease.hold():
+            session.ready()
+        return pb.DoneReply()
+
+    @_status
     async def Commit(self, request, context):
-        self.host.restore(request.migration_id).commit()
+        session = self.host.restore(request.migration_id)
+        with session.lease.hold():
+            session.commit()
         return pb.DoneReply()
 
     @_status
@@ -167,9 +185,11 @@ class MigrationDestServicer(pb_grpc.MigrationDestServicer):
     @_status
     async def FrameHashes(self, request, context):
         session = self.host.restore(request.migration_id)
-        async for chunk in session.frame_hashes():
-            yield chunk
-        session.finish()
+        try:
+            async for chunk in session.frame_hashes():
+                yield chunk
+        finally:
+            session.finish()
 
     @_status
     async def Abort(self, request, context):
@@ -181,23 +201,11 @@ class PageStreamServicer(pb_grpc.PageStreamServicer):
     def __init__(self, host: Host) -> None:
         self.host = host
 
+    @_status
     async def Transfer(self, request_iterator, context):
-        try:
-            first = await anext(aiter(request_iterator))
-        except StopAsyncIteration:
-            return
-        try:
-            session = self.host.restore(first.migration_id)
-            async for ack in session.receive(_prepend(first, request_iterator)):
-                yield ack
-        except errors.PvmigError as e:
-            await context.abort(e.code, str(e))
-
-
-async def _prepend(first, rest):
-    yield first
-    async for item in rest:
-        yield item
+        from dest_host.restore import receive_stream
+        async for ack in receive_stream(self.host, request_iterator):
+            yield ack
 
 
 async def serve(host: Host, listen: str, *, ready_file: Path | None = None) -> None:
@@ -227,6 +235,7 @@ async def serve(host: Host, listen: str, *, ready_file: Path | None = None) -> N
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    watchdog = asyncio.create_task(host.watchdog())
     if ready_file is not None:
         tmp = Path(f"{ready_file}.tmp")
         tmp.write_text(json.dumps({"address": bound, "pid": os.getpid()}))
@@ -234,6 +243,7 @@ async def serve(host: Host, listen: str, *, ready_file: Path | None = None) -> N
     try:
         await stop.wait()
     finally:
+        watchdog.cancel()
         await health_servicer.enter_graceful_shutdown()
         await server.stop(grace=2.0)
         for name in list(host.domains):
@@ -241,7 +251,8 @@ async def serve(host: Host, listen: str, *, ready_file: Path | None = None) -> N
 
 
 def run(*, listen: str, name: str, data_dir: Path, mem_dir: Path, max_ram_bytes: int,
-        advertise: str = "", ready_file: Path | None = None) -> None:
+        advertise: str = "", ready_file: Path | None = None,
+        session_timeout_s: float = 120.0) -> None:
     host = Host(name=name, data_dir=data_dir, mem_dir=mem_dir, max_ram_bytes=max_ram_bytes,
-                advertise=advertise)
+                advertise=advertise, session_timeout_s=session_timeout_s)
     uvloop.run(serve(host, listen, ready_file=ready_file))

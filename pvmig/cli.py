@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--advertise", default="", metavar="HOST:PORT",
                    help="the address other agents reach this one at (default: --listen)")
     a.add_argument("--ready-file", type=Path, help="write the bound address here once serving")
+    a.add_argument("--session-timeout", type=float, default=120.0, metavar="S",
+                   help="abort a migration whose coordinator is silent this long before commit")
     a.add_argument("--log-level", default="info")
     a.set_defaults(func=_agent)
 
@@ -94,6 +96,13 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--report", type=Path, metavar="FILE", help="write the JSON report here")
     m.set_defaults(func=_migrate)
 
+    x = sub.add_parser("cancel", help="stop a migration before its commit; the guest "
+                       "goes on where it was")
+    x.add_argument("--migration", required=True, metavar="ID")
+    x.add_argument("--agent", required=True, action="append", metavar="HOST:PORT",
+                   help="an agent taking part (give both)")
+    x.set_defaults(func=_cancel)
+
     demo = sub.add_parser("demo", help="two agents on loopback, a busy guest, a migration")
     demo.add_argument("--ram-mb", type=int, default=256)
     demo.add_argument("--dirty-rate", type=float, default=5000.0)
@@ -106,10 +115,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def _agent(args) -> int:
     from .agent import run
+    if args.max_ram_mb is not None and args.max_ram_mb <= 0:
+        raise errors.InvalidArgument(f"--max-ram-mb must be > 0, not {args.max_ram_mb}")
+    if not args.session_timeout > 0:
+        raise errors.InvalidArgument(f"--session-timeout must be > 0 s, not {args.session_timeout}")
     max_ram = args.max_ram_mb << 20 if args.max_ram_mb else default_max_ram()
     mem_dir = args.mem_dir or Path("/dev/shm/pvmig") / args.name
     run(listen=args.listen, name=args.name, data_dir=args.data_dir, mem_dir=mem_dir,
-        max_ram_bytes=max_ram, advertise=args.advertise, ready_file=args.ready_file)
+        max_ram_bytes=max_ram, advertise=args.advertise, ready_file=args.ready_file,
+        session_timeout_s=args.session_timeout)
     return EXIT_OK
 
 
@@ -120,6 +134,10 @@ def _run(coro):
 
 
 def _domain_create(args) -> int:
+    if args.ram_mb <= 0:
+        raise errors.InvalidArgument(f"--ram-mb must be > 0, not {args.ram_mb}")
+    if args.seed < 0:
+        raise errors.InvalidArgument(f"--seed must be >= 0, not {args.seed}")
     workload = pb.WorkloadConfig(dirty_rate=args.dirty_rate, hot_fraction=args.hot_fraction,
                                  hot_share=args.hot_share, fill=args.fill, seed=args.seed)
 
@@ -179,6 +197,8 @@ def _migrate(args) -> int:
         raise errors.InvalidArgument("--downtime-limit must be > 0 ms and --max-rounds >= 1")
     if not 0 <= options.streams <= 16 or not 0 <= options.batch_pages <= 1024:
         raise errors.InvalidArgument("--streams must be within 1..16 and --batch-pages 1..1024")
+    if args.report:
+        _check_writable(args.report)
     reporter = for_stream(sys.stdout)
     try:
         report = _run(migrate(args.source, args.dest, args.domain, options, reporter))
@@ -188,6 +208,36 @@ def _migrate(args) -> int:
         report.write(args.report)
     print_summary(report, sys.stdout.isatty())
     return EXIT_OK if report.verified else EXIT_FAILED
+
+
+def _check_writable(path: Path) -> None:
+    """Before a migration, not after it: a report that cannot be written is lost."""
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        raise errors.InvalidArgument(f"cannot write the report to {path}: {e.strerror}") from None
+
+
+def _cancel(args) -> int:
+    ref = pb.MigrationRef(migration_id=args.migration, reason="cancelled by pvmig cancel")
+
+    async def go():
+        found = []
+        for address in args.agent:
+            async with AgentClient(address) as agent:
+                for half in (agent.source, agent.dest):
+                    try:
+                        await agent.call(half.Abort, ref, timeout=90.0)
+                        found.append(address)
+                    except errors.NotFound:
+                        pass
+        return found
+    found = _run(go())
+    if not found:
+        raise errors.NotFound(f"no agent given has migration {args.migration}")
+    print(f"cancelled migration {args.migration} on {', '.join(found)}")
+    return EXIT_OK
 
 
 def _demo(args) -> int:

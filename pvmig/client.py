@@ -20,7 +20,7 @@ class AgentClient:
     def __init__(self, address: str, role: str = "agent") -> None:
         self.address = address
         self.where = f"{role} at {address}"  # how errors name it: "the destination agent at ..."
-        self._channel = rpc.channel(address)
+        self.channel = self._channel = rpc.channel(address)
         self.agent = pb_grpc.AgentStub(self._channel)
         self.source = pb_grpc.MigrationSourceStub(self._channel)
         self.dest = pb_grpc.MigrationDestStub(self._channel)
@@ -48,9 +48,9 @@ class AgentClient:
         except grpc.RpcError as e:
             raise errors.from_rpc(e, self.where) from None
 
-    async def hello(self, client: str = "pvmig") -> pb.HelloReply:
+    async def hello(self, client: str = "pvmig", timeout: float = 10.0) -> pb.HelloReply:
         reply = await self.call(self.agent.Hello, pb.HelloRequest(
-            protocol_version=rpc.PROTOCOL_VERSION, client=client), timeout=10.0)
+            protocol_version=rpc.PROTOCOL_VERSION, client=client), timeout=timeout)
         rpc.check_hello(reply, self.address)
         self.hello_reply = reply
         return reply

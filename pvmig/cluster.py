@@ -32,6 +32,7 @@ class LocalAgent:
         self.name = name
         self.dir = Path(base_dir) / name
         self.bind = bind
+        self._own_mem_root = mem_dir is None
         self.mem_dir = mem_dir or Path("/dev/shm") / f"pvmig-{uuid.uuid4().hex[:8]}" / name
         self.extra_args = extra_args or []
         self.proc: subprocess.Popen | None = None
@@ -99,7 +100,8 @@ class LocalAgent:
             self.proc.wait()
 
     def cleanup(self) -> None:
-        shutil.rmtree(self.mem_dir, ignore_errors=True)
+        shutil.rmtree(self.mem_dir.parent if self._own_mem_root else self.mem_dir,
+                      ignore_errors=True)
 
 
 class LocalCluster:

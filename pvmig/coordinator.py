@@ -6,8 +6,10 @@
     precopy    round 0, then rounds until the policy says stop
     suspend    the guest acknowledges; its last step on the source
     final      the last dirty set, then the device state; the stream ends
+    ready      the destination confirms it has the whole stream and a live guest
     -- any failure up to here aborts: the destination discards, the source resumes
-    commit     recorded durably on both agents: the point of no return
+    commit     recorded durably by the source (the point of no return), then the
+               destination
     resume     the destination's guest takes its first step
     verify     frame hashes of both memories, the source copy destroyed, then the
                resumed guest's own checks
@@ -18,21 +20,19 @@ Pages never pass through here: the source agent streams them to the destination 
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import errors
+from . import errors, verify
 from ._proto import pvmig_pb2 as pb
 from .client import AgentClient
 from .precopy import PrecopyPolicy, RoundStats
 from .progress import Reporter
 from .report import Report
-
-FINAL_ROUND = -1
-
 
 @dataclass
 class Options:
@@ -75,13 +75,16 @@ class Migration:
                 await self.precopy()
                 await self.suspend()
                 await self.final_pass()
+                await self.commit()
             except BaseException as e:
-                await self.abort(e)
+                if not self._committed:
+                    await self.abort(e)
                 raise
-            await self.commit()
             await self.resume()
             await self.verify()
-        except errors.PvmigError as e:
+        except (errors.PvmigError, asyncio.CancelledError) as e:
+            if isinstance(e, asyncio.CancelledError):
+                e = errors.Aborted("interrupted")
             self.report.fail(e, started=self._prepared or self._begun,
                              committed=self._committed)
         finally:
@@ -147,13 +150,14 @@ class Migration:
 
     async def final_pass(self) -> None:
         self._phase("final")
-        await self._round(FINAL_ROUND, final=True)
+        await self._round(len(self.report.rounds), final=True)
 
     async def commit(self) -> None:
-        # As xl's handshake: the destination has acknowledged the whole stream (the
-        # final pass waited for it), the source records the decision, the point of no
-        # return, and only then the destination records it and may run the guest.
+        # As xl's handshake: the destination says it holds the whole stream and can
+        # resume; the source records the decision, the point of no return; only then
+        # does the destination record it and may run the guest.
         self._phase("commit")
+        await self.dest.call(self.dest.dest.Ready, self._ref())
         await self.source.call(self.source.source.Commit, self._ref())
         self._committed = True
         await self.dest.call(self.dest.dest.Commit, self._ref())
@@ -169,11 +173,12 @@ class Migration:
 
     async def verify(self) -> None:
         self._phase("verify")
-        src = await self._hashes(self.source, self.source.source.FrameHashes)
-        await self.source.call(self.source.source.Complete, self._ref())
+        try:
+            src = await self._hashes(self.source, self.source.source.FrameHashes)
+        finally:  # the guest runs on the destination: the source copy goes regardless
+            await self.source.call(self.source.source.Complete, self._ref())
         dst = await self._hashes(self.dest, self.dest.dest.FrameHashes)
-        self.report.set_memory_verdict(np.flatnonzero(src != dst) if len(src) == len(dst)
-                                       else None)
+        self.report.set_memory_verdict(verify.differing(src, dst))
         self.report.guest = await self._guest_checks()
 
     async def abort(self, cause: BaseException) -> None:
@@ -190,11 +195,9 @@ class Migration:
     # ---- helpers
 
     async def _round(self, number: int, final: bool) -> RoundStats:
-        req = pb.RoundRequest(migration_id=self.migration_id, round=max(number, 0), final=final)
-        if final:
-            req.round = len(self.report.rounds)
+        req = pb.RoundRequest(migration_id=self.migration_id, round=number, final=final)
         async for p in self.source.stream(self.source.source.Round, req):
-            self.reporter.round_progress(number, p.done_pages, p.total_pages, p.bytes)
+            self.reporter.round_progress(number, p.done_pages, p.total_pages, p.bytes, final)
             if p.HasField("stats"):
                 stats = _stats(p.stats)
         self.report.add_round(stats, final=final)
@@ -246,6 +249,12 @@ async def _best_effort(call, errors_out: list) -> None:
 
 async def migrate(source: str, dest: str, domain: str, options: Options,
                   reporter: Reporter) -> Report:
-    async with AgentClient(source, "the source agent") as src, \
-            AgentClient(dest, "the destination agent") as dst:
-        return await Migration(src, dst, domain, options, reporter).run()
+    # SIGTERM aborts like Ctrl-C does: the guest must not be left half-migrated.
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
+    try:
+        async with AgentClient(source, "the source agent") as src, \
+                AgentClient(dest, "the destination agent") as dst:
+            return await Migration(src, dst, domain, options, reporter).run()
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)

@@ -26,8 +26,8 @@ START_TIMEOUT_S = 60.0
 SUSPEND_TIMEOUT_S = 60.0  # as Xen's toolstack waits for the suspend acknowledgement
 RESUME_TIMEOUT_S = 30.0
 
-RUNNING, SUSPENDED, OUTGOING, INCOMING, CRASHED = (
-    "running", "suspended", "outgoing", "incoming", "crashed")
+RUNNING, SUSPENDING, SUSPENDED, OUTGOING, INCOMING, CRASHED = (
+    "running", "suspending", "suspended", "outgoing", "incoming", "crashed")
 
 
 @dataclass
@@ -43,21 +43,35 @@ class Domain:
     chan: AgentChannel | None = None
     log_path: Path | None = None
     _watch: asyncio.Task | None = field(default=None, repr=False)
+    _exited: asyncio.Future | None = field(default=None, repr=False)
+    _suspending: asyncio.Task | None = field(default=None, repr=False)
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+    _request: int = 0
 
     @property
     def ram_bytes(self) -> int:
         return self.mem.ram_bytes
 
+    @property
+    def guest_alive(self) -> bool:
+        return self._exited is not None and not self._exited.done()
+
     @classmethod
     def allocate(cls, *, name: str, domid: int, ram_bytes: int, mem_dir: Path,
                  workload: dict) -> "Domain":
         base = mem_dir / f"{name}.{domid}"
-        mem = GuestMemory.create(f"{base}.ram", ram_bytes // PAGE_SIZE)
+        try:
+            mem = GuestMemory.create(f"{base}.ram", ram_bytes // PAGE_SIZE)
+        except OSError as e:
+            raise errors.ResourceExhausted(f"cannot create the RAM of domain {name}: {e}") from None
         try:
             log = DirtyLog.create(f"{base}.dirty", mem.nr_frames)
-        except BaseException:
+        except BaseException as e:
             mem.close()
             mem.unlink()
+            if isinstance(e, OSError):
+                raise errors.ResourceExhausted(
+                    f"cannot create the dirty log of domain {name}: {e}") from None
             raise
         return cls(name=name, domid=domid, mem=mem, log=log, workload=workload)
 
@@ -66,35 +80,57 @@ class Domain:
     async def boot(self, log_path: Path) -> None:
         """Start a fresh guest and wait until it has laid out and filled its memory."""
         await self._spawn("boot", log_path, config=self.workload)
-        await self._expect("booted", BOOT_TIMEOUT_S)
+        await self._expect("booted", BOOT_TIMEOUT_S, request=0)
         self.state = RUNNING
 
     async def start_waiting(self, log_path: Path) -> None:
         """Start the guest process that will resume this incoming domain, loaded and idle."""
         await self._spawn("restore", log_path)
-        await self._expect("waiting", START_TIMEOUT_S)
+        await self._expect("waiting", START_TIMEOUT_S, request=0)
 
     async def suspend(self) -> tuple[bytes, int]:
-        """Ask the guest to suspend; return its vCPU context and when it acknowledged."""
+        """Ask the guest to suspend; return its vCPU context and when it acknowledged.
+
+        The exchange runs on even if the caller gives up (a deadline, a cancel): a guest
+        that acknowledged is suspended whatever became of the call, and an abort must
+        know it to resume the guest (settle_suspend)."""
         self._require(RUNNING, OUTGOING)
-        await self._send({"op": "suspend"})
-        msg = await self._expect("suspended", SUSPEND_TIMEOUT_S)
+        before, self.state = self.state, SUSPENDING
+        self._suspending = asyncio.create_task(self._suspend(before))
+        return await asyncio.shield(self._suspending)
+
+    async def _suspend(self, before: str) -> tuple[bytes, int]:
+        try:
+            msg = await self._exchange({"op": "suspend"}, "suspended", SUSPEND_TIMEOUT_S)
+        except errors.GuestError:
+            # No acknowledgement: the guest is hung or gone, and might suspend at any
+            # moment; a guest in an unknown state is stopped, not trusted.
+            self._kill()
+            self.state = CRASHED
+            raise
         self.state = SUSPENDED
         return msg["vcpu"], msg["t"]
+
+    async def settle_suspend(self) -> None:
+        """Wait for a suspend still in flight, so that its outcome is known."""
+        if self._suspending is not None and not self._suspending.done():
+            await asyncio.gather(self._suspending, return_exceptions=True)
 
     async def cancel_suspend(self) -> int:
         """Resume in place after a suspend that will not be followed by a move."""
         self._require(SUSPENDED)
-        await self._send({"op": "resume-cancelled"})
-        msg = await self._expect("resumed", RESUME_TIMEOUT_S)
+        msg = await self._exchange({"op": "resume-cancelled"}, "resumed", RESUME_TIMEOUT_S)
         self.state = RUNNING
         return msg["t"]
 
     async def resume(self, vcpu: bytes) -> int:
         """Hand the vCPU context to the waiting guest; return its first step's time."""
         self._require(INCOMING)
-        await self._send({"op": "resume", "vcpu": vcpu})
-        msg = await self._expect("resumed", RESUME_TIMEOUT_S)
+        if not self.guest_alive:
+            raise errors.GuestError(
+                f"domain {self.name}: the guest process waiting to resume it is gone "
+                f"(see {self.log_path})")
+        msg = await self._exchange({"op": "resume", "vcpu": vcpu}, "resumed", RESUME_TIMEOUT_S)
         self.state = RUNNING
         return msg["t"]
 
@@ -103,13 +139,17 @@ class Domain:
             self._watch.cancel()
         if self.chan:
             self.chan.close()
-        if self.proc and not self._exited.done():
-            self.proc.kill()
+        self._kill()
+        if self._exited is not None:
             await asyncio.shield(self._exited)
         self.mem.close()
         self.log.close()
         self.mem.unlink()
         self.log.unlink()
+
+    def _kill(self) -> None:
+        if self.proc is not None and self.guest_alive:
+            self.proc.kill()
 
     def info(self) -> dict:
         stats = guestinfo.read(self.mem) if self.state != INCOMING else {}
@@ -143,6 +183,7 @@ class Domain:
         self._watch = asyncio.create_task(self._watch_exit())
 
     async def _watch_exit(self) -> None:
+        # An incoming domain keeps its state: resume checks that its guest is alive.
         await asyncio.shield(self._exited)
         if self.state != INCOMING:
             self.state = CRASHED
@@ -160,16 +201,29 @@ class Domain:
         except (ConnectionError, OSError) as e:
             raise errors.GuestError(f"domain {self.name}: guest process is gone ({e})") from e
 
-    async def _expect(self, op: str, timeout: float) -> dict:
-        try:
-            msg = await asyncio.wait_for(self.chan.recv(), timeout)
-        except asyncio.TimeoutError:
-            raise errors.GuestError(
-                f"domain {self.name}: guest did not answer {op!r} within {timeout:.0f} s") from None
-        except EOFError:
-            raise errors.GuestError(
-                f"domain {self.name}: guest process {await self._exit_status()} "
-                f"(see {self.log_path})") from None
+    async def _exchange(self, msg: dict, reply: str, timeout: float) -> dict:
+        """Send a request and wait for its reply; one exchange at a time, and a reply
+        to an earlier request (whose caller gave up) is recognised by its id and dropped."""
+        async with self._lock:
+            self._request += 1
+            await self._send({**msg, "id": self._request})
+            return await self._expect(reply, timeout, request=self._request)
+
+    async def _expect(self, op: str, timeout: float, *, request: int) -> dict:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            try:
+                msg = await asyncio.wait_for(
+                    self.chan.recv(), max(0.0, deadline - asyncio.get_running_loop().time()))
+            except asyncio.TimeoutError:
+                raise errors.GuestError(f"domain {self.name}: guest did not answer {op!r} "
+                                        f"within {timeout:.0f} s") from None
+            except EOFError:
+                raise errors.GuestError(
+                    f"domain {self.name}: guest process {await self._exit_status()} "
+                    f"(see {self.log_path})") from None
+            if msg.get("id", 0) == request:
+                break
         if msg.get("op") != op:
             raise errors.GuestError(
                 f"domain {self.name}: guest answered {msg.get('op')!r} "

@@ -59,8 +59,14 @@ _BY_CODE = {cls.code: cls for cls in (NotFound, AlreadyExists, InvalidArgument,
 
 def from_rpc(err: grpc.RpcError, where: str) -> PvmigError:
     """The PvmigError for a failed call to `where` ("the destination agent at HOST:PORT")."""
-    code = err.code()
-    details = err.details() or code.name
+    return from_status(err.code(), err.details(), where)
+
+
+def from_status(code: grpc.StatusCode | None, details: str | None, where: str) -> PvmigError:
+    code = code or grpc.StatusCode.UNKNOWN
+    details = details or code.name
+    if code == grpc.StatusCode.CANCELLED:
+        return Unavailable(f"lost {where}: {details}")
     if code == grpc.StatusCode.UNAVAILABLE and "agent" not in details:
         details = f"cannot reach {where}: {details}"
     elif code == grpc.StatusCode.DEADLINE_EXCEEDED:

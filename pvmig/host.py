@@ -6,14 +6,19 @@ dest_host/; the servicers only translate.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import math
 import os
 import re
 import shutil
 import time
 import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from . import errors
 from .domain import Domain
@@ -23,6 +28,7 @@ if TYPE_CHECKING:
     from dest_host.restore import RestoreSession
     from source_host.save import SaveSession
 
+log = logging.getLogger(__name__)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 DEFAULT_WORKLOAD = {"dirty_rate": 1000.0, "hot_fraction": 0.1, "hot_share": 0.9,
                     "fill": 1.0, "seed": 1}
@@ -33,10 +39,37 @@ def default_max_ram() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
 
 
+DEFAULT_SESSION_TIMEOUT_S = 120.0
+
+
+@dataclass
+class Lease:
+    """A migration session's hold on this host: kept alive by the coordinator's calls
+    and the page streams. A session nobody has touched for `timeout_s` (a coordinator
+    that died before commit) is aborted by the host's watchdog."""
+
+    timeout_s: float
+    _busy: int = 0
+    _last: float = field(default_factory=time.monotonic)
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        self._busy += 1
+        try:
+            yield
+        finally:
+            self._busy -= 1
+            self._last = time.monotonic()
+
+    def expired(self) -> bool:
+        return self._busy == 0 and time.monotonic() - self._last > self.timeout_s
+
+
 class Host:
     def __init__(self, *, name: str, data_dir: Path, mem_dir: Path, max_ram_bytes: int,
-                 advertise: str) -> None:
+                 advertise: str, session_timeout_s: float = DEFAULT_SESSION_TIMEOUT_S) -> None:
         self.name = name
+        self.session_timeout_s = session_timeout_s
         self.instance_id = uuid.uuid4().hex
         self.data_dir = Path(data_dir)
         self.mem_dir = Path(mem_dir)
@@ -48,7 +81,31 @@ class Host:
         self._next_domid = 1
         for d in (self.data_dir, self.mem_dir, self.data_dir / "migrations",
                   self.data_dir / "logs"):
-            d.mkdir(parents=True, exist_ok=True)
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise errors.InvalidArgument(f"cannot use {d} as an agent directory: {e}") from None
+        self._clear_stale_memory()
+
+    def _clear_stale_memory(self) -> None:
+        # The agent owns its memory directory. Guests die with their agent, so files
+        # found at start are a dead agent's: they only hold tmpfs memory.
+        for path in sorted(self.mem_dir.glob("*.ram")) + sorted(self.mem_dir.glob("*.dirty")):
+            log.warning("removing %s, left by an agent that did not stop cleanly", path)
+            path.unlink(missing_ok=True)
+
+    async def watchdog(self, every_s: float = 1.0) -> None:
+        """Abort migrations whose coordinator has gone silent before commit."""
+        while True:
+            await asyncio.sleep(every_s)
+            for session in [*self.saves.values(), *self.restores.values()]:
+                if not session.committed and session.lease.expired():
+                    reason = (f"no word from the coordinator for {session.lease.timeout_s:.0f} s "
+                              "before commit")
+                    try:
+                        await session.abort(reason)
+                    except errors.PvmigError as e:
+                        log.error("watchdog could not abort %s: %s", session.migration_id, e)
 
     # ---- domains
 
@@ -91,7 +148,8 @@ class Host:
         if dom.migration_id and (dom.migration_id in self.saves
                                  or dom.migration_id in self.restores):
             raise errors.FailedPrecondition(
-                f"domain {name!r} is migrating ({dom.migration_id}); cancel that first")
+                f"domain {name!r} is migrating ({dom.migration_id}); "
+                f"`pvmig cancel --migration {dom.migration_id}` first")
         await self.drop(name)
 
     async def drop(self, name: str) -> None:
@@ -126,17 +184,22 @@ class Host:
         """Write the commit decision durably, before anyone acts on it."""
         path = self.data_dir / "migrations" / f"{migration_id}.json"
         tmp = path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump({"migration_id": migration_id, "role": role, "domain": domain,
-                       "state": "committed", "time": time.time()}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY)
         try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+            with open(tmp, "w") as f:
+                json.dump({"migration_id": migration_id, "role": role, "domain": domain,
+                           "state": "committed", "time": time.time()}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            dfd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError as e:
+            raise errors.FailedPrecondition(
+                f"host {self.name} cannot record the commit of migration {migration_id} "
+                f"in {path.parent}: {e}") from None
 
     def save(self, migration_id: str) -> "SaveSession":
         try:
@@ -154,6 +217,9 @@ class Host:
 
 
 def _check_workload(w: dict) -> None:
+    for key, value in w.items():
+        if not math.isfinite(value):
+            raise errors.InvalidArgument(f"{key} must be a finite number, not {value}")
     if w["dirty_rate"] < 0:
         raise errors.InvalidArgument(f"dirty rate must be >= 0 pages/s, not {w['dirty_rate']}")
     for key in ("hot_fraction", "hot_share", "fill"):

@@ -19,6 +19,8 @@ from ._proto import pvmig_pb2 as pb
 from .memory import PAGE_SIZE, GuestMemory
 
 BATCH_PAGES = 256  # 1 MiB of page data
+MAX_BATCH_PAGES = 1024  # 4 MiB: well under the 16 MiB message limit
+MAX_STREAMS = 16
 _FRAME = np.dtype("<u4")
 
 

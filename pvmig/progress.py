@@ -19,7 +19,8 @@ class Reporter:
     """Events: phase(name), round_progress(round, done, total, bytes), round_done(stats)."""
 
     def phase(self, name: str, **fields) -> None: ...
-    def round_progress(self, round: int, done: int, total: int, nbytes: int) -> None: ...
+    def round_progress(self, round: int, done: int, total: int, nbytes: int,
+                       final: bool = False) -> None: ...
     def round_done(self, stats: dict) -> None: ...
     def close(self) -> None: ...
 
@@ -38,7 +39,8 @@ class JsonLines(Reporter):
     def phase(self, name: str, **fields) -> None:
         self._emit("phase", phase=name, **fields)
 
-    def round_progress(self, round: int, done: int, total: int, nbytes: int) -> None:
+    def round_progress(self, round: int, done: int, total: int, nbytes: int,
+                       final: bool = False) -> None:
         now = time.monotonic()
         if now - self._last >= 0.5:
             self._last = now
@@ -66,10 +68,11 @@ class RichBar(Reporter):
         extra = " ".join(f"{k}={v}" for k, v in fields.items())
         self.progress.console.log(f"[cyan]{name}[/] {extra}")
 
-    def round_progress(self, round: int, done: int, total: int, nbytes: int) -> None:
+    def round_progress(self, round: int, done: int, total: int, nbytes: int,
+                       final: bool = False) -> None:
         if round != self._round:
             self._round = round
-            label = "final" if round < 0 else f"round {round}"
+            label = "final" if final else f"round {round}"
             self._task = self.progress.add_task(label, total=total * PAGE_SIZE, left=total)
         self.progress.update(self._task, completed=done * PAGE_SIZE, total=total * PAGE_SIZE,
                              left=total - done)

@@ -19,22 +19,20 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Iterator
 
-import grpc
 import numpy as np
 
-from pvmig import errors, pages, rpc
+from pvmig import errors, pages, verify
 from pvmig._proto import pvmig_pb2 as pb
-from pvmig._proto import pvmig_pb2_grpc as pb_grpc
+from pvmig.client import AgentClient
 from pvmig.domain import OUTGOING, RUNNING, SUSPENDED, Domain
-from pvmig.host import Host
+from pvmig.host import Host, Lease
 
 from .stream import PageStream
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 0.1
-HASH_CHUNK_FRAMES = 1 << 16
+HELLO_TIMEOUT_S = 15.0  # under the coordinator's deadline for Begin, so this error wins
 DEFAULT_STREAMS = 4  # measured best on 2 cores: 1 GiB round 0 in 2.4 s (1), 2.1 s (2), 1.3-1.6 s (4), 1.25 s (8)
-MAX_STREAMS = 16
 
 
 @dataclass
@@ -43,12 +41,14 @@ class SaveSession:
     domain: Domain
     migration_id: str
     dest_address: str
+    lease: Lease
     batch_pages: int = pages.BATCH_PAGES
     nr_streams: int = DEFAULT_STREAMS
     committed: bool = False
     delivered: bool = False  # the destination acknowledged the end of every stream
+    rounds_done: int = 0
     vcpu: bytes | None = None
-    _channel: grpc.aio.Channel | None = None
+    _dest: AgentClient | None = None
     _streams: list[PageStream] = field(default_factory=list)
     _seq: int = 0
     _last_read: float = 0.0
@@ -58,59 +58,63 @@ class SaveSession:
     @classmethod
     async def begin(cls, host: Host, request: pb.BeginRequest) -> "SaveSession":
         dom = host.domain(request.domain)
+        if request.migration_id in host.saves:
+            raise errors.AlreadyExists(f"migration {request.migration_id} already exists")
+        if not 0 <= request.streams <= pages.MAX_STREAMS:
+            raise errors.InvalidArgument(
+                f"streams must be within 1..{pages.MAX_STREAMS}, not {request.streams}")
+        if not 0 <= request.batch_pages <= pages.MAX_BATCH_PAGES:
+            raise errors.InvalidArgument(
+                f"batch_pages must be within 1..{pages.MAX_BATCH_PAGES}, not {request.batch_pages}")
         if dom.migration_id:
             raise errors.FailedPrecondition(
                 f"domain {dom.name!r} is already migrating ({dom.migration_id})")
         if dom.state != RUNNING:
             raise errors.FailedPrecondition(f"domain {dom.name!r} is {dom.state}, not running")
-        if request.migration_id in host.saves:
-            raise errors.AlreadyExists(f"migration {request.migration_id} already exists")
-        if request.streams > MAX_STREAMS:
-            raise errors.InvalidArgument(f"at most {MAX_STREAMS} streams, not {request.streams}")
         session = cls(host, dom, request.migration_id, request.dest_address,
+                      Lease(host.session_timeout_s),
                       request.batch_pages or pages.BATCH_PAGES,
                       request.streams or DEFAULT_STREAMS)
-        await session._connect()
-        dom.migration_id = request.migration_id
-        dom.state = OUTGOING
+        # Claim the domain before the first await: a second Begin must find it taken.
+        dom.migration_id, dom.state = request.migration_id, OUTGOING
         host.saves[request.migration_id] = session
+        try:
+            await session._connect()
+        except BaseException:
+            await session._release()
+            raise
         # Log-dirty on: forget what was written before; round 0 sends every frame.
         dom.log.read_and_clear()
         session._last_read = time.monotonic()
         return session
 
     async def _connect(self) -> None:
-        self._channel = rpc.channel(self.dest_address)
-        try:
-            hello = await pb_grpc.AgentStub(self._channel).Hello(
-                pb.HelloRequest(protocol_version=rpc.PROTOCOL_VERSION,
-                                client=f"agent {self.host.name}"),
-                timeout=rpc.CALL_TIMEOUT_S)
-            rpc.check_hello(hello, self.dest_address)
-            if hello.instance_id == self.host.instance_id:
-                raise errors.InvalidArgument(
-                    f"{self.dest_address} is this same agent ({self.host.name}): "
-                    "a migration needs two hosts")
-        except grpc.RpcError as e:
-            await self._channel.close()
-            raise errors.Unavailable(
-                f"source agent {self.host.name} cannot reach the destination agent at "
-                f"{self.dest_address}: {e.details()}") from None
-        except errors.PvmigError:
-            await self._channel.close()
-            raise
-        self._streams = [PageStream(self._channel, self.migration_id, self.dest_address)
+        self._dest = AgentClient(self.dest_address, "the destination agent")
+        hello = await self._dest.hello(f"agent {self.host.name}", timeout=HELLO_TIMEOUT_S)
+        if hello.instance_id == self.host.instance_id:
+            raise errors.InvalidArgument(
+                f"{self.dest_address} is this same agent ({self.host.name}): "
+                "a migration needs two hosts")
+        self._streams = [PageStream(self._dest.channel, self.migration_id, self.dest_address)
                          for _ in range(self.nr_streams)]
+
+    def _own(self) -> None:
+        if self.domain.migration_id != self.migration_id:
+            raise errors.FailedPrecondition(
+                f"domain {self.domain.name!r} no longer belongs to migration {self.migration_id}")
 
     # ---- rounds
 
     async def round(self, number: int, final: bool) -> AsyncIterator[pb.RoundProgress]:
-        if final and self.domain.state != SUSPENDED:
-            raise errors.FailedPrecondition("the final pass comes after suspend")
+        self._own()
+        if final and (self.domain.state != SUSPENDED or self.rounds_done == 0):
+            raise errors.FailedPrecondition("the final pass comes after round 0 and suspend")
         if not final and self.domain.state != OUTGOING:
             raise errors.FailedPrecondition(
                 f"domain {self.domain.name} is {self.domain.state}: pre-copy rounds run "
                 "while it is running")
+        if number != self.rounds_done:
+            raise errors.InvalidArgument(f"round {number} requested, round {self.rounds_done} is next")
         started = time.monotonic()
         if number == 0:
             frames = np.arange(self.domain.mem.nr_frames, dtype=np.uint32)
@@ -139,6 +143,7 @@ class SaveSession:
             await asyncio.gather(*pumps, return_exceptions=True)
         if final:
             await self._end_streams()
+        self.rounds_done += 1
         stats.duration_ns = int((time.monotonic() - started) * 1e9)
         stats.remaining_pages = self.domain.log.count()
         yield pb.RoundProgress(done_pages=len(frames), total_pages=len(frames),
@@ -174,10 +179,12 @@ class SaveSession:
     # ---- suspend, commit, complete, abort
 
     async def suspend(self) -> pb.SuspendReply:
+        self._own()
         self.vcpu, t = await self.domain.suspend()
         return pb.SuspendReply(suspended_ns=t, vcpu_bytes=len(self.vcpu))
 
     def commit(self) -> None:
+        self._own()
         if self.domain.state != SUSPENDED or not self.delivered:
             raise errors.FailedPrecondition(
                 "commit comes after suspend and a final pass the destination acknowledged")
@@ -186,15 +193,14 @@ class SaveSession:
 
     async def frame_hashes(self) -> AsyncIterator[pb.HashChunk]:
         """Hashes of the source's memory as the final pass left it (the guest is suspended)."""
+        self._own()
         if self.domain.state != SUSPENDED:
             raise errors.FailedPrecondition("frame hashes are taken after the final pass")
-        mem = self.domain.mem
-        for lo in range(0, mem.nr_frames, HASH_CHUNK_FRAMES):
-            frames = np.arange(lo, min(lo + HASH_CHUNK_FRAMES, mem.nr_frames))
-            hashes = await asyncio.to_thread(mem.frame_hashes, frames)
-            yield pb.HashChunk(first_frame=lo, hashes=hashes.astype("<u8").tobytes())
+        for chunk in verify.chunks(await asyncio.to_thread(self.domain.mem.frame_hashes)):
+            yield chunk
 
     async def complete(self) -> None:
+        self._own()
         if not self.committed:
             raise errors.FailedPrecondition("the source copy is destroyed only after commit")
         await self._close()
@@ -207,9 +213,16 @@ class SaveSession:
                 f"migration {self.migration_id} is committed: the guest belongs to the "
                 "destination now")
         log.warning("migration %s aborted: %s", self.migration_id, reason)
+        await self._release()
+
+    async def _release(self) -> None:
+        """Close the streams and give the domain back, running where it was."""
         await self._close()
         self.host.saves.pop(self.migration_id, None)
         dom = self.domain
+        if dom.migration_id != self.migration_id:
+            return
+        await dom.settle_suspend()
         dom.migration_id = ""
         if dom.state == SUSPENDED:
             await dom.cancel_suspend()
@@ -218,5 +231,6 @@ class SaveSession:
 
     async def _close(self) -> None:
         await asyncio.gather(*(s.close() for s in self._streams))
-        if self._channel is not None:
-            await self._channel.close()
+        self._streams = []
+        if self._dest is not None:
+            await self._dest.close()

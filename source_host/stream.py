@@ -75,7 +75,7 @@ class PageStream:
                     fut.set_result(ack)
             err = errors.Unavailable("the destination closed the stream")
         except grpc.RpcError as e:
-            err = _dest_error(e.code(), e.details(), self.dest_address)
+            err = self._refused(e.code(), e.details())
         for fut in self._acks.values():
             if not fut.done():
                 fut.set_exception(err)
@@ -85,17 +85,16 @@ class PageStream:
     async def _error(self, cause: Exception) -> errors.PvmigError:
         if self._reader.done() and not self._reader.cancelled() and self._reader.exception():
             return self._reader.exception()
-        return _dest_error(await self._call.code(), await self._call.details(),
-                           self.dest_address)
+        return self._refused(await self._call.code(), await self._call.details())
+
+    def _refused(self, code, details) -> errors.PvmigError:
+        where = f"the destination agent at {self.dest_address}"
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, None):
+            return errors.from_status(code, details, where)
+        return errors.from_status(code, f"{where} refused the stream: {details}", where)
 
     async def close(self) -> None:
         self._call.cancel()
         self._reader.cancel()
         await asyncio.gather(self._reader, return_exceptions=True)
 
-
-def _dest_error(code, details: str, address: str) -> errors.PvmigError:
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, None):
-        return errors.Unavailable(f"lost the destination agent at {address}: {details}")
-    cls = errors._BY_CODE.get(code, errors.PvmigError)
-    return cls(f"destination agent at {address} refused the stream: {details}")

@@ -663,6 +663,11 @@ class MigrationDestStub:
                 request_serializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
                 response_deserializer=pvmig_dot___proto_dot_pvmig__pb2.DoneReply.FromString,
                 _registered_method=True)
+        self.Ready = channel.unary_unary(
+                '/pvmig.v1.MigrationDest/Ready',
+                request_serializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
+                response_deserializer=pvmig_dot___proto_dot_pvmig__pb2.DoneReply.FromString,
+                _registered_method=True)
         self.Commit = channel.unary_unary(
                 '/pvmig.v1.MigrationDest/Commit',
                 request_serializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
@@ -697,6 +702,14 @@ class MigrationDestServicer:
     def Settle(self, request, context):
         """Returns once the destination has caught up with what it received (its hashes of
         the received frames), so that catching up is done before suspend, not in downtime.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Ready(self, request, context):
+        """OK only with the whole stream in and the waiting guest alive: asked before the
+        source records the commit.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -737,6 +750,11 @@ def add_MigrationDestServicer_to_server(servicer, server):
             ),
             'Settle': grpc.unary_unary_rpc_method_handler(
                     servicer.Settle,
+                    request_deserializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.FromString,
+                    response_serializer=pvmig_dot___proto_dot_pvmig__pb2.DoneReply.SerializeToString,
+            ),
+            'Ready': grpc.unary_unary_rpc_method_handler(
+                    servicer.Ready,
                     request_deserializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.FromString,
                     response_serializer=pvmig_dot___proto_dot_pvmig__pb2.DoneReply.SerializeToString,
             ),
@@ -813,6 +831,33 @@ class MigrationDest:
             request,
             target,
             '/pvmig.v1.MigrationDest/Settle',
+            pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
+            pvmig_dot___proto_dot_pvmig__pb2.DoneReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Ready(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pvmig.v1.MigrationDest/Ready',
             pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
             pvmig_dot___proto_dot_pvmig__pb2.DoneReply.FromString,
             options,
