@@ -87,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--domain", required=True)
     m.add_argument("--downtime-limit", type=float, default=300.0, metavar="MS")
     m.add_argument("--max-rounds", type=int, default=30, metavar="N")
+    m.add_argument("--no-progress-rounds", type=int, default=5, metavar="N",
+                   help="stop iterating when this many rounds in a row did not shrink "
+                   "(0: never)")
     m.add_argument("--streams", type=int, default=0, metavar="N",
                    help="parallel page streams between the agents (default 4)")
     m.add_argument("--batch-pages", type=int, default=0, metavar="N",
@@ -190,7 +193,10 @@ def _migrate(args) -> int:
     from .progress import for_stream
     from .summary import print_summary
 
+    if args.no_progress_rounds < 0:
+        raise errors.InvalidArgument("--no-progress-rounds must be >= 0")
     options = Options(downtime_limit_ms=args.downtime_limit, max_rounds=args.max_rounds,
+                      no_progress_rounds=args.no_progress_rounds,
                       batch_pages=args.batch_pages, streams=args.streams,
                       verify_timeout_s=args.verify_timeout)
     if options.downtime_limit_ms <= 0 or options.max_rounds < 1:

@@ -38,6 +38,7 @@ from .report import Report
 class Options:
     downtime_limit_ms: float = 300.0
     max_rounds: int = 30
+    no_progress_rounds: int = 5  # 0: never stop for lack of progress
     batch_pages: int = 0  # 0: the agents' default
     streams: int = 0      # 0: the agents' default
     verify_timeout_s: float = 60.0  # for the resumed guest to sweep its memory once
@@ -62,7 +63,8 @@ class Migration:
         self.report = Report(migration_id=self.migration_id, domain=self.domain,
                              source=self.source.address, dest=self.dest.address)
         self.policy = PrecopyPolicy(downtime_limit_s=self.options.downtime_limit_ms / 1e3,
-                                    max_rounds=self.options.max_rounds)
+                                    max_rounds=self.options.max_rounds,
+                                    no_progress_rounds=self.options.no_progress_rounds)
 
     async def run(self) -> Report:
         t0 = self.report.t0 = time.monotonic()

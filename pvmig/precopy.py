@@ -52,7 +52,7 @@ class PrecopyPolicy:
         if len(rounds) >= self.max_rounds:
             return Decision(True, f"reached the cap of {self.max_rounds} rounds", expected)
         window = rounds[-self.no_progress_rounds - 1:]
-        if (len(window) > self.no_progress_rounds
+        if (self.no_progress_rounds and len(window) > self.no_progress_rounds
                 and min(r.dirty_pages for r in window[1:]) >= window[0].dirty_pages):
             return Decision(True, f"no progress in {self.no_progress_rounds} rounds "
                                   f"({last.dirty_pages} pages dirty each round)", expected)

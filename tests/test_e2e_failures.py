@@ -128,7 +128,8 @@ def test_destination_agent_killed_mid_migration(cluster, tmp_path):
     # A downtime limit no round can meet keeps it iterating until the cap.
     proc = subprocess.Popen(
         [sys.executable, "-m", "pvmig", "migrate", "--source", a, "--dest", b, "--domain", "vm",
-         "--downtime-limit", "0.001", "--max-rounds", "1000", "--report", str(tmp_path / "r.json")],
+         "--downtime-limit", "0.001", "--max-rounds", "1000", "--no-progress-rounds", "0",
+         "--report", str(tmp_path / "r.json")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:  # kill once pre-copy has gone past round 1
         event = json.loads(line)

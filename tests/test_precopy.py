@@ -186,3 +186,9 @@ def test_the_window_reaches_back_far_enough_and_no_further():
     assert dirty_rate([old, new]) == pytest.approx(100 / 0.25)  # the window is full
     assert dirty_rate([old, new], window_s=0.5) == pytest.approx(10_100 / 0.55)
     assert dirty_rate([rs(5, round=0)]) == 0.0  # round 0 tells nothing
+
+
+def test_no_progress_detection_can_be_turned_off():
+    flat = history(16384, 500, 500, 500, 500, 500, 500, 500)
+    assert PrecopyPolicy(downtime_limit_s=1e-9, no_progress_rounds=5)(flat).stop
+    assert not PrecopyPolicy(downtime_limit_s=1e-9, no_progress_rounds=0)(flat).stop

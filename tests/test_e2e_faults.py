@@ -1,0 +1,240 @@
+"""End to end: faults around a migration. After each, the guest runs in exactly one
+place, checking itself, and no agent is left holding a half-done migration."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from pvmig._proto import pvmig_pb2 as pb
+from pvmig._proto import pvmig_pb2_grpc as pb_grpc
+from pvmig.cluster import LocalAgent, LocalCluster
+from support import create, domains, migrate, pvmig, query, wait_running_and_checking
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    with LocalCluster(tmp_path, ["a", "b"], extra_args=["--session-timeout", "3"]) as c:
+        yield c
+
+
+def _only_on(home: str, other: str, name: str) -> pb.DomainInfo:
+    """The guest runs on `home`, checking itself, and `other` has nothing of it."""
+    info = wait_running_and_checking(home, name)
+    assert info.state == "running" and info.migration_id == ""
+    assert info.guest.checks_failed == 0, list(info.guest.failures)
+    assert name not in domains(other)
+    return info
+
+
+def _start_migrate(a: str, b: str, name: str, report: Path, *extra: str) -> subprocess.Popen:
+    """A migration that iterates (a downtime limit no round meets) until told otherwise."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pvmig", "migrate", "--source", a, "--dest", b, "--domain", name,
+         "--downtime-limit", "0.001", "--max-rounds", "100000", "--no-progress-rounds", "0",
+         "--report", str(report), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_round(proc: subprocess.Popen, n: int) -> None:
+    for line in proc.stdout:
+        event = json.loads(line)
+        if event["event"] == "round" and event["round"] >= n:
+            return
+    raise AssertionError(f"migration ended before round {n}: {proc.stderr.read()}")
+
+
+def _eventually(cond, timeout: float = 30.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:.0f} s: {what}")
+        time.sleep(0.2)
+
+
+def _drain(proc: subprocess.Popen) -> None:
+    threading.Thread(target=proc.stdout.read, daemon=True).start()
+
+
+def test_two_migrations_of_one_domain_at_once(cluster):
+    """Two Begins race for one domain: exactly one gets it."""
+    a, b = cluster["a"].address, cluster["b"].address
+    create(a, "vm", ram_mb=16)
+    results = {}
+
+    def begin(mid):
+        with grpc.insecure_channel(a) as ch:
+            try:
+                pb_grpc.MigrationSourceStub(ch).Begin(
+                    pb.BeginRequest(migration_id=mid, domain="vm", dest_address=b), timeout=30)
+                results[mid] = "ok"
+            except grpc.RpcError as e:
+                results[mid] = e.code()
+    threads = [threading.Thread(target=begin, args=(m,)) for m in ("m1", "m2")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(map(str, results.values())) == sorted(
+        ["ok", str(grpc.StatusCode.FAILED_PRECONDITION)]), results
+    winner = next(m for m, r in results.items() if r == "ok")
+    assert query(a, "vm").migration_id == winner
+    r = pvmig("cancel", "--migration", winner, "--agent", a)
+    assert r.returncode == 0, r.stderr
+    _only_on(a, b, "vm")
+
+
+def test_a_slow_suspend_is_resumed_by_abort(cluster):
+    """The coordinator gives up on a suspend the guest acknowledges late: abort must
+    find the guest suspended and resume it, not leave it frozen."""
+    a, b = cluster["a"].address, cluster["b"].address
+    create(a, "vm", ram_mb=16)
+    pid = query(a, "vm").guest_pid
+    with grpc.insecure_channel(a) as ch:
+        src = pb_grpc.MigrationSourceStub(ch)
+        src.Begin(pb.BeginRequest(migration_id="m", domain="vm", dest_address=b), timeout=30)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(grpc.RpcError) as info:
+                src.Suspend(pb.MigrationRef(migration_id="m"), timeout=1)
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        finally:
+            os.kill(pid, signal.SIGCONT)  # the guest now acknowledges, late
+        src.Abort(pb.MigrationRef(migration_id="m", reason="test"), timeout=90)
+    info = _only_on(a, b, "vm")
+    assert info.guest.resumes == 1  # the cancelled suspend resumed it in place
+
+
+def test_destination_guest_and_coordinator_die(cluster, tmp_path):
+    """The waiting guest on the destination dies, and so does the coordinator: the
+    leases (3 s here) end the abandoned migration on both agents, then a new one works."""
+    a, b = cluster["a"].address, cluster["b"].address
+    create(a, "vm", ram_mb=32, dirty_rate=20000)
+    proc = _start_migrate(a, b, "vm", tmp_path / "r.json")
+    _wait_round(proc, 1)
+    os.kill(query(b, "vm").guest_pid, signal.SIGKILL)
+    proc.kill()
+    proc.wait()
+    _eventually(lambda: "vm" not in domains(b), what="the destination discards")
+    _only_on(a, b, "vm")
+    r, data = migrate(a, b, "vm", tmp_path / "r2.json")
+    assert r.returncode == 0, r.stderr
+    assert data["verification"]["passed"] is True
+
+
+def test_destination_not_ready_aborts_before_commit(cluster, tmp_path):
+    """The waiting guest on the destination dies during pre-copy: the destination is
+    not ready, the source never records a commit, the guest goes on at home."""
+    a, b = cluster["a"].address, cluster["b"].address
+    create(a, "vm", ram_mb=32, dirty_rate=20000)
+    proc = _start_migrate(a, b, "vm", tmp_path / "r.json", "--max-rounds", "6")
+    _wait_round(proc, 1)
+    os.kill(query(b, "vm").guest_pid, signal.SIGKILL)
+    _drain(proc)
+    assert proc.wait(timeout=120) == 1
+    err = proc.stderr.read()
+    assert "the guest process waiting to resume it is gone" in err, err
+    assert "aborted, the guest runs on the source" in err
+    assert not list((Path(cluster["a"].dir) / "data" / "migrations").glob("*.json"))
+    _only_on(a, b, "vm")
+
+
+def test_failed_commit_aborts(cluster, tmp_path):
+    """The source cannot record its commit: nothing is committed, the guest stays home."""
+    a, b = cluster["a"].address, cluster["b"].address
+    create(a, "vm", ram_mb=16)
+    records = Path(cluster["a"].dir) / "data" / "migrations"
+    shutil.rmtree(records)
+    records.write_text("not a directory")
+    try:
+        r, data = migrate(a, b, "vm", tmp_path / "r.json")
+    finally:
+        records.unlink()
+        records.mkdir()
+    assert r.returncode == 1
+    assert "cannot record the commit" in r.stderr and "aborted" in r.stderr
+    assert data["committed"] is False if "committed" in data else True
+    _only_on(a, b, "vm")
+
+
+def test_cancel_mid_migration(cluster, tmp_path):
+    a, b = cluster["a"].address, cluster["b"].address
+    create(a, "vm", ram_mb=32, dirty_rate=20000)
+    proc = _start_migrate(a, b, "vm", tmp_path / "r.json")
+    _wait_round(proc, 2)
+    mid = query(a, "vm").migration_id
+    r = pvmig("cancel", "--migration", mid, "--agent", b, "--agent", a)
+    assert r.returncode == 0, r.stderr
+    _drain(proc)
+    assert proc.wait(timeout=60) == 1
+    _only_on(a, b, "vm")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_coordinator_killed_before_commit(cluster, tmp_path, sig):
+    """SIGTERM: the coordinator aborts on its way out. SIGKILL: the agents' leases run
+    out (3 s here) and they abort by themselves."""
+    a, b = cluster["a"].address, cluster["b"].address
+    create(a, "vm", ram_mb=32, dirty_rate=20000)
+    proc = _start_migrate(a, b, "vm", tmp_path / "r.json")
+    _wait_round(proc, 1)
+    proc.send_signal(sig)
+    _drain(proc)
+    code = proc.wait(timeout=60)
+    if sig == signal.SIGTERM:
+        assert code == 1
+        assert json.loads((tmp_path / "r.json").read_text())["error"].startswith("interrupted")
+    else:
+        _eventually(lambda: "vm" not in domains(b), what="the destination discards")
+    _only_on(a, b, "vm")
+
+
+def test_agent_restart_clears_stale_memory(tmp_path):
+    mem = Path("/dev/shm") / f"pvmig-test-{os.getpid()}"
+    agent = LocalAgent("a", tmp_path, mem_dir=mem)
+    try:
+        agent.start()
+        create(agent.address, "vm", ram_mb=8)
+        agent.kill()  # no clean stop: its guest dies with it, its files stay
+        assert list(mem.glob("*.ram"))
+        agent.start()
+        assert not list(mem.glob("*.ram"))
+        create(agent.address, "vm", ram_mb=8)  # the same name and domid again
+        wait_running_and_checking(agent.address, "vm")
+    finally:
+        agent.stop()
+        shutil.rmtree(mem, ignore_errors=True)
+
+
+@pytest.mark.parametrize("args,expected", [
+    (("domain", "create", "x", "--ram-mb", "-1"), "--ram-mb must be > 0"),
+    (("domain", "create", "x", "--seed", "-1"), "--seed must be >= 0"),
+    (("domain", "create", "x", "--dirty-rate", "nan"), "dirty_rate must be a finite number"),
+    (("domain", "create", "x", "--fill", "inf"), "fill must be a finite number"),
+])
+def test_bad_domain_settings(cluster, args, expected):
+    r = pvmig(*args[:3], "--agent", cluster["a"].address, *args[3:])
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert expected in r.stderr
+    assert domains(cluster["a"].address) == {}
+
+
+def test_unwritable_report_is_refused_before_migrating(cluster, tmp_path):
+    a, b = cluster["a"].address, cluster["b"].address
+    create(a, "vm", ram_mb=8)
+    r = pvmig("migrate", "--source", a, "--dest", b, "--domain", "vm",
+              "--report", "/nonexistent/dir/r.json")
+    assert r.returncode == 1 and "cannot write the report to /nonexistent/dir/r.json" in r.stderr
+    _only_on(a, b, "vm")
