@@ -41,13 +41,15 @@ class Kernel:
     @classmethod
     def boot(cls, vm: VcpuMemory, config: dict) -> "Kernel":
         """First start: lay out the info page and generation table, fill memory."""
-        gen_first, gen_frames, work_first, work_frames = guestinfo.layout(vm.mem.nr_frames)
+        lay = guestinfo.layout(vm.mem.nr_frames, config.get("dev_frames", 0))
         with vm.writing(0):
             info = guestinfo.view(vm.mem)
             info[0] = np.zeros((), guestinfo.INFO)
             for key, value in dict(
-                    nr_frames=vm.mem.nr_frames, gen_first=gen_first, gen_frames=gen_frames,
-                    work_first=work_first, work_frames=work_frames,
+                    nr_frames=vm.mem.nr_frames, gen_first=lay.gen_first,
+                    gen_frames=lay.gen_frames, dev_first=lay.dev_first,
+                    dev_frames=lay.dev_frames, work_first=lay.work_first,
+                    work_frames=lay.work_frames,
                     dirty_rate=config["dirty_rate"], hot_fraction=config["hot_fraction"],
                     hot_share=config["hot_share"], fill=config["fill"],
                     seed=config["seed"]).items():

@@ -4,17 +4,24 @@ The guest writes it through its memory API like any other state; it migrates wit
 rest of RAM. The host agent reads it, as foreign memory, to report how the guest is
 doing. Only the guest ever writes it.
 
-Frames 1..gen_frames hold the generation table (u32 per frame); the workload frames
-follow.
+Guest physical memory, frame by frame:
+    0                   this info page
+    1                   the xenstore ring: the "magic" page xenstored maps (untracked)
+    gen_first..         the generation table, a u32 per frame
+    dev_first..         the PV devices' rings, shadows and buffers (none without devices)
+    work_first..        the memory workload's frames
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
 from .memory import PAGE_SIZE, GuestMemory
 
-MAGIC = 0x5056_4D49_4731_0001  # "PVMIG1", layout version 1
+MAGIC = 0x5056_4D49_4731_0002  # "PVMIG1", layout version 2
+XENSTORE_FRAME = 1
 MAX_FAILURES = 16
 
 FAILURE = np.dtype([("frame", "<u8"), ("expected", "<u8"), ("found", "<u8")])
@@ -22,6 +29,7 @@ INFO = np.dtype([
     ("magic", "<u8"),
     ("nr_frames", "<u8"),
     ("gen_first", "<u8"), ("gen_frames", "<u8"),
+    ("dev_first", "<u8"), ("dev_frames", "<u8"),
     ("work_first", "<u8"), ("work_frames", "<u8"),
     ("dirty_rate", "<f8"), ("hot_fraction", "<f8"), ("hot_share", "<f8"), ("fill", "<f8"),
     ("seed", "<u8"),
@@ -44,13 +52,27 @@ def view(mem: GuestMemory) -> np.ndarray:
     return mem.pages[0, :INFO.itemsize].view(INFO)
 
 
-def layout(nr_frames: int) -> tuple[int, int, int, int]:
-    """(gen_first, gen_frames, work_first, work_frames) for a domain of nr_frames."""
+@dataclass(frozen=True)
+class Layout:
+    nr_frames: int
+    gen_first: int
+    gen_frames: int
+    dev_first: int
+    dev_frames: int
+    work_first: int
+    work_frames: int
+
+
+def layout(nr_frames: int, dev_frames: int = 0) -> Layout:
+    """Where everything lives in a domain of nr_frames with dev_frames for devices."""
+    gen_first = XENSTORE_FRAME + 1
     gen_frames = -(-nr_frames * 4 // PAGE_SIZE)
-    work_first = 1 + gen_frames
+    dev_first = gen_first + gen_frames
+    work_first = dev_first + dev_frames
     if work_first >= nr_frames:
         raise ValueError(f"{nr_frames} frames leave no room for the workload")
-    return 1, gen_frames, work_first, nr_frames - work_first
+    return Layout(nr_frames, gen_first, gen_frames, dev_first, dev_frames, work_first,
+                  nr_frames - work_first)
 
 
 def read(mem: GuestMemory) -> dict:
