@@ -54,15 +54,58 @@ class WorkloadConfig(_message.Message):
     seed: int
     def __init__(self, dirty_rate: _Optional[float] = ..., hot_fraction: _Optional[float] = ..., hot_share: _Optional[float] = ..., fill: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
+class DeviceConfig(_message.Message):
+    __slots__ = ("kind", "devid", "disk", "blocks", "latency_ms", "persistent", "grant_mode", "io_rate")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    DEVID_FIELD_NUMBER: _ClassVar[int]
+    DISK_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    PERSISTENT_FIELD_NUMBER: _ClassVar[int]
+    GRANT_MODE_FIELD_NUMBER: _ClassVar[int]
+    IO_RATE_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    devid: int
+    disk: str
+    blocks: int
+    latency_ms: float
+    persistent: bool
+    grant_mode: str
+    io_rate: float
+    def __init__(self, kind: _Optional[str] = ..., devid: _Optional[int] = ..., disk: _Optional[str] = ..., blocks: _Optional[int] = ..., latency_ms: _Optional[float] = ..., persistent: _Optional[bool] = ..., grant_mode: _Optional[str] = ..., io_rate: _Optional[float] = ...) -> None: ...
+
+class DeviceStats(_message.Message):
+    __slots__ = ("kind", "devid", "served", "refused", "guest")
+    class GuestEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    DEVID_FIELD_NUMBER: _ClassVar[int]
+    SERVED_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    GUEST_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    devid: int
+    served: int
+    refused: int
+    guest: _containers.ScalarMap[str, int]
+    def __init__(self, kind: _Optional[str] = ..., devid: _Optional[int] = ..., served: _Optional[int] = ..., refused: _Optional[int] = ..., guest: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
 class CreateDomainRequest(_message.Message):
-    __slots__ = ("name", "ram_bytes", "workload")
+    __slots__ = ("name", "ram_bytes", "workload", "devices")
     NAME_FIELD_NUMBER: _ClassVar[int]
     RAM_BYTES_FIELD_NUMBER: _ClassVar[int]
     WORKLOAD_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
     name: str
     ram_bytes: int
     workload: WorkloadConfig
-    def __init__(self, name: _Optional[str] = ..., ram_bytes: _Optional[int] = ..., workload: _Optional[_Union[WorkloadConfig, _Mapping]] = ...) -> None: ...
+    devices: _containers.RepeatedCompositeFieldContainer[DeviceConfig]
+    def __init__(self, name: _Optional[str] = ..., ram_bytes: _Optional[int] = ..., workload: _Optional[_Union[WorkloadConfig, _Mapping]] = ..., devices: _Optional[_Iterable[_Union[DeviceConfig, _Mapping]]] = ...) -> None: ...
 
 class GuestFailure(_message.Message):
     __slots__ = ("frame", "expected_generation", "found_generation")
@@ -99,7 +142,7 @@ class GuestStats(_message.Message):
     def __init__(self, steps: _Optional[int] = ..., pages_written: _Optional[int] = ..., checks_run: _Optional[int] = ..., checks_failed: _Optional[int] = ..., sweeps: _Optional[int] = ..., resumes: _Optional[int] = ..., sweeps_since_resume: _Optional[int] = ..., checks_since_resume: _Optional[int] = ..., failed_since_resume: _Optional[int] = ..., failures: _Optional[_Iterable[_Union[GuestFailure, _Mapping]]] = ...) -> None: ...
 
 class DomainInfo(_message.Message):
-    __slots__ = ("name", "domid", "ram_bytes", "state", "guest_pid", "guest", "migration_id", "workload")
+    __slots__ = ("name", "domid", "ram_bytes", "state", "guest_pid", "guest", "migration_id", "workload", "devices", "device_stats")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DOMID_FIELD_NUMBER: _ClassVar[int]
     RAM_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +151,8 @@ class DomainInfo(_message.Message):
     GUEST_FIELD_NUMBER: _ClassVar[int]
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     WORKLOAD_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_STATS_FIELD_NUMBER: _ClassVar[int]
     name: str
     domid: int
     ram_bytes: int
@@ -116,7 +161,9 @@ class DomainInfo(_message.Message):
     guest: GuestStats
     migration_id: str
     workload: WorkloadConfig
-    def __init__(self, name: _Optional[str] = ..., domid: _Optional[int] = ..., ram_bytes: _Optional[int] = ..., state: _Optional[str] = ..., guest_pid: _Optional[int] = ..., guest: _Optional[_Union[GuestStats, _Mapping]] = ..., migration_id: _Optional[str] = ..., workload: _Optional[_Union[WorkloadConfig, _Mapping]] = ...) -> None: ...
+    devices: _containers.RepeatedCompositeFieldContainer[DeviceConfig]
+    device_stats: _containers.RepeatedCompositeFieldContainer[DeviceStats]
+    def __init__(self, name: _Optional[str] = ..., domid: _Optional[int] = ..., ram_bytes: _Optional[int] = ..., state: _Optional[str] = ..., guest_pid: _Optional[int] = ..., guest: _Optional[_Union[GuestStats, _Mapping]] = ..., migration_id: _Optional[str] = ..., workload: _Optional[_Union[WorkloadConfig, _Mapping]] = ..., devices: _Optional[_Iterable[_Union[DeviceConfig, _Mapping]]] = ..., device_stats: _Optional[_Iterable[_Union[DeviceStats, _Mapping]]] = ...) -> None: ...
 
 class DomainRef(_message.Message):
     __slots__ = ("name",)
@@ -235,16 +282,18 @@ class DoneReply(_message.Message):
     def __init__(self) -> None: ...
 
 class PrepareRequest(_message.Message):
-    __slots__ = ("migration_id", "domain", "ram_bytes", "source_agent")
+    __slots__ = ("migration_id", "domain", "ram_bytes", "source_agent", "devices")
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     DOMAIN_FIELD_NUMBER: _ClassVar[int]
     RAM_BYTES_FIELD_NUMBER: _ClassVar[int]
     SOURCE_AGENT_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     domain: str
     ram_bytes: int
     source_agent: str
-    def __init__(self, migration_id: _Optional[str] = ..., domain: _Optional[str] = ..., ram_bytes: _Optional[int] = ..., source_agent: _Optional[str] = ...) -> None: ...
+    devices: _containers.RepeatedCompositeFieldContainer[DeviceConfig]
+    def __init__(self, migration_id: _Optional[str] = ..., domain: _Optional[str] = ..., ram_bytes: _Optional[int] = ..., source_agent: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[DeviceConfig, _Mapping]]] = ...) -> None: ...
 
 class PrepareReply(_message.Message):
     __slots__ = ("guest_pid",)

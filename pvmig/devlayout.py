@@ -1,0 +1,90 @@
+"""Where the guest's PV devices keep their state in guest RAM (the device area).
+
+Everything a frontend needs to go on after a move lives here, so that it migrates
+with the memory: the ring pages, blkfront's shadow of in-flight requests, the block
+workload's table of acknowledged versions, the I/O buffers, and the counters the
+host agent reads for the report (as it reads the info page).
+
+blk, from dev_first:
+    ring            one page, the blkif shared ring (granted to the backend)
+    shadow          a header of counters, then one entry per ring slot
+    versions        the last acknowledged write version of each disk block, u32
+    buffers         one page per ring slot: the data of that slot's request
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .memory import PAGE_SIZE, GuestMemory
+
+BLK_SLOTS = 32  # a one-page blkif ring
+
+BLK_COUNTERS = np.dtype([
+    ("magic", "<u8"),
+    ("writes_issued", "<u8"), ("writes_acked", "<u8"),
+    ("reads_issued", "<u8"), ("reads_checked", "<u8"), ("read_failures", "<u8"),
+    ("errors", "<u8"),             # responses with a non-OKAY status
+    ("replayed", "<u8"),           # requests re-queued from the shadow on a resume
+    ("inflight_at_suspend", "<u8"),
+    ("resumes", "<u8"),
+    ("first_failure_block", "<i8"),
+])
+BLK_MAGIC = 0x626C_6B66_726F_6E74  # "blkfront"
+FREE, INFLIGHT = 0, 1
+SHADOW = np.dtype([
+    ("state", "u1"), ("op", "u1"), ("pad", "<u2"),
+    ("block", "<u4"), ("version", "<u4"), ("pad2", "<u4"),
+    ("id", "<u8"), ("issued", "<u8"),
+])
+SHADOW_OFFSET = 128
+assert BLK_COUNTERS.itemsize <= SHADOW_OFFSET
+assert SHADOW_OFFSET + BLK_SLOTS * SHADOW.itemsize <= PAGE_SIZE
+
+
+@dataclass(frozen=True)
+class BlkArea:
+    ring: int
+    shadow: int
+    versions: int
+    version_frames: int
+    buffers: int
+    blocks: int
+
+    @staticmethod
+    def frames_needed(blocks: int) -> int:
+        return 2 + _version_frames(blocks) + BLK_SLOTS
+
+    @classmethod
+    def at(cls, first: int, blocks: int) -> "BlkArea":
+        vf = _version_frames(blocks)
+        return cls(ring=first, shadow=first + 1, versions=first + 2, version_frames=vf,
+                   buffers=first + 2 + vf, blocks=blocks)
+
+    @property
+    def end(self) -> int:
+        return self.buffers + BLK_SLOTS
+
+    def counters(self, mem: GuestMemory) -> np.ndarray:
+        return mem.pages[self.shadow, :BLK_COUNTERS.itemsize].view(BLK_COUNTERS)
+
+    def shadow_table(self, mem: GuestMemory) -> np.ndarray:
+        return mem.pages[self.shadow, SHADOW_OFFSET:SHADOW_OFFSET + BLK_SLOTS * SHADOW.itemsize
+                         ].view(SHADOW)
+
+    def version_table(self, mem: GuestMemory) -> np.ndarray:
+        words = mem.pages[self.versions:self.versions + self.version_frames].reshape(-1)
+        return words.view(np.uint32)[:self.blocks]
+
+
+def read_blk_counters(mem: GuestMemory, area: BlkArea) -> dict:
+    c = area.counters(mem)[0].copy()
+    if int(c["magic"]) != BLK_MAGIC:
+        return {}
+    return {name: int(c[name]) for name in BLK_COUNTERS.names if name != "magic"}
+
+
+def _version_frames(blocks: int) -> int:
+    return -(-blocks * 4 // PAGE_SIZE)
