@@ -141,10 +141,11 @@ class Mapping:
         self.writable = writable
         self.page = page
 
-    def written(self) -> None:
+    def written(self, offset: int = 0, nbytes: int = 0) -> None:
         """Tell the hypervisor the backend wrote through this mapping. Marks the frame
         dirty only under the policy backend_log (vhost's dirty log); otherwise nothing
-        tracks a write through a grant map, as in Xen."""
+        tracks a write through a grant map, as in Xen. Takes a ring's on_write
+        arguments (offset, nbytes), which it does not need."""
         self._table._written(self)
 
     def __repr__(self) -> str:
