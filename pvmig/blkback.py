@@ -1,0 +1,196 @@
+"""blkback: the block backend in dom0 (the host agent), Linux's xen-blkback reduced.
+
+One ring page, requests of one segment covering a whole 4 KiB block, served from a
+disk image on this host. The guest's data reaches the disk and comes back by grant map
+(the default) or by grant copy, with persistent grants when both ends offer them.
+
+What it writes into guest memory, and what log-dirty sees of it (DESIGN.md):
+- responses, through its writable mapping of the ring page: untracked until unmap;
+- read data, by grant copy (marked at the copy), or through a writable mapping
+  (marked at unmap; with persistent grants the mapping stays and nothing is ever
+  marked).
+It goes on serving after the guest suspends: nothing quiesces it (today's Xen), so its
+late writes are the hazard the experiment measures.
+
+A request it cannot serve (garbage in the slot, a sector outside the disk, a grant the
+guest never gave) gets an error response and one log line; a ring the frontend has
+broken (a producer index too far ahead) closes the device. The agent goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import errors
+from .disk import BLOCK_SIZE, DiskImage
+from .evtchn import BackendEvents, BackendPort
+from .grant_table import GrantTable, Mapping
+from .ring import (BLKIF, BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_ERROR,
+                   BLKIF_RSP_OKAY, BackRing, RingError, SECTORS_PER_FRAME,
+                   validate_blkif_request)
+
+log = logging.getLogger(__name__)
+DOM0 = 0
+
+
+@dataclass
+class BlkStats:
+    served: int = 0
+    refused: int = 0
+    in_flight: int = 0
+
+
+@dataclass
+class BlkBack:
+    domid: int
+    devid: int
+    grants: GrantTable
+    events: BackendEvents
+    disk: DiskImage
+    grant_mode: str = "map"          # "map" or "copy"
+    persistent: bool = False         # negotiated feature-persistent
+    latency_s: float = 0.0
+    stats: BlkStats = field(default_factory=BlkStats)
+    _ring: BackRing | None = None
+    _ring_map: Mapping | None = None
+    _port: BackendPort | None = None
+    _persistent: dict[int, Mapping] = field(default_factory=dict)
+    _kick: asyncio.Event = field(default_factory=asyncio.Event)
+    _tasks: set = field(default_factory=set)
+    _server: asyncio.Task | None = None
+    closed: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"vbd {self.domid}/{self.devid}"
+
+    # ---- xenbus: connect and disconnect
+
+    def connect(self, *, ring_ref: int, port: int) -> None:
+        """Map the frontend's ring and bind its event channel (backend -> Connected)."""
+        self._ring_map = self.grants.map(ring_ref, mapper=DOM0, writable=True)
+        self._ring = BackRing(self._ring_map.page, BLKIF, on_write=self._ring_map.written)
+        self._port = self.events.bind_interdomain(port)
+        self.events.on_event(self._port, lambda _port: self._kick.set())
+        self.closed = ""
+        self._server = asyncio.create_task(self._serve())
+
+    async def disconnect(self, reason: str = "disconnected") -> None:
+        """Stop serving, drop every mapping (each writable one marks its frame now)."""
+        self.closed = reason
+        if self._server is not None:
+            self._server.cancel()
+            await asyncio.gather(self._server, return_exceptions=True)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for m in [*self._persistent.values(), *([self._ring_map] if self._ring_map else [])]:
+            self.grants.unmap(m.handle)
+        self._persistent.clear()
+        self._ring_map = self._ring = None
+        if self._port is not None:
+            try:
+                self.events.unbind(self._port)
+            except errors.PvmigError:
+                pass
+            self._port = None
+
+    # ---- serving
+
+    async def _serve(self) -> None:
+        while True:
+            await self._kick.wait()
+            self._kick.clear()
+            try:
+                while self._take_requests():
+                    pass
+            except RingError as e:
+                log.error("%s: closing the device: %s", self.name, e)
+                asyncio.create_task(self.disconnect(f"broken ring: {e}"))
+                return
+
+    def _take_requests(self) -> bool:
+        ring = self._ring
+        while ring.unconsumed_requests():
+            req = ring.get_request()
+            task = asyncio.create_task(self._handle(req))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return ring.final_check_for_requests()
+
+    async def _handle(self, req: np.void) -> None:
+        self.stats.in_flight += 1
+        try:
+            status = await self._do(req)
+        finally:
+            self.stats.in_flight -= 1
+        if self.closed or self._ring is None:
+            return  # a disconnected backend answers nothing more
+        self._ring.put_response({"id": int(req["id"]), "operation": int(req["operation"]),
+                                 "status": status})
+        if status == BLKIF_RSP_OKAY:
+            self.stats.served += 1
+        else:
+            self.stats.refused += 1
+        if self._ring.push_responses():
+            self.events.notify(self._port)
+
+    async def _do(self, req: np.void) -> int:
+        problem = validate_blkif_request(req, nr_sectors=self.disk.blocks * SECTORS_PER_FRAME)
+        op = int(req["operation"])
+        if problem is None and op not in (BLKIF_OP_READ, BLKIF_OP_WRITE):
+            return BLKIF_RSP_EOPNOTSUPP
+        seg = req["seg"][0] if problem is None else None
+        if problem is None and (int(req["nr_segments"]) != 1 or int(seg["first_sect"]) != 0
+                                or int(seg["last_sect"]) != SECTORS_PER_FRAME - 1
+                                or int(req["sector_number"]) % SECTORS_PER_FRAME):
+            problem = "only whole 4 KiB blocks in one segment are supported"
+        if problem is not None:
+            log.warning("%s: request %d refused: %s", self.name, int(req["id"]), problem)
+            return BLKIF_RSP_ERROR
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
+        block = int(req["sector_number"]) // SECTORS_PER_FRAME
+        try:
+            if op == BLKIF_OP_WRITE:
+                self.disk.write(block, self._read_guest(int(seg["gref"])))
+            else:
+                self._write_guest(int(seg["gref"]), self.disk.read(block))
+        except errors.PvmigError as e:
+            log.warning("%s: request %d refused: %s", self.name, int(req["id"]), e)
+            return BLKIF_RSP_ERROR
+        return BLKIF_RSP_OKAY
+
+    def _read_guest(self, gref: int) -> bytes:
+        if self.grant_mode == "copy":
+            return self.grants.copy_from_guest(gref, 0, BLOCK_SIZE, copier=DOM0)
+        m = self._mapping(gref, writable=False)
+        data = m.page.tobytes()
+        self._release(m)
+        return data
+
+    def _write_guest(self, gref: int, data: bytes) -> None:
+        if self.grant_mode == "copy":
+            self.grants.copy_to_guest(gref, 0, data, copier=DOM0)  # marked at the copy
+            return
+        m = self._mapping(gref, writable=True)
+        m.page[:] = np.frombuffer(data, dtype=np.uint8)
+        m.written()  # marks only under the backend-log policy
+        self._release(m)  # a writable unmap marks the frame; a persistent one never comes
+
+    def _mapping(self, gref: int, *, writable: bool) -> Mapping:
+        if self.persistent:
+            m = self._persistent.get(gref)
+            if m is None:
+                # The frontend grants its persistent pool writable, for reads and writes.
+                m = self._persistent[gref] = self.grants.map(gref, mapper=DOM0, writable=True)
+            return m
+        return self.grants.map(gref, mapper=DOM0, writable=writable)
+
+    def _release(self, m: Mapping) -> None:
+        if not self.persistent:
+            self.grants.unmap(m.handle)
