@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import errors, guestinfo
+from .evtchn import BackendEvents, EventChannels
+from .grant_table import GrantTable
 from .hypercall import AgentChannel
 from .logdirty import DirtyLog
 from .memory import PAGE_SIZE, GuestMemory
@@ -42,6 +44,10 @@ class Domain:
     proc: subprocess.Popen | None = None
     chan: AgentChannel | None = None
     log_path: Path | None = None
+    grants: GrantTable | None = None        # the hypervisor's, not guest RAM: not migrated
+    channels: EventChannels | None = None   # likewise
+    events: BackendEvents | None = None
+    devices: list = field(default_factory=list)  # DeviceConfig dicts
     _watch: asyncio.Task | None = field(default=None, repr=False)
     _exited: asyncio.Future | None = field(default=None, repr=False)
     _suspending: asyncio.Task | None = field(default=None, repr=False)
@@ -64,16 +70,23 @@ class Domain:
             mem = GuestMemory.create(f"{base}.ram", ram_bytes // PAGE_SIZE)
         except OSError as e:
             raise errors.ResourceExhausted(f"cannot create the RAM of domain {name}: {e}") from None
+        made: list = [mem]
         try:
             log = DirtyLog.create(f"{base}.dirty", mem.nr_frames)
+            made.append(log)
+            grants = GrantTable.create(f"{base}.gnttab", domid=domid, memory=mem, dirty=log)
+            made.append(grants)
+            channels = EventChannels.create(f"{base}.evtchn", domid=domid)
         except BaseException as e:
-            mem.close()
-            mem.unlink()
+            for f in made:
+                f.close()
+                f.unlink()
             if isinstance(e, OSError):
                 raise errors.ResourceExhausted(
-                    f"cannot create the dirty log of domain {name}: {e}") from None
+                    f"cannot create the hypervisor files of domain {name}: {e}") from None
             raise
-        return cls(name=name, domid=domid, mem=mem, log=log, workload=workload)
+        return cls(name=name, domid=domid, mem=mem, log=log, workload=workload,
+                   grants=grants, channels=channels, events=BackendEvents(channels))
 
     # ---- the guest process
 
@@ -142,10 +155,10 @@ class Domain:
         self._kill()
         if self._exited is not None:
             await asyncio.shield(self._exited)
-        self.mem.close()
-        self.log.close()
-        self.mem.unlink()
-        self.log.unlink()
+        self.events.close()
+        for f in (self.grants, self.channels, self.mem, self.log):
+            f.close()
+            f.unlink()
 
     def _kill(self) -> None:
         if self.proc is not None and self.guest_alive:
@@ -166,7 +179,8 @@ class Domain:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, "-X", "faulthandler", "-m", "guest", mode,
                 "--ram", str(self.mem.path), "--dirty", str(self.log.path),
-                "--fd", str(theirs.fileno())]
+                "--fd", str(theirs.fileno()), "--gnttab", str(self.grants.path),
+                "--evtchn", str(self.channels.path), "--evfd", str(self.channels.guest_fd)]
         if config is not None:
             argv += ["--config", json.dumps(config)]
         # subprocess, not the event loop's spawn: it uses vfork, which runs no atfork
@@ -174,9 +188,12 @@ class Domain:
         # the child, which crashed guests with SIGSEGV before exec under load.
         with open(log_path, "ab") as out:
             self.proc = subprocess.Popen(
-                argv, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=out,
-                stderr=out, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                argv, pass_fds=[theirs.fileno(), self.channels.guest_fd],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"})
         theirs.close()
+        self.channels.close_guest_end()
+        self.events.start()
         self._exited = asyncio.get_running_loop().create_future()
         _on_exit(self.proc, self._exited)
         self.chan = await AgentChannel.open(ours)

@@ -90,7 +90,8 @@ class Host:
     def _clear_stale_memory(self) -> None:
         # The agent owns its memory directory. Guests die with their agent, so files
         # found at start are a dead agent's: they only hold tmpfs memory.
-        for path in sorted(self.mem_dir.glob("*.ram")) + sorted(self.mem_dir.glob("*.dirty")):
+        for path in sorted(p for ext in ("ram", "dirty", "gnttab", "evtchn")
+                           for p in self.mem_dir.glob(f"*.{ext}")):
             log.warning("removing %s, left by an agent that did not stop cleanly", path)
             path.unlink(missing_ok=True)
 
