@@ -15,6 +15,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from . import errors, guestinfo
 from .evtchn import BackendEvents, EventChannels
@@ -51,8 +52,15 @@ class Domain:
     _watch: asyncio.Task | None = field(default=None, repr=False)
     _exited: asyncio.Future | None = field(default=None, repr=False)
     _suspending: asyncio.Task | None = field(default=None, repr=False)
-    _lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
     _request: int = 0
+    _replies: dict = field(default_factory=dict, repr=False)  # request id -> future
+    _inbox: asyncio.Queue = field(default_factory=asyncio.Queue, repr=False)
+    _reader: asyncio.Task | None = field(default=None, repr=False)
+    _gone: errors.GuestError | None = field(default=None, repr=False)
+    # Set by the host's device layer: what a guest asks of its toolstack, and how the
+    # toolstack asks a guest to suspend (control/shutdown in xenstore).
+    on_xenstore: Callable[[int], None] | None = field(default=None, repr=False)
+    request_suspend: Callable[[], None] | None = field(default=None, repr=False)
 
     @property
     def ram_bytes(self) -> int:
@@ -93,13 +101,13 @@ class Domain:
     async def boot(self, log_path: Path) -> None:
         """Start a fresh guest and wait until it has laid out and filled its memory."""
         await self._spawn("boot", log_path, config=self.workload)
-        await self._expect("booted", BOOT_TIMEOUT_S, request=0)
+        await self._unsolicited("booted", BOOT_TIMEOUT_S)
         self.state = RUNNING
 
     async def start_waiting(self, log_path: Path) -> None:
         """Start the guest process that will resume this incoming domain, loaded and idle."""
         await self._spawn("restore", log_path)
-        await self._expect("waiting", START_TIMEOUT_S, request=0)
+        await self._unsolicited("waiting", START_TIMEOUT_S)
 
     async def suspend(self) -> tuple[bytes, int]:
         """Ask the guest to suspend; return its vCPU context and when it acknowledged.
@@ -114,7 +122,13 @@ class Domain:
 
     async def _suspend(self, before: str) -> tuple[bytes, int]:
         try:
-            msg = await self._exchange({"op": "suspend"}, "suspended", SUSPEND_TIMEOUT_S)
+            while not self._inbox.empty():  # an acknowledgement nobody waited for
+                self._inbox.get_nowait()
+            if self.request_suspend is not None:
+                self.request_suspend()  # the toolstack's control/shutdown = "suspend"
+            else:
+                await self._send({"op": "suspend"})
+            msg = await self._unsolicited("suspended", SUSPEND_TIMEOUT_S)
         except errors.GuestError:
             # No acknowledgement: the guest is hung or gone, and might suspend at any
             # moment; a guest in an unknown state is stopped, not trusted.
@@ -148,8 +162,9 @@ class Domain:
         return msg["t"]
 
     async def destroy(self) -> None:
-        if self._watch:
-            self._watch.cancel()
+        for task in (self._watch, self._reader):
+            if task:
+                task.cancel()
         if self.chan:
             self.chan.close()
         self._kill()
@@ -198,6 +213,7 @@ class Domain:
         _on_exit(self.proc, self._exited)
         self.chan = await AgentChannel.open(ours)
         self._watch = asyncio.create_task(self._watch_exit())
+        self._reader = asyncio.create_task(self._read_channel())
 
     async def _watch_exit(self) -> None:
         # An incoming domain keeps its state: resume checks that its guest is alive.
@@ -219,33 +235,70 @@ class Domain:
             raise errors.GuestError(f"domain {self.name}: guest process is gone ({e})") from e
 
     async def _exchange(self, msg: dict, reply: str, timeout: float) -> dict:
-        """Send a request and wait for its reply; one exchange at a time, and a reply
-        to an earlier request (whose caller gave up) is recognised by its id and dropped."""
-        async with self._lock:
-            self._request += 1
-            await self._send({**msg, "id": self._request})
-            return await self._expect(reply, timeout, request=self._request)
+        """Send a request and wait for its reply, matched by id: a reply to an earlier
+        request whose caller gave up finds nobody waiting and is dropped."""
+        self._request += 1
+        rid = self._request
+        fut = self._replies[rid] = asyncio.get_running_loop().create_future()
+        try:
+            await self._send({**msg, "id": rid})
+            msg = await self._wait(fut, reply, timeout)
+        finally:
+            self._replies.pop(rid, None)
+        return self._check_reply(msg, reply)
 
-    async def _expect(self, op: str, timeout: float, *, request: int) -> dict:
-        deadline = asyncio.get_running_loop().time() + timeout
-        while True:
-            try:
-                msg = await asyncio.wait_for(
-                    self.chan.recv(), max(0.0, deadline - asyncio.get_running_loop().time()))
-            except asyncio.TimeoutError:
-                raise errors.GuestError(f"domain {self.name}: guest did not answer {op!r} "
-                                        f"within {timeout:.0f} s") from None
-            except EOFError:
-                raise errors.GuestError(
-                    f"domain {self.name}: guest process {await self._exit_status()} "
-                    f"(see {self.log_path})") from None
-            if msg.get("id", 0) == request:
-                break
+    async def _unsolicited(self, op: str, timeout: float) -> dict:
+        """Wait for a message the guest sends of itself (booted, waiting, suspended)."""
+        return self._check_reply(
+            await self._wait(asyncio.ensure_future(self._inbox.get()), op, timeout), op)
+
+    async def _wait(self, fut: asyncio.Future, op: str, timeout: float) -> dict:
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            raise errors.GuestError(f"domain {self.name}: guest did not answer {op!r} "
+                                    f"within {timeout:.0f} s") from None
+
+    def _check_reply(self, msg: dict, op: str) -> dict:
+        if msg.get("op") == "gone":
+            raise self._gone
         if msg.get("op") != op:
             raise errors.GuestError(
                 f"domain {self.name}: guest answered {msg.get('op')!r} "
                 f"({msg.get('error', '')}) where {op!r} was expected")
         return msg
+
+    async def _read_channel(self) -> None:
+        """Everything the guest says: replies to our requests, its own requests to the
+        toolstack, and what it announces (into the inbox)."""
+        try:
+            while True:
+                msg = await self.chan.recv()
+                fut = self._replies.get(msg.get("id", 0))
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
+                elif msg.get("op") == "xenstore":
+                    await self._answer_xenstore(msg)
+                else:
+                    self._inbox.put_nowait(msg)
+        except EOFError:
+            self._gone = errors.GuestError(
+                f"domain {self.name}: guest process {await self._exit_status()} "
+                f"(see {self.log_path})")
+            for fut in self._replies.values():
+                if not fut.done():
+                    fut.set_result({"op": "gone"})
+            self._inbox.put_nowait({"op": "gone"})
+
+    async def _answer_xenstore(self, msg: dict) -> None:
+        try:
+            if self.on_xenstore is None:
+                raise errors.FailedPrecondition("no xenstored on this host")
+            self.on_xenstore(int(msg["port"]))
+            reply = {"op": "xenstore-ok", "rid": msg.get("rid", 0)}
+        except (errors.PvmigError, KeyError, ValueError) as e:
+            reply = {"op": "xenstore-error", "rid": msg.get("rid", 0), "error": str(e)}
+        await self._send(reply)
 
     def _require(self, *states: str) -> None:
         if self.state not in states:
