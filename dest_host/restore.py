@@ -59,7 +59,8 @@ class RestoreSession:
     async def prepare(cls, host: Host, request: pb.PrepareRequest) -> "RestoreSession":
         if request.migration_id in host.restores:
             raise errors.AlreadyExists(f"migration {request.migration_id} already exists")
-        dom = host.reserve(request.domain, request.ram_bytes, workload={})
+        dom = host.reserve(request.domain, request.ram_bytes, workload={},
+                           devices=[_device_dict(d) for d in request.devices])
         dom.migration_id = request.migration_id
         session = cls(host, dom, request.migration_id, request.source_agent,
                       Lease(host.session_timeout_s))
@@ -68,6 +69,7 @@ class RestoreSession:
         session.unhashed = np.zeros(n, dtype=np.uint8)
         host.restores[request.migration_id] = session
         try:
+            host.start_devices(dom, fresh_disks=False)  # shared storage: the same disk
             await dom.start_waiting(host.log_path(dom))
         except BaseException:
             await session.discard("the guest process did not start")
@@ -242,6 +244,10 @@ async def receive_stream(host: Host, records: AsyncIterator[pb.StreamRecord]
             yield record
     async for ack in session.receive(whole()):
         yield ack
+
+
+def _device_dict(d: pb.DeviceConfig) -> dict:
+    return {f.name: v for f, v in d.ListFields()}
 
 
 @dataclass

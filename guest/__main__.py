@@ -21,6 +21,7 @@ from pvmig.hypercall import GuestChannel
 from pvmig.logdirty import DirtyLog
 from pvmig.memory import GuestMemory
 
+from .devices import GuestDevices
 from .kernel import Kernel
 from .memapi import VcpuMemory
 
@@ -42,13 +43,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gnttab", required=True, help="the hypervisor's grant table file")
     p.add_argument("--evtchn", required=True, help="the hypervisor's event channel file")
     p.add_argument("--evfd", type=int, required=True, help="the event channel socket")
+    p.add_argument("--domid", type=int, required=True, help="this domain's id on this host")
     p.add_argument("--config", default="{}")
     args = p.parse_args(argv)
     _die_with_agent()
     chan = GuestChannel(socket.socket(fileno=args.fd))
     vm = VcpuMemory(GuestMemory.open(args.ram), DirtyLog.open(args.dirty))
+    devices = lambda rng: GuestDevices(vm, chan, gnttab=args.gnttab, evtchn=args.evtchn,  # noqa: E731
+                                       evfd=args.evfd, domid=args.domid, rng=rng)
     if args.mode == "boot":
         kernel = Kernel.boot(vm, json.loads(args.config))
+        kernel.devices = devices(kernel.rng)
+        kernel.devices.connect(moved=False)
         chan.send({"op": "booted", "t": time.monotonic_ns()})
     else:
         chan.send({"op": "waiting"})
@@ -67,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         # Running from here: this is the first step on the new host.
         chan.send({"op": "resumed", "id": rid, "t": time.monotonic_ns()})
+        kernel.devices = devices(kernel.rng)
+        kernel.devices.connect(moved=True)
     kernel.run(chan)
     return 0
 

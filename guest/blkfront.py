@@ -54,13 +54,7 @@ class BlkFront:
         self.frozen = True  # until connected
 
     def format(self) -> None:
-        """First boot: empty shadow, every block at version 0 (the disk starts zeroed)."""
-        with self.vm.writing(np.arange(self.area.shadow, self.area.buffers)):
-            self.counters[0] = np.zeros((), self.counters.dtype)
-            self.counters["first_failure_block"] = -1
-            self.shadow[:] = np.zeros((), self.shadow.dtype)
-            self.versions[:] = 0
-            self.counters["magic"] = BLK_MAGIC
+        format_area(self.vm, self.area)
 
     # ---- xenbus: the handshake's callbacks
 
@@ -173,6 +167,18 @@ class BlkFront:
     def _count(self, name: str, n: int) -> None:
         with self.vm.writing(self.area.shadow):
             self.counters[name] += n
+
+
+def format_area(vm: VcpuMemory, area: BlkArea) -> None:
+    """First boot: empty shadow, every block at version 0 (the disk starts zeroed)."""
+    mem = vm.mem
+    with vm.writing(np.arange(area.shadow, area.buffers)):
+        counters = area.counters(mem)
+        counters[0] = np.zeros((), counters.dtype)
+        counters["first_failure_block"] = -1
+        area.shadow_table(mem)[:] = np.zeros((), area.shadow_table(mem).dtype)
+        area.version_table(mem)[:] = 0
+        counters["magic"] = BLK_MAGIC
 
 
 class BlockWorkload:

@@ -8,6 +8,7 @@ its channel (the domain is destroyed).
 
 from __future__ import annotations
 
+import select
 import time
 
 import msgpack
@@ -16,6 +17,10 @@ import numpy as np
 from pvmig import guestinfo
 from pvmig.hypercall import GuestChannel
 
+from pvmig.devlayout import BlkArea
+
+from .blkfront import format_area
+from .devices import GuestDevices, vbd_config
 from .memapi import VcpuMemory
 from .workload import MemoryWorkload
 
@@ -34,14 +39,18 @@ class Kernel:
         self.work = MemoryWorkload(vm)
         self.rng = rng
         self.owed = 0.0
+        self.io_owed = 0.0
         self.last = time.monotonic()
+        self.devices: GuestDevices | None = None
 
     # ---- lifecycle
 
     @classmethod
     def boot(cls, vm: VcpuMemory, config: dict) -> "Kernel":
         """First start: lay out the info page and generation table, fill memory."""
-        lay = guestinfo.layout(vm.mem.nr_frames, config.get("dev_frames", 0))
+        vbd = vbd_config(config)
+        dev_frames = BlkArea.frames_needed(int(vbd["blocks"])) if vbd else 0
+        lay = guestinfo.layout(vm.mem.nr_frames, dev_frames)
         with vm.writing(0):
             info = guestinfo.view(vm.mem)
             info[0] = np.zeros((), guestinfo.INFO)
@@ -52,12 +61,17 @@ class Kernel:
                     work_frames=lay.work_frames,
                     dirty_rate=config["dirty_rate"], hot_fraction=config["hot_fraction"],
                     hot_share=config["hot_share"], fill=config["fill"],
-                    seed=config["seed"]).items():
+                    seed=config["seed"], blk_devid=vbd["devid"] if vbd else 0,
+                    blk_blocks=vbd["blocks"] if vbd else 0,
+                    blk_io_rate=vbd.get("io_rate", 200.0) if vbd else 0.0,
+                    blk_persistent=int(bool(vbd.get("persistent"))) if vbd else 0).items():
                 info[key] = value
             # The magic goes last: a reader that sees it sees a complete page.
             info["magic"] = guestinfo.MAGIC
         kernel = cls(vm, np.random.default_rng(config["seed"]))
         kernel.work.fill(config["fill"])
+        if vbd:
+            format_area(vm, BlkArea.at(lay.dev_first, int(vbd["blocks"])))
         return kernel
 
     @classmethod
@@ -97,8 +111,11 @@ class Kernel:
 
     def step(self) -> None:
         now = time.monotonic()
-        self.owed += float(self.work.info[0]["dirty_rate"]) * (now - self.last)
-        self.last = now
+        dt, self.last = now - self.last, now
+        self.owed += float(self.work.info[0]["dirty_rate"]) * dt
+        if self.devices is not None:
+            self.devices.service()
+            self.io_owed = self.devices.step(dt, self.io_owed)
         n = int(self.owed)
         if n:
             self.owed -= n
@@ -109,34 +126,52 @@ class Kernel:
 
     def run(self, chan: GuestChannel) -> None:
         next_tick = time.monotonic()
+        waitables = [chan] + ([self.devices] if self.devices is not None else [])
         while True:
-            if chan.poll(next_tick - time.monotonic()):
+            ready, _, _ = select.select(waitables, [], [],
+                                        max(0.0, next_tick - time.monotonic()))
+            if chan in ready:
                 msg = chan.recv()
                 if msg is None or not self.handle(msg, chan):
                     return
                 continue
-            self.step()
-            next_tick = max(next_tick + TICK_S, time.monotonic())
+            if self.devices is not None:
+                self.devices.service()
+                if self.devices.suspend_requested:
+                    if not self.suspend(chan, rid=0):
+                        return
+                    continue
+            if time.monotonic() >= next_tick:
+                self.step()
+                next_tick = max(next_tick + TICK_S, time.monotonic())
+
+    def suspend(self, chan: GuestChannel, rid: int) -> bool:
+        """Quiesce, make the suspend hypercall (hand over the vCPU context), and wait:
+        a cancelled suspend goes on here; the channel closing means the domain was
+        destroyed after a commit. False when the guest must stop."""
+        if self.devices is not None:
+            self.devices.suspend()
+        chan.send({"op": "suspended", "id": rid, "vcpu": self.vcpu_context(),
+                   "t": time.monotonic_ns()})
+        while True:
+            request = chan.recv()
+            if request is None:
+                return False
+            if request.get("op") == "resume-cancelled":
+                break
+            chan.send({"op": "error", "id": request.get("id", 0),
+                       "error": f"suspended: cannot {request.get('op')!r}"})
+        self.resumed()
+        if self.devices is not None:
+            self.devices.resume_in_place()
+        chan.send({"op": "resumed", "id": request.get("id", 0), "t": time.monotonic_ns()})
+        return True
 
     def handle(self, msg: dict, chan: GuestChannel) -> bool:
         """Answer one request from the agent; False when the guest must stop."""
         op, rid = msg.get("op"), msg.get("id", 0)
         if op == "suspend":
-            chan.send({"op": "suspended", "id": rid, "vcpu": self.vcpu_context(),
-                       "t": time.monotonic_ns()})
-            # Suspended: the next word from the agent is a cancelled suspend (go on
-            # here), or the channel closing (the domain is destroyed after commit).
-            while True:
-                request = chan.recv()
-                if request is None:
-                    return False
-                if request.get("op") == "resume-cancelled":
-                    break
-                chan.send({"op": "error", "id": request.get("id", 0),
-                           "error": f"suspended: cannot {request.get('op')!r}"})
-            self.resumed()
-            chan.send({"op": "resumed", "id": request.get("id", 0), "t": time.monotonic_ns()})
-            return True
+            return self.suspend(chan, rid)
         if op == "ping":
             chan.send({"op": "pong", "id": rid})
             return True

@@ -54,6 +54,10 @@ def _workload_msg(w: dict) -> pb.WorkloadConfig:
     return pb.WorkloadConfig(**w) if w else pb.WorkloadConfig()
 
 
+def _device_msgs(devices: list[dict]) -> list[pb.DeviceConfig]:
+    return [pb.DeviceConfig(**d) for d in devices]
+
+
 def _domain_msg(info: dict) -> pb.DomainInfo:
     g = dict(info["guest"])
     failures = [pb.GuestFailure(frame=f["frame"], expected_generation=f["expected"],
@@ -62,7 +66,12 @@ def _domain_msg(info: dict) -> pb.DomainInfo:
                          state=info["state"], guest_pid=info["guest_pid"] or 0,
                          migration_id=info["migration_id"],
                          guest=pb.GuestStats(**g, failures=failures),
-                         workload=_workload_msg(info["workload"]))
+                         workload=_workload_msg(info["workload"]),
+                         devices=_device_msgs(info["devices"]),
+                         device_stats=[pb.DeviceStats(kind=s["kind"], devid=s["devid"],
+                                                      served=s["served"], refused=s["refused"],
+                                                      guest=s["guest"])
+                                       for s in info["device_stats"]])
 
 
 class AgentServicer(pb_grpc.AgentServicer):
@@ -81,7 +90,8 @@ class AgentServicer(pb_grpc.AgentServicer):
     @_status
     async def CreateDomain(self, request, context):
         fields = {f.name: v for f, v in request.workload.ListFields()}
-        dom = await self.host.create_domain(request.name, request.ram_bytes, fields)
+        devices = [{f.name: v for f, v in d.ListFields()} for d in request.devices]
+        dom = await self.host.create_domain(request.name, request.ram_bytes, fields, devices)
         return _domain_msg(dom.info())
 
     async def ListDomains(self, request, context):

@@ -58,6 +58,7 @@ class Migration:
     _committed: bool = False
     _offsets: dict = field(default_factory=dict)
     _suspended_ns: int = 0
+    _devices: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.report = Report(migration_id=self.migration_id, domain=self.domain,
@@ -109,6 +110,7 @@ class Migration:
             raise errors.FailedPrecondition(
                 f"domain {self.domain!r} on {src.agent_name} is {info.state}, not running")
         self.report.ram_bytes = info.ram_bytes
+        self._devices = list(info.devices)
         self.report.source_agent, self.report.dest_agent = src.agent_name, dst.agent_name
         for name, client in (("source", self.source), ("dest", self.dest)):
             self._offsets[name] = await client.clock_offset()
@@ -117,7 +119,8 @@ class Migration:
         self._phase("prepare")
         await self.dest.call(self.dest.dest.Prepare, pb.PrepareRequest(
             migration_id=self.migration_id, domain=self.domain,
-            ram_bytes=self.report.ram_bytes, source_agent=self.report.source_agent),
+            ram_bytes=self.report.ram_bytes, source_agent=self.report.source_agent,
+            devices=self._devices),
             timeout=120.0)
         self._prepared = True
 

@@ -15,7 +15,9 @@ BLOCK_SIZE = 4096
 
 
 class DiskImage:
-    def __init__(self, path: str | os.PathLike, blocks: int) -> None:
+    def __init__(self, path: str | os.PathLike, blocks: int, *, fresh: bool = False) -> None:
+        """Open (creating it if missing) an image of `blocks` blocks; `fresh` empties it
+        first (a new domain's disk: its workload expects zeros)."""
         if blocks <= 0:
             raise errors.InvalidArgument(f"a disk needs at least one block, not {blocks}")
         self.path = Path(path)
@@ -24,6 +26,8 @@ class DiskImage:
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as e:
             raise errors.InvalidArgument(f"cannot open disk image {self.path}: {e.strerror}") from None
+        if fresh:
+            os.ftruncate(self._fd, 0)
         size = os.fstat(self._fd).st_size
         if size < blocks * BLOCK_SIZE:
             os.ftruncate(self._fd, blocks * BLOCK_SIZE)  # new blocks read as zeros

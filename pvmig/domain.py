@@ -49,6 +49,7 @@ class Domain:
     channels: EventChannels | None = None   # likewise
     events: BackendEvents | None = None
     devices: list = field(default_factory=list)  # DeviceConfig dicts
+    pv: object = None  # pvmig.devices.DomainDevices: its xenstore and backends here
     _watch: asyncio.Task | None = field(default=None, repr=False)
     _exited: asyncio.Future | None = field(default=None, repr=False)
     _suspending: asyncio.Task | None = field(default=None, repr=False)
@@ -100,7 +101,7 @@ class Domain:
 
     async def boot(self, log_path: Path) -> None:
         """Start a fresh guest and wait until it has laid out and filled its memory."""
-        await self._spawn("boot", log_path, config=self.workload)
+        await self._spawn("boot", log_path, config={**self.workload, "devices": self.devices})
         await self._unsolicited("booted", BOOT_TIMEOUT_S)
         self.state = RUNNING
 
@@ -170,6 +171,8 @@ class Domain:
         self._kill()
         if self._exited is not None:
             await asyncio.shield(self._exited)
+        if self.pv is not None:
+            await self.pv.close()
         self.events.close()
         for f in (self.grants, self.channels, self.mem, self.log):
             f.close()
@@ -184,7 +187,8 @@ class Domain:
         return {"name": self.name, "domid": self.domid, "ram_bytes": self.ram_bytes,
                 "state": self.state, "migration_id": self.migration_id,
                 "guest_pid": self.proc.pid if self.proc else 0,
-                "guest": stats, "workload": self.workload}
+                "guest": stats, "workload": self.workload, "devices": self.devices,
+                "device_stats": self.pv.stats() if self.pv is not None and stats else []}
 
     # ---- internals
 
@@ -195,7 +199,8 @@ class Domain:
         argv = [sys.executable, "-X", "faulthandler", "-m", "guest", mode,
                 "--ram", str(self.mem.path), "--dirty", str(self.log.path),
                 "--fd", str(theirs.fileno()), "--gnttab", str(self.grants.path),
-                "--evtchn", str(self.channels.path), "--evfd", str(self.channels.guest_fd)]
+                "--evtchn", str(self.channels.path), "--evfd", str(self.channels.guest_fd),
+                "--domid", str(self.domid)]
         if config is not None:
             argv += ["--config", json.dumps(config)]
         # subprocess, not the event loop's spawn: it uses vfork, which runs no atfork

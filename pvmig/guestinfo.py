@@ -33,6 +33,9 @@ INFO = np.dtype([
     ("work_first", "<u8"), ("work_frames", "<u8"),
     ("dirty_rate", "<f8"), ("hot_fraction", "<f8"), ("hot_share", "<f8"), ("fill", "<f8"),
     ("seed", "<u8"),
+    # the block device (blk_blocks 0: none): what the guest needs to find it again
+    ("blk_devid", "<u8"), ("blk_blocks", "<u8"), ("blk_io_rate", "<f8"),
+    ("blk_persistent", "<u8"),
     ("steps", "<u8"), ("pages_written", "<u8"),
     ("checks_run", "<u8"), ("checks_failed", "<u8"),
     ("sweeps", "<u8"), ("sweep_cursor", "<u8"), ("resumes", "<u8"),

@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from . import errors
+from .devices import DomainDevices, normalise
 from .domain import Domain
+from .xenstored import Xenstored
 from .memory import PAGE_SIZE
 
 if TYPE_CHECKING:
@@ -79,6 +81,7 @@ class Host:
         self.saves: dict[str, SaveSession] = {}
         self.restores: dict[str, RestoreSession] = {}
         self._next_domid = 1
+        self.xenstored = Xenstored()
         for d in (self.data_dir, self.mem_dir, self.data_dir / "migrations",
                   self.data_dir / "logs"):
             try:
@@ -116,7 +119,8 @@ class Host:
         except KeyError:
             raise errors.NotFound(f"no domain {name!r} on host {self.name}") from None
 
-    def reserve(self, name: str, ram_bytes: int, workload: dict) -> Domain:
+    def reserve(self, name: str, ram_bytes: int, workload: dict,
+                devices: list[dict] = ()) -> Domain:
         """Check and allocate a domain's memory; the caller starts its guest."""
         if not _NAME.match(name):
             raise errors.InvalidArgument(
@@ -124,20 +128,29 @@ class Host:
         if name in self.domains:
             raise errors.AlreadyExists(f"domain {name!r} already exists on host {self.name}")
         self._check_ram(ram_bytes)
+        devices = [normalise(d) for d in devices]
         dom = Domain.allocate(name=name, domid=self._next_domid, ram_bytes=ram_bytes,
                               mem_dir=self.mem_dir, workload=workload)
+        dom.devices = devices
         self._next_domid += 1
         self.domains[name] = dom
         return dom
 
-    async def create_domain(self, name: str, ram_bytes: int, workload: dict) -> Domain:
+    def start_devices(self, dom: Domain, *, fresh_disks: bool) -> None:
+        """The toolstack's part: entries in xenstored, backends waiting for the guest."""
+        dom.pv = DomainDevices(self.xenstored, dom, dom.devices, fresh_disks=fresh_disks)
+        dom.pv.start()
+
+    async def create_domain(self, name: str, ram_bytes: int, workload: dict,
+                            devices: list[dict] = ()) -> Domain:
         for key in workload:
             if key not in DEFAULT_WORKLOAD:
                 raise errors.InvalidArgument(f"unknown workload setting {key!r}")
         workload = {**DEFAULT_WORKLOAD, **workload}
         _check_workload(workload)
-        dom = self.reserve(name, ram_bytes, workload)
+        dom = self.reserve(name, ram_bytes, workload, devices)
         try:
+            self.start_devices(dom, fresh_disks=True)
             await dom.boot(self.log_path(dom))
         except BaseException:
             await self.destroy_domain(name)

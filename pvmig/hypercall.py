@@ -33,6 +33,9 @@ class GuestChannel:
     def send(self, msg: dict) -> None:
         self._sock.sendall(encode(msg))
 
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
     def poll(self, timeout: float) -> bool:
         return bool(select.select([self._sock], [], [], max(timeout, 0.0))[0])
 

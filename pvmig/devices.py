@@ -1,0 +1,157 @@
+"""A domain's PV world on one host, as dom0 and the toolstack see it.
+
+For each domain the host agent:
+- introduces it to this host's xenstored once the guest names its xenstore event
+  channel, and serves the xenstore ring in the guest's magic page (frame 1). xenstored
+  writes that page as foreign memory: nothing marks it dirty, as in Xen;
+- writes the device entries (the toolstack's job) and runs one backend per device,
+  started at once and waiting in InitWait, on the source at boot and on the
+  destination at prepare, before the guest arrives;
+- asks the guest to suspend by writing control/shutdown = "suspend".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from . import errors, guestinfo
+from .blkback import BlkBack
+from .devlayout import BlkArea, read_blk_counters
+from .disk import DiskImage
+from .evtchn import BackendPort
+from .xenbus import BackendDevice, FrontendInfo, backend_path, create_device
+from .xenstore import XsRing
+from .xenstored import RingServer, Xenstored
+
+log = logging.getLogger(__name__)
+DOM0 = 0
+
+
+def normalise(config: dict) -> dict:
+    """A device's configuration with its defaults, checked."""
+    cfg = {"kind": "vbd", "devid": 0, "disk": "", "blocks": 256, "latency_ms": 0.0,
+           "persistent": False, "grant_mode": "map", "io_rate": 200.0, **config}
+    if cfg["kind"] != "vbd":
+        raise errors.InvalidArgument(f"device kind {cfg['kind']!r}: only 'vbd' so far")
+    if not cfg["disk"]:
+        raise errors.InvalidArgument("a vbd needs a disk image path")
+    if cfg["grant_mode"] not in ("map", "copy"):
+        raise errors.InvalidArgument(f"grant mode {cfg['grant_mode']!r}: use 'map' or 'copy'")
+    if not 0 < cfg["blocks"] <= 1 << 20:
+        raise errors.InvalidArgument(f"a vbd has 1..{1 << 20} blocks, not {cfg['blocks']}")
+    if cfg["latency_ms"] < 0 or cfg["io_rate"] < 0:
+        raise errors.InvalidArgument("latency and I/O rate must be >= 0")
+    return cfg
+
+
+class DomainDevices:
+    def __init__(self, xenstored: Xenstored, dom, configs: list[dict], *,
+                 fresh_disks: bool) -> None:
+        self.xenstored = xenstored
+        self.dom0 = xenstored.connect(DOM0)
+        self.dom = dom
+        self.configs = [normalise(c) for c in configs]
+        self.loop = asyncio.get_running_loop()
+        self.server: RingServer | None = None
+        self.xs_port: BackendPort | None = None
+        self.backends: dict[int, tuple[BlkBack, BackendDevice]] = {}
+        self.disks = [DiskImage(c["disk"], c["blocks"], fresh=fresh_disks) for c in self.configs]
+        dom.on_xenstore = self.introduce
+        dom.request_suspend = self.request_suspend
+
+    @property
+    def home(self) -> str:
+        return f"/local/domain/{self.dom.domid}"
+
+    # ---- xenstore
+
+    def start(self) -> None:
+        """Introduce the domain, write its entries, start its backends waiting (InitWait):
+        at boot on the source, at prepare on the destination, before the guest comes."""
+        self.xenstored.introduce(self.dom.domid, mfn=guestinfo.XENSTORE_FRAME, evtchn=0)
+        self._toolstack_entries()
+
+    def introduce(self, port: int) -> None:
+        """The guest names its xenstore channel (at boot, and after each move)."""
+        events = self.dom.events
+        if self.xs_port is not None:
+            events.unbind(self.xs_port)
+        self.xs_port = events.bind_interdomain(port)
+        conn = self.xenstored.connect(self.dom.domid)
+        ring = XsRing(self.dom.mem.pages[guestinfo.XENSTORE_FRAME])  # foreign: untracked
+        handle = self.xs_port
+        self.server = RingServer(conn, ring, lambda: events.notify(handle))
+        conn.on_event = lambda: self.loop.call_soon(self.pump)
+        events.on_event(handle, lambda _port: self.pump())
+
+    def pump(self) -> None:
+        if self.server is not None and not self.server.broken:
+            self.server.pump()
+
+    def _toolstack_entries(self) -> None:
+        domid = self.dom.domid
+        self.dom0.write(f"{self.home}/name", self.dom.name)
+        self.dom0.write(f"{self.home}/control/shutdown", "")
+        self.dom0.set_perms(f"{self.home}/control/shutdown", [(domid, "n")])
+        for cfg, disk in zip(self.configs, self.disks):
+            self._start_backend(cfg, disk)
+
+    def request_suspend(self) -> None:
+        self.dom0.write(f"{self.home}/control/shutdown", "suspend")
+
+    # ---- backends
+
+    def _start_backend(self, cfg: dict, disk: DiskImage) -> None:
+        domid, devid = self.dom.domid, cfg["devid"]
+        create_device(self.dom0, domid=domid, devtype="vbd", devid=devid,
+                      backend_keys={"params": cfg["disk"], "sectors": cfg["blocks"] * 8})
+        blk = BlkBack(domid=domid, devid=devid, grants=self.dom.grants, events=self.dom.events,
+                      disk=disk, grant_mode=cfg["grant_mode"],
+                      latency_s=cfg["latency_ms"] / 1e3)
+
+        def connect(info: FrontendInfo) -> dict:
+            blk.persistent = info.persistent
+            blk.connect(ring_ref=info.ring_refs[0], port=info.event_channel)
+            return {}
+
+        def disconnect() -> None:
+            self.loop.create_task(blk.disconnect())
+
+        dev = BackendDevice(self.dom0, backend_path(domid, "vbd", devid),
+                            features={"feature-persistent": int(cfg["persistent"]),
+                                      "max-ring-page-order": 0},
+                            connect=connect, disconnect=disconnect)
+        dev.start()
+        self.backends[devid] = (blk, dev)
+
+    def stats(self) -> list[dict]:
+        out = []
+        info = self.dom.mem
+        lay = guestinfo.view(info)[0]
+        for cfg in self.configs:
+            blk, _ = self.backends.get(cfg["devid"], (None, None))
+            guest = {}
+            if int(lay["magic"]) == guestinfo.MAGIC and int(lay["dev_frames"]):
+                guest = read_blk_counters(info, BlkArea.at(int(lay["dev_first"]), cfg["blocks"]))
+            out.append({"kind": "vbd", "devid": cfg["devid"],
+                        "served": blk.stats.served if blk else 0,
+                        "refused": blk.stats.refused if blk else 0,
+                        "in_flight": blk.stats.in_flight if blk else 0, "guest": guest})
+        return out
+
+    async def close(self) -> None:
+        for blk, dev in self.backends.values():
+            dev.detach()
+            await blk.disconnect("domain destroyed")
+        self.backends.clear()
+        if self.xenstored.is_introduced(self.dom.domid):
+            self.xenstored.release(self.dom.domid)
+        for path in (self.home, f"/local/domain/0/backend/vbd/{self.dom.domid}"):
+            try:
+                self.dom0.rm(path)
+            except errors.PvmigError:
+                pass
+        for disk in self.disks:
+            disk.close()
