@@ -39,6 +39,10 @@ def _status(fn):
                     yield item
             except errors.PvmigError as e:
                 await context.abort(e.code, str(e))
+            except Exception as e:  # a bug: say so in one line, keep the trace in the log
+                log.exception("%s failed", fn.__name__)
+                await context.abort(grpc.StatusCode.INTERNAL,
+                                    f"internal error in {fn.__name__}: {type(e).__name__}: {e}")
         return stream
 
     @functools.wraps(fn)
@@ -47,6 +51,10 @@ def _status(fn):
             return await fn(self, request, context)
         except errors.PvmigError as e:
             await context.abort(e.code, str(e))
+        except Exception as e:
+            log.exception("%s failed", fn.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL,
+                                f"internal error in {fn.__name__}: {type(e).__name__}: {e}")
     return unary
 
 
@@ -71,19 +79,23 @@ def _domain_msg(info: dict) -> pb.DomainInfo:
                          device_stats=[pb.DeviceStats(kind=s["kind"], devid=s["devid"],
                                                       served=s["served"], refused=s["refused"],
                                                       guest=s["guest"])
-                                       for s in info["device_stats"]])
+                                       for s in info["device_stats"]],
+                         shared_frames=[pb.FrameRange(area=a, first=f, count=n)
+                                        for a, f, n in info["shared_frames"]])
 
 
 class AgentServicer(pb_grpc.AgentServicer):
     def __init__(self, host: Host) -> None:
         self.host = host
 
+    @_status
     async def Hello(self, request, context):
         return pb.HelloReply(protocol_version=rpc.PROTOCOL_VERSION, agent_name=self.host.name,
                              instance_id=self.host.instance_id, capabilities=CAPABILITIES,
                              advertise=self.host.advertise,
                              max_ram_bytes=self.host.max_ram_bytes)
 
+    @_status
     async def Clock(self, request, context):
         return pb.ClockReply(monotonic_ns=time.monotonic_ns())
 
@@ -94,6 +106,7 @@ class AgentServicer(pb_grpc.AgentServicer):
         dom = await self.host.create_domain(request.name, request.ram_bytes, fields, devices)
         return _domain_msg(dom.info())
 
+    @_status
     async def ListDomains(self, request, context):
         return pb.ListDomainsReply(
             domains=[_domain_msg(d.info()) for d in self.host.domains.values()])

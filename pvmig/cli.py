@@ -71,6 +71,18 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--fill", type=float, default=DEFAULT_WORKLOAD["fill"],
                    help="fraction of memory written at boot (the rest stays zero)")
     c.add_argument("--seed", type=int, default=DEFAULT_WORKLOAD["seed"])
+    c.add_argument("--disk", metavar="PATH", help="give the guest a PV disk: this image "
+                   "(created empty; on shared storage both hosts reach)")
+    c.add_argument("--disk-blocks", type=int, default=256, metavar="N",
+                   help="disk size in 4 KiB blocks")
+    c.add_argument("--disk-latency-ms", type=float, default=0.0, metavar="MS",
+                   help="delay blkback adds to every request (a slow disk)")
+    c.add_argument("--disk-io-rate", type=float, default=200.0, metavar="N",
+                   help="block requests per second the guest issues")
+    c.add_argument("--persistent-grants", action="store_true",
+                   help="blkback offers feature-persistent")
+    c.add_argument("--grant-mode", choices=["map", "copy"], default="map",
+                   help="how blkback reaches the guest's buffers")
     c.set_defaults(func=_domain_create)
     for name, func, help_ in (("list", _domain_list, "list domains"),
                               ("show", _domain_show, "show one domain and its guest's checks"),
@@ -144,11 +156,23 @@ def _domain_create(args) -> int:
     workload = pb.WorkloadConfig(dirty_rate=args.dirty_rate, hot_fraction=args.hot_fraction,
                                  hot_share=args.hot_share, fill=args.fill, seed=args.seed)
 
+    devices = []
+    if args.disk and args.disk_blocks <= 0:
+        raise errors.InvalidArgument(f"a vbd has 1..{1 << 20} blocks, not {args.disk_blocks}")
+    if args.disk and (args.disk_latency_ms < 0 or args.disk_io_rate < 0):
+        raise errors.InvalidArgument("--disk-latency-ms and --disk-io-rate must be >= 0")
+    if args.disk:
+        devices.append(pb.DeviceConfig(
+            kind="vbd", devid=0, disk=str(Path(args.disk).resolve()), blocks=args.disk_blocks,
+            latency_ms=args.disk_latency_ms, io_rate=args.disk_io_rate,
+            persistent=args.persistent_grants, grant_mode=args.grant_mode))
+
     async def go():
         async with AgentClient(args.agent) as agent:
             await agent.hello()
             return await agent.call(agent.agent.CreateDomain, pb.CreateDomainRequest(
-                name=args.name, ram_bytes=args.ram_mb << 20, workload=workload), timeout=600.0)
+                name=args.name, ram_bytes=args.ram_mb << 20, workload=workload,
+                devices=devices), timeout=600.0)
     info = _run(go())
     print(f"created {info.name} (domid {info.domid}, {info.ram_bytes >> 20} MiB, "
           f"guest pid {info.guest_pid}) on {args.agent}")

@@ -59,6 +59,7 @@ class Migration:
     _offsets: dict = field(default_factory=dict)
     _suspended_ns: int = 0
     _devices: list = field(default_factory=list)
+    _device_stats_before: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.report = Report(migration_id=self.migration_id, domain=self.domain,
@@ -111,6 +112,7 @@ class Migration:
                 f"domain {self.domain!r} on {src.agent_name} is {info.state}, not running")
         self.report.ram_bytes = info.ram_bytes
         self._devices = list(info.devices)
+        self._device_stats_before = list(info.device_stats)
         self.report.source_agent, self.report.dest_agent = src.agent_name, dst.agent_name
         for name, client in (("source", self.source), ("dest", self.dest)):
             self._offsets[name] = await client.clock_offset()
@@ -180,11 +182,16 @@ class Migration:
         self._phase("verify")
         try:
             src = await self._hashes(self.source, self.source.source.FrameHashes)
+            on_source = await self.source.call(self.source.agent.QueryDomain,
+                                               pb.DomainRef(name=self.domain))
         finally:  # the guest runs on the destination: the source copy goes regardless
             await self.source.call(self.source.source.Complete, self._ref())
         dst = await self._hashes(self.dest, self.dest.dest.FrameHashes)
-        self.report.set_memory_verdict(verify.differing(src, dst))
+        self.report.set_memory_verdict(verify.differing(src, dst), on_source.shared_frames)
         self.report.guest = await self._guest_checks()
+        on_dest = await self.dest.call(self.dest.agent.QueryDomain, pb.DomainRef(name=self.domain))
+        self.report.set_devices(self._device_stats_before, on_source.device_stats,
+                                on_dest.device_stats)
 
     async def abort(self, cause: BaseException) -> None:
         reason = str(cause) or type(cause).__name__

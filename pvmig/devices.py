@@ -141,6 +141,18 @@ class DomainDevices:
                         "in_flight": blk.stats.in_flight if blk else 0, "guest": guest})
         return out
 
+    def shared_frames(self) -> list[tuple[str, int, int]]:
+        """(area, first, count) of the frames others than the guest write."""
+        out = [("xenstore", guestinfo.XENSTORE_FRAME, 1)]
+        lay = guestinfo.view(self.dom.mem)[0]
+        if int(lay["magic"]) != guestinfo.MAGIC:
+            return out
+        for cfg in self.configs:
+            area = BlkArea.at(int(lay["dev_first"]), cfg["blocks"])
+            out += [(f"vbd{cfg['devid']}-ring", area.ring, 1),
+                    (f"vbd{cfg['devid']}-buffers", area.buffers, area.end - area.buffers)]
+        return out
+
     async def close(self) -> None:
         for blk, dev in self.backends.values():
             dev.detach()

@@ -83,7 +83,10 @@ def read_blk_counters(mem: GuestMemory, area: BlkArea) -> dict:
     c = area.counters(mem)[0].copy()
     if int(c["magic"]) != BLK_MAGIC:
         return {}
-    return {name: int(c[name]) for name in BLK_COUNTERS.names if name != "magic"}
+    out = {name: int(c[name]) for name in BLK_COUNTERS.names if name != "magic"}
+    if out["first_failure_block"] < 0:  # none
+        del out["first_failure_block"]
+    return out
 
 
 def _version_frames(blocks: int) -> int:

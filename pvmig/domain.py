@@ -188,7 +188,8 @@ class Domain:
                 "state": self.state, "migration_id": self.migration_id,
                 "guest_pid": self.proc.pid if self.proc else 0,
                 "guest": stats, "workload": self.workload, "devices": self.devices,
-                "device_stats": self.pv.stats() if self.pv is not None and stats else []}
+                "device_stats": self.pv.stats() if self.pv is not None and stats else [],
+                "shared_frames": self.pv.shared_frames() if self.pv is not None and stats else []}
 
     # ---- internals
 

@@ -141,8 +141,18 @@ class GuestStats(_message.Message):
     failures: _containers.RepeatedCompositeFieldContainer[GuestFailure]
     def __init__(self, steps: _Optional[int] = ..., pages_written: _Optional[int] = ..., checks_run: _Optional[int] = ..., checks_failed: _Optional[int] = ..., sweeps: _Optional[int] = ..., resumes: _Optional[int] = ..., sweeps_since_resume: _Optional[int] = ..., checks_since_resume: _Optional[int] = ..., failed_since_resume: _Optional[int] = ..., failures: _Optional[_Iterable[_Union[GuestFailure, _Mapping]]] = ...) -> None: ...
 
+class FrameRange(_message.Message):
+    __slots__ = ("area", "first", "count")
+    AREA_FIELD_NUMBER: _ClassVar[int]
+    FIRST_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    area: str
+    first: int
+    count: int
+    def __init__(self, area: _Optional[str] = ..., first: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
+
 class DomainInfo(_message.Message):
-    __slots__ = ("name", "domid", "ram_bytes", "state", "guest_pid", "guest", "migration_id", "workload", "devices", "device_stats")
+    __slots__ = ("name", "domid", "ram_bytes", "state", "guest_pid", "guest", "migration_id", "workload", "devices", "device_stats", "shared_frames")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DOMID_FIELD_NUMBER: _ClassVar[int]
     RAM_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -153,6 +163,7 @@ class DomainInfo(_message.Message):
     WORKLOAD_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
     DEVICE_STATS_FIELD_NUMBER: _ClassVar[int]
+    SHARED_FRAMES_FIELD_NUMBER: _ClassVar[int]
     name: str
     domid: int
     ram_bytes: int
@@ -163,7 +174,8 @@ class DomainInfo(_message.Message):
     workload: WorkloadConfig
     devices: _containers.RepeatedCompositeFieldContainer[DeviceConfig]
     device_stats: _containers.RepeatedCompositeFieldContainer[DeviceStats]
-    def __init__(self, name: _Optional[str] = ..., domid: _Optional[int] = ..., ram_bytes: _Optional[int] = ..., state: _Optional[str] = ..., guest_pid: _Optional[int] = ..., guest: _Optional[_Union[GuestStats, _Mapping]] = ..., migration_id: _Optional[str] = ..., workload: _Optional[_Union[WorkloadConfig, _Mapping]] = ..., devices: _Optional[_Iterable[_Union[DeviceConfig, _Mapping]]] = ..., device_stats: _Optional[_Iterable[_Union[DeviceStats, _Mapping]]] = ...) -> None: ...
+    shared_frames: _containers.RepeatedCompositeFieldContainer[FrameRange]
+    def __init__(self, name: _Optional[str] = ..., domid: _Optional[int] = ..., ram_bytes: _Optional[int] = ..., state: _Optional[str] = ..., guest_pid: _Optional[int] = ..., guest: _Optional[_Union[GuestStats, _Mapping]] = ..., migration_id: _Optional[str] = ..., workload: _Optional[_Union[WorkloadConfig, _Mapping]] = ..., devices: _Optional[_Iterable[_Union[DeviceConfig, _Mapping]]] = ..., device_stats: _Optional[_Iterable[_Union[DeviceStats, _Mapping]]] = ..., shared_frames: _Optional[_Iterable[_Union[FrameRange, _Mapping]]] = ...) -> None: ...
 
 class DomainRef(_message.Message):
     __slots__ = ("name",)
