@@ -24,6 +24,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
+import msgpack
 import numpy as np
 
 from pvmig import errors, logdirty, pages, verify
@@ -45,6 +46,7 @@ class RestoreSession:
     committed: bool = False
     discarded: str = ""  # why, once discarded
     vcpu: bytes | None = None
+    backend_records: dict = field(default_factory=dict)
     ended: bool = False
     ends: int = 0
     hashes: np.ndarray | None = None
@@ -114,6 +116,10 @@ class RestoreSession:
     def on_device_state(self, stream: "_StreamState", state: pb.DeviceState) -> None:
         if not state.vcpu:
             raise errors.InvalidArgument("device state without a vCPU context")
+        try:
+            self.backend_records = msgpack.unpackb(state.devices) if state.devices else {}
+        except (ValueError, msgpack.UnpackException) as e:
+            raise errors.InvalidArgument(f"device state: backend records unreadable: {e}") from None
         self.vcpu = state.vcpu
 
     def on_end(self, stream: "_StreamState", end: pb.StreamEnd) -> pb.StreamAck:
@@ -189,6 +195,8 @@ class RestoreSession:
         if self._hasher is not None:
             await self._hasher  # ends with the stream: at most one short pass to wait for
         await self._hash_pass()
+        if self.domain.pv is not None:
+            self.domain.pv.restore_backend_records(self.backend_records)
         t = await self.domain.resume(self.vcpu)
         self.domain.migration_id = ""
         return t

@@ -15,7 +15,7 @@ import select
 import numpy as np
 
 from pvmig import guestinfo
-from pvmig.devlayout import BlkArea
+from pvmig.devlayout import BlkArea, NetArea
 from pvmig.evtchn import GuestEvents
 from pvmig.grant_table import GuestGrants
 from pvmig.hypercall import GuestChannel
@@ -24,6 +24,7 @@ from pvmig.xenstore import XsClient, XsRing
 
 from .blkfront import BlkFront, BlockWorkload
 from .memapi import VcpuMemory
+from .netfront import NetFront
 
 DOM0 = 0
 
@@ -42,7 +43,12 @@ class GuestDevices:
         self.front: BlkFront | None = None
         self.work: BlockWorkload | None = None
         self.frontdev: FrontendDevice | None = None
+        self.net: NetFront | None = None
+        self.netdev: FrontendDevice | None = None
         info = guestinfo.view(vm.mem)[0]
+        self.net_devid = int(info["net_devid"])
+        if int(info["net_first"]):
+            self.net = NetFront(vm, NetArea.at(int(info["net_first"])), self.grants, self.events)
         self.blk_devid = int(info["blk_devid"])
         if int(info["blk_blocks"]):
             area = BlkArea.at(int(info["dev_first"]), int(info["blk_blocks"]))
@@ -55,6 +61,15 @@ class GuestDevices:
     def connect(self, *, moved: bool) -> None:
         self._connect_xenstore()
         self.store.watch("control/shutdown", self._on_shutdown)
+        if self.net is not None:
+            if moved:
+                self.net.forget_connection()
+            self.netdev = FrontendDevice(
+                self.store, f"device/vif/{self.net_devid}", persistent=False,
+                max_ring_page_order=0,
+                allocate=self._net_allocate,
+                connect=lambda neg: self.net.connected(), disconnect=lambda: None)
+            self.netdev.resume() if moved else self.netdev.start()
         if self.front is None:
             return
         if moved:
@@ -82,6 +97,10 @@ class GuestDevices:
         self.xs = XsClient(XsRing(page, on_write=mark), lambda: self.events.notify(port),
                            wait=self._wait, timeout=30.0)
         self.store = ClientStore(self.xs)
+
+    def _net_allocate(self, neg: Negotiated) -> RingSetup:
+        keys = self.net.setup()
+        return RingSetup((), self.net.port, keys)
 
     def _allocate(self, neg: Negotiated) -> RingSetup:
         ring_ref, port = self.front.setup()
@@ -111,6 +130,8 @@ class GuestDevices:
             self.store.dispatch()
         if self.front is not None:
             self.front.poll(self.work.complete)
+        if self.net is not None:
+            self.net.poll()
 
     def step(self, dt: float, owed: float) -> float:
         """Issue the block requests the I/O rate owes; return what is still owed."""
@@ -131,6 +152,8 @@ class GuestDevices:
         self.store.write("control/shutdown", "")
         if self.front is not None:
             self.front.suspend()
+        if self.net is not None:
+            self.net.suspend()
         self.xs.suspend()
 
     def resume_in_place(self) -> None:
@@ -138,10 +161,18 @@ class GuestDevices:
         self.xs.resume()
         if self.front is not None and self.front.ring is not None:
             self.front.frozen = False
+        if self.net is not None:
+            self.net.resume_in_place()
 
 
 def vbd_config(config: dict) -> dict | None:
     """The guest's block device from its boot config (one, for now), or None."""
     vbds = [d for d in config.get("devices") or [] if d.get("kind", "vbd") == "vbd"]
     return vbds[0] if vbds else None
+
+
+def vif_config(config: dict) -> dict | None:
+    """The guest's network device from its boot config (one, for now), or None."""
+    vifs = [d for d in config.get("devices") or [] if d.get("kind") == "vif"]
+    return vifs[0] if vifs else None
 

@@ -17,10 +17,11 @@ import numpy as np
 from pvmig import guestinfo
 from pvmig.hypercall import GuestChannel
 
-from pvmig.devlayout import BlkArea
+from pvmig.devlayout import BlkArea, NetArea
 
 from .blkfront import format_area
-from .devices import GuestDevices, vbd_config
+from .devices import GuestDevices, vbd_config, vif_config
+from .netfront import format_net_area
 from .memapi import VcpuMemory
 from .workload import MemoryWorkload
 
@@ -48,9 +49,10 @@ class Kernel:
     @classmethod
     def boot(cls, vm: VcpuMemory, config: dict) -> "Kernel":
         """First start: lay out the info page and generation table, fill memory."""
-        vbd = vbd_config(config)
-        dev_frames = BlkArea.frames_needed(int(vbd["blocks"])) if vbd else 0
-        lay = guestinfo.layout(vm.mem.nr_frames, dev_frames)
+        vbd, vif = vbd_config(config), vif_config(config)
+        blk_frames = BlkArea.frames_needed(int(vbd["blocks"])) if vbd else 0
+        lay = guestinfo.layout(vm.mem.nr_frames, blk_frames + (NetArea.FRAMES if vif else 0))
+        net_first = lay.dev_first + blk_frames if vif else 0
         with vm.writing(0):
             info = guestinfo.view(vm.mem)
             info[0] = np.zeros((), guestinfo.INFO)
@@ -64,7 +66,8 @@ class Kernel:
                     seed=config["seed"], blk_devid=vbd["devid"] if vbd else 0,
                     blk_blocks=vbd["blocks"] if vbd else 0,
                     blk_io_rate=vbd.get("io_rate", 200.0) if vbd else 0.0,
-                    blk_persistent=int(bool(vbd.get("persistent"))) if vbd else 0).items():
+                    blk_persistent=int(bool(vbd.get("persistent"))) if vbd else 0,
+                    net_devid=vif["devid"] if vif else 0, net_first=net_first).items():
                 info[key] = value
             # The magic goes last: a reader that sees it sees a complete page.
             info["magic"] = guestinfo.MAGIC
@@ -72,6 +75,8 @@ class Kernel:
         kernel.work.fill(config["fill"])
         if vbd:
             format_area(vm, BlkArea.at(lay.dev_first, int(vbd["blocks"])))
+        if vif:
+            format_net_area(vm, NetArea.at(net_first))
         return kernel
 
     @classmethod

@@ -78,7 +78,8 @@ def _domain_msg(info: dict) -> pb.DomainInfo:
                          devices=_device_msgs(info["devices"]),
                          device_stats=[pb.DeviceStats(kind=s["kind"], devid=s["devid"],
                                                       served=s["served"], refused=s["refused"],
-                                                      guest=s["guest"])
+                                                      guest=s["guest"],
+                                                      address=s.get("address", ""))
                                        for s in info["device_stats"]],
                          shared_frames=[pb.FrameRange(area=a, first=f, count=n)
                                         for a, f, n in info["shared_frames"]])

@@ -83,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="blkback offers feature-persistent")
     c.add_argument("--grant-mode", choices=["map", "copy"], default="map",
                    help="how blkback reaches the guest's buffers")
+    c.add_argument("--vif", action="store_true",
+                   help="give the guest a PV network device bridged to a UDP port of its "
+                   "host (its address: `pvmig domain show`); talk to it with `pvmig peer`")
     c.set_defaults(func=_domain_create)
     for name, func, help_ in (("list", _domain_list, "list domains"),
                               ("show", _domain_show, "show one domain and its guest's checks"),
@@ -109,6 +112,11 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--verify-timeout", type=float, default=60.0, metavar="S",
                    help="how long the resumed guest may take to check all its memory")
     m.add_argument("--report", type=Path, metavar="FILE", help="write the JSON report here")
+    m.add_argument("--net-peer-stats", type=Path, metavar="FILE",
+                   help="a running `pvmig peer --stats FILE`: its loss, duplicates and "
+                   "longest outage go into the report")
+    m.add_argument("--net-peer-wait", type=float, default=2.0, metavar="S",
+                   help="how long after the migration to let the peer catch up first")
     m.set_defaults(func=_migrate)
 
     x = sub.add_parser("cancel", help="stop a migration before its commit; the guest "
@@ -117,6 +125,16 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--agent", required=True, action="append", metavar="HOST:PORT",
                    help="an agent taking part (give both)")
     x.set_defaults(func=_cancel)
+
+    pe = sub.add_parser("peer", help="talk to a guest's network service from outside, "
+                        "and measure loss, duplicates and the longest outage")
+    pe.add_argument("--guest", required=True, metavar="HOST:PORT",
+                    help="the guest's address (its vif's, from `pvmig domain show`)")
+    pe.add_argument("--rate", type=float, default=200.0, help="requests per second")
+    pe.add_argument("--duration", type=float, default=10.0, metavar="S")
+    pe.add_argument("--stats", type=Path, metavar="FILE",
+                    help="keep the running figures here (JSON, rewritten 5 times a second)")
+    pe.set_defaults(func=_peer)
 
     demo = sub.add_parser("demo", help="two agents on loopback, a busy guest, a migration")
     demo.add_argument("--ram-mb", type=int, default=256)
@@ -166,6 +184,9 @@ def _domain_create(args) -> int:
             kind="vbd", devid=0, disk=str(Path(args.disk).resolve()), blocks=args.disk_blocks,
             latency_ms=args.disk_latency_ms, io_rate=args.disk_io_rate,
             persistent=args.persistent_grants, grant_mode=args.grant_mode))
+
+    if args.vif:
+        devices.append(pb.DeviceConfig(kind="vif", devid=0))
 
     async def go():
         async with AgentClient(args.agent) as agent:
@@ -234,10 +255,21 @@ def _migrate(args) -> int:
         report = _run(migrate(args.source, args.dest, args.domain, options, reporter))
     finally:
         reporter.close()
+    if args.net_peer_stats:
+        report.net_peer = _read_peer(args.net_peer_stats, args.net_peer_wait)
     if args.report:
         report.write(args.report)
     print_summary(report, sys.stdout.isatty())
     return EXIT_OK if report.verified else EXIT_FAILED
+
+
+def _read_peer(path: Path, wait_s: float) -> dict:
+    import time
+    time.sleep(wait_s)  # retransmissions in flight at resume land first
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        return {"error": f"cannot read the peer's figures from {path}: {e}"}
 
 
 def _check_writable(path: Path) -> None:
@@ -268,6 +300,16 @@ def _cancel(args) -> int:
         raise errors.NotFound(f"no agent given has migration {args.migration}")
     print(f"cancelled migration {args.migration} on {', '.join(found)}")
     return EXIT_OK
+
+
+def _peer(args) -> int:
+    from .peer import run_peer
+    if not args.rate > 0 or not args.duration > 0:
+        raise errors.InvalidArgument("--rate and --duration must be > 0")
+    stats = _run(run_peer(args.guest, rate=args.rate, duration_s=args.duration,
+                          stats_file=args.stats))
+    print(json.dumps(stats))
+    return EXIT_OK if stats["lost"] == 0 else EXIT_FAILED
 
 
 def _demo(args) -> int:

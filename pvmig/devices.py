@@ -18,9 +18,10 @@ from pathlib import Path
 
 from . import errors, guestinfo
 from .blkback import BlkBack
-from .devlayout import BlkArea, read_blk_counters
+from .devlayout import BlkArea, NetArea, read_blk_counters, read_net_counters
 from .disk import DiskImage
 from .evtchn import BackendPort
+from .netback import NetBack
 from .xenbus import BackendDevice, FrontendInfo, backend_path, create_device
 from .xenstore import XsRing
 from .xenstored import RingServer, Xenstored
@@ -31,10 +32,12 @@ DOM0 = 0
 
 def normalise(config: dict) -> dict:
     """A device's configuration with its defaults, checked."""
+    if config.get("kind", "vbd") == "vif":
+        return {"kind": "vif", "devid": 0, "disk": "", **config}
     cfg = {"kind": "vbd", "devid": 0, "disk": "", "blocks": 256, "latency_ms": 0.0,
            "persistent": False, "grant_mode": "map", "io_rate": 200.0, **config}
     if cfg["kind"] != "vbd":
-        raise errors.InvalidArgument(f"device kind {cfg['kind']!r}: only 'vbd' so far")
+        raise errors.InvalidArgument(f"device kind {cfg['kind']!r}: use 'vbd' or 'vif'")
     if not cfg["disk"]:
         raise errors.InvalidArgument("a vbd needs a disk image path")
     if cfg["grant_mode"] not in ("map", "copy"):
@@ -48,7 +51,9 @@ def normalise(config: dict) -> dict:
 
 class DomainDevices:
     def __init__(self, xenstored: Xenstored, dom, configs: list[dict], *,
-                 fresh_disks: bool) -> None:
+                 fresh_disks: bool, net_bind: str = "127.0.0.1") -> None:
+        self.net_bind = net_bind
+        self.netdevs: dict[int, BackendDevice] = {}
         self.xenstored = xenstored
         self.dom0 = xenstored.connect(DOM0)
         self.dom = dom
@@ -57,7 +62,9 @@ class DomainDevices:
         self.server: RingServer | None = None
         self.xs_port: BackendPort | None = None
         self.backends: dict[int, tuple[BlkBack, BackendDevice]] = {}
-        self.disks = [DiskImage(c["disk"], c["blocks"], fresh=fresh_disks) for c in self.configs]
+        self.disks = {c["devid"]: DiskImage(c["disk"], c["blocks"], fresh=fresh_disks)
+                      for c in self.configs if c["kind"] == "vbd"}
+        self.nets: dict[int, NetBack] = {}
         dom.on_xenstore = self.introduce
         dom.request_suspend = self.request_suspend
 
@@ -95,8 +102,11 @@ class DomainDevices:
         self.dom0.write(f"{self.home}/name", self.dom.name)
         self.dom0.write(f"{self.home}/control/shutdown", "")
         self.dom0.set_perms(f"{self.home}/control/shutdown", [(domid, "n")])
-        for cfg, disk in zip(self.configs, self.disks):
-            self._start_backend(cfg, disk)
+        for cfg in self.configs:
+            if cfg["kind"] == "vbd":
+                self._start_backend(cfg, self.disks[cfg["devid"]])
+            else:
+                self._start_netback(cfg)
 
     def request_suspend(self) -> None:
         self.dom0.write(f"{self.home}/control/shutdown", "suspend")
@@ -126,11 +136,51 @@ class DomainDevices:
         dev.start()
         self.backends[devid] = (blk, dev)
 
+    def _start_netback(self, cfg: dict) -> None:
+        domid, devid = self.dom.domid, cfg["devid"]
+        create_device(self.dom0, domid=domid, devtype="vif", devid=devid)
+        net = NetBack(domid=domid, devid=devid, grants=self.dom.grants, events=self.dom.events,
+                      bind=self.net_bind)
+        net.open()
+
+        def connect(info: FrontendInfo) -> dict:
+            net.connect(tx_ref=int(info.keys["tx-ring-ref"]), rx_ref=int(info.keys["rx-ring-ref"]),
+                        port=info.event_channel)
+            net.announce()  # the gratuitous ARP: peers follow the guest here
+            return {}
+
+        dev = BackendDevice(self.dom0, backend_path(domid, "vif", devid),
+                            features={"feature-rx-copy": 1}, connect=connect,
+                            disconnect=lambda: net.disconnect())
+        dev.start()
+        self.nets[devid] = net
+        self.netdevs[devid] = dev
+
+    def backend_records(self) -> dict:
+        """What backends hand over with the device state: the peers a vif has learnt."""
+        return {f"vif{d}": {"peers": [list(p) for p in n.peers]} for d, n in self.nets.items()}
+
+    def restore_backend_records(self, records: dict) -> None:
+        for devid, net in self.nets.items():
+            for peer in records.get(f"vif{devid}", {}).get("peers", []):
+                if list(peer) not in [list(p) for p in net.peers]:
+                    net.peers.append(list(peer))
+
     def stats(self) -> list[dict]:
         out = []
         info = self.dom.mem
         lay = guestinfo.view(info)[0]
         for cfg in self.configs:
+            if cfg["kind"] == "vif":
+                net = self.nets.get(cfg["devid"])
+                lay = guestinfo.view(info)[0]
+                guest = read_net_counters(info, NetArea.at(int(lay["net_first"]))) \
+                    if int(lay["net_first"]) else {}
+                out.append({"kind": "vif", "devid": cfg["devid"],
+                            "served": net.stats.rx_packets if net else 0,
+                            "refused": net.stats.tx_errors if net else 0,
+                            "address": net.address() if net else "", "guest": guest})
+                continue
             blk, _ = self.backends.get(cfg["devid"], (None, None))
             guest = {}
             if int(lay["magic"]) == guestinfo.MAGIC and int(lay["dev_frames"]):
@@ -148,6 +198,12 @@ class DomainDevices:
         if int(lay["magic"]) != guestinfo.MAGIC:
             return out
         for cfg in self.configs:
+            if cfg["kind"] == "vif":
+                if int(lay["net_first"]):
+                    area = NetArea.at(int(lay["net_first"]))
+                    out += [(f"vif{cfg['devid']}-rings", area.tx_ring, 2),
+                            (f"vif{cfg['devid']}-buffers", area.tx_buffers, area.end - area.tx_buffers)]
+                continue
             area = BlkArea.at(int(lay["dev_first"]), cfg["blocks"])
             out += [(f"vbd{cfg['devid']}-ring", area.ring, 1),
                     (f"vbd{cfg['devid']}-buffers", area.buffers, area.end - area.buffers)]
@@ -158,12 +214,17 @@ class DomainDevices:
             dev.detach()
             await blk.disconnect("domain destroyed")
         self.backends.clear()
+        for devid, net in self.nets.items():
+            self.netdevs[devid].detach()
+            net.close()
+        self.nets.clear()
         if self.xenstored.is_introduced(self.dom.domid):
             self.xenstored.release(self.dom.domid)
-        for path in (self.home, f"/local/domain/0/backend/vbd/{self.dom.domid}"):
+        for path in (self.home, f"/local/domain/0/backend/vbd/{self.dom.domid}",
+                     f"/local/domain/0/backend/vif/{self.dom.domid}"):
             try:
                 self.dom0.rm(path)
             except errors.PvmigError:
                 pass
-        for disk in self.disks:
+        for disk in self.disks.values():
             disk.close()

@@ -91,3 +91,50 @@ def read_blk_counters(mem: GuestMemory, area: BlkArea) -> dict:
 
 def _version_frames(blocks: int) -> int:
     return -(-blocks * 4 // PAGE_SIZE)
+
+
+# ---- net: tx ring, rx ring, state (counters, then a window of sequence numbers seen),
+# then NET_SLOTS tx buffers and NET_SLOTS rx buffers
+
+NET_SLOTS = 32
+NET_MAGIC = 0x6E65_7466_726F_6E74  # "netfront"
+NET_COUNTERS = np.dtype([
+    ("magic", "<u8"),
+    ("requests", "<u8"), ("duplicates", "<u8"), ("responses", "<u8"),
+    ("tx_full", "<u8"), ("rx_errors", "<u8"), ("tx_errors", "<u8"),
+    ("highest_seq", "<u8"), ("resumes", "<u8"), ("dropped_at_resume", "<u8"),
+])
+NET_SEEN_OFFSET = 128
+NET_SEEN_BITS = (PAGE_SIZE - NET_SEEN_OFFSET) * 8
+
+
+@dataclass(frozen=True)
+class NetArea:
+    tx_ring: int
+    rx_ring: int
+    state: int
+    tx_buffers: int
+    rx_buffers: int
+
+    FRAMES = 3 + 2 * NET_SLOTS
+
+    @classmethod
+    def at(cls, first: int) -> "NetArea":
+        return cls(first, first + 1, first + 2, first + 3, first + 3 + NET_SLOTS)
+
+    @property
+    def end(self) -> int:
+        return self.rx_buffers + NET_SLOTS
+
+    def counters(self, mem: GuestMemory) -> np.ndarray:
+        return mem.pages[self.state, :NET_COUNTERS.itemsize].view(NET_COUNTERS)
+
+    def seen(self, mem: GuestMemory) -> np.ndarray:
+        return mem.pages[self.state, NET_SEEN_OFFSET:]
+
+
+def read_net_counters(mem: GuestMemory, area: NetArea) -> dict:
+    c = area.counters(mem)[0].copy()
+    if int(c["magic"]) != NET_MAGIC:
+        return {}
+    return {name: int(c[name]) for name in NET_COUNTERS.names if name != "magic"}

@@ -36,6 +36,7 @@ INFO = np.dtype([
     # the block device (blk_blocks 0: none): what the guest needs to find it again
     ("blk_devid", "<u8"), ("blk_blocks", "<u8"), ("blk_io_rate", "<f8"),
     ("blk_persistent", "<u8"),
+    ("net_devid", "<u8"), ("net_first", "<u8"),  # net_first 0: no network device
     ("steps", "<u8"), ("pages_written", "<u8"),
     ("checks_run", "<u8"), ("checks_failed", "<u8"),
     ("sweeps", "<u8"), ("sweep_cursor", "<u8"), ("resumes", "<u8"),

@@ -138,7 +138,9 @@ class Host:
 
     def start_devices(self, dom: Domain, *, fresh_disks: bool) -> None:
         """The toolstack's part: entries in xenstored, backends waiting for the guest."""
-        dom.pv = DomainDevices(self.xenstored, dom, dom.devices, fresh_disks=fresh_disks)
+        net_bind = self.advertise.rpartition(":")[0].strip("[]") or "127.0.0.1"
+        dom.pv = DomainDevices(self.xenstored, dom, dom.devices, fresh_disks=fresh_disks,
+                               net_bind=net_bind)
         dom.pv.start()
 
     async def create_domain(self, name: str, ram_bytes: int, workload: dict,

@@ -40,6 +40,7 @@ class Report:
     differing_by_area: dict[str, int] = field(default_factory=dict)
     guest: dict | None = None
     devices: list[dict] = field(default_factory=list)
+    net_peer: dict | None = None  # a `pvmig peer`'s figures, when one was named
     abort_errors: list[str] = field(default_factory=list)
     phases: dict[str, float] = field(default_factory=dict)  # ms from the start
     t0: float = 0.0
@@ -92,6 +93,18 @@ class Report:
             d = dest.get((s.kind, s.devid))
             g0, g_dst = first.get((s.kind, s.devid), {}), dict(d.guest) if d else {}
             since = {k: v - g0.get(k, 0) for k, v in g_dst.items()}
+            if s.kind == "vif":
+                self.devices.append({
+                    "kind": "vif", "devid": s.devid,
+                    "packets-in-on-source": s.served, "packets-in-on-dest": d.served if d else 0,
+                    "guest-checks": {"requests": since.get("requests", 0),
+                                     "responses": since.get("responses", 0),
+                                     "duplicates": since.get("duplicates", 0),
+                                     "dropped-at-resume": since.get("dropped_at_resume", 0)},
+                    "address-on-dest": d.address if d else "",
+                    "guest-totals": g_dst,
+                })
+                continue
             self.devices.append({
                 "kind": s.kind, "devid": s.devid,
                 "served-on-source": s.served, "refused-on-source": s.refused,
@@ -124,7 +137,7 @@ class Report:
         # (written after the final pass), and the guest's checks say whether it saw it.
         memory_ok = self.memory == "identical" or (
             isinstance(self.memory, int) and "guest-only" not in self.differing_by_area)
-        devices_ok = all(d["guest-checks"]["read-failures"] == 0 for d in self.devices)
+        devices_ok = all(d["guest-checks"].get("read-failures", 0) == 0 for d in self.devices)
         return (self.status == "completed" and memory_ok and devices_ok
                 and self.guest is not None and self.guest["failed"] == 0
                 and self.guest["sweeps"] >= 1)
@@ -167,6 +180,7 @@ class Report:
                 "passed": self.verified,
             },
             "devices": self.devices,
+            "net-peer": self.net_peer,
             "abort-errors": self.abort_errors,
         }
 

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Iterator
 
+import msgpack
 import numpy as np
 
 from pvmig import errors, pages, verify
@@ -171,7 +172,8 @@ class SaveSession:
 
     async def _end_streams(self) -> None:
         first, *rest = self._streams
-        device_state = pb.DeviceState(vcpu=self.vcpu)
+        records = self.domain.pv.backend_records() if self.domain.pv is not None else {}
+        device_state = pb.DeviceState(vcpu=self.vcpu, devices=msgpack.packb(records))
         await asyncio.gather(first.end(len(self._streams), device_state),
                              *(s.end(len(self._streams)) for s in rest))
         self.delivered = True

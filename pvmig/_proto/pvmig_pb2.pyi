@@ -75,7 +75,7 @@ class DeviceConfig(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., devid: _Optional[int] = ..., disk: _Optional[str] = ..., blocks: _Optional[int] = ..., latency_ms: _Optional[float] = ..., persistent: _Optional[bool] = ..., grant_mode: _Optional[str] = ..., io_rate: _Optional[float] = ...) -> None: ...
 
 class DeviceStats(_message.Message):
-    __slots__ = ("kind", "devid", "served", "refused", "guest")
+    __slots__ = ("kind", "devid", "served", "refused", "guest", "address")
     class GuestEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -88,12 +88,14 @@ class DeviceStats(_message.Message):
     SERVED_FIELD_NUMBER: _ClassVar[int]
     REFUSED_FIELD_NUMBER: _ClassVar[int]
     GUEST_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
     kind: str
     devid: int
     served: int
     refused: int
     guest: _containers.ScalarMap[str, int]
-    def __init__(self, kind: _Optional[str] = ..., devid: _Optional[int] = ..., served: _Optional[int] = ..., refused: _Optional[int] = ..., guest: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    address: str
+    def __init__(self, kind: _Optional[str] = ..., devid: _Optional[int] = ..., served: _Optional[int] = ..., refused: _Optional[int] = ..., guest: _Optional[_Mapping[str, int]] = ..., address: _Optional[str] = ...) -> None: ...
 
 class CreateDomainRequest(_message.Message):
     __slots__ = ("name", "ram_bytes", "workload", "devices")
