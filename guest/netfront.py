@@ -128,6 +128,8 @@ class NetFront:
             c["requests"] += 1
             high = int(c[0]["highest_seq"])
             if seq > high:  # the window moves: forget what the new numbers reuse
+                if high and seq - high - 1 > int(c[0]["longest_gap"]):
+                    c["longest_gap"] = seq - high - 1
                 if seq - high >= NET_SEEN_BITS:
                     self.seen[:] = 0
                 else:

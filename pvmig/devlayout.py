@@ -103,6 +103,7 @@ NET_COUNTERS = np.dtype([
     ("requests", "<u8"), ("duplicates", "<u8"), ("responses", "<u8"),
     ("tx_full", "<u8"), ("rx_errors", "<u8"), ("tx_errors", "<u8"),
     ("highest_seq", "<u8"), ("resumes", "<u8"), ("dropped_at_resume", "<u8"),
+    ("longest_gap", "<u8"),  # the most sequence numbers skipped between two requests
 ])
 NET_SEEN_OFFSET = 128
 NET_SEEN_BITS = (PAGE_SIZE - NET_SEEN_OFFSET) * 8

@@ -100,7 +100,8 @@ class Report:
                     "guest-checks": {"requests": since.get("requests", 0),
                                      "responses": since.get("responses", 0),
                                      "duplicates": since.get("duplicates", 0),
-                                     "dropped-at-resume": since.get("dropped_at_resume", 0)},
+                                     "dropped-at-resume": since.get("dropped_at_resume", 0),
+                                     "longest-gap": g_dst.get("longest_gap", 0)},
                     "address-on-dest": d.address if d else "",
                     "guest-totals": g_dst,
                 })
