@@ -26,7 +26,7 @@ def cluster(tmp_path):
         yield c
 
 
-def _assert_good_report(data: dict, ram_bytes: int) -> None:
+def _assert_good_report(data: dict, ram_bytes: int, min_zero_pages: int | None = None) -> None:
     assert REPORT_KEYS <= data.keys()
     assert data["status"] == "completed", data["error"]
     assert data["error"] is None
@@ -40,8 +40,10 @@ def _assert_good_report(data: dict, ram_bytes: int) -> None:
     assert rounds[-1]["final"] is True
     assert data["dirty-sync-count"] == len(rounds)
     assert data["transferred-bytes"] == sum(r["bytes"] for r in rounds)
-    # Untouched memory is zero pages: sent as numbers, a quarter of this guest at least.
-    assert data["zero-pages"] >= ram_bytes // 4096 // 5
+    # Untouched memory is zero pages: sent as numbers (half of this guest at boot).
+    if min_zero_pages is None:
+        min_zero_pages = ram_bytes // 4096 // 5
+    assert data["zero-pages"] >= min_zero_pages
     assert data["normal-pages"] + data["zero-pages"] == sum(r["pages"] for r in rounds)
     assert 0 <= data["downtime-ms"] < data["total-time-ms"]
     assert data["setup-time-ms"] > 0 and data["mbps"] > 0
@@ -51,7 +53,7 @@ def _assert_good_report(data: dict, ram_bytes: int) -> None:
 
 def test_migrate_there_and_back(cluster, tmp_path):
     a, b = cluster["a"].address, cluster["b"].address
-    create(a, "vm1", ram_mb=64, dirty_rate=3000)
+    create(a, "vm1", ram_mb=64, dirty_rate=3000, fill=0.5)
     before = wait_running_and_checking(a, "vm1")
 
     r, there = migrate(a, b, "vm1", tmp_path / "there.json")
@@ -85,7 +87,8 @@ def test_busy_guest_iterates_rounds(cluster, tmp_path):
     r, data = migrate(a, b, "busy", tmp_path / "r.json", "--downtime-limit", "0.01",
                       "--max-rounds", "4")
     assert r.returncode == 0, r.stderr
-    _assert_good_report(data, 64 << 20)
+    # (a busy guest writes into its zero pages too: how many are left depends on time)
+    _assert_good_report(data, 64 << 20, min_zero_pages=0)
     precopy = [x for x in data["rounds"] if not x["final"]]
     assert len(precopy) == 4 and "cap of 4 rounds" in data["stop-reason"]
     # The guest writes in 10 ms bursts: a short round may find nothing, but the rounds
