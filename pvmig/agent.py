@@ -149,6 +149,12 @@ class MigrationSourceServicer(pb_grpc.MigrationSourceServicer):
             return await session.suspend()
 
     @_status
+    async def Quiesce(self, request, context):
+        session = self.host.save(request.migration_id)
+        with session.lease.hold():
+            return await session.quiesce()
+
+    @_status
     async def Commit(self, request, context):
         session = self.host.save(request.migration_id)
         with session.lease.hold():

@@ -63,6 +63,7 @@ class BlkBack:
     _tasks: set = field(default_factory=set)
     _server: asyncio.Task | None = None
     closed: str = ""
+    connection: tuple[int, int] | None = None  # (ring ref, port): to reconnect after a quiesce
 
     @property
     def name(self) -> str:
@@ -72,12 +73,27 @@ class BlkBack:
 
     def connect(self, *, ring_ref: int, port: int) -> None:
         """Map the frontend's ring and bind its event channel (backend -> Connected)."""
+        self.connection = (ring_ref, port)
         self._ring_map = self.grants.map(ring_ref, mapper=DOM0, writable=True)
         self._ring = BackRing(self._ring_map.page, BLKIF, on_write=self._ring_map.written)
         self._port = self.events.bind_interdomain(port)
         self.events.on_event(self._port, lambda _port: self._kick.set())
         self.closed = ""
         self._server = asyncio.create_task(self._serve())
+
+    async def quiesce(self, timeout_s: float = 5.0) -> tuple[int, int, int]:
+        """Stop taking requests, let what is in flight finish (or abandon it after
+        timeout_s), then drop every mapping so that each writable one marks its frame
+        before the final pass. (finished, abandoned, unmapped)."""
+        if self._server is not None:
+            self._server.cancel()
+            await asyncio.gather(self._server, return_exceptions=True)
+            self._server = None
+        pending = list(self._tasks)
+        done, not_done = await asyncio.wait(pending, timeout=timeout_s) if pending else ((), ())
+        unmapped = len(self._persistent) + (1 if self._ring_map else 0)
+        await self.disconnect("quiesced")
+        return len(done), len(not_done), unmapped
 
     async def disconnect(self, reason: str = "disconnected") -> None:
         """Stop serving, drop every mapping (each writable one marks its frame now)."""

@@ -112,6 +112,13 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--verify-timeout", type=float, default=60.0, metavar="S",
                    help="how long the resumed guest may take to check all its memory")
     m.add_argument("--report", type=Path, metavar="FILE", help="write the JSON report here")
+    m.add_argument("--quiesce", choices=["none", "backend"], default="none",
+                   help="backend: backends stop and unmap every grant before the final "
+                   "pass (default none, as Xen)")
+    m.add_argument("--backend-log", choices=["off", "on"], default="off",
+                   help="backends log every write into the dirty bitmap, as vhost does")
+    m.add_argument("--xenstore-track", choices=["off", "on"], default="off",
+                   help="xenstored's writes into the guest's ring page are logged")
     m.add_argument("--net-peer-stats", type=Path, metavar="FILE",
                    help="a running `pvmig peer --stats FILE`: its loss, duplicates and "
                    "longest outage go into the report")
@@ -241,7 +248,9 @@ def _migrate(args) -> int:
     if args.no_progress_rounds < 0:
         raise errors.InvalidArgument("--no-progress-rounds must be >= 0")
     options = Options(downtime_limit_ms=args.downtime_limit, max_rounds=args.max_rounds,
-                      no_progress_rounds=args.no_progress_rounds,
+                      no_progress_rounds=args.no_progress_rounds, quiesce=args.quiesce,
+                      backend_log=args.backend_log == "on",
+                      xenstore_track=args.xenstore_track == "on",
                       batch_pages=args.batch_pages, streams=args.streams,
                       verify_timeout_s=args.verify_timeout)
     if options.downtime_limit_ms <= 0 or options.max_rounds < 1:

@@ -41,6 +41,9 @@ class Options:
     no_progress_rounds: int = 5  # 0: never stop for lack of progress
     batch_pages: int = 0  # 0: the agents' default
     streams: int = 0      # 0: the agents' default
+    quiesce: str = "none"        # "backend": backends stop and unmap before the final pass
+    backend_log: bool = False    # backends log their writes (vhost's dirty log)
+    xenstore_track: bool = False  # xenstored's writes into the magic page are logged
     verify_timeout_s: float = 60.0  # for the resumed guest to sweep its memory once
 
 
@@ -63,7 +66,10 @@ class Migration:
 
     def __post_init__(self) -> None:
         self.report = Report(migration_id=self.migration_id, domain=self.domain,
-                             source=self.source.address, dest=self.dest.address)
+                             source=self.source.address, dest=self.dest.address,
+                             policies={"quiesce": self.options.quiesce,
+                                       "backend-log": self.options.backend_log,
+                                       "xenstore-track": self.options.xenstore_track})
         self.policy = PrecopyPolicy(downtime_limit_s=self.options.downtime_limit_ms / 1e3,
                                     max_rounds=self.options.max_rounds,
                                     no_progress_rounds=self.options.no_progress_rounds)
@@ -78,6 +84,8 @@ class Migration:
                 self.report.setup_time_s = time.monotonic() - t0
                 await self.precopy()
                 await self.suspend()
+                if self.options.quiesce == "backend":
+                    await self.quiesce()
                 await self.final_pass()
                 await self.commit()
             except BaseException as e:
@@ -131,7 +139,9 @@ class Migration:
         await self.source.call(self.source.source.Begin, pb.BeginRequest(
             migration_id=self.migration_id, domain=self.domain,
             dest_address=self.dest.hello_reply.advertise or self.dest.address,
-            batch_pages=self.options.batch_pages, streams=self.options.streams))
+            batch_pages=self.options.batch_pages, streams=self.options.streams,
+            quiesce=self.options.quiesce, backend_log=self.options.backend_log,
+            xenstore_track=self.options.xenstore_track))
         self._begun = True
 
     async def precopy(self) -> None:
@@ -154,6 +164,13 @@ class Migration:
         self._phase("suspend")
         reply = await self.source.call(self.source.source.Suspend, self._ref(), timeout=90.0)
         self._suspended_ns = reply.suspended_ns
+
+    async def quiesce(self) -> None:
+        self._phase("quiesce")
+        reply = await self.source.call(self.source.source.Quiesce, self._ref(), timeout=60.0)
+        self.report.quiesce = {"duration-ms": round(reply.duration_ns / 1e6, 3),
+                               "finished": reply.finished, "abandoned": reply.abandoned,
+                               "unmapped": reply.unmapped}
 
     async def final_pass(self) -> None:
         self._phase("final")

@@ -54,6 +54,7 @@ class DomainDevices:
                  fresh_disks: bool, net_bind: str = "127.0.0.1") -> None:
         self.net_bind = net_bind
         self.netdevs: dict[int, BackendDevice] = {}
+        self.xenstore_track = False
         self.xenstored = xenstored
         self.dom0 = xenstored.connect(DOM0)
         self.dom = dom
@@ -87,11 +88,46 @@ class DomainDevices:
             events.unbind(self.xs_port)
         self.xs_port = events.bind_interdomain(port)
         conn = self.xenstored.connect(self.dom.domid)
-        ring = XsRing(self.dom.mem.pages[guestinfo.XENSTORE_FRAME])  # foreign: untracked
+        # A foreign mapping: untracked, unless the policy xenstore-track says otherwise.
+        ring = XsRing(self.dom.mem.pages[guestinfo.XENSTORE_FRAME],
+                      on_write=self._xenstore_written)
         handle = self.xs_port
         self.server = RingServer(conn, ring, lambda: events.notify(handle))
         conn.on_event = lambda: self.loop.call_soon(self.pump)
         events.on_event(handle, lambda _port: self.pump())
+
+    def _xenstore_written(self, *_args) -> None:
+        # Policy xenstore-track: log xenstored's writes into the page (Xen never does).
+        if self.xenstore_track:
+            self.dom.log.mark(guestinfo.XENSTORE_FRAME)
+
+    def set_policy(self, *, backend_log: bool, xenstore_track: bool) -> None:
+        self.dom.grants.backend_log = backend_log
+        self.xenstore_track = xenstore_track
+
+    async def quiesce(self) -> dict:
+        """quiesce=backend: every backend stops and unmaps its grants (so that each
+        writable mapping marks its frame before the final pass)."""
+        finished = abandoned = unmapped = 0
+        for blk, _dev in self.backends.values():
+            f, a, u = await blk.quiesce()
+            finished, abandoned, unmapped = finished + f, abandoned + a, unmapped + u
+        for net in self.nets.values():
+            if not net.closed:
+                unmapped += len(net._maps)
+                net.disconnect("quiesced")
+        return {"finished": finished, "abandoned": abandoned, "unmapped": unmapped}
+
+    def unquiesce(self) -> None:
+        """A migration aborted after the quiesce: the guest stays, its backends come
+        back on the same rings and channels (requests left unanswered are served)."""
+        for blk, _dev in self.backends.values():
+            if blk.closed == "quiesced" and blk.connection is not None:
+                ring_ref, port = blk.connection
+                blk.connect(ring_ref=ring_ref, port=port)
+        for net in self.nets.values():
+            if net.closed == "quiesced" and net.connection is not None:
+                net.connect(**net.connection)
 
     def pump(self) -> None:
         if self.server is not None and not self.server.broken:

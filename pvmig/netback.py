@@ -52,6 +52,7 @@ class NetBack:
     _port: BackendPort | None = None
     _pending: deque = field(default_factory=lambda: deque(maxlen=RX_QUEUE))
     closed: str = "not connected"
+    connection: dict | None = None  # to reconnect after a quiesce
 
     @property
     def name(self) -> str:
@@ -71,6 +72,7 @@ class NetBack:
     # ---- xenbus
 
     def connect(self, *, tx_ref: int, rx_ref: int, port: int) -> None:
+        self.connection = {"tx_ref": tx_ref, "rx_ref": rx_ref, "port": port}
         tx = self.grants.map(tx_ref, mapper=DOM0, writable=True)
         rx = self.grants.map(rx_ref, mapper=DOM0, writable=True)
         self._maps = [tx, rx]

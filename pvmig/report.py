@@ -40,7 +40,9 @@ class Report:
     differing_by_area: dict[str, int] = field(default_factory=dict)
     guest: dict | None = None
     devices: list[dict] = field(default_factory=list)
-    net_peer: dict | None = None  # a `pvmig peer`'s figures, when one was named
+    net_peer: dict | None = None
+    policies: dict = field(default_factory=dict)
+    quiesce: dict | None = None  # a `pvmig peer`'s figures, when one was named
     abort_errors: list[str] = field(default_factory=list)
     phases: dict[str, float] = field(default_factory=dict)  # ms from the start
     t0: float = 0.0
@@ -180,6 +182,8 @@ class Report:
                 "guest-checks": self.guest,
                 "passed": self.verified,
             },
+            "policies": self.policies,
+            "quiesce": self.quiesce,
             "devices": self.devices,
             "net-peer": self.net_peer,
             "abort-errors": self.abort_errors,

@@ -48,6 +48,8 @@ class SaveSession:
     committed: bool = False
     delivered: bool = False  # the destination acknowledged the end of every stream
     rounds_done: int = 0
+    quiesce_policy: str = "none"
+    quiesced: bool = False
     vcpu: bytes | None = None
     _dest: AgentClient | None = None
     _streams: list[PageStream] = field(default_factory=list)
@@ -72,10 +74,14 @@ class SaveSession:
                 f"domain {dom.name!r} is already migrating ({dom.migration_id})")
         if dom.state != RUNNING:
             raise errors.FailedPrecondition(f"domain {dom.name!r} is {dom.state}, not running")
+        if request.quiesce not in ("", "none", "backend"):
+            raise errors.InvalidArgument(
+                f"quiesce policy {request.quiesce!r}: use 'none' or 'backend'")
         session = cls(host, dom, request.migration_id, request.dest_address,
                       Lease(host.session_timeout_s),
                       request.batch_pages or pages.BATCH_PAGES,
                       request.streams or DEFAULT_STREAMS)
+        session.quiesce_policy = request.quiesce or "none"
         # Claim the domain before the first await: a second Begin must find it taken.
         dom.migration_id, dom.state = request.migration_id, OUTGOING
         host.saves[request.migration_id] = session
@@ -84,6 +90,9 @@ class SaveSession:
         except BaseException:
             await session._release()
             raise
+        if dom.pv is not None:
+            dom.pv.set_policy(backend_log=request.backend_log,
+                              xenstore_track=request.xenstore_track)
         # Log-dirty on: forget what was written before; round 0 sends every frame.
         dom.log.read_and_clear()
         session._last_read = time.monotonic()
@@ -185,6 +194,16 @@ class SaveSession:
         self.vcpu, t = await self.domain.suspend()
         return pb.SuspendReply(suspended_ns=t, vcpu_bytes=len(self.vcpu))
 
+    async def quiesce(self) -> pb.QuiesceReply:
+        """After suspend, before the final pass: the backends stop and unmap."""
+        self._own()
+        if self.domain.state != SUSPENDED:
+            raise errors.FailedPrecondition("backends are quiesced after the guest suspends")
+        started = time.monotonic()
+        self.quiesced = True
+        done = await self.domain.pv.quiesce() if self.domain.pv is not None else {}
+        return pb.QuiesceReply(duration_ns=int((time.monotonic() - started) * 1e9), **done)
+
     def commit(self) -> None:
         self._own()
         if self.domain.state != SUSPENDED or not self.delivered:
@@ -226,6 +245,10 @@ class SaveSession:
             return
         await dom.settle_suspend()
         dom.migration_id = ""
+        if dom.pv is not None:
+            dom.pv.set_policy(backend_log=False, xenstore_track=False)
+            if self.quiesced:
+                dom.pv.unquiesce()
         if dom.state == SUSPENDED:
             await dom.cancel_suspend()
         elif dom.state == OUTGOING:

@@ -208,18 +208,36 @@ class MigrationRef(_message.Message):
     def __init__(self, migration_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class BeginRequest(_message.Message):
-    __slots__ = ("migration_id", "domain", "dest_address", "batch_pages", "streams")
+    __slots__ = ("migration_id", "domain", "dest_address", "batch_pages", "streams", "quiesce", "backend_log", "xenstore_track")
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     DOMAIN_FIELD_NUMBER: _ClassVar[int]
     DEST_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     BATCH_PAGES_FIELD_NUMBER: _ClassVar[int]
     STREAMS_FIELD_NUMBER: _ClassVar[int]
+    QUIESCE_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_LOG_FIELD_NUMBER: _ClassVar[int]
+    XENSTORE_TRACK_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     domain: str
     dest_address: str
     batch_pages: int
     streams: int
-    def __init__(self, migration_id: _Optional[str] = ..., domain: _Optional[str] = ..., dest_address: _Optional[str] = ..., batch_pages: _Optional[int] = ..., streams: _Optional[int] = ...) -> None: ...
+    quiesce: str
+    backend_log: bool
+    xenstore_track: bool
+    def __init__(self, migration_id: _Optional[str] = ..., domain: _Optional[str] = ..., dest_address: _Optional[str] = ..., batch_pages: _Optional[int] = ..., streams: _Optional[int] = ..., quiesce: _Optional[str] = ..., backend_log: _Optional[bool] = ..., xenstore_track: _Optional[bool] = ...) -> None: ...
+
+class QuiesceReply(_message.Message):
+    __slots__ = ("duration_ns", "finished", "abandoned", "unmapped")
+    DURATION_NS_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    ABANDONED_FIELD_NUMBER: _ClassVar[int]
+    UNMAPPED_FIELD_NUMBER: _ClassVar[int]
+    duration_ns: int
+    finished: int
+    abandoned: int
+    unmapped: int
+    def __init__(self, duration_ns: _Optional[int] = ..., finished: _Optional[int] = ..., abandoned: _Optional[int] = ..., unmapped: _Optional[int] = ...) -> None: ...
 
 class BeginReply(_message.Message):
     __slots__ = ("ram_bytes", "nr_frames")

@@ -336,6 +336,11 @@ class MigrationSourceStub:
                 request_serializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
                 response_deserializer=pvmig_dot___proto_dot_pvmig__pb2.SuspendReply.FromString,
                 _registered_method=True)
+        self.Quiesce = channel.unary_unary(
+                '/pvmig.v1.MigrationSource/Quiesce',
+                request_serializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
+                response_deserializer=pvmig_dot___proto_dot_pvmig__pb2.QuiesceReply.FromString,
+                _registered_method=True)
         self.Commit = channel.unary_unary(
                 '/pvmig.v1.MigrationSource/Commit',
                 request_serializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
@@ -375,6 +380,14 @@ class MigrationSourceServicer:
 
     def Suspend(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Quiesce(self, request, context):
+        """quiesce=backend, after suspend and before the final pass: backends stop taking
+        requests, finish or abandon what is in flight, and unmap every grant.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -422,6 +435,11 @@ def add_MigrationSourceServicer_to_server(servicer, server):
                     servicer.Suspend,
                     request_deserializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.FromString,
                     response_serializer=pvmig_dot___proto_dot_pvmig__pb2.SuspendReply.SerializeToString,
+            ),
+            'Quiesce': grpc.unary_unary_rpc_method_handler(
+                    servicer.Quiesce,
+                    request_deserializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.FromString,
+                    response_serializer=pvmig_dot___proto_dot_pvmig__pb2.QuiesceReply.SerializeToString,
             ),
             'Commit': grpc.unary_unary_rpc_method_handler(
                     servicer.Commit,
@@ -525,6 +543,33 @@ class MigrationSource:
             '/pvmig.v1.MigrationSource/Suspend',
             pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
             pvmig_dot___proto_dot_pvmig__pb2.SuspendReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Quiesce(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pvmig.v1.MigrationSource/Quiesce',
+            pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
+            pvmig_dot___proto_dot_pvmig__pb2.QuiesceReply.FromString,
             options,
             channel_credentials,
             insecure,
