@@ -76,6 +76,8 @@ class NetFront:
 
     def suspend(self) -> None:
         self.frozen = True
+        with self.vm.writing(self.area.state):
+            self.counters["inflight_at_suspend"] += int(self.counters[0]["tx_inflight"])
 
     def resume_in_place(self) -> None:
         if self.tx is not None:
@@ -83,13 +85,14 @@ class NetFront:
 
     def forget_connection(self) -> None:
         """After a move: in-flight packets are gone with the old host's rings."""
-        dropped = len(self._tx_refs)
+        dropped = int(self.counters[0]["tx_inflight"])
         self.tx = self.rx = None
         self._rx_refs, self._tx_refs = {}, {}
         self.frozen = True
         with self.vm.writing(self.area.state):
             self.counters["resumes"] += 1
             self.counters["dropped_at_resume"] += dropped
+            self.counters["tx_inflight"] = 0
 
     # ---- running
 
@@ -110,11 +113,13 @@ class NetFront:
             if not self.rx.final_check_for_responses():
                 break
         self._push(self.rx)
-        while self.tx.unconsumed_responses():
+        while self.tx.unconsumed_responses() or self.tx.final_check_for_responses():
             rsp = self.tx.get_response()
             gref = self._tx_refs.pop(int(rsp["id"]), None)
             if gref is not None:
                 self.grants.revoke(gref)
+                with self.vm.writing(self.area.state):
+                    self.counters["tx_inflight"] -= 1
             if int(rsp["status"]) < 0:
                 self._count("tx_errors")
 
@@ -168,6 +173,7 @@ class NetFront:
                              "size": len(data)})
         with self.vm.writing(self.area.state):
             self.counters["responses"] += 1
+            self.counters["tx_inflight"] += 1
         self._push(self.tx)
 
     def _push(self, ring: FrontRing) -> None:

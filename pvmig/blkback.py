@@ -64,6 +64,7 @@ class BlkBack:
     _server: asyncio.Task | None = None
     closed: str = ""
     connection: tuple[int, int] | None = None  # (ring ref, port): to reconnect after a quiesce
+    on_broken: object = None  # called with the reason when the frontend broke the ring
 
     @property
     def name(self) -> str:
@@ -91,19 +92,21 @@ class BlkBack:
             self._server = None
         pending = list(self._tasks)
         done, not_done = await asyncio.wait(pending, timeout=timeout_s) if pending else ((), ())
+        self.disk.flush()  # what it wrote is on the shared storage before the handover
         unmapped = len(self._persistent) + (1 if self._ring_map else 0)
         await self.disconnect("quiesced")
         return len(done), len(not_done), unmapped
 
-    async def disconnect(self, reason: str = "disconnected") -> None:
-        """Stop serving, drop every mapping (each writable one marks its frame now)."""
+    def detach(self, reason: str = "disconnected") -> list:
+        """Stop serving and drop every mapping (each writable one marks its frame),
+        synchronously: a connect that follows finds nothing of this connection left.
+        Returns the cancelled tasks, for whoever wants to wait for them."""
         self.closed = reason
-        if self._server is not None:
-            self._server.cancel()
-            await asyncio.gather(self._server, return_exceptions=True)
-        for task in list(self._tasks):
+        tasks = [t for t in [self._server, *self._tasks] if t is not None]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._server = None
+        self._tasks = set()
         for m in [*self._persistent.values(), *([self._ring_map] if self._ring_map else [])]:
             self.grants.unmap(m.handle)
         self._persistent.clear()
@@ -114,6 +117,10 @@ class BlkBack:
             except errors.PvmigError:
                 pass
             self._port = None
+        return tasks
+
+    async def disconnect(self, reason: str = "disconnected") -> None:
+        await asyncio.gather(*self.detach(reason), return_exceptions=True)
 
     # ---- serving
 
@@ -126,7 +133,9 @@ class BlkBack:
                     pass
             except RingError as e:
                 log.error("%s: closing the device: %s", self.name, e)
-                asyncio.create_task(self.disconnect(f"broken ring: {e}"))
+                self.detach(f"broken ring: {e}")
+                if self.on_broken is not None:
+                    self.on_broken(f"broken ring: {e}")
                 return
 
     def _take_requests(self) -> bool:
@@ -178,6 +187,10 @@ class BlkBack:
                 self._write_guest(int(seg["gref"]), self.disk.read(block))
         except errors.PvmigError as e:
             log.warning("%s: request %d refused: %s", self.name, int(req["id"]), e)
+            return BLKIF_RSP_ERROR
+        except OSError as e:  # the disk itself failed: the guest hears an I/O error
+            log.error("%s: request %d failed on %s: %s", self.name, int(req["id"]),
+                      self.disk.path, e)
             return BLKIF_RSP_ERROR
         return BLKIF_RSP_OKAY
 

@@ -156,6 +156,7 @@ class DomainDevices:
         blk = BlkBack(domid=domid, devid=devid, grants=self.dom.grants, events=self.dom.events,
                       disk=disk, grant_mode=cfg["grant_mode"],
                       latency_s=cfg["latency_ms"] / 1e3)
+        blk.on_broken = lambda why: self._device_failed(devid, "vbd", why)
 
         def connect(info: FrontendInfo) -> dict:
             blk.persistent = info.persistent
@@ -163,7 +164,7 @@ class DomainDevices:
             return {}
 
         def disconnect() -> None:
-            self.loop.create_task(blk.disconnect())
+            blk.detach()  # at once: a reconnect may follow before the loop turns
 
         dev = BackendDevice(self.dom0, backend_path(domid, "vbd", devid),
                             features={"feature-persistent": int(cfg["persistent"]),
@@ -177,12 +178,13 @@ class DomainDevices:
         create_device(self.dom0, domid=domid, devtype="vif", devid=devid)
         net = NetBack(domid=domid, devid=devid, grants=self.dom.grants, events=self.dom.events,
                       bind=self.net_bind)
+        net.on_broken = lambda why: self._device_failed(devid, "vif", why)
         net.open()
 
         def connect(info: FrontendInfo) -> dict:
             net.connect(tx_ref=int(info.keys["tx-ring-ref"]), rx_ref=int(info.keys["rx-ring-ref"]),
                         port=info.event_channel)
-            net.announce()  # the gratuitous ARP: peers follow the guest here
+            self.loop.call_soon(net.announce)  # the gratuitous ARP: peers follow the guest
             return {}
 
         dev = BackendDevice(self.dom0, backend_path(domid, "vif", devid),
@@ -191,6 +193,13 @@ class DomainDevices:
         dev.start()
         self.nets[devid] = net
         self.netdevs[devid] = dev
+
+    def _device_failed(self, devid: int, kind: str, why: str) -> None:
+        """A backend gave up on its frontend: tell it through xenbus (Closing)."""
+        dev = (self.backends.get(devid, (None, None))[1] if kind == "vbd"
+               else self.netdevs.get(devid))
+        if dev is not None:
+            dev._fatal(why)
 
     def backend_records(self) -> dict:
         """What backends hand over with the device state: the peers a vif has learnt."""
@@ -246,6 +255,15 @@ class DomainDevices:
         return out
 
     async def close(self) -> None:
+        if self.server is not None:
+            self.server.conn.on_event = None
+            self.server = None  # its ring views guest RAM: the memory must unmap
+        if self.xs_port is not None:
+            try:
+                self.dom.events.unbind(self.xs_port)
+            except errors.PvmigError:
+                pass
+            self.xs_port = None
         for blk, dev in self.backends.values():
             dev.detach()
             await blk.disconnect("domain destroyed")
@@ -264,3 +282,4 @@ class DomainDevices:
                 pass
         for disk in self.disks.values():
             disk.close()
+        self.dom0.close()

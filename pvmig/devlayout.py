@@ -104,6 +104,7 @@ NET_COUNTERS = np.dtype([
     ("tx_full", "<u8"), ("rx_errors", "<u8"), ("tx_errors", "<u8"),
     ("highest_seq", "<u8"), ("resumes", "<u8"), ("dropped_at_resume", "<u8"),
     ("longest_gap", "<u8"),  # the most sequence numbers skipped between two requests
+    ("tx_inflight", "<u8"), ("inflight_at_suspend", "<u8"),
 ])
 NET_SEEN_OFFSET = 128
 NET_SEEN_BITS = (PAGE_SIZE - NET_SEEN_OFFSET) * 8

@@ -25,6 +25,7 @@ from .ring import NETIF_RSP_DROPPED, NETIF_RSP_ERROR, NETIF_RSP_OKAY, NETIF_RX, 
 log = logging.getLogger(__name__)
 DOM0 = 0
 RX_QUEUE = 256
+MAX_PEERS = 16
 
 
 @dataclass
@@ -53,6 +54,8 @@ class NetBack:
     _pending: deque = field(default_factory=lambda: deque(maxlen=RX_QUEUE))
     closed: str = "not connected"
     connection: dict | None = None  # to reconnect after a quiesce
+    reply_to: tuple | None = None   # who sent the last request: the guest's answers go there
+    on_broken: object = None
 
     @property
     def name(self) -> str:
@@ -98,7 +101,10 @@ class NetBack:
     def announce(self) -> None:
         """Tell every known peer the guest is here now (the gratuitous ARP)."""
         for peer in self.peers:
-            self.sock.sendto(netproto.encode(netproto.ANNOUNCE, 0), tuple(peer))
+            try:
+                self.sock.sendto(netproto.encode(netproto.ANNOUNCE, 0), tuple(peer))
+            except OSError as e:
+                log.warning("%s: cannot announce to %s: %s", self.name, peer, e)
 
     def close(self) -> None:
         if self.sock is not None:
@@ -116,8 +122,12 @@ class NetBack:
                 data, addr = self.sock.recvfrom(netproto.MAX_PACKET + 64)
             except BlockingIOError:
                 break
-            if list(addr) not in [list(p) for p in self.peers]:
+            if netproto.decode(data) is None:
+                continue  # not the guest's service: a bridge learns nothing from noise
+            self.reply_to = addr
+            if list(addr) not in self.peers:
                 self.peers.append(list(addr))
+                del self.peers[:-MAX_PEERS]
             if self.closed:
                 self.stats.rx_dropped += 1
                 continue
@@ -133,11 +143,13 @@ class NetBack:
         except (RingError, errors.PvmigError) as e:
             log.error("%s: closing the device: %s", self.name, e)
             self.disconnect(f"broken ring: {e}")
+            if self.on_broken is not None:
+                self.on_broken(f"broken ring: {e}")
 
     def _deliver(self) -> None:
         """Packets into posted rx buffers, by grant copy (marked dirty at the copy)."""
         rx, notify = self._rx, False
-        while self._pending and rx.unconsumed_requests():
+        while self._pending and (rx.unconsumed_requests() or rx.final_check_for_requests()):
             data, _addr = self._pending.popleft()
             req = rx.get_request()
             try:
@@ -149,7 +161,6 @@ class NetBack:
                 status = NETIF_RSP_ERROR
             rx.put_response({"id": int(req["id"]), "offset": 0, "flags": 0, "status": status})
             notify |= rx.push_responses()
-        self.stats.rx_dropped += 0
         if notify:
             self.events.notify(self._port)
 
@@ -179,8 +190,14 @@ class NetBack:
             self.stats.tx_errors += 1
             log.warning("%s: tx request %d refused: %s", self.name, int(req["id"]), e)
             return NETIF_RSP_ERROR
-        if not self.peers:
+        target = self.reply_to or (tuple(self.peers[-1]) if self.peers else None)
+        if target is None:
             return NETIF_RSP_DROPPED
-        self.sock.sendto(data, tuple(self.peers[-1]))
+        try:
+            self.sock.sendto(data, tuple(target))
+        except OSError as e:
+            self.stats.tx_errors += 1
+            log.warning("%s: tx to %s failed: %s", self.name, target, e)
+            return NETIF_RSP_ERROR
         self.stats.tx_packets += 1
         return NETIF_RSP_OKAY

@@ -99,10 +99,15 @@ class Report:
                 self.devices.append({
                     "kind": "vif", "devid": s.devid,
                     "packets-in-on-source": s.served, "packets-in-on-dest": d.served if d else 0,
+                    "inflight-at-suspend": since.get("inflight_at_suspend", 0),
+                    "dropped-at-resume": since.get("dropped_at_resume", 0),
                     "guest-checks": {"requests": since.get("requests", 0),
                                      "responses": since.get("responses", 0),
                                      "duplicates": since.get("duplicates", 0),
-                                     "dropped-at-resume": since.get("dropped_at_resume", 0),
+                                     # numbers never seen: requests the guest lost
+                                     "unseen": max(0, g_dst.get("highest_seq", 0)
+                                                   - (g_dst.get("requests", 0)
+                                                      - g_dst.get("duplicates", 0))),
                                      "longest-gap": g_dst.get("longest_gap", 0)},
                     "address-on-dest": d.address if d else "",
                     "guest-totals": g_dst,
@@ -140,7 +145,8 @@ class Report:
         # (written after the final pass), and the guest's checks say whether it saw it.
         memory_ok = self.memory == "identical" or (
             isinstance(self.memory, int) and "guest-only" not in self.differing_by_area)
-        devices_ok = all(d["guest-checks"].get("read-failures", 0) == 0 for d in self.devices)
+        devices_ok = all(d["guest-checks"].get("read-failures", 0) == 0
+                         and d["guest-checks"].get("errors", 0) == 0 for d in self.devices)
         return (self.status == "completed" and memory_ok and devices_ok
                 and self.guest is not None and self.guest["failed"] == 0
                 and self.guest["sweeps"] >= 1)
