@@ -197,7 +197,10 @@ class RestoreSession:
         await self._hash_pass()
         if self.domain.pv is not None:
             self.domain.pv.restore_backend_records(self.backend_records)
-        t = await self.domain.resume(self.vcpu)
+        # (the guest's recovery policy travels with the backend records)
+        t = await self.domain.resume(self.vcpu,
+                                     self.backend_records.get("policy", {}).get("recovery",
+                                                                                "replay"))
         self.domain.migration_id = ""
         return t
 

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         # Running from here: this is the first step on the new host.
         chan.send({"op": "resumed", "id": rid, "t": time.monotonic_ns()})
         kernel.devices = devices(kernel.rng)
-        kernel.devices.connect(moved=True)
+        kernel.devices.connect(moved=True, recovery=msg.get("recovery", "replay"))
     kernel.run(chan)
     return 0
 

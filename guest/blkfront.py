@@ -91,6 +91,26 @@ class BlkFront:
         self._count("inflight_at_suspend", inflight)
         return inflight
 
+    def trust_old_ring(self, complete) -> int:
+        """Policy recovery=naive: before reconnecting, consume the responses the old
+        ring page holds (as it came over with the memory) as if they were good, instead
+        of re-queuing those requests from the shadow. What the page says was answered
+        may not have reached this copy of memory: that is the hazard. Returns how many."""
+        ring = FrontRing(self.vm.mem.pages[self.area.ring], BLKIF,
+                         on_write=lambda *_: self.vm.log.mark(self.area.ring))
+        try:
+            ring.attach()
+        except Exception:  # a ring page that holds no frontend state: nothing to trust
+            return 0
+        self.ring, persistent = ring, self.persistent
+        self.persistent = True  # the old grants belong to the old host: revoke nothing
+        try:
+            trusted = self.poll(complete)
+        finally:
+            self.persistent = persistent
+        self._count("trusted_old_ring", trusted)
+        return trusted
+
     def forget_connection(self) -> None:
         """After a move: the old ring, grants and channel belong to the old host."""
         self.ring = None

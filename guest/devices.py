@@ -58,7 +58,7 @@ class GuestDevices:
 
     # ---- bring-up: at boot, and on the new host after a move
 
-    def connect(self, *, moved: bool) -> None:
+    def connect(self, *, moved: bool, recovery: str = "replay") -> None:
         self._connect_xenstore()
         self.store.watch("control/shutdown", self._on_shutdown)
         if self.net is not None:
@@ -72,6 +72,8 @@ class GuestDevices:
             self.netdev.resume() if moved else self.netdev.start()
         if self.front is None:
             return
+        if moved and recovery == "naive":
+            self.front.trust_old_ring(self.work.complete)
         if moved:
             self.front.forget_connection()
         self.frontdev = FrontendDevice(

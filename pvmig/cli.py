@@ -117,6 +117,9 @@ def _parser() -> argparse.ArgumentParser:
                    "pass (default none, as Xen)")
     m.add_argument("--backend-log", choices=["off", "on"], default="off",
                    help="backends log every write into the dirty bitmap, as vhost does")
+    m.add_argument("--recovery", choices=["replay", "naive"], default="replay",
+                   help="naive: after resume, frontends trust the responses left in the "
+                   "old ring instead of re-queuing from their shadow")
     m.add_argument("--xenstore-track", choices=["off", "on"], default="off",
                    help="xenstored's writes into the guest's ring page are logged")
     m.add_argument("--net-peer-stats", type=Path, metavar="FILE",
@@ -250,7 +253,7 @@ def _migrate(args) -> int:
     options = Options(downtime_limit_ms=args.downtime_limit, max_rounds=args.max_rounds,
                       no_progress_rounds=args.no_progress_rounds, quiesce=args.quiesce,
                       backend_log=args.backend_log == "on",
-                      xenstore_track=args.xenstore_track == "on",
+                      xenstore_track=args.xenstore_track == "on", recovery=args.recovery,
                       batch_pages=args.batch_pages, streams=args.streams,
                       verify_timeout_s=args.verify_timeout)
     if options.downtime_limit_ms <= 0 or options.max_rounds < 1:

@@ -44,6 +44,7 @@ class Options:
     quiesce: str = "none"        # "backend": backends stop and unmap before the final pass
     backend_log: bool = False    # backends log their writes (vhost's dirty log)
     xenstore_track: bool = False  # xenstored's writes into the magic page are logged
+    recovery: str = "replay"     # "naive": frontends trust the old ring after resume
     verify_timeout_s: float = 60.0  # for the resumed guest to sweep its memory once
 
 
@@ -69,7 +70,8 @@ class Migration:
                              source=self.source.address, dest=self.dest.address,
                              policies={"quiesce": self.options.quiesce,
                                        "backend-log": self.options.backend_log,
-                                       "xenstore-track": self.options.xenstore_track})
+                                       "xenstore-track": self.options.xenstore_track,
+                                       "recovery": self.options.recovery})
         self.policy = PrecopyPolicy(downtime_limit_s=self.options.downtime_limit_ms / 1e3,
                                     max_rounds=self.options.max_rounds,
                                     no_progress_rounds=self.options.no_progress_rounds)
@@ -141,7 +143,7 @@ class Migration:
             dest_address=self.dest.hello_reply.advertise or self.dest.address,
             batch_pages=self.options.batch_pages, streams=self.options.streams,
             quiesce=self.options.quiesce, backend_log=self.options.backend_log,
-            xenstore_track=self.options.xenstore_track))
+            xenstore_track=self.options.xenstore_track, recovery=self.options.recovery))
         self._begun = True
 
     async def precopy(self) -> None:

@@ -30,6 +30,7 @@ BLK_COUNTERS = np.dtype([
     ("replayed", "<u8"),           # requests re-queued from the shadow on a resume
     ("inflight_at_suspend", "<u8"),
     ("resumes", "<u8"),
+    ("trusted_old_ring", "<u8"),   # responses taken from the old ring (recovery=naive)
     ("first_failure_block", "<i8"),
 ])
 BLK_MAGIC = 0x626C_6B66_726F_6E74  # "blkfront"

@@ -151,14 +151,15 @@ class Domain:
         self.state = RUNNING
         return msg["t"]
 
-    async def resume(self, vcpu: bytes) -> int:
+    async def resume(self, vcpu: bytes, recovery: str = "replay") -> int:
         """Hand the vCPU context to the waiting guest; return its first step's time."""
         self._require(INCOMING)
         if not self.guest_alive:
             raise errors.GuestError(
                 f"domain {self.name}: the guest process waiting to resume it is gone "
                 f"(see {self.log_path})")
-        msg = await self._exchange({"op": "resume", "vcpu": vcpu}, "resumed", RESUME_TIMEOUT_S)
+        msg = await self._exchange({"op": "resume", "vcpu": vcpu, "recovery": recovery},
+                                   "resumed", RESUME_TIMEOUT_S)
         self.state = RUNNING
         return msg["t"]
 

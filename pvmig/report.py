@@ -118,6 +118,7 @@ class Report:
                 "served-on-source": s.served, "refused-on-source": s.refused,
                 "inflight-at-suspend": since.get("inflight_at_suspend", 0),
                 "replayed-on-dest": since.get("replayed", 0),
+                "trusted-old-ring": since.get("trusted_old_ring", 0),
                 "served-on-dest": d.served if d else 0,
                 "guest-checks": {"reads-checked": since.get("reads_checked", 0),
                                  "read-failures": since.get("read_failures", 0),

@@ -50,6 +50,7 @@ class SaveSession:
     rounds_done: int = 0
     quiesce_policy: str = "none"
     quiesced: bool = False
+    recovery: str = "replay"
     vcpu: bytes | None = None
     _dest: AgentClient | None = None
     _streams: list[PageStream] = field(default_factory=list)
@@ -82,6 +83,10 @@ class SaveSession:
                       request.batch_pages or pages.BATCH_PAGES,
                       request.streams or DEFAULT_STREAMS)
         session.quiesce_policy = request.quiesce or "none"
+        if request.recovery not in ("", "replay", "naive"):
+            raise errors.InvalidArgument(
+                f"recovery policy {request.recovery!r}: use 'replay' or 'naive'")
+        session.recovery = request.recovery or "replay"
         # Claim the domain before the first await: a second Begin must find it taken.
         dom.migration_id, dom.state = request.migration_id, OUTGOING
         host.saves[request.migration_id] = session
@@ -182,6 +187,7 @@ class SaveSession:
     async def _end_streams(self) -> None:
         first, *rest = self._streams
         records = self.domain.pv.backend_records() if self.domain.pv is not None else {}
+        records["policy"] = {"recovery": self.recovery}
         device_state = pb.DeviceState(vcpu=self.vcpu, devices=msgpack.packb(records))
         await asyncio.gather(first.end(len(self._streams), device_state),
                              *(s.end(len(self._streams)) for s in rest))

@@ -43,7 +43,7 @@ def test_quiesced_backends_and_tracked_xenstore_leave_memory_identical(busy, tmp
                       "--xenstore-track", "on")
     assert r.returncode == 0, r.stderr
     assert data["policies"] == {"quiesce": "backend", "backend-log": False,
-                                "xenstore-track": True}
+                                "xenstore-track": True, "recovery": "replay"}
     q = data["quiesce"]
     assert q["unmapped"] >= 3  # the disk's ring, the NIC's two rings at least
     assert data["verification"]["memory"] == "identical", data["verification"]
@@ -90,3 +90,23 @@ def test_abort_after_quiesce_brings_the_backends_back(busy, tmp_path):
     after = next(s for s in info.device_stats if s.kind == "vbd").guest
     assert after["writes_acked"] > before and after["read_failures"] == 0
 
+
+
+@pytest.mark.parametrize("recovery", ["replay", "naive"])
+def test_recovery_policy(busy, tmp_path, recovery):
+    """replay (blkif_recover): every request in flight at suspend is re-queued. naive:
+    the responses the old ring page holds are trusted, the rest re-queued; whether a
+    trusted response's data made it into this copy of memory is what the experiment
+    asks (the guest's read checks answer it)."""
+    a, b = busy["a"].address, busy["b"].address
+    r, data = migrate(a, b, "vm", tmp_path / "r.json", "--recovery", recovery)
+    blk = next(d for d in data["devices"] if d["kind"] == "vbd")
+    assert data["policies"]["recovery"] == recovery
+    assert blk["inflight-at-suspend"] > 0
+    assert blk["replayed-on-dest"] + blk["trusted-old-ring"] == blk["inflight-at-suspend"]
+    if recovery == "replay":
+        assert r.returncode == 0, r.stderr
+        assert blk["trusted-old-ring"] == 0 and blk["guest-checks"]["read-failures"] == 0
+    else:  # a failed read check here is the guest observing the hazard, and says so
+        failures = blk["guest-checks"]["read-failures"]
+        assert (r.returncode == 0) == (failures == 0 and data["verification"]["passed"])

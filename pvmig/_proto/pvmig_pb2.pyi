@@ -208,7 +208,7 @@ class MigrationRef(_message.Message):
     def __init__(self, migration_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class BeginRequest(_message.Message):
-    __slots__ = ("migration_id", "domain", "dest_address", "batch_pages", "streams", "quiesce", "backend_log", "xenstore_track")
+    __slots__ = ("migration_id", "domain", "dest_address", "batch_pages", "streams", "quiesce", "backend_log", "xenstore_track", "recovery")
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     DOMAIN_FIELD_NUMBER: _ClassVar[int]
     DEST_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -217,6 +217,7 @@ class BeginRequest(_message.Message):
     QUIESCE_FIELD_NUMBER: _ClassVar[int]
     BACKEND_LOG_FIELD_NUMBER: _ClassVar[int]
     XENSTORE_TRACK_FIELD_NUMBER: _ClassVar[int]
+    RECOVERY_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     domain: str
     dest_address: str
@@ -225,7 +226,8 @@ class BeginRequest(_message.Message):
     quiesce: str
     backend_log: bool
     xenstore_track: bool
-    def __init__(self, migration_id: _Optional[str] = ..., domain: _Optional[str] = ..., dest_address: _Optional[str] = ..., batch_pages: _Optional[int] = ..., streams: _Optional[int] = ..., quiesce: _Optional[str] = ..., backend_log: _Optional[bool] = ..., xenstore_track: _Optional[bool] = ...) -> None: ...
+    recovery: str
+    def __init__(self, migration_id: _Optional[str] = ..., domain: _Optional[str] = ..., dest_address: _Optional[str] = ..., batch_pages: _Optional[int] = ..., streams: _Optional[int] = ..., quiesce: _Optional[str] = ..., backend_log: _Optional[bool] = ..., xenstore_track: _Optional[bool] = ..., recovery: _Optional[str] = ...) -> None: ...
 
 class QuiesceReply(_message.Message):
     __slots__ = ("duration_ns", "finished", "abandoned", "unmapped")
