@@ -146,6 +146,15 @@ def _parser() -> argparse.ArgumentParser:
                     help="keep the running figures here (JSON, rewritten 5 times a second)")
     pe.set_defaults(func=_peer)
 
+    mx = sub.add_parser("matrix", help="run the policies against each other on busy guests "
+                        "and tabulate corruptions, undefined frames and downtime")
+    mx.add_argument("--full", action="store_true",
+                    help="every combination (default: a quick subset of 8 cells)")
+    mx.add_argument("--runs", type=int, default=3, metavar="N", help="migrations per cell")
+    mx.add_argument("--json", type=Path, metavar="FILE")
+    mx.add_argument("--markdown", type=Path, metavar="FILE")
+    mx.set_defaults(func=_matrix)
+
     demo = sub.add_parser("demo", help="two agents on loopback, a busy guest, a migration")
     demo.add_argument("--ram-mb", type=int, default=256)
     demo.add_argument("--dirty-rate", type=float, default=5000.0)
@@ -322,6 +331,16 @@ def _peer(args) -> int:
                           stats_file=args.stats))
     print(json.dumps(stats))
     return EXIT_OK if stats["lost"] == 0 else EXIT_FAILED
+
+
+def _matrix(args) -> int:
+    from .matrix import run_matrix
+    if args.runs < 1:
+        raise errors.InvalidArgument("--runs must be >= 1")
+    logging.getLogger().setLevel(logging.WARNING)
+    command = "pvmig matrix" + (" --full" if args.full else "") + f" --runs {args.runs}"
+    return run_matrix(full=args.full, runs=args.runs, json_path=args.json,
+                      md_path=args.markdown, command=command)
 
 
 def _demo(args) -> int:
