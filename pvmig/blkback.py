@@ -111,12 +111,8 @@ class BlkBack:
             self.grants.unmap(m.handle)
         self._persistent.clear()
         self._ring_map = self._ring = None
-        if self._port is not None:
-            try:
-                self.events.unbind(self._port)
-            except errors.PvmigError:
-                pass
-            self._port = None
+        self.events.release(self._port)
+        self._port = None
         return tasks
 
     async def disconnect(self, reason: str = "disconnected") -> None:

@@ -258,12 +258,8 @@ class DomainDevices:
         if self.server is not None:
             self.server.conn.on_event = None
             self.server = None  # its ring views guest RAM: the memory must unmap
-        if self.xs_port is not None:
-            try:
-                self.dom.events.unbind(self.xs_port)
-            except errors.PvmigError:
-                pass
-            self.xs_port = None
+        self.dom.events.release(self.xs_port)
+        self.xs_port = None
         for blk, dev in self.backends.values():
             dev.detach()
             await blk.disconnect("domain destroyed")

@@ -474,6 +474,16 @@ class BackendEvents:
             if self.channels.state[p] == INTERDOMAIN:
                 self.channels.state[p] = UNBOUND
 
+    def release(self, port: BackendPort | None) -> None:
+        """Unbind a backend's port when it lets go of a connection, if it is still
+        bound (a guest that closed its end, or a quiesce, may have ended it already)."""
+        if port is None:
+            return
+        try:
+            self.unbind(port)
+        except EventChannelError:
+            pass
+
     def on_event(self, port: BackendPort | int, callback: Handler) -> None:
         """Call `callback(handle)` in the loop for each event on `port`."""
         p = self._check(port, "handle events of")

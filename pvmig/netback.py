@@ -91,12 +91,8 @@ class NetBack:
             self.grants.unmap(m.handle)
         self._maps = []
         self._tx = self._rx = None
-        if self._port is not None:
-            try:
-                self.events.unbind(self._port)
-            except errors.PvmigError:
-                pass
-            self._port = None
+        self.events.release(self._port)
+        self._port = None
 
     def announce(self) -> None:
         """Tell every known peer the guest is here now (the gratuitous ARP)."""
