@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from pathlib import Path
 
 from . import errors, guestinfo
 from .blkback import BlkBack

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from . import errors, netproto
 from .evtchn import BackendEvents, BackendPort
-from .grant_table import GrantTable, Mapping
+from .grant_table import GrantTable
 from .ring import NETIF_RSP_DROPPED, NETIF_RSP_ERROR, NETIF_RSP_OKAY, NETIF_RX, NETIF_TX, \
     BackRing, RingError
 

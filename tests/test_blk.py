@@ -5,7 +5,6 @@ shadow, and garbage refused."""
 from __future__ import annotations
 
 import asyncio
-import os
 
 import numpy as np
 import pytest

@@ -7,8 +7,6 @@ import json
 import socket
 import subprocess
 import sys
-import time
-import zlib
 
 import grpc
 import numpy as np
@@ -18,7 +16,7 @@ from pvmig import pages
 from pvmig._proto import pvmig_pb2 as pb
 from pvmig._proto import pvmig_pb2_grpc as pb_grpc
 from pvmig.cluster import LocalAgent, LocalCluster
-from support import create, domains, json_lines, migrate, pvmig, query, wait_running_and_checking
+from support import create, domains, migrate, pvmig, wait_running_and_checking
 
 pytestmark = pytest.mark.e2e
 
