@@ -65,6 +65,7 @@ class BlkBack:
     closed: str = ""
     connection: tuple[int, int] | None = None  # (ring ref, port): to reconnect after a quiesce
     on_broken: object = None  # called with the reason when the frontend broke the ring
+    _hurry: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def name(self) -> str:
@@ -96,6 +97,22 @@ class BlkBack:
         unmapped = len(self._persistent) + (1 if self._ring_map else 0)
         await self.disconnect("quiesced")
         return len(done), len(not_done), unmapped
+
+    async def answer_now(self) -> int:
+        """Injection point: finish every request in flight at once and publish the
+        responses (what a backend does after the guest suspended, by chance). How many."""
+        pending = list(self._tasks)
+        self._hurry.set()
+        try:
+            if pending:
+                await asyncio.wait(pending, timeout=5.0)
+        finally:
+            self._hurry.clear()
+        return len(pending)
+
+    @property
+    def ring_frame(self) -> int | None:
+        return self._ring_map.frame if self._ring_map is not None else None
 
     def detach(self, reason: str = "disconnected") -> list:
         """Stop serving and drop every mapping (each writable one marks its frame),
@@ -173,8 +190,11 @@ class BlkBack:
         if problem is not None:
             log.warning("%s: request %d refused: %s", self.name, int(req["id"]), problem)
             return BLKIF_RSP_ERROR
-        if self.latency_s:
-            await asyncio.sleep(self.latency_s)
+        if self.latency_s:  # a slow disk, unless told to hurry (an injection point)
+            try:
+                await asyncio.wait_for(self._hurry.wait(), self.latency_s)
+            except asyncio.TimeoutError:
+                pass
         block = int(req["sector_number"]) // SECTORS_PER_FRAME
         try:
             if op == BLKIF_OP_WRITE:

@@ -119,6 +119,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--recovery", choices=["replay", "naive"], default="replay",
                    help="naive: after resume, frontends trust the responses left in the "
                    "old ring instead of re-queuing from their shadow")
+    m.add_argument("--inject", action="append", default=[], metavar="POINT",
+                   help="force a hazard: response-before-final (backends answer what is "
+                   "in flight after suspend; the ring is logged, the data is not)")
     m.add_argument("--xenstore-track", choices=["off", "on"], default="off",
                    help="xenstored's writes into the guest's ring page are logged")
     m.add_argument("--net-peer-stats", type=Path, metavar="FILE",
@@ -262,6 +265,7 @@ def _migrate(args) -> int:
                       no_progress_rounds=args.no_progress_rounds, quiesce=args.quiesce,
                       backend_log=args.backend_log == "on",
                       xenstore_track=args.xenstore_track == "on", recovery=args.recovery,
+                      inject=tuple(args.inject),
                       batch_pages=args.batch_pages, streams=args.streams,
                       verify_timeout_s=args.verify_timeout)
     if options.downtime_limit_ms <= 0 or options.max_rounds < 1:

@@ -45,6 +45,7 @@ class Options:
     backend_log: bool = False    # backends log their writes (vhost's dirty log)
     xenstore_track: bool = False  # xenstored's writes into the magic page are logged
     recovery: str = "replay"     # "naive": frontends trust the old ring after resume
+    inject: tuple = ()           # injection points forcing hazards (tests, the matrix)
     verify_timeout_s: float = 60.0  # for the resumed guest to sweep its memory once
 
 
@@ -71,7 +72,8 @@ class Migration:
                              policies={"quiesce": self.options.quiesce,
                                        "backend-log": self.options.backend_log,
                                        "xenstore-track": self.options.xenstore_track,
-                                       "recovery": self.options.recovery})
+                                       "recovery": self.options.recovery,
+                                       "inject": list(self.options.inject)})
         self.policy = PrecopyPolicy(downtime_limit_s=self.options.downtime_limit_ms / 1e3,
                                     max_rounds=self.options.max_rounds,
                                     no_progress_rounds=self.options.no_progress_rounds)
@@ -143,7 +145,8 @@ class Migration:
             dest_address=self.dest.hello_reply.advertise or self.dest.address,
             batch_pages=self.options.batch_pages, streams=self.options.streams,
             quiesce=self.options.quiesce, backend_log=self.options.backend_log,
-            xenstore_track=self.options.xenstore_track, recovery=self.options.recovery))
+            xenstore_track=self.options.xenstore_track, recovery=self.options.recovery,
+            inject=list(self.options.inject)))
         self._begun = True
 
     async def precopy(self) -> None:
@@ -231,6 +234,8 @@ class Migration:
             self.reporter.round_progress(number, p.done_pages, p.total_pages, p.bytes, final)
             if p.HasField("stats"):
                 stats = _stats(p.stats)
+                if p.stats.injected:
+                    self.report.injected = dict(p.stats.injected)
         self.report.add_round(stats, final=final)
         self.reporter.round_done(self.report.rounds[-1])
         return stats

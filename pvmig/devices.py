@@ -54,6 +54,7 @@ class DomainDevices:
         self.net_bind = net_bind
         self.netdevs: dict[int, BackendDevice] = {}
         self.xenstore_track = False
+        self.inject: set[str] = set()
         self.xenstored = xenstored
         self.dom0 = xenstored.connect(DOM0)
         self.dom = dom
@@ -100,9 +101,29 @@ class DomainDevices:
         if self.xenstore_track:
             self.dom.log.mark(guestinfo.XENSTORE_FRAME)
 
-    def set_policy(self, *, backend_log: bool, xenstore_track: bool) -> None:
+    def set_policy(self, *, backend_log: bool, xenstore_track: bool,
+                   inject: tuple[str, ...] = ()) -> None:
         self.dom.grants.backend_log = backend_log
         self.xenstore_track = xenstore_track
+        self.inject = set(inject)
+
+    async def before_final_read(self) -> dict:
+        """Injection points that act between suspend and the final read of the dirty
+        bitmap. Off unless asked for: they cost nothing then.
+
+        response-before-final: every backend answers what it has in flight now, and the
+        ring page, which holds the responses, is logged (as if the ring were a tracked
+        page), while the data stays behind its grant: with a persistent grant nothing
+        logs it, so the destination gets the response but not the data."""
+        done = {}
+        if "response-before-final" in self.inject:
+            answered = 0
+            for blk, _dev in self.backends.values():
+                answered += await blk.answer_now()
+                if blk.ring_frame is not None:
+                    self.dom.log.mark(blk.ring_frame)
+            done["response-before-final"] = answered
+        return done
 
     async def quiesce(self) -> dict:
         """quiesce=backend: every backend stops and unmaps its grants (so that each

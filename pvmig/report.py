@@ -42,7 +42,8 @@ class Report:
     devices: list[dict] = field(default_factory=list)
     net_peer: dict | None = None
     policies: dict = field(default_factory=dict)
-    quiesce: dict | None = None  # a `pvmig peer`'s figures, when one was named
+    quiesce: dict | None = None
+    injected: dict = field(default_factory=dict)  # a `pvmig peer`'s figures, when one was named
     abort_errors: list[str] = field(default_factory=list)
     phases: dict[str, float] = field(default_factory=dict)  # ms from the start
     t0: float = 0.0
@@ -191,6 +192,7 @@ class Report:
             },
             "policies": self.policies,
             "quiesce": self.quiesce,
+            "injected": self.injected,
             "devices": self.devices,
             "net-peer": self.net_peer,
             "abort-errors": self.abort_errors,

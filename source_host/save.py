@@ -33,6 +33,7 @@ from .stream import PageStream
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 0.1
 HELLO_TIMEOUT_S = 15.0  # under the coordinator's deadline for Begin, so this error wins
+INJECTION_POINTS = {"response-before-final"}
 DEFAULT_STREAMS = 4  # measured best on 2 cores: 1 GiB round 0 in 2.4 s (1), 2.1 s (2), 1.3-1.6 s (4), 1.25 s (8)
 
 
@@ -51,6 +52,7 @@ class SaveSession:
     quiesce_policy: str = "none"
     quiesced: bool = False
     recovery: str = "replay"
+    injected: dict = field(default_factory=dict)
     vcpu: bytes | None = None
     _dest: AgentClient | None = None
     _streams: list[PageStream] = field(default_factory=list)
@@ -96,8 +98,15 @@ class SaveSession:
             await session._release()
             raise
         if dom.pv is not None:
+            unknown = set(request.inject) - INJECTION_POINTS
+            if unknown:
+                await session._release()
+                raise errors.InvalidArgument(
+                    f"unknown injection point(s) {sorted(unknown)}: "
+                    f"known are {sorted(INJECTION_POINTS)}")
             dom.pv.set_policy(backend_log=request.backend_log,
-                              xenstore_track=request.xenstore_track)
+                              xenstore_track=request.xenstore_track,
+                              inject=tuple(request.inject))
         # Log-dirty on: forget what was written before; round 0 sends every frame.
         dom.log.read_and_clear()
         session._last_read = time.monotonic()
@@ -134,6 +143,8 @@ class SaveSession:
         if number == 0:
             frames = np.arange(self.domain.mem.nr_frames, dtype=np.uint32)
         else:
+            if final and self.domain.pv is not None and self.domain.pv.inject:
+                self.injected.update(await self.domain.pv.before_final_read())
             frames = self.domain.log.read_and_clear()
         since, self._last_read = started - self._last_read, started
         stats = pb.RoundStats(round=number, dirty_pages=len(frames), started_ns=time.monotonic_ns(),
@@ -161,6 +172,8 @@ class SaveSession:
         self.rounds_done += 1
         stats.duration_ns = int((time.monotonic() - started) * 1e9)
         stats.remaining_pages = self.domain.log.count()
+        for name, n in self.injected.items():
+            stats.injected[name] = n
         yield pb.RoundProgress(done_pages=len(frames), total_pages=len(frames),
                                bytes=stats.bytes, stats=stats)
 

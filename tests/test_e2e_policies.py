@@ -43,7 +43,7 @@ def test_quiesced_backends_and_tracked_xenstore_leave_memory_identical(busy, tmp
                       "--xenstore-track", "on")
     assert r.returncode == 0, r.stderr
     assert data["policies"] == {"quiesce": "backend", "backend-log": False,
-                                "xenstore-track": True, "recovery": "replay"}
+                                "xenstore-track": True, "recovery": "replay", "inject": []}
     q = data["quiesce"]
     assert q["unmapped"] >= 3  # the disk's ring, the NIC's two rings at least
     assert data["verification"]["memory"] == "identical", data["verification"]
@@ -110,3 +110,47 @@ def test_recovery_policy(busy, tmp_path, recovery):
     else:  # a failed read check here is the guest observing the hazard, and says so
         failures = blk["guest-checks"]["read-failures"]
         assert (r.returncode == 0) == (failures == 0 and data["verification"]["passed"])
+
+
+@pytest.fixture
+def persistent_disk(tmp_path):
+    with LocalCluster(tmp_path, ["a", "b"]) as c:
+        r = pvmig("domain", "create", "vm", "--agent", c["a"].address, "--ram-mb", "16",
+                  "--disk", str(tmp_path / "vm.img"), "--disk-blocks", "64",
+                  "--disk-latency-ms", "40", "--disk-io-rate", "400", "--persistent-grants")
+        assert r.returncode == 0, r.stderr
+        time.sleep(1.0)
+        yield c
+
+
+@pytest.mark.parametrize("recovery", ["replay", "naive"])
+def test_forced_response_with_untracked_data(persistent_disk, tmp_path, recovery):
+    """Injection response-before-final: after suspend the backend answers what it has
+    in flight and the ring page (with the responses) is logged, but the read data sits
+    behind persistent grants that nothing logs. A frontend that trusts the old ring
+    reads stale data: a guest-observed corruption. One that replays never does."""
+    hosts = [persistent_disk["a"].address, persistent_disk["b"].address]
+    seen = []
+    for i in range(4):
+        r, data = migrate(hosts[i % 2], hosts[(i + 1) % 2], "vm", tmp_path / f"r{i}.json",
+                          "--recovery", recovery, "--inject", "response-before-final")
+        (blk,) = [d for d in data["devices"] if d["kind"] == "vbd"]
+        assert data["policies"]["inject"] == ["response-before-final"]
+        # The backend answered what it had taken; requests pushed just before suspend
+        # that it had not yet taken stay unanswered (the frontend replays them).
+        answered = data["injected"]["response-before-final"]
+        assert 0 < answered <= blk["inflight-at-suspend"]
+        assert "vbd0-buffers" in data["verification"]["differing-by-area"]
+        if recovery == "naive":  # at least the forced responses are in the old ring
+            assert blk["trusted-old-ring"] >= answered
+        seen.append((r.returncode, blk["trusted-old-ring"], blk["guest-checks"]["read-failures"]))
+        if recovery == "naive" and blk["guest-checks"]["read-failures"]:
+            break
+        time.sleep(0.5)
+    if recovery == "replay":
+        assert all(code == 0 and trusted == 0 and failures == 0 for code, trusted, failures in seen)
+    else:
+        # every response was trusted, and some were reads whose data never came over
+        assert all(trusted > 0 for _, trusted, _ in seen), seen
+        code, _, failures = seen[-1]
+        assert failures > 0 and code == 1, seen

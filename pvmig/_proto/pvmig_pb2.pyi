@@ -208,7 +208,7 @@ class MigrationRef(_message.Message):
     def __init__(self, migration_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class BeginRequest(_message.Message):
-    __slots__ = ("migration_id", "domain", "dest_address", "batch_pages", "streams", "quiesce", "backend_log", "xenstore_track", "recovery")
+    __slots__ = ("migration_id", "domain", "dest_address", "batch_pages", "streams", "quiesce", "backend_log", "xenstore_track", "recovery", "inject")
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     DOMAIN_FIELD_NUMBER: _ClassVar[int]
     DEST_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -218,6 +218,7 @@ class BeginRequest(_message.Message):
     BACKEND_LOG_FIELD_NUMBER: _ClassVar[int]
     XENSTORE_TRACK_FIELD_NUMBER: _ClassVar[int]
     RECOVERY_FIELD_NUMBER: _ClassVar[int]
+    INJECT_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     domain: str
     dest_address: str
@@ -227,7 +228,8 @@ class BeginRequest(_message.Message):
     backend_log: bool
     xenstore_track: bool
     recovery: str
-    def __init__(self, migration_id: _Optional[str] = ..., domain: _Optional[str] = ..., dest_address: _Optional[str] = ..., batch_pages: _Optional[int] = ..., streams: _Optional[int] = ..., quiesce: _Optional[str] = ..., backend_log: _Optional[bool] = ..., xenstore_track: _Optional[bool] = ..., recovery: _Optional[str] = ...) -> None: ...
+    inject: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, migration_id: _Optional[str] = ..., domain: _Optional[str] = ..., dest_address: _Optional[str] = ..., batch_pages: _Optional[int] = ..., streams: _Optional[int] = ..., quiesce: _Optional[str] = ..., backend_log: _Optional[bool] = ..., xenstore_track: _Optional[bool] = ..., recovery: _Optional[str] = ..., inject: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class QuiesceReply(_message.Message):
     __slots__ = ("duration_ns", "finished", "abandoned", "unmapped")
@@ -260,7 +262,14 @@ class RoundRequest(_message.Message):
     def __init__(self, migration_id: _Optional[str] = ..., round: _Optional[int] = ..., final: _Optional[bool] = ...) -> None: ...
 
 class RoundStats(_message.Message):
-    __slots__ = ("round", "dirty_pages", "sent_pages", "zero_pages", "bytes", "duration_ns", "dirty_rate", "started_ns", "remaining_pages", "interval_ns")
+    __slots__ = ("round", "dirty_pages", "sent_pages", "zero_pages", "bytes", "duration_ns", "dirty_rate", "started_ns", "remaining_pages", "interval_ns", "injected")
+    class InjectedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     ROUND_FIELD_NUMBER: _ClassVar[int]
     DIRTY_PAGES_FIELD_NUMBER: _ClassVar[int]
     SENT_PAGES_FIELD_NUMBER: _ClassVar[int]
@@ -271,6 +280,7 @@ class RoundStats(_message.Message):
     STARTED_NS_FIELD_NUMBER: _ClassVar[int]
     REMAINING_PAGES_FIELD_NUMBER: _ClassVar[int]
     INTERVAL_NS_FIELD_NUMBER: _ClassVar[int]
+    INJECTED_FIELD_NUMBER: _ClassVar[int]
     round: int
     dirty_pages: int
     sent_pages: int
@@ -281,7 +291,8 @@ class RoundStats(_message.Message):
     started_ns: int
     remaining_pages: int
     interval_ns: int
-    def __init__(self, round: _Optional[int] = ..., dirty_pages: _Optional[int] = ..., sent_pages: _Optional[int] = ..., zero_pages: _Optional[int] = ..., bytes: _Optional[int] = ..., duration_ns: _Optional[int] = ..., dirty_rate: _Optional[float] = ..., started_ns: _Optional[int] = ..., remaining_pages: _Optional[int] = ..., interval_ns: _Optional[int] = ...) -> None: ...
+    injected: _containers.ScalarMap[str, int]
+    def __init__(self, round: _Optional[int] = ..., dirty_pages: _Optional[int] = ..., sent_pages: _Optional[int] = ..., zero_pages: _Optional[int] = ..., bytes: _Optional[int] = ..., duration_ns: _Optional[int] = ..., dirty_rate: _Optional[float] = ..., started_ns: _Optional[int] = ..., remaining_pages: _Optional[int] = ..., interval_ns: _Optional[int] = ..., injected: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class RoundProgress(_message.Message):
     __slots__ = ("done_pages", "total_pages", "bytes", "stats")
