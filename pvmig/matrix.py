@@ -7,9 +7,11 @@ cell: the guest-observed corruptions (failed read checks), the frames that diffe
 between the two memories (undefined unless the guest used them), the responses trusted
 from the old ring, and the downtime and total time.
 
-What this does not do yet: force each hazard with injection points (the cells rely on
-the races that happen by themselves, so a rare hazard may need many runs to show),
-classify differing frames by cause, or tear a copy on purpose.
+Each cell runs twice over: `runs` migrations left to chance, then `runs` with the
+hazard forced (injection point response-before-final: after suspend the backends
+answer what they have in flight, the ring is logged, the data stays behind its grant).
+Not yet: the other injection points (a torn copy, a xenstored write after the final
+pass), and differing frames classified by cause rather than by area.
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ class Cell:
     inflight: int = 0
     replayed: int = 0
     trusted: int = 0
+    forced_migrations: int = 0
+    forced_observed: int = 0
+    forced_runs_with_corruption: int = 0
     downtimes: list = field(default_factory=list)
     totals: list = field(default_factory=list)
     errors: list = field(default_factory=list)
@@ -67,7 +72,7 @@ class Cell:
     def verdict(self) -> str:
         if self.errors and not self.migrations:
             return "error"
-        if self.observed or self.guest_only:
+        if self.observed or self.guest_only or self.forced_observed:
             return "CORRUPTS"
         return "safe" if not self.undefined else "safe (undefined frames)"
 
@@ -78,6 +83,9 @@ class Cell:
                 "xenstore-track": self.xenstore_track, "migrations": self.migrations,
                 "failed-migrations": self.failed, "observed-corruptions": self.observed,
                 "runs-with-corruption": self.runs_with_corruption,
+                "forced-migrations": self.forced_migrations,
+                "forced-observed-corruptions": self.forced_observed,
+                "forced-runs-with-corruption": self.forced_runs_with_corruption,
                 "undefined-frames": self.undefined, "guest-only-frames": self.guest_only,
                 "torn-frames": None, "in-flight": self.inflight, "replayed": self.replayed,
                 "trusted-old-ring": self.trusted, "downtime-ms-median": med(self.downtimes),
@@ -97,13 +105,15 @@ def run_cell(cell: Cell, runs: int, base: Path) -> Cell:
         hosts = [cluster["a"].address, cluster["b"].address]
         uvloop.run(_create(hosts[0], cell, base / "disk.img"))
         time.sleep(0.8)  # the disk gets busy
-        for i in range(runs):
+        for i in range(2 * runs):
+            forced = i >= runs
             src, dst = hosts[i % 2], hosts[(i + 1) % 2]
             options = Options(quiesce=cell.quiesce, backend_log=cell.backend_log,
                               xenstore_track=cell.xenstore_track, recovery=cell.recovery,
-                              verify_timeout_s=20.0)
+                              verify_timeout_s=20.0,
+                              inject=("response-before-final",) if forced else ())
             report = uvloop.run(migrate(src, dst, "vm", options, Reporter()))
-            _record(cell, report)
+            _record(cell, report, forced)
             if report.status != "completed":
                 break
             time.sleep(0.3)
@@ -123,8 +133,18 @@ async def _create(address: str, cell: Cell, disk: Path) -> None:
             timeout=120.0)
 
 
-def _record(cell: Cell, report) -> None:
+def _record(cell: Cell, report, forced: bool) -> None:
     d = report.to_dict()
+    if forced:
+        cell.forced_migrations += 1
+        if d["status"] == "completed":
+            (blk,) = [x for x in d["devices"] if x["kind"] == "vbd"]
+            seen = blk["guest-checks"]["read-failures"]
+            cell.forced_observed += seen
+            cell.forced_runs_with_corruption += seen > 0
+        else:
+            cell.errors.append(d["error"])
+        return
     cell.migrations += 1
     if d["status"] != "completed":
         cell.failed += 1
@@ -147,12 +167,15 @@ def _record(cell: Cell, report) -> None:
 
 
 def markdown(rows: list[dict], command: str) -> str:
-    head = ("| cell | migrations | observed corruptions (runs) | undefined frames | "
-            "guest-only frames | in flight / replayed / trusted | downtime ms (median) | "
-            "total ms (median) | verdict |\n|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| cell | migrations | observed corruptions (runs) | forced: observed (runs) | "
+            "undefined frames | guest-only frames | in flight / replayed / trusted | "
+            "downtime ms (median) | total ms (median) | verdict |\n"
+            "|---|---|---|---|---|---|---|---|---|---|\n")
     body = "".join(
         f"| {r['cell']} | {r['migrations']} | {r['observed-corruptions']} "
-        f"({r['runs-with-corruption']}) | {r['undefined-frames']} | {r['guest-only-frames']} | "
+        f"({r['runs-with-corruption']}) | {r['forced-observed-corruptions']} "
+        f"({r['forced-runs-with-corruption']} of {r['forced-migrations']}) | "
+        f"{r['undefined-frames']} | {r['guest-only-frames']} | "
         f"{r['in-flight']} / {r['replayed']} / {r['trusted-old-ring']} | "
         f"{r['downtime-ms-median']} | {r['total-ms-median']} | {r['verdict']} |\n" for r in rows)
     return f"`{command}`\n\n{head}{body}"
@@ -176,11 +199,12 @@ def run_matrix(*, full: bool, runs: int, json_path: Path | None, md_path: Path |
                       f"{cell.migrations} migrations)")
     table = Table(title=f"pvmig matrix: {runs} migrations per cell, "
                         f"{time.monotonic() - started:.0f} s")
-    for col in ("cell", "migr.", "observed", "undefined", "guest-only", "inflight/replayed/"
-                "trusted", "downtime ms", "verdict"):
+    for col in ("cell", "migr.", "observed", "forced", "undefined", "guest-only",
+                "inflight/replayed/trusted", "downtime ms", "verdict"):
         table.add_column(col)
     for r in rows:
         table.add_row(r["cell"], str(r["migrations"]), str(r["observed-corruptions"]),
+                      str(r["forced-observed-corruptions"]),
                       str(r["undefined-frames"]), str(r["guest-only-frames"]),
                       f"{r['in-flight']}/{r['replayed']}/{r['trusted-old-ring']}",
                       str(r["downtime-ms-median"]), r["verdict"])

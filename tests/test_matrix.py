@@ -12,23 +12,30 @@ pytestmark = pytest.mark.e2e
 
 
 def test_quick_matrix(tmp_path):
-    r = pvmig("matrix", "--runs", "1", "--json", str(tmp_path / "m.json"),
+    r = pvmig("matrix", "--runs", "2", "--json", str(tmp_path / "m.json"),
               "--markdown", str(tmp_path / "m.md"), timeout=400)
     assert r.returncode == 0, r.stderr[-2000:]
     data = json.loads((tmp_path / "m.json").read_text())
     cells = data["cells"]
-    assert data["command"] == "pvmig matrix --runs 1" and len(cells) == 8
+    assert data["command"] == "pvmig matrix --runs 2" and len(cells) == 8
     names = {(c["grants"], c["recovery"], c["quiesce"]) for c in cells}
     assert len(names) == 8
     for c in cells:
-        assert c["migrations"] == 1 and c["verdict"] != "error", c
+        assert c["migrations"] == 2 and c["verdict"] != "error", c
         assert c["in-flight"] > 0, c  # the slow disk keeps requests in flight
         assert c["replayed"] + c["trusted-old-ring"] == c["in-flight"], c
         assert c["guest-only-frames"] == 0, c  # only backends' frames may differ
+        assert c["forced-migrations"] == 2, c
         if c["recovery"] == "replay":  # blkif_recover: never observed corrupt
-            assert c["observed-corruptions"] == 0, c
+            assert c["observed-corruptions"] == c["forced-observed-corruptions"] == 0, c
             assert c["trusted-old-ring"] == 0
         if c["quiesce"] == "backend":  # every backend write logged before the final pass
             assert c["undefined-frames"] == 0, c
+            assert c["forced-observed-corruptions"] == 0, c
+    # The forced hazard with persistent grants and a frontend that trusts the old ring.
+    (naive,) = [c for c in cells if (c["grants"], c["recovery"], c["quiesce"])
+                == ("persistent", "naive", "none")]
+    assert naive["forced-observed-corruptions"] > 0 and naive["verdict"] == "CORRUPTS"
     md = (tmp_path / "m.md").read_text()
-    assert md.startswith("`pvmig matrix --runs 1`") and md.count("\n| ") >= 9
+    assert md.startswith("`pvmig matrix --runs 2`") and md.count("\n| ") >= 9
+    assert "forced: observed" in md
