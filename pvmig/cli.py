@@ -121,7 +121,9 @@ def _parser() -> argparse.ArgumentParser:
                    "old ring instead of re-queuing from their shadow")
     m.add_argument("--inject", action="append", default=[], metavar="POINT",
                    help="force a hazard: response-before-final (backends answer what is "
-                   "in flight after suspend; the ring is logged, the data is not)")
+                   "in flight after suspend; the ring is logged, the data is not), "
+                   "xenstore-after-final (xenstored writes the guest's ring after the final "
+                   "pass)")
     m.add_argument("--xenstore-track", choices=["off", "on"], default="off",
                    help="xenstored's writes into the guest's ring page are logged")
     m.add_argument("--net-peer-stats", type=Path, metavar="FILE",

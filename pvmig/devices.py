@@ -125,6 +125,18 @@ class DomainDevices:
             done["response-before-final"] = answered
         return done
 
+    def after_final_pass(self) -> dict:
+        """Injection point xenstore-after-final: once the final pass has copied its
+        frames, the toolstack touches a node the guest watches, so that xenstored writes
+        a watch event into the guest's ring page: a write no pass will ever send."""
+        if "xenstore-after-final" not in self.inject or self.server is None:
+            return {}
+        before = self.dom.mem.pages[guestinfo.XENSTORE_FRAME].copy()
+        self.dom0.write(f"{self.home}/control/shutdown", "")
+        self.pump()
+        changed = bool((self.dom.mem.pages[guestinfo.XENSTORE_FRAME] != before).any())
+        return {"xenstore-after-final": int(changed)}
+
     async def quiesce(self) -> dict:
         """quiesce=backend: every backend stops and unmaps its grants (so that each
         writable mapping marks its frame before the final pass)."""

@@ -33,7 +33,7 @@ from .stream import PageStream
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 0.1
 HELLO_TIMEOUT_S = 15.0  # under the coordinator's deadline for Begin, so this error wins
-INJECTION_POINTS = {"response-before-final"}
+INJECTION_POINTS = {"response-before-final", "xenstore-after-final"}
 DEFAULT_STREAMS = 4  # measured best on 2 cores: 1 GiB round 0 in 2.4 s (1), 2.1 s (2), 1.3-1.6 s (4), 1.25 s (8)
 
 
@@ -168,6 +168,9 @@ class SaveSession:
                 task.cancel()
             await asyncio.gather(*pumps, return_exceptions=True)
         if final:
+            if self.domain.pv is not None and self.domain.pv.inject:
+                # after the final pass's pages are on their way: nothing will send it
+                self.injected.update(self.domain.pv.after_final_pass())
             await self._end_streams()
         self.rounds_done += 1
         stats.duration_ns = int((time.monotonic() - started) * 1e9)

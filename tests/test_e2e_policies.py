@@ -154,3 +154,20 @@ def test_forced_response_with_untracked_data(persistent_disk, tmp_path, recovery
         assert all(trusted > 0 for _, trusted, _ in seen), seen
         code, _, failures = seen[-1]
         assert failures > 0 and code == 1, seen
+
+
+@pytest.mark.parametrize("track", ["off", "on"])
+def test_forced_xenstore_write_after_the_final_pass(busy, tmp_path, track):
+    """xenstored writes the guest's ring page after the final pass: the page differs on
+    the destination whether or not xenstored's writes are tracked (the write comes too
+    late for any pass), and the guest, which starts a fresh ring with its new host's
+    xenstored, never reads it."""
+    a, b = busy["a"].address, busy["b"].address
+    r, data = migrate(a, b, "vm", tmp_path / "r.json", "--quiesce", "backend",
+                      "--xenstore-track", track, "--inject", "xenstore-after-final")
+    assert r.returncode == 0, r.stderr
+    assert data["injected"]["xenstore-after-final"] == 1
+    assert data["verification"]["differing-by-area"] == {"xenstore": 1}
+    assert data["verification"]["passed"] is True
+    home = wait_running_and_checking(b, "vm")
+    assert home.guest.checks_failed == 0
