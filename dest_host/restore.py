@@ -31,6 +31,7 @@ from pvmig import errors, logdirty, pages, verify
 from pvmig._proto import pvmig_pb2 as pb
 from pvmig.domain import INCOMING, Domain
 from pvmig.host import Host, Lease
+from pvmig.memory import save_image
 
 log = logging.getLogger(__name__)
 HASH_EVERY_S = 0.02  # keeps each pass, and so the wait at resume, to a few ms
@@ -47,6 +48,7 @@ class RestoreSession:
     discarded: str = ""  # why, once discarded
     vcpu: bytes | None = None
     backend_records: dict = field(default_factory=dict)
+    save_image: str = ""
     ended: bool = False
     ends: int = 0
     hashes: np.ndarray | None = None
@@ -66,6 +68,7 @@ class RestoreSession:
         dom.migration_id = request.migration_id
         session = cls(host, dom, request.migration_id, request.source_agent,
                       Lease(host.session_timeout_s))
+        session.save_image = request.save_image
         n = dom.mem.nr_frames
         session.hashes = np.zeros(n, dtype=np.uint64)
         session.unhashed = np.zeros(n, dtype=np.uint8)
@@ -195,6 +198,8 @@ class RestoreSession:
         if self._hasher is not None:
             await self._hasher  # ends with the stream: at most one short pass to wait for
         await self._hash_pass()
+        if self.save_image:  # asked for: costs a copy of memory inside the downtime
+            save_image(self.domain.mem, self.save_image)
         if self.domain.pv is not None:
             self.domain.pv.restore_backend_records(self.backend_records)
         # (the guest's recovery policy travels with the backend records)

@@ -124,6 +124,10 @@ def _parser() -> argparse.ArgumentParser:
                    "in flight after suspend; the ring is logged, the data is not), "
                    "xenstore-after-final (xenstored writes the guest's ring after the final "
                    "pass)")
+    m.add_argument("--save-images", type=Path, metavar="DIR",
+                   help="both agents write the memories they compare into DIR (a directory "
+                   "both reach): ID.source.ram at the end, ID.dest.ram at resume (a copy "
+                   "inside the downtime); `pvmig verify` reads them")
     m.add_argument("--xenstore-track", choices=["off", "on"], default="off",
                    help="xenstored's writes into the guest's ring page are logged")
     m.add_argument("--net-peer-stats", type=Path, metavar="FILE",
@@ -149,6 +153,13 @@ def _parser() -> argparse.ArgumentParser:
     pe.add_argument("--stats", type=Path, metavar="FILE",
                     help="keep the running figures here (JSON, rewritten 5 times a second)")
     pe.set_defaults(func=_peer)
+
+    v = sub.add_parser("verify", help="compare two saved memory images frame by frame "
+                       "and say where they differ")
+    v.add_argument("source", type=Path, help="the source's memory at the end")
+    v.add_argument("dest", type=Path, help="the destination's memory at resume")
+    v.add_argument("--json", action="store_true", help="print the result as JSON")
+    v.set_defaults(func=_verify)
 
     mx = sub.add_parser("matrix", help="run the policies against each other on busy guests "
                         "and tabulate corruptions, undefined frames and downtime")
@@ -268,6 +279,7 @@ def _migrate(args) -> int:
                       backend_log=args.backend_log == "on",
                       xenstore_track=args.xenstore_track == "on", recovery=args.recovery,
                       inject=tuple(args.inject),
+                      save_images=str(args.save_images or ""),
                       batch_pages=args.batch_pages, streams=args.streams,
                       verify_timeout_s=args.verify_timeout)
     if options.downtime_limit_ms <= 0 or options.max_rounds < 1:
@@ -336,6 +348,18 @@ def _peer(args) -> int:
                           stats_file=args.stats))
     print(json.dumps(stats))
     return EXIT_OK if stats["lost"] == 0 else EXIT_FAILED
+
+
+def _verify(args) -> int:
+    from .verify import verify_images
+    result = verify_images(args.source, args.dest)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        areas = ", ".join(f"{k} {v}" for k, v in result["differing-by-area"].items())
+        print(f"{result['frames']} frames: " + ("identical" if not result["differing"] else
+              f"{result['differing']} differ ({areas}); first {result['differing-frames'][:8]}"))
+    return EXIT_OK if not result["differing-by-area"].get("guest-only") else EXIT_FAILED
 
 
 def _matrix(args) -> int:

@@ -24,6 +24,7 @@ import signal
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -46,6 +47,7 @@ class Options:
     xenstore_track: bool = False  # xenstored's writes into the magic page are logged
     recovery: str = "replay"     # "naive": frontends trust the old ring after resume
     inject: tuple = ()           # injection points forcing hazards (tests, the matrix)
+    save_images: str = ""        # a directory both agents write: source.ram, dest.ram
     verify_timeout_s: float = 60.0  # for the resumed guest to sweep its memory once
 
 
@@ -134,7 +136,7 @@ class Migration:
         await self.dest.call(self.dest.dest.Prepare, pb.PrepareRequest(
             migration_id=self.migration_id, domain=self.domain,
             ram_bytes=self.report.ram_bytes, source_agent=self.report.source_agent,
-            devices=self._devices),
+            devices=self._devices, save_image=self._image("dest")),
             timeout=120.0)
         self._prepared = True
 
@@ -146,7 +148,8 @@ class Migration:
             batch_pages=self.options.batch_pages, streams=self.options.streams,
             quiesce=self.options.quiesce, backend_log=self.options.backend_log,
             xenstore_track=self.options.xenstore_track, recovery=self.options.recovery,
-            inject=list(self.options.inject)))
+            inject=list(self.options.inject),
+            save_image=self._image("source")))
         self._begun = True
 
     async def precopy(self) -> None:
@@ -260,6 +263,11 @@ class Migration:
                         "failures": [{"frame": f.frame, "expected": f.expected_generation,
                                       "found": f.found_generation} for f in g.failures]}
             await asyncio.sleep(0.1)
+
+    def _image(self, side: str) -> str:
+        if not self.options.save_images:
+            return ""
+        return str(Path(self.options.save_images).resolve() / f"{self.migration_id}.{side}.ram")
 
     def _phase(self, name: str, **fields) -> None:
         self.report.mark(name)

@@ -53,17 +53,7 @@ class GuestMemory:
 
     def frame_hashes(self, frames: np.ndarray | None = None) -> np.ndarray:
         """A 64-bit hash per frame (all frames, or the given ones, in that order)."""
-        if frames is None:
-            frames = np.arange(self.nr_frames, dtype=np.int64)
-        out = np.empty(len(frames), dtype=np.uint64)
-        for lo in range(0, len(frames), _HASH_CHUNK):
-            sel = frames[lo:lo + _HASH_CHUNK]
-            if len(sel) and sel[-1] - sel[0] == len(sel) - 1 and np.all(np.diff(sel) == 1):
-                block = self.words[sel[0]:sel[-1] + 1]  # contiguous: no gather copy
-            else:
-                block = self.words[sel]
-            out[lo:lo + len(sel)] = hash_words(block)
-        return out
+        return frame_hashes(self.words, frames)
 
     def close(self) -> None:
         self.pages = self.words = None  # type: ignore[assignment]
@@ -87,3 +77,27 @@ def hash_words(block: np.ndarray) -> np.ndarray:
     x *= _M2
     x ^= x >> _S33
     return x.sum(axis=1, dtype=np.uint64)
+
+
+def frame_hashes(words: np.ndarray, frames: np.ndarray | None = None) -> np.ndarray:
+    """A 64-bit hash per row of (n, 512) u64 `words` (all, or the given rows, in order)."""
+    if frames is None:
+        frames = np.arange(len(words), dtype=np.int64)
+    out = np.empty(len(frames), dtype=np.uint64)
+    for lo in range(0, len(frames), _HASH_CHUNK):
+        sel = frames[lo:lo + _HASH_CHUNK]
+        if len(sel) and sel[-1] - sel[0] == len(sel) - 1 and np.all(np.diff(sel) == 1):
+            block = words[sel[0]:sel[-1] + 1]  # contiguous: no gather copy
+        else:
+            block = words[sel]
+        out[lo:lo + len(sel)] = hash_words(block)
+    return out
+
+
+def save_image(mem: GuestMemory, path: str | os.PathLike) -> np.ndarray:
+    """Write the frames to a file as they are now (for `pvmig verify`), and return the
+    hashes of exactly what was written: others may go on writing the memory."""
+    snapshot = mem.pages.copy()
+    with open(path, "wb") as f:
+        f.write(snapshot.data)
+    return frame_hashes(snapshot.view(np.uint64))

@@ -27,6 +27,7 @@ from pvmig._proto import pvmig_pb2 as pb
 from pvmig.client import AgentClient
 from pvmig.domain import OUTGOING, RUNNING, SUSPENDED, Domain
 from pvmig.host import Host, Lease
+from pvmig.memory import save_image
 
 from .stream import PageStream
 
@@ -53,6 +54,7 @@ class SaveSession:
     quiesced: bool = False
     recovery: str = "replay"
     injected: dict = field(default_factory=dict)
+    save_image: str = ""
     vcpu: bytes | None = None
     _dest: AgentClient | None = None
     _streams: list[PageStream] = field(default_factory=list)
@@ -89,6 +91,7 @@ class SaveSession:
             raise errors.InvalidArgument(
                 f"recovery policy {request.recovery!r}: use 'replay' or 'naive'")
         session.recovery = request.recovery or "replay"
+        session.save_image = request.save_image
         # Claim the domain before the first await: a second Begin must find it taken.
         dom.migration_id, dom.state = request.migration_id, OUTGOING
         host.saves[request.migration_id] = session
@@ -239,7 +242,11 @@ class SaveSession:
         self._own()
         if self.domain.state != SUSPENDED:
             raise errors.FailedPrecondition("frame hashes are taken after the final pass")
-        for chunk in verify.chunks(await asyncio.to_thread(self.domain.mem.frame_hashes)):
+        if self.save_image:  # the image and the hashes are one snapshot
+            hashes = await asyncio.to_thread(save_image, self.domain.mem, self.save_image)
+        else:
+            hashes = await asyncio.to_thread(self.domain.mem.frame_hashes)
+        for chunk in verify.chunks(hashes):
             yield chunk
 
     async def complete(self) -> None:
