@@ -137,6 +137,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="how long after the migration to let the peer catch up first")
     m.set_defaults(func=_migrate)
 
+    st = sub.add_parser("status", help="what runs where: each agent's domains, their "
+                        "state, migrations under way and their guests' checks")
+    st.add_argument("--agent", required=True, action="append", metavar="HOST:PORT")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=_status)
+
     x = sub.add_parser("cancel", help="stop a migration before its commit; the guest "
                        "goes on where it was")
     x.add_argument("--migration", required=True, metavar="ID")
@@ -317,6 +323,37 @@ def _check_writable(path: Path) -> None:
             pass
     except OSError as e:
         raise errors.InvalidArgument(f"cannot write the report to {path}: {e.strerror}") from None
+
+
+def _status(args) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    async def go():
+        out = {}
+        for address in args.agent:
+            async with AgentClient(address) as agent:
+                hello = await agent.hello()
+                reply = await agent.call(agent.agent.ListDomains, pb.ListDomainsRequest())
+                out[address] = (hello.agent_name, list(reply.domains))
+        return out
+    result = _run(go())
+    if args.json:
+        print(json.dumps({addr: {"agent": name, "domains": [
+            MessageToDict(d, preserving_proto_field_name=True) for d in doms]}
+            for addr, (name, doms) in result.items()}))
+        return EXIT_OK
+    for address, (name, doms) in result.items():
+        print(f"{name} ({address}): {len(doms)} domain(s)")
+        for d in doms:
+            g = d.guest
+            line = (f"  {d.name:<16} {d.state:<10} {d.ram_bytes >> 20:>6} MiB  checks "
+                    f"{g.checks_run} run, {g.checks_failed} failed")
+            if d.migration_id:
+                line += f"  migrating: {d.migration_id}"
+            for s in d.device_stats:
+                line += f"  {s.kind}{s.devid}: {s.served} served"
+            print(line)
+    return EXIT_OK
 
 
 def _cancel(args) -> int:

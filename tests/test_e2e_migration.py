@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -102,6 +103,11 @@ def test_domain_cli(cluster):
     assert r.returncode == 0 and "c1" in r.stdout and "running" in r.stdout
     r = pvmig("domain", "show", "c1", "--agent", a)
     assert r.returncode == 0 and '"state": "running"' in r.stdout
+    r = pvmig("status", "--agent", a, "--agent", cluster["b"].address)
+    assert r.returncode == 0, r.stderr
+    assert "a (" in r.stdout and "b (" in r.stdout and "c1" in r.stdout and "running" in r.stdout
+    r = pvmig("status", "--agent", a, "--json")
+    assert json.loads(r.stdout)[a]["domains"][0]["name"] == "c1"
     pid = query(a, "c1").guest_pid
     r = pvmig("domain", "destroy", "c1", "--agent", a)
     assert r.returncode == 0, r.stderr
