@@ -268,24 +268,6 @@ class DomainDevices:
                         "in_flight": blk.stats.in_flight if blk else 0, "guest": guest})
         return out
 
-    def shared_frames(self) -> list[tuple[str, int, int]]:
-        """(area, first, count) of the frames others than the guest write."""
-        out = [("xenstore", guestinfo.XENSTORE_FRAME, 1)]
-        lay = guestinfo.view(self.dom.mem)[0]
-        if int(lay["magic"]) != guestinfo.MAGIC:
-            return out
-        for cfg in self.configs:
-            if cfg["kind"] == "vif":
-                if int(lay["net_first"]):
-                    area = NetArea.at(int(lay["net_first"]))
-                    out += [(f"vif{cfg['devid']}-rings", area.tx_ring, 2),
-                            (f"vif{cfg['devid']}-buffers", area.tx_buffers, area.end - area.tx_buffers)]
-                continue
-            area = BlkArea.at(int(lay["dev_first"]), cfg["blocks"])
-            out += [(f"vbd{cfg['devid']}-ring", area.ring, 1),
-                    (f"vbd{cfg['devid']}-buffers", area.buffers, area.end - area.buffers)]
-        return out
-
     async def close(self) -> None:
         if self.server is not None:
             self.server.conn.on_event = None

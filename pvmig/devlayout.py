@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import guestinfo
 from .memory import PAGE_SIZE, GuestMemory
 
 BLK_SLOTS = 32  # a one-page blkif ring
@@ -141,3 +142,24 @@ def read_net_counters(mem: GuestMemory, area: NetArea) -> dict:
     if int(c["magic"]) != NET_MAGIC:
         return {}
     return {name: int(c[name]) for name in NET_COUNTERS.names if name != "magic"}
+
+
+def shared_areas(mem: GuestMemory) -> list[tuple[str, int, int]]:
+    """(area, first frame, count) of the frames others than the guest write: the
+    xenstore page (xenstored) and each device's rings and I/O buffers (its backend).
+    Read from the guest's own info page, so it works on a saved image too."""
+    out = [("xenstore", guestinfo.XENSTORE_FRAME, 1)]
+    info = guestinfo.view(mem)[0]
+    if int(info["magic"]) != guestinfo.MAGIC:
+        return out
+    if int(info["blk_blocks"]):
+        blk = BlkArea.at(int(info["dev_first"]), int(info["blk_blocks"]))
+        devid = int(info["blk_devid"])
+        out += [(f"vbd{devid}-ring", blk.ring, 1),
+                (f"vbd{devid}-buffers", blk.buffers, blk.end - blk.buffers)]
+    if int(info["net_first"]):
+        net = NetArea.at(int(info["net_first"]))
+        devid = int(info["net_devid"])
+        out += [(f"vif{devid}-rings", net.tx_ring, 2),
+                (f"vif{devid}-buffers", net.tx_buffers, net.end - net.tx_buffers)]
+    return out

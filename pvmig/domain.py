@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import errors, guestinfo
+from .devlayout import shared_areas
 from .evtchn import BackendEvents, EventChannels
 from .grant_table import GrantTable
 from .hypercall import AgentChannel
@@ -190,7 +191,7 @@ class Domain:
                 "guest_pid": self.proc.pid if self.proc else 0,
                 "guest": stats, "workload": self.workload, "devices": self.devices,
                 "device_stats": self.pv.stats() if self.pv is not None and stats else [],
-                "shared_frames": self.pv.shared_frames() if self.pv is not None and stats else []}
+                "shared_frames": shared_areas(self.mem) if stats else []}
 
     # ---- internals
 

@@ -12,6 +12,7 @@ import numpy as np
 from . import errors
 from .memory import PAGE_SIZE
 from .precopy import RoundStats
+from .verify import by_area
 
 MAX_LISTED_FRAMES = 32
 
@@ -77,14 +78,7 @@ class Report:
             return
         self.memory = int(len(differing))
         self.differing_frames = [int(f) for f in differing[:MAX_LISTED_FRAMES]]
-        left = np.ones(len(differing), dtype=bool)
-        for r in shared:
-            inside = (differing >= r.first) & (differing < r.first + r.count)
-            if inside.any():
-                self.differing_by_area[r.area] = int(inside.sum())
-                left &= ~inside
-        if left.any():
-            self.differing_by_area["guest-only"] = int(left.sum())
+        self.differing_by_area = by_area(differing, [(r.area, r.first, r.count) for r in shared])
 
     def set_devices(self, before, on_source, on_dest) -> None:
         """Per device: what the source's backend served, what was in flight at

@@ -10,7 +10,10 @@ from typing import Iterator
 
 import numpy as np
 
+from . import errors
 from ._proto import pvmig_pb2 as pb
+from .devlayout import shared_areas
+from .memory import GuestMemory
 
 CHUNK_FRAMES = 1 << 16  # 512 KiB of hashes per message
 
@@ -28,14 +31,24 @@ def differing(source: np.ndarray, dest: np.ndarray) -> np.ndarray | None:
     return np.flatnonzero(source != dest)
 
 
+def by_area(differing: np.ndarray, areas) -> dict[str, int]:
+    """How many of the differing frames lie in each (area, first, count); the rest,
+    frames only the guest writes, under "guest-only"."""
+    out: dict[str, int] = {}
+    left = np.ones(len(differing), dtype=bool)
+    for name, first, count in areas:
+        inside = (differing >= first) & (differing < first + count)
+        if inside.any():
+            out[name] = int(inside.sum())
+            left &= ~inside
+    if left.any():
+        out["guest-only"] = int(left.sum())
+    return out
+
+
 def verify_images(source, dest) -> dict:
     """Compare two saved memories (pvmig migrate --save-images) frame by frame; place
     every difference in the area it lies in, read from the source's own info page."""
-    from . import errors
-    from .guestinfo import XENSTORE_FRAME, MAGIC, view
-    from .devlayout import BlkArea, NetArea
-    from .memory import GuestMemory
-
     mems = []
     for path in (source, dest):
         try:
@@ -47,24 +60,6 @@ def verify_images(source, dest) -> dict:
         raise errors.InvalidArgument(f"{source} has {src.nr_frames} frames, {dest} "
                                      f"{dst.nr_frames}: not two copies of one guest")
     diff = differing(src.frame_hashes(), dst.frame_hashes())
-    areas = [("xenstore", XENSTORE_FRAME, 1)]
-    info = view(src)[0]
-    if int(info["magic"]) == MAGIC:
-        if int(info["blk_blocks"]):
-            blk = BlkArea.at(int(info["dev_first"]), int(info["blk_blocks"]))
-            areas += [("vbd-ring", blk.ring, 1), ("vbd-buffers", blk.buffers, blk.end - blk.buffers)]
-        if int(info["net_first"]):
-            net = NetArea.at(int(info["net_first"]))
-            areas += [("vif-rings", net.tx_ring, 2),
-                      ("vif-buffers", net.tx_buffers, net.end - net.tx_buffers)]
-    by_area: dict[str, int] = {}
-    left = np.ones(len(diff), dtype=bool)
-    for name, first, count in areas:
-        inside = (diff >= first) & (diff < first + count)
-        if inside.any():
-            by_area[name] = int(inside.sum())
-            left &= ~inside
-    if left.any():
-        by_area["guest-only"] = int(left.sum())
+    areas = by_area(diff, shared_areas(src))
     return {"frames": src.nr_frames, "differing": int(len(diff)),
-            "differing-by-area": by_area, "differing-frames": [int(f) for f in diff[:32]]}
+            "differing-by-area": areas, "differing-frames": [int(f) for f in diff[:32]]}
