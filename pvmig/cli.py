@@ -206,6 +206,17 @@ def _run(coro):
     return uvloop.run(coro)
 
 
+def _agent_call(address: str, method: str, request, *, timeout: float = 30.0,
+                hello: bool = False):
+    """One call to the Agent service of the agent at `address`."""
+    async def go():
+        async with AgentClient(address) as agent:
+            if hello:
+                await agent.hello()
+            return await agent.call(getattr(agent.agent, method), request, timeout=timeout)
+    return _run(go())
+
+
 def _domain_create(args) -> int:
     if args.ram_mb <= 0:
         raise errors.InvalidArgument(f"--ram-mb must be > 0, not {args.ram_mb}")
@@ -228,23 +239,16 @@ def _domain_create(args) -> int:
     if args.vif:
         devices.append(pb.DeviceConfig(kind="vif", devid=0))
 
-    async def go():
-        async with AgentClient(args.agent) as agent:
-            await agent.hello()
-            return await agent.call(agent.agent.CreateDomain, pb.CreateDomainRequest(
-                name=args.name, ram_bytes=args.ram_mb << 20, workload=workload,
-                devices=devices), timeout=600.0)
-    info = _run(go())
+    info = _agent_call(args.agent, "CreateDomain", pb.CreateDomainRequest(
+        name=args.name, ram_bytes=args.ram_mb << 20, workload=workload, devices=devices),
+        timeout=600.0, hello=True)
     print(f"created {info.name} (domid {info.domid}, {info.ram_bytes >> 20} MiB, "
           f"guest pid {info.guest_pid}) on {args.agent}")
     return EXIT_OK
 
 
 def _domain_list(args) -> int:
-    async def go():
-        async with AgentClient(args.agent) as agent:
-            return await agent.call(agent.agent.ListDomains, pb.ListDomainsRequest())
-    reply = _run(go())
+    reply = _agent_call(args.agent, "ListDomains", pb.ListDomainsRequest())
     print(f"{'NAME':<20} {'DOMID':>5} {'RAM MiB':>8} {'STATE':<10} {'CHECKS':>10} {'FAILED':>6}")
     for d in reply.domains:
         print(f"{d.name:<20} {d.domid:>5} {d.ram_bytes >> 20:>8} {d.state:<10} "
@@ -255,18 +259,13 @@ def _domain_list(args) -> int:
 def _domain_show(args) -> int:
     from google.protobuf.json_format import MessageToDict
 
-    async def go():
-        async with AgentClient(args.agent) as agent:
-            return await agent.call(agent.agent.QueryDomain, pb.DomainRef(name=args.name))
-    print(json.dumps(MessageToDict(_run(go())), indent=2))
+    info = _agent_call(args.agent, "QueryDomain", pb.DomainRef(name=args.name))
+    print(json.dumps(MessageToDict(info), indent=2))
     return EXIT_OK
 
 
 def _domain_destroy(args) -> int:
-    async def go():
-        async with AgentClient(args.agent) as agent:
-            await agent.call(agent.agent.DestroyDomain, pb.DomainRef(name=args.name))
-    _run(go())
+    _agent_call(args.agent, "DestroyDomain", pb.DomainRef(name=args.name))
     print(f"destroyed {args.name} on {args.agent}")
     return EXIT_OK
 
