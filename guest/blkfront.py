@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pvmig.devlayout import BLK_MAGIC, BLK_SLOTS, FREE, INFLIGHT, BlkArea
+from pvmig.devlayout import BLK_MAGIC, BLK_SLOTS, FREE, INFLIGHT, MAX_FAILED, BlkArea
 from pvmig.evtchn import GuestEvents
 from pvmig.grant_table import GuestGrants
 from pvmig.ring import (BLKIF, BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_RSP_OKAY, FrontRing,
@@ -249,3 +249,7 @@ class BlockWorkload:
                 f.counters["read_failures"] += 1
                 if int(f.counters[0]["first_failure_block"]) < 0:
                     f.counters["first_failure_block"] = block
+                n = int(f.counters[0]["nr_failed_frames"])
+                if n < MAX_FAILED:
+                    f.area.failed_frames(self.vm.mem)[n] = f.area.buffers + slot
+                f.counters["nr_failed_frames"] = n + 1

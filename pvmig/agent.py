@@ -79,7 +79,8 @@ def _domain_msg(info: dict) -> pb.DomainInfo:
                          device_stats=[pb.DeviceStats(kind=s["kind"], devid=s["devid"],
                                                       served=s["served"], refused=s["refused"],
                                                       guest=s["guest"],
-                                                      address=s.get("address", ""))
+                                                      address=s.get("address", ""),
+                                                      failed_frames=s.get("failed_frames", []))
                                        for s in info["device_stats"]],
                          shared_frames=[pb.FrameRange(area=a, first=f, count=n)
                                         for a, f, n in info["shared_frames"]])

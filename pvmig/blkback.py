@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from typing import Awaitable, Callable
 
 import numpy as np
 
@@ -52,7 +53,8 @@ class BlkBack:
     events: BackendEvents
     disk: DiskImage
     grant_mode: str = "map"          # "map" or "copy"
-    persistent: bool = False         # negotiated feature-persistent
+    persistent: bool = False         # keeps its mappings (feature-persistent, unless purged)
+    negotiated: bool = False         # feature-persistent, as the frontend connected
     latency_s: float = 0.0
     stats: BlkStats = field(default_factory=BlkStats)
     _ring: BackRing | None = None
@@ -65,7 +67,7 @@ class BlkBack:
     closed: str = ""
     connection: tuple[int, int] | None = None  # (ring ref, port): to reconnect after a quiesce
     on_broken: object = None  # called with the reason when the frontend broke the ring
-    _hurry: asyncio.Event = field(default_factory=asyncio.Event)
+    _inflight: dict = field(default_factory=dict)  # task -> (request, its hurry event)
 
     @property
     def name(self) -> str:
@@ -98,17 +100,59 @@ class BlkBack:
         await self.disconnect("quiesced")
         return len(done), len(not_done), unmapped
 
-    async def answer_now(self) -> int:
+    async def answer_now(self, keep: frozenset = frozenset()) -> int:
         """Injection point: finish every request in flight at once and publish the
-        responses (what a backend does after the guest suspended, by chance). How many."""
-        pending = list(self._tasks)
-        self._hurry.set()
-        try:
-            if pending:
-                await asyncio.wait(pending, timeout=5.0)
-        finally:
-            self._hurry.clear()
-        return len(pending)
+        responses (what a backend does after the guest suspended, by chance), but for
+        those whose buffer frame is in `keep`. How many."""
+        chosen = [(task, hurry) for task, (req, hurry) in self._inflight.items()
+                  if self._frame_of(req) not in keep]
+        return await self._answer(chosen)
+
+    def answer_read_into(self) -> tuple[int, Callable[[], Awaitable[int]]] | None:
+        """Injection point torn-copy: pick a read in flight; return its buffer frame
+        and a callable that finishes it at once (the data written, the response
+        published). None when no read is in flight."""
+        for task, (req, hurry) in self._inflight.items():
+            if int(req["operation"]) == BLKIF_OP_READ and self._frame_of(req) is not None:
+                return self._frame_of(req), lambda: self._answer([(task, hurry)])
+        return None
+
+    async def _answer(self, chosen) -> int:
+        for _task, hurry in chosen:
+            hurry.set()
+        if chosen:
+            await asyncio.wait([t for t, _h in chosen], timeout=5.0)
+        return len(chosen)
+
+    def _frame_of(self, req: np.void) -> int | None:
+        """The guest frame a request's one segment grants, if the grant is sound."""
+        if int(req["nr_segments"]) < 1:
+            return None
+        ref = int(req["seg"][0]["gref"])
+        entries = self.grants.entries
+        return int(entries[ref]["frame"]) if 0 <= ref < len(entries) else None
+
+    def check_grant_policy(self, persistent: str) -> None:
+        if persistent == "on" and not self.negotiated:
+            raise errors.FailedPrecondition(
+                f"{self.name}: the frontend did not negotiate persistent grants when it "
+                "connected, and cannot be made to now")
+
+    def set_grant_policy(self, *, grant_mode: str = "", persistent: str = "") -> None:
+        """A migration's grant policies. grant_mode: how the data is reached from now
+        on (map or copy: the backend's own choice). persistent "off": drop the
+        persistent mappings (as xen-blkback purges them) and map per request; "on"
+        needs the feature negotiated when the frontend connected."""
+        self.check_grant_policy(persistent)
+        if grant_mode:
+            self.grant_mode = grant_mode
+        if persistent == "off" and self.persistent:
+            self.persistent = False
+            for m in self._persistent.values():
+                self.grants.unmap(m.handle)  # each writable unmap marks its frame
+            self._persistent.clear()
+        elif persistent == "" and self.negotiated:
+            self.persistent = True
 
     @property
     def ring_frame(self) -> int | None:
@@ -124,6 +168,7 @@ class BlkBack:
             task.cancel()
         self._server = None
         self._tasks = set()
+        self._inflight.clear()
         for m in [*self._persistent.values(), *([self._ring_map] if self._ring_map else [])]:
             self.grants.unmap(m.handle)
         self._persistent.clear()
@@ -155,15 +200,21 @@ class BlkBack:
         ring = self._ring
         while ring.unconsumed_requests():
             req = ring.get_request()
-            task = asyncio.create_task(self._handle(req))
+            hurry = asyncio.Event()
+            task = asyncio.create_task(self._handle(req, hurry))
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._inflight[task] = (req, hurry)
+            task.add_done_callback(self._done)
         return ring.final_check_for_requests()
 
-    async def _handle(self, req: np.void) -> None:
+    def _done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        self._inflight.pop(task, None)
+
+    async def _handle(self, req: np.void, hurry: asyncio.Event) -> None:
         self.stats.in_flight += 1
         try:
-            status = await self._do(req)
+            status = await self._do(req, hurry)
         finally:
             self.stats.in_flight -= 1
         if self.closed or self._ring is None:
@@ -177,7 +228,7 @@ class BlkBack:
         if self._ring.push_responses():
             self.events.notify(self._port)
 
-    async def _do(self, req: np.void) -> int:
+    async def _do(self, req: np.void, hurry: asyncio.Event) -> int:
         problem = validate_blkif_request(req, nr_sectors=self.disk.blocks * SECTORS_PER_FRAME)
         op = int(req["operation"])
         if problem is None and op not in (BLKIF_OP_READ, BLKIF_OP_WRITE):
@@ -192,7 +243,7 @@ class BlkBack:
             return BLKIF_RSP_ERROR
         if self.latency_s:  # a slow disk, unless told to hurry (an injection point)
             try:
-                await asyncio.wait_for(self._hurry.wait(), self.latency_s)
+                await asyncio.wait_for(hurry.wait(), self.latency_s)
             except asyncio.TimeoutError:
                 pass
         block = int(req["sector_number"]) // SECTORS_PER_FRAME

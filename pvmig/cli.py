@@ -119,11 +119,23 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--recovery", choices=["replay", "naive"], default="replay",
                    help="naive: after resume, frontends trust the responses left in the "
                    "old ring instead of re-queuing from their shadow")
+    m.add_argument("--persistent-grants", choices=["on", "off"], default="",
+                   help="off: blkback drops its persistent mappings and maps per request "
+                   "for this migration; on: keep them (the disk must have negotiated them "
+                   "at `domain create --persistent-grants`); default: as negotiated")
+    m.add_argument("--grant-mode", choices=["map", "copy"], default="",
+                   help="how blkback reaches the guest's data from this migration on "
+                   "(default: as the disk was created)")
     m.add_argument("--inject", action="append", default=[], metavar="POINT",
-                   help="force a hazard: response-before-final (backends answer what is "
-                   "in flight after suspend; the ring is logged, the data is not), "
-                   "xenstore-after-final (xenstored writes the guest's ring after the final "
-                   "pass)")
+                   choices=["response-before-final", "write-after-final", "torn-copy",
+                            "xenstore-after-final"],
+                   help="force a hazard (repeatable): response-before-final (after suspend "
+                   "the backends answer what is in flight; the ring is logged, the data "
+                   "is not), write-after-final (they answer after the final pass copied "
+                   "the buffers, before it copies the rings), torn-copy (a read lands in "
+                   "its buffer while the final pass copies that frame), "
+                   "xenstore-after-final (xenstored writes the guest's ring after the "
+                   "final pass)")
     m.add_argument("--save-images", type=Path, metavar="DIR",
                    help="both agents write the memories they compare into DIR (a directory "
                    "both reach): ID.source.ram at the end, ID.dest.ram at resume (a copy "
@@ -164,6 +176,9 @@ def _parser() -> argparse.ArgumentParser:
                        "and say where they differ")
     v.add_argument("source", type=Path, help="the source's memory at the end")
     v.add_argument("dest", type=Path, help="the destination's memory at resume")
+    v.add_argument("--report", type=Path, metavar="FILE",
+                   help="the migration's JSON report: the frames the guest's checks named "
+                   "after resume become the observed ones")
     v.add_argument("--json", action="store_true", help="print the result as JSON")
     v.set_defaults(func=_verify)
 
@@ -284,6 +299,7 @@ def _migrate(args) -> int:
                       backend_log=args.backend_log == "on",
                       xenstore_track=args.xenstore_track == "on", recovery=args.recovery,
                       inject=tuple(args.inject),
+                      persistent_grants=args.persistent_grants, grant_mode=args.grant_mode,
                       save_images=str(args.save_images or ""),
                       batch_pages=args.batch_pages, streams=args.streams,
                       verify_timeout_s=args.verify_timeout)
@@ -388,14 +404,30 @@ def _peer(args) -> int:
 
 def _verify(args) -> int:
     from .verify import verify_images
-    result = verify_images(args.source, args.dest)
+    observed = _observed_frames(args.report) if args.report else ()
+    result = verify_images(args.source, args.dest, observed)
     if args.json:
         print(json.dumps(result))
     else:
-        areas = ", ".join(f"{k} {v}" for k, v in result["differing-by-area"].items())
-        print(f"{result['frames']} frames: " + ("identical" if not result["differing"] else
-              f"{result['differing']} differ ({areas}); first {result['differing-frames'][:8]}"))
-    return EXIT_OK if not result["differing-by-area"].get("guest-only") else EXIT_FAILED
+        print(f"{result['frames']} frames: " + (
+            "identical" if not result["differing"] else f"{result['differing']} differ"))
+        for what in ("area", "class", "cause"):
+            counts = result[f"differing-by-{what}"]
+            if counts:
+                print(f"  by {what}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        for f in result["differing-frames"][:16]:
+            print(f"  frame {f['frame']}: {f['area']}, {f['class']}, {f['cause']}")
+    bad = result["differing-by-class"]
+    return EXIT_FAILED if bad.get("lost") or bad.get("observed") else EXIT_OK
+
+
+def _observed_frames(path: Path) -> list[int]:
+    try:
+        report = json.loads(path.read_text())
+        return [int(f) for f in report["verification"]["observed-frames"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise errors.InvalidArgument(
+            f"{path}: not a pvmig migrate report with observed frames ({e})") from None
 
 
 def _matrix(args) -> int:

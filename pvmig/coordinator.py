@@ -46,6 +46,8 @@ class Options:
     backend_log: bool = False    # backends log their writes (vhost's dirty log)
     xenstore_track: bool = False  # xenstored's writes into the magic page are logged
     recovery: str = "replay"     # "naive": frontends trust the old ring after resume
+    persistent_grants: str = ""  # "on"/"off"; "": as the domain's disks negotiated them
+    grant_mode: str = ""         # "map"/"copy"; "": as the domain's disks were created
     inject: tuple = ()           # injection points forcing hazards (tests, the matrix)
     save_images: str = ""        # a directory both agents write: source.ram, dest.ram
     verify_timeout_s: float = 60.0  # for the resumed guest to sweep its memory once
@@ -125,11 +127,34 @@ class Migration:
             raise errors.FailedPrecondition(
                 f"domain {self.domain!r} on {src.agent_name} is {info.state}, not running")
         self.report.ram_bytes = info.ram_bytes
-        self._devices = list(info.devices)
+        self._devices = self._with_grant_policy(info.devices)
         self._device_stats_before = list(info.device_stats)
         self.report.source_agent, self.report.dest_agent = src.agent_name, dst.agent_name
         for name, client in (("source", self.source), ("dest", self.dest)):
             self._offsets[name] = await client.clock_offset()
+
+    def _with_grant_policy(self, devices) -> list:
+        """The domain's devices as the destination should serve them: the grant
+        policies of this migration applied (the source's backends apply them at Begin)."""
+        out = []
+        for given in devices:
+            d = pb.DeviceConfig()
+            d.CopyFrom(given)
+            if d.kind == "vbd":
+                if self.options.persistent_grants == "on" and not d.persistent:
+                    raise errors.FailedPrecondition(
+                        f"vbd{d.devid} of domain {self.domain!r} was created without "
+                        "persistent grants, and a frontend negotiates them only when it "
+                        "connects: create the domain with --persistent-grants to study them")
+                if self.options.persistent_grants:
+                    d.persistent = self.options.persistent_grants == "on"
+                d.grant_mode = self.options.grant_mode or d.grant_mode or "map"
+            out.append(d)
+        vbds = [d for d in out if d.kind == "vbd"]
+        if vbds:
+            self.report.policies["persistent-grants"] = vbds[0].persistent
+            self.report.policies["grant-mode"] = vbds[0].grant_mode
+        return out
 
     async def prepare(self) -> None:
         self._phase("prepare")
@@ -149,7 +174,9 @@ class Migration:
             quiesce=self.options.quiesce, backend_log=self.options.backend_log,
             xenstore_track=self.options.xenstore_track, recovery=self.options.recovery,
             inject=list(self.options.inject),
-            save_image=self._image("source")))
+            save_image=self._image("source"),
+            persistent_grants=self.options.persistent_grants,
+            grant_mode=self.options.grant_mode))
         self._begun = True
 
     async def precopy(self) -> None:
@@ -191,7 +218,7 @@ class Migration:
         self._phase("commit")
         await self.dest.call(self.dest.dest.Ready, self._ref())
         await self.source.call(self.source.source.Commit, self._ref())
-        self._committed = True
+        self._committed = self.report.committed = True
         await self.dest.call(self.dest.dest.Commit, self._ref())
 
     async def resume(self) -> None:
@@ -206,17 +233,19 @@ class Migration:
     async def verify(self) -> None:
         self._phase("verify")
         try:
-            src = await self._hashes(self.source, self.source.source.FrameHashes)
+            src, causes = await self._hashes(self.source, self.source.source.FrameHashes)
             on_source = await self.source.call(self.source.agent.QueryDomain,
                                                pb.DomainRef(name=self.domain))
         finally:  # the guest runs on the destination: the source copy goes regardless
             await self.source.call(self.source.source.Complete, self._ref())
-        dst = await self._hashes(self.dest, self.dest.dest.FrameHashes)
-        self.report.set_memory_verdict(verify.differing(src, dst), on_source.shared_frames)
+        dst, _ = await self._hashes(self.dest, self.dest.dest.FrameHashes)
+        self.report.set_memory_verdict(verify.differing(src, dst), on_source.shared_frames,
+                                       causes if len(causes) == len(src) else None)
         self.report.guest = await self._guest_checks()
         on_dest = await self.dest.call(self.dest.agent.QueryDomain, pb.DomainRef(name=self.domain))
         self.report.set_devices(self._device_stats_before, on_source.device_stats,
                                 on_dest.device_stats)
+        self.report.classify()
 
     async def abort(self, cause: BaseException) -> None:
         reason = str(cause) or type(cause).__name__
@@ -243,10 +272,14 @@ class Migration:
         self.reporter.round_done(self.report.rounds[-1])
         return stats
 
-    async def _hashes(self, client: AgentClient, method) -> np.ndarray:
-        parts = [np.frombuffer(c.hashes, dtype="<u8")
+    async def _hashes(self, client: AgentClient, method) -> tuple[np.ndarray, np.ndarray]:
+        """Frame hashes, and the causes the source gives with them (empty from the
+        destination)."""
+        parts = [(np.frombuffer(c.hashes, dtype="<u8"), np.frombuffer(c.causes, dtype=np.uint8))
                  async for c in client.stream(method, self._ref(), timeout=300.0)]
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64)
+        if not parts:
+            return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.uint8)
+        return (np.concatenate([h for h, _ in parts]), np.concatenate([c for _, c in parts]))
 
     async def _guest_checks(self) -> dict:
         deadline = time.monotonic() + self.options.verify_timeout_s

@@ -17,9 +17,11 @@ import logging
 
 from . import errors, guestinfo
 from .blkback import BlkBack
-from .devlayout import BlkArea, NetArea, read_blk_counters, read_net_counters
+from .devlayout import (BlkArea, NetArea, read_blk_counters, read_blk_failures,
+                        read_net_counters)
 from .disk import DiskImage
 from .evtchn import BackendPort
+from .foreign_writes import XENSTORED
 from .netback import NetBack
 from .xenbus import BackendDevice, FrontendInfo, backend_path, create_device
 from .xenstore import XsRing
@@ -100,6 +102,8 @@ class DomainDevices:
         # Policy xenstore-track: log xenstored's writes into the page (Xen never does).
         if self.xenstore_track:
             self.dom.log.mark(guestinfo.XENSTORE_FRAME)
+        if self.dom.journal is not None:
+            self.dom.journal.write(guestinfo.XENSTORE_FRAME, XENSTORED)
 
     def set_policy(self, *, backend_log: bool, xenstore_track: bool,
                    inject: tuple[str, ...] = ()) -> None:
@@ -124,6 +128,44 @@ class DomainDevices:
                     self.dom.log.mark(blk.ring_frame)
             done["response-before-final"] = answered
         return done
+
+    def torn_target(self):
+        """Injection point torn-copy: a read in flight whose buffer frame the final pass
+        will be copying when the backend writes it. (frame, finish) or None."""
+        if "torn-copy" not in self.inject:
+            return None
+        for blk, _dev in self.backends.values():
+            target = blk.answer_read_into()
+            if target is not None:
+                return target
+        return None
+
+    def set_grant_policy(self, *, grant_mode: str = "", persistent: str = "") -> None:
+        """A migration's grant policies on every disk; ("", "") puts them back as the
+        disks were created and negotiated (an aborted migration)."""
+        disks = [(self.backends[c["devid"]][0], c) for c in self.configs
+                 if c["kind"] == "vbd" and c["devid"] in self.backends]
+        for blk, _cfg in disks:  # refuse before changing any
+            blk.check_grant_policy(persistent)
+        for blk, cfg in disks:
+            blk.set_grant_policy(grant_mode=grant_mode or cfg["grant_mode"],
+                                 persistent=persistent)
+
+    def ring_frames(self) -> list[int]:
+        return [blk.ring_frame for blk, _dev in self.backends.values()
+                if blk.ring_frame is not None]
+
+    async def after_final_read(self, keep: frozenset = frozenset()) -> dict:
+        """Injection point write-after-final: once the final pass has read the dirty
+        bitmap (and copied the I/O buffers), every backend finishes what it has in
+        flight (but requests whose buffer is in `keep`): data and responses no read of
+        the bitmap will ever see."""
+        if "write-after-final" not in self.inject:
+            return {}
+        answered = 0
+        for blk, _dev in self.backends.values():
+            answered += await blk.answer_now(keep)
+        return {"write-after-final": answered}
 
     def after_final_pass(self) -> dict:
         """Injection point xenstore-after-final: once the final pass has copied its
@@ -191,7 +233,7 @@ class DomainDevices:
         blk.on_broken = lambda why: self._device_failed(devid, "vbd", why)
 
         def connect(info: FrontendInfo) -> dict:
-            blk.persistent = info.persistent
+            blk.persistent = blk.negotiated = info.persistent
             blk.connect(ring_ref=info.ring_refs[0], port=info.event_channel)
             return {}
 
@@ -259,13 +301,15 @@ class DomainDevices:
                             "address": net.address() if net else "", "guest": guest})
                 continue
             blk, _ = self.backends.get(cfg["devid"], (None, None))
-            guest = {}
+            guest, failed = {}, []
             if int(lay["magic"]) == guestinfo.MAGIC and int(lay["dev_frames"]):
-                guest = read_blk_counters(info, BlkArea.at(int(lay["dev_first"]), cfg["blocks"]))
+                area = BlkArea.at(int(lay["dev_first"]), cfg["blocks"])
+                guest, failed = read_blk_counters(info, area), read_blk_failures(info, area)
             out.append({"kind": "vbd", "devid": cfg["devid"],
                         "served": blk.stats.served if blk else 0,
                         "refused": blk.stats.refused if blk else 0,
-                        "in_flight": blk.stats.in_flight if blk else 0, "guest": guest})
+                        "in_flight": blk.stats.in_flight if blk else 0, "guest": guest,
+                        "failed_frames": failed})
         return out
 
     async def close(self) -> None:

@@ -33,6 +33,7 @@ BLK_COUNTERS = np.dtype([
     ("resumes", "<u8"),
     ("trusted_old_ring", "<u8"),   # responses taken from the old ring (recovery=naive)
     ("first_failure_block", "<i8"),
+    ("nr_failed_frames", "<u8"),   # entries in the failure log (it keeps the first ones)
 ])
 BLK_MAGIC = 0x626C_6B66_726F_6E74  # "blkfront"
 FREE, INFLIGHT = 0, 1
@@ -42,8 +43,13 @@ SHADOW = np.dtype([
     ("id", "<u8"), ("issued", "<u8"),
 ])
 SHADOW_OFFSET = 128
+# The failure log: the buffer frame of each read that failed its check, so that the
+# verifier can tie a corruption the guest saw to the frames that differ.
+FAILED_OFFSET = 2048
+MAX_FAILED = 64
 assert BLK_COUNTERS.itemsize <= SHADOW_OFFSET
-assert SHADOW_OFFSET + BLK_SLOTS * SHADOW.itemsize <= PAGE_SIZE
+assert SHADOW_OFFSET + BLK_SLOTS * SHADOW.itemsize <= FAILED_OFFSET
+assert FAILED_OFFSET + MAX_FAILED * 4 <= PAGE_SIZE
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,9 @@ class BlkArea:
         return mem.pages[self.shadow, SHADOW_OFFSET:SHADOW_OFFSET + BLK_SLOTS * SHADOW.itemsize
                          ].view(SHADOW)
 
+    def failed_frames(self, mem: GuestMemory) -> np.ndarray:
+        return mem.pages[self.shadow, FAILED_OFFSET:FAILED_OFFSET + MAX_FAILED * 4].view("<u4")
+
     def version_table(self, mem: GuestMemory) -> np.ndarray:
         words = mem.pages[self.versions:self.versions + self.version_frames].reshape(-1)
         return words.view(np.uint32)[:self.blocks]
@@ -89,6 +98,15 @@ def read_blk_counters(mem: GuestMemory, area: BlkArea) -> dict:
     if out["first_failure_block"] < 0:  # none
         del out["first_failure_block"]
     return out
+
+
+def read_blk_failures(mem: GuestMemory, area: BlkArea) -> list[int]:
+    """The buffer frames of the reads the guest found wrong (the first MAX_FAILED)."""
+    c = area.counters(mem)[0]
+    if int(c["magic"]) != BLK_MAGIC:
+        return []
+    n = min(int(c["nr_failed_frames"]), MAX_FAILED)
+    return [int(f) for f in area.failed_frames(mem)[:n]]
 
 
 def _version_frames(blocks: int) -> int:

@@ -20,6 +20,7 @@ from typing import Callable
 from . import errors, guestinfo
 from .devlayout import shared_areas
 from .evtchn import BackendEvents, EventChannels
+from .foreign_writes import ForeignWrites
 from .grant_table import GrantTable
 from .hypercall import AgentChannel
 from .logdirty import DirtyLog
@@ -50,6 +51,7 @@ class Domain:
     channels: EventChannels | None = None   # likewise
     events: BackendEvents | None = None
     devices: list = field(default_factory=list)  # DeviceConfig dicts
+    journal: ForeignWrites | None = None  # dom0's writes into guest RAM, for the verifier
     pv: object = None  # pvmig.devices.DomainDevices: its xenstore and backends here
     _watch: asyncio.Task | None = field(default=None, repr=False)
     _exited: asyncio.Future | None = field(default=None, repr=False)
@@ -95,8 +97,11 @@ class Domain:
                 raise errors.ResourceExhausted(
                     f"cannot create the hypervisor files of domain {name}: {e}") from None
             raise
+        journal = ForeignWrites(mem.nr_frames)
+        grants.journal = journal
         return cls(name=name, domid=domid, mem=mem, log=log, workload=workload,
-                   grants=grants, channels=channels, events=BackendEvents(channels))
+                   grants=grants, channels=channels, events=BackendEvents(channels),
+                   journal=journal)
 
     # ---- the guest process
 

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import InvalidArgument, ResourceExhausted
+from .foreign_writes import MAPPED, TRACKED, ForeignWrites
 from .logdirty import DirtyLog
 from .memory import PAGE_SIZE, GuestMemory
 from .shm import SharedFile
@@ -167,6 +168,8 @@ class GrantTable:
         self.memory = memory
         self.dirty = dirty
         self.backend_log = backend_log
+        # the verifier's journal of what dom0 wrote into the guest (foreign_writes.py)
+        self.journal: ForeignWrites | None = None
         self._lock = threading.Lock()
         self._maptrack: dict[int, Mapping] = {}
         self._next_handle = 1
@@ -271,6 +274,8 @@ class GrantTable:
                 self._release_bits(ref)
             # Data first, mark after: see logdirty.py for why the order matters.
             self.dirty.mark(frame)
+            if self.journal is not None:
+                self.journal.write(frame, TRACKED)
             self._copies_in += 1
 
     def copy_from_guest(self, ref: int, offset: int, length: int, *,
@@ -377,6 +382,8 @@ class GrantTable:
                                  "have been written through it")
         if self.backend_log:
             self.dirty.mark(mapping.frame)
+        if self.journal is not None:
+            self.journal.write(mapping.frame, TRACKED if self.backend_log else MAPPED)
 
 
 class GuestGrants:

@@ -2,16 +2,16 @@
 
 Each cell is one combination of policies (DESIGN.md, "Experiment matrix"). For each, a
 fresh pair of agents on loopback, a guest whose disk is busy and slow enough that
-requests are in flight at every suspend, and `runs` migrations back and forth. Per
-cell: the guest-observed corruptions (failed read checks), the frames that differ
-between the two memories (undefined unless the guest used them), the responses trusted
-from the old ring, and the downtime and total time.
+requests are in flight at every suspend, and `runs` migrations back and forth left to
+chance, then `runs` with the hazards forced. Forced runs alternate two sets of
+injection points, each set's hazards being able to happen in one migration:
 
-Each cell runs twice over: `runs` migrations left to chance, then `runs` with the
-hazard forced (injection point response-before-final: after suspend the backends
-answer what they have in flight, the ring is logged, the data stays behind its grant).
-Not yet: the other injection points (a torn copy, a xenstored write after the final
-pass), and differing frames classified by cause rather than by area.
+    A  response-before-final + xenstore-after-final
+    B  write-after-final + torn-copy + xenstore-after-final
+
+Per cell: the corruptions the guest observed (failed read checks), the frames that
+differ between the two memories by class (undefined, observed, torn, lost) and by
+cause, the downtime, the total time, the bytes moved and the guest's disk I/O rate.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import json
 import statistics
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,29 @@ QUICK = {"grants": ["map", "persistent"], "recovery": ["replay", "naive"],
 FULL = {"grants": ["map", "persistent", "copy"], "recovery": ["replay", "naive"],
         "quiesce": ["none", "backend"], "backend_log": [False, True],
         "xenstore_track": [False, True]}
+FORCED = [("response-before-final", "xenstore-after-final"),
+          ("write-after-final", "torn-copy", "xenstore-after-final")]
+
+
+@dataclass
+class Tally:
+    """What a set of migrations (left to chance, or forced) showed."""
+    migrations: int = 0
+    failed: int = 0            # did not complete, or the verdict failed
+    observed: int = 0          # failed read checks: the guest saw wrong data
+    runs_with_corruption: int = 0
+    classes: Counter = field(default_factory=Counter)  # differing frames by class
+    causes: Counter = field(default_factory=Counter)   # ... by cause
+    observed_causes: Counter = field(default_factory=Counter)
+    injected: Counter = field(default_factory=Counter)  # hazards each point made happen
+
+    def to_dict(self) -> dict:
+        return {"migrations": self.migrations, "failed": self.failed,
+                "observed-corruptions": self.observed,
+                "runs-with-corruption": self.runs_with_corruption,
+                "frames-by-class": dict(self.classes), "frames-by-cause": dict(self.causes),
+                "observed-by-cause": dict(self.observed_causes),
+                "injected": dict(self.injected)}
 
 
 @dataclass
@@ -46,20 +70,15 @@ class Cell:
     quiesce: str
     backend_log: bool = False
     xenstore_track: bool = False
-    migrations: int = 0
-    failed: int = 0
-    observed: int = 0          # failed read checks: the guest saw wrong data
-    runs_with_corruption: int = 0
-    undefined: int = 0         # frames that differ, all in backend- or xenstored-written areas
-    guest_only: int = 0        # frames that differ that only the guest writes: lost writes
+    chance: Tally = field(default_factory=Tally)
+    forced: Tally = field(default_factory=Tally)
     inflight: int = 0
     replayed: int = 0
     trusted: int = 0
-    forced_migrations: int = 0
-    forced_observed: int = 0
-    forced_runs_with_corruption: int = 0
     downtimes: list = field(default_factory=list)
     totals: list = field(default_factory=list)
+    transferred: list = field(default_factory=list)
+    io_rates: list = field(default_factory=list)
     errors: list = field(default_factory=list)
 
     @property
@@ -70,27 +89,27 @@ class Cell:
 
     @property
     def verdict(self) -> str:
-        if self.errors and not self.migrations:
+        if self.errors and not self.chance.migrations:
             return "error"
-        if self.observed or self.guest_only or self.forced_observed:
+        if any(t.observed or t.classes["observed"] or t.classes["lost"]
+               for t in (self.chance, self.forced)):
             return "CORRUPTS"
-        return "safe" if not self.undefined else "safe (undefined frames)"
+        differ = self.chance.classes + self.forced.classes
+        return "safe (undefined frames)" if differ else "safe"
 
     def to_dict(self) -> dict:
         med = lambda xs: round(statistics.median(xs), 3) if xs else None  # noqa: E731
         return {"cell": self.name, "grants": self.grants, "recovery": self.recovery,
                 "quiesce": self.quiesce, "backend-log": self.backend_log,
-                "xenstore-track": self.xenstore_track, "migrations": self.migrations,
-                "failed-migrations": self.failed, "observed-corruptions": self.observed,
-                "runs-with-corruption": self.runs_with_corruption,
-                "forced-migrations": self.forced_migrations,
-                "forced-observed-corruptions": self.forced_observed,
-                "forced-runs-with-corruption": self.forced_runs_with_corruption,
-                "undefined-frames": self.undefined, "guest-only-frames": self.guest_only,
-                "torn-frames": None, "in-flight": self.inflight, "replayed": self.replayed,
-                "trusted-old-ring": self.trusted, "downtime-ms-median": med(self.downtimes),
-                "total-ms-median": med(self.totals), "verdict": self.verdict,
-                "errors": self.errors}
+                "xenstore-track": self.xenstore_track,
+                "chance": self.chance.to_dict(), "forced": self.forced.to_dict(),
+                "in-flight": self.inflight, "replayed": self.replayed,
+                "trusted-old-ring": self.trusted,
+                "downtime-ms-median": med(self.downtimes),
+                "total-ms-median": med(self.totals),
+                "transferred-mib-median": med(self.transferred),
+                "guest-io-per-s-median": med(self.io_rates),
+                "verdict": self.verdict, "errors": self.errors}
 
 
 def cells(full: bool) -> list[Cell]:
@@ -111,9 +130,9 @@ def run_cell(cell: Cell, runs: int, base: Path) -> Cell:
             options = Options(quiesce=cell.quiesce, backend_log=cell.backend_log,
                               xenstore_track=cell.xenstore_track, recovery=cell.recovery,
                               verify_timeout_s=20.0,
-                              inject=("response-before-final",) if forced else ())
+                              inject=FORCED[(i - runs) % len(FORCED)] if forced else ())
             report = uvloop.run(migrate(src, dst, "vm", options, Reporter()))
-            _record(cell, report, forced)
+            _record(cell, report.to_dict(), forced)
             if report.status != "completed":
                 break
             time.sleep(0.3)
@@ -133,51 +152,62 @@ async def _create(address: str, cell: Cell, disk: Path) -> None:
             timeout=120.0)
 
 
-def _record(cell: Cell, report, forced: bool) -> None:
-    d = report.to_dict()
-    if forced:
-        cell.forced_migrations += 1
-        if d["status"] == "completed":
-            (blk,) = [x for x in d["devices"] if x["kind"] == "vbd"]
-            seen = blk["guest-checks"]["read-failures"]
-            cell.forced_observed += seen
-            cell.forced_runs_with_corruption += seen > 0
-        else:
-            cell.errors.append(d["error"])
-        return
-    cell.migrations += 1
+def _record(cell: Cell, d: dict, forced: bool) -> None:
+    tally = cell.forced if forced else cell.chance
+    tally.migrations += 1
+    tally.injected.update(d["injected"])
     if d["status"] != "completed":
-        cell.failed += 1
+        tally.failed += 1
         cell.errors.append(d["error"])
         return
-    if not d["verification"]["passed"]:
-        cell.failed += 1
+    v = d["verification"]
     (blk,) = [x for x in d["devices"] if x["kind"] == "vbd"]
-    observed = blk["guest-checks"]["read-failures"] + (d["verification"]["guest-checks"] or {}).get("failed", 0)
-    cell.observed += observed
-    cell.runs_with_corruption += observed > 0
-    areas = d["verification"]["differing-by-area"]
-    cell.guest_only += areas.get("guest-only", 0)
-    cell.undefined += sum(v for k, v in areas.items() if k != "guest-only")
+    checks = blk["guest-checks"]
+    observed = checks["read-failures"] + (v["guest-checks"] or {}).get("failed", 0)
+    tally.failed += not v["passed"]
+    tally.observed += observed
+    tally.runs_with_corruption += observed > 0
+    tally.classes.update(v["differing-by-class"])
+    tally.causes.update(v["differing-by-cause"])
+    tally.observed_causes.update(f["cause"] for f in v["differing-detail"]
+                                 if f["class"] == "observed")
+    if forced:
+        return
     cell.inflight += blk["inflight-at-suspend"]
     cell.replayed += blk["replayed-on-dest"]
     cell.trusted += blk["trusted-old-ring"]
     cell.downtimes.append(d["downtime-ms"])
     cell.totals.append(d["total-time-ms"])
+    cell.transferred.append(d["transferred-bytes"] / (1 << 20))
+    seconds = d["total-time-ms"] / 1e3
+    cell.io_rates.append((checks["reads-checked"] + checks["writes-acked"]) / seconds)
+
+
+def _counts(c: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(c.items())) or "-"
+
+
+COLUMNS = ("cell", "chance: observed (runs)", "forced: observed (runs)",
+           "differing frames by class", "observed by cause", "in flight / replayed / trusted",
+           "downtime ms", "total ms", "MiB sent", "disk I/O /s", "verdict")
+
+
+def row(r: dict) -> list[str]:
+    ch, fo = r["chance"], r["forced"]
+    classes = Counter(ch["frames-by-class"]) + Counter(fo["frames-by-class"])
+    causes = Counter(ch["observed-by-cause"]) + Counter(fo["observed-by-cause"])
+    return [r["cell"],
+            f"{ch['observed-corruptions']} ({ch['runs-with-corruption']} of {ch['migrations']})",
+            f"{fo['observed-corruptions']} ({fo['runs-with-corruption']} of {fo['migrations']})",
+            _counts(classes), _counts(causes),
+            f"{r['in-flight']} / {r['replayed']} / {r['trusted-old-ring']}",
+            str(r["downtime-ms-median"]), str(r["total-ms-median"]),
+            str(r["transferred-mib-median"]), str(r["guest-io-per-s-median"]), r["verdict"]]
 
 
 def markdown(rows: list[dict], command: str) -> str:
-    head = ("| cell | migrations | observed corruptions (runs) | forced: observed (runs) | "
-            "undefined frames | guest-only frames | in flight / replayed / trusted | "
-            "downtime ms (median) | total ms (median) | verdict |\n"
-            "|---|---|---|---|---|---|---|---|---|---|\n")
-    body = "".join(
-        f"| {r['cell']} | {r['migrations']} | {r['observed-corruptions']} "
-        f"({r['runs-with-corruption']}) | {r['forced-observed-corruptions']} "
-        f"({r['forced-runs-with-corruption']} of {r['forced-migrations']}) | "
-        f"{r['undefined-frames']} | {r['guest-only-frames']} | "
-        f"{r['in-flight']} / {r['replayed']} / {r['trusted-old-ring']} | "
-        f"{r['downtime-ms-median']} | {r['total-ms-median']} | {r['verdict']} |\n" for r in rows)
+    head = "| " + " | ".join(COLUMNS) + " |\n" + "|---" * len(COLUMNS) + "|\n"
+    body = "".join("| " + " | ".join(row(r)) + " |\n" for r in rows)
     return f"`{command}`\n\n{head}{body}"
 
 
@@ -195,19 +225,15 @@ def run_matrix(*, full: bool, runs: int, json_path: Path | None, md_path: Path |
             except Exception as e:  # a cell that cannot run is reported, the rest go on
                 cell.errors.append(f"{type(e).__name__}: {e}")
         rows.append(cell.to_dict())
-        console.print(f"{cell.name}: {cell.verdict} ({cell.observed} observed in "
-                      f"{cell.migrations} migrations)")
-    table = Table(title=f"pvmig matrix: {runs} migrations per cell, "
-                        f"{time.monotonic() - started:.0f} s")
-    for col in ("cell", "migr.", "observed", "forced", "undefined", "guest-only",
-                "inflight/replayed/trusted", "downtime ms", "verdict"):
+        console.print(f"{cell.name}: {cell.verdict} ({cell.chance.observed} + "
+                      f"{cell.forced.observed} observed in {cell.chance.migrations} + "
+                      f"{cell.forced.migrations} migrations)")
+    table = Table(title=f"pvmig matrix: {runs} migrations left to chance and {runs} forced "
+                        f"per cell, {time.monotonic() - started:.0f} s")
+    for col in COLUMNS:
         table.add_column(col)
     for r in rows:
-        table.add_row(r["cell"], str(r["migrations"]), str(r["observed-corruptions"]),
-                      str(r["forced-observed-corruptions"]),
-                      str(r["undefined-frames"]), str(r["guest-only-frames"]),
-                      f"{r['in-flight']}/{r['replayed']}/{r['trusted-old-ring']}",
-                      str(r["downtime-ms-median"]), r["verdict"])
+        table.add_row(*row(r))
     Console().print(table)
     if json_path:
         json_path.write_text(json.dumps({"command": command, "runs": runs, "cells": rows},

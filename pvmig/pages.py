@@ -42,10 +42,16 @@ class Packed:
 
 
 def pack(mem: GuestMemory, frames: np.ndarray, *, seq: int, round: int,
-         out: pb.PageBatch) -> Packed:
+         out: pb.PageBatch, torn: tuple[int, np.ndarray] | None = None) -> Packed:
     """Copy `frames` out of guest memory into the batch `out` (in place: a batch built
-    apart and then set into its record would be copied whole once more)."""
+    apart and then set into its record would be copied whole once more).
+
+    torn (an injection point): (frame, head), the head of that frame as the copy found
+    it before a write landed in the middle of the copy."""
     block = mem.pages[frames]
+    if torn is not None:
+        frame, head = torn
+        block[frames == frame, :len(head)] = head
     zero = ~block.view(np.uint64).any(axis=1)
     if zero.any():
         zero_frames, frames, block = frames[zero], frames[~zero], block[~zero]

@@ -12,7 +12,8 @@ import numpy as np
 from . import errors
 from .memory import PAGE_SIZE
 from .precopy import RoundStats
-from .verify import by_area
+from .devlayout import MAX_FAILED
+from .verify import by_area, classify
 
 MAX_LISTED_FRAMES = 32
 
@@ -39,6 +40,10 @@ class Report:
     memory: str | int | None = None
     differing_frames: list[int] = field(default_factory=list)
     differing_by_area: dict[str, int] = field(default_factory=dict)
+    differing_by_class: dict[str, int] = field(default_factory=dict)
+    differing_by_cause: dict[str, int] = field(default_factory=dict)
+    differing_detail: list[dict] = field(default_factory=list)
+    observed_frames: list[int] = field(default_factory=list)
     guest: dict | None = None
     devices: list[dict] = field(default_factory=list)
     net_peer: dict | None = None
@@ -49,6 +54,7 @@ class Report:
     phases: dict[str, float] = field(default_factory=dict)  # ms from the start
     t0: float = 0.0
     _precopy_s: float = 0.0
+    _differing: object = None  # (frames, areas, causes) until classify
 
     def mark(self, phase: str) -> None:
         """Note when a phase began, on the coordinator's clock."""
@@ -66,7 +72,8 @@ class Report:
             "mbps": round(s.bytes * 8 / 1e6 / s.duration_s, 1) if s.duration_s else 0.0})
         self._precopy_s += s.duration_s
 
-    def set_memory_verdict(self, differing: np.ndarray | None, shared=()) -> None:
+    def set_memory_verdict(self, differing: np.ndarray | None, shared=(),
+                           causes: np.ndarray | None = None) -> None:
         """Which frames differ, and where: a frame that xenstored or a backend writes
         (the xenstore page, a ring, an I/O buffer) can differ because they go on
         writing after the final pass (the hazard pvmig studies); any other is lost."""
@@ -78,7 +85,22 @@ class Report:
             return
         self.memory = int(len(differing))
         self.differing_frames = [int(f) for f in differing[:MAX_LISTED_FRAMES]]
-        self.differing_by_area = by_area(differing, [(r.area, r.first, r.count) for r in shared])
+        areas = [(r.area, r.first, r.count) for r in shared]
+        self.differing_by_area = by_area(differing, areas)
+        self._differing = (differing, causes, areas)
+
+    def classify(self) -> None:
+        """Once the guest has run on the destination: each differing frame's class and
+        cause, the frames the guest's checks named being the observed ones."""
+        seen = {f["frame"] for f in (self.guest or {}).get("failures", [])}
+        for d in self.devices:
+            seen.update(d.get("failed-frames", []))
+        self.observed_frames = sorted(seen)
+        if self._differing is None:
+            return
+        v = classify(*self._differing, observed=seen)
+        self.differing_by_class, self.differing_by_cause = v["by-class"], v["by-cause"]
+        self.differing_detail = v["frames"]
 
     def set_devices(self, before, on_source, on_dest) -> None:
         """Per device: what the source's backend served, what was in flight at
@@ -108,9 +130,11 @@ class Report:
                     "guest-totals": g_dst,
                 })
                 continue
+            n0, n1 = (min(g.get("nr_failed_frames", 0), MAX_FAILED) for g in (g0, g_dst))
             self.devices.append({
                 "kind": s.kind, "devid": s.devid,
                 "served-on-source": s.served, "refused-on-source": s.refused,
+                "failed-frames": list(d.failed_frames)[n0:n1] if d else [],
                 "inflight-at-suspend": since.get("inflight_at_suspend", 0),
                 "replayed-on-dest": since.get("replayed", 0),
                 "trusted-old-ring": since.get("trusted_old_ring", 0),
@@ -156,6 +180,7 @@ class Report:
         ms = lambda s: None if s is None else round(s * 1e3, 3)  # noqa: E731
         return {
             "status": self.status,
+            "committed": self.committed,
             "error": self.error,
             "migration-id": self.migration_id,
             "domain": self.domain,
@@ -181,6 +206,10 @@ class Report:
                 "memory": self.memory,
                 "differing-frames": self.differing_frames,
                 "differing-by-area": self.differing_by_area,
+                "differing-by-class": self.differing_by_class,
+                "differing-by-cause": self.differing_by_cause,
+                "differing-detail": self.differing_detail,
+                "observed-frames": self.observed_frames,
                 "guest-checks": self.guest,
                 "passed": self.verified,
             },
@@ -193,6 +222,6 @@ class Report:
         }
 
     def write(self, path: str) -> None:
+        text = json.dumps(self.to_dict(), indent=2) + "\n"  # whole, or nothing written
         with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-            f.write("\n")
+            f.write(text)

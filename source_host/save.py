@@ -27,14 +27,16 @@ from pvmig._proto import pvmig_pb2 as pb
 from pvmig.client import AgentClient
 from pvmig.domain import OUTGOING, RUNNING, SUSPENDED, Domain
 from pvmig.host import Host, Lease
-from pvmig.memory import save_image
+from pvmig.foreign_writes import TORN
+from pvmig.memory import PAGE_SIZE, save_image
 
 from .stream import PageStream
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 0.1
 HELLO_TIMEOUT_S = 15.0  # under the coordinator's deadline for Begin, so this error wins
-INJECTION_POINTS = {"response-before-final", "xenstore-after-final"}
+INJECTION_POINTS = {"response-before-final", "write-after-final", "torn-copy",
+                    "xenstore-after-final"}
 DEFAULT_STREAMS = 4  # measured best on 2 cores: 1 GiB round 0 in 2.4 s (1), 2.1 s (2), 1.3-1.6 s (4), 1.25 s (8)
 
 
@@ -60,6 +62,9 @@ class SaveSession:
     _streams: list[PageStream] = field(default_factory=list)
     _seq: int = 0
     _last_read: float = 0.0
+    _torn: tuple | None = None  # (frame, finish): injection point torn-copy
+    _keep: frozenset = frozenset()  # its frame, which write-after-final leaves alone
+    _ring_last: np.ndarray | None = None  # injection point write-after-final
 
     # ---- begin
 
@@ -92,6 +97,14 @@ class SaveSession:
                 f"recovery policy {request.recovery!r}: use 'replay' or 'naive'")
         session.recovery = request.recovery or "replay"
         session.save_image = request.save_image
+        if request.persistent_grants not in ("", "on", "off"):
+            raise errors.InvalidArgument(
+                f"persistent grants {request.persistent_grants!r}: use 'on' or 'off'")
+        if request.grant_mode not in ("", "map", "copy"):
+            raise errors.InvalidArgument(f"grant mode {request.grant_mode!r}: use 'map' or 'copy'")
+        if dom.pv is not None:  # before anything is claimed: a refusal changes nothing
+            dom.pv.set_grant_policy(persistent=request.persistent_grants,
+                                    grant_mode=request.grant_mode)
         # Claim the domain before the first await: a second Begin must find it taken.
         dom.migration_id, dom.state = request.migration_id, OUTGOING
         host.saves[request.migration_id] = session
@@ -112,6 +125,7 @@ class SaveSession:
                               inject=tuple(request.inject))
         # Log-dirty on: forget what was written before; round 0 sends every frame.
         dom.log.read_and_clear()
+        dom.journal.reset()
         session._last_read = time.monotonic()
         return session
 
@@ -145,31 +159,25 @@ class SaveSession:
         started = time.monotonic()
         if number == 0:
             frames = np.arange(self.domain.mem.nr_frames, dtype=np.uint32)
+        elif final:
+            frames = await self._final_read()
         else:
-            if final and self.domain.pv is not None and self.domain.pv.inject:
-                self.injected.update(await self.domain.pv.before_final_read())
             frames = self.domain.log.read_and_clear()
         since, self._last_read = started - self._last_read, started
         stats = pb.RoundStats(round=number, dirty_pages=len(frames), started_ns=time.monotonic_ns(),
                               interval_ns=int(since * 1e9),
                               dirty_rate=len(frames) / since if number and since > 0 else 0.0)
-        batches = self._batches(frames)
-        pumps = [asyncio.create_task(self._pump(s, batches, number, stats))
-                 for s in self._streams]
-        try:
-            while True:
-                done, pending = await asyncio.wait(pumps, timeout=PROGRESS_EVERY_S,
-                                                   return_when=asyncio.FIRST_EXCEPTION)
-                for task in done:
-                    task.result()  # the first failure ends the round
-                if not pending:
-                    break
-                yield pb.RoundProgress(done_pages=stats.sent_pages + stats.zero_pages,
-                                       total_pages=len(frames), bytes=stats.bytes)
-        finally:
-            for task in pumps:
-                task.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
+        rings, self._ring_last = self._ring_last, None
+        total = len(frames) + (len(rings) if rings is not None else 0)
+        stats.dirty_pages = total
+        async for progress in self._send(frames, number, stats, total, end=rings is None):
+            yield progress
+        if rings is not None:
+            # injection point write-after-final: the final pass has copied the I/O
+            # buffers; the backends answer now; the rings, copied last, carry the answers
+            self.injected.update(await self.domain.pv.after_final_read(self._keep))
+            async for progress in self._send(rings, number, stats, total, end=True):
+                yield progress
         if final:
             if self.domain.pv is not None and self.domain.pv.inject:
                 # after the final pass's pages are on their way: nothing will send it
@@ -183,25 +191,89 @@ class SaveSession:
         yield pb.RoundProgress(done_pages=len(frames), total_pages=len(frames),
                                bytes=stats.bytes, stats=stats)
 
+    async def _send(self, frames: np.ndarray, number: int, stats: pb.RoundStats,
+                    total: int, end: bool = True) -> AsyncIterator[pb.RoundProgress]:
+        """Send frames on every stream; with `end`, each stream then ends the round
+        with the count of what it sent in it."""
+        batches = self._batches(frames)
+        pumps = [asyncio.create_task(self._pump(s, batches, number, stats, end))
+                 for s in self._streams]
+        try:
+            while True:
+                done, pending = await asyncio.wait(pumps, timeout=PROGRESS_EVERY_S,
+                                                   return_when=asyncio.FIRST_EXCEPTION)
+                for task in done:
+                    task.result()  # the first failure ends the round
+                if not pending:
+                    break
+                yield pb.RoundProgress(done_pages=stats.sent_pages + stats.zero_pages,
+                                       total_pages=total, bytes=stats.bytes)
+        finally:
+            for task in pumps:
+                task.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+
+    async def _final_read(self) -> np.ndarray:
+        """The last read of the dirty bitmap, and the injection points around it."""
+        pv = self.domain.pv
+        if pv is not None and pv.inject:
+            self.injected.update(await pv.before_final_read())
+        self.domain.journal.seal()
+        frames = self.domain.log.read_and_clear()
+        if pv is None or not pv.inject:
+            return frames
+        self._torn = pv.torn_target()
+        if self._torn is not None:
+            # as though the guest had touched the frame last: the final pass copies it
+            self._keep = frozenset([self._torn[0]])
+            frames = np.union1d(frames, np.array([self._torn[0]], dtype=frames.dtype))
+        if "torn-copy" in pv.inject:
+            self.injected["torn-copy"] = 0  # until the copy reaches the frame
+        if "write-after-final" in pv.inject:
+            # The worst order, forced: buffers copied before the backends write them,
+            # rings copied after they publish the responses (as where a guest's ring
+            # lies above its buffers in its pseudo-physical map).
+            rings = np.array(pv.ring_frames(), dtype=frames.dtype)
+            self._ring_last = rings
+            frames = np.setdiff1d(frames, rings)
+        return frames
+
     def _batches(self, frames: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
         for lo in range(0, len(frames), self.batch_pages):
             yield self._seq, frames[lo:lo + self.batch_pages]
             self._seq += 1
 
-    async def _pump(self, stream: PageStream, batches, number: int, stats: pb.RoundStats) -> None:
-        """Send batches until the round has none left, then this stream's round end.
+    async def _pump(self, stream: PageStream, batches, number: int, stats: pb.RoundStats,
+                    end: bool) -> None:
+        """Send batches until there are none left, then (`end`) this stream's round end.
         The streams share one iterator: each batch goes on exactly one stream."""
-        sent = 0
+        journal = self.domain.journal
         for seq, frames in batches:
             record = stream.record()
+            torn = await self._tear(frames) if self._torn is not None else None
             packed = pages.pack(self.domain.mem, frames, seq=seq, round=number,
-                                out=record.pages)
+                                out=record.pages, torn=torn)
+            journal.copy(frames)
+            if torn is not None:
+                journal.write(torn[0], TORN)
             await stream.write(record)
-            sent += len(frames)
+            stream.sent_in_round += len(frames)
             stats.sent_pages += packed.normal
             stats.zero_pages += packed.zero
             stats.bytes += packed.wire_bytes
-        await stream.end_round(number, sent)
+        if end:
+            await stream.end_round(number)
+
+    async def _tear(self, frames: np.ndarray) -> tuple[int, np.ndarray] | None:
+        """Injection point torn-copy: the copy of the target frame has read its first
+        half when the backend finishes the read into it."""
+        frame, finish = self._torn
+        if not (frames == frame).any():
+            return None
+        self._torn = None
+        head = self.domain.mem.pages[frame, :PAGE_SIZE // 2].copy()
+        self.injected["torn-copy"] += await finish()
+        return frame, head
 
     async def _end_streams(self) -> None:
         first, *rest = self._streams
@@ -242,11 +314,13 @@ class SaveSession:
         self._own()
         if self.domain.state != SUSPENDED:
             raise errors.FailedPrecondition("frame hashes are taken after the final pass")
+        causes = self.domain.journal.causes()
         if self.save_image:  # the image and the hashes are one snapshot
             hashes = await asyncio.to_thread(save_image, self.domain.mem, self.save_image)
+            await asyncio.to_thread(verify.save_causes, causes, self.save_image)
         else:
             hashes = await asyncio.to_thread(self.domain.mem.frame_hashes)
-        for chunk in verify.chunks(hashes):
+        for chunk in verify.chunks(hashes, causes):
             yield chunk
 
     async def complete(self) -> None:
@@ -276,6 +350,7 @@ class SaveSession:
         dom.migration_id = ""
         if dom.pv is not None:
             dom.pv.set_policy(backend_log=False, xenstore_track=False)
+            dom.pv.set_grant_policy()
             if self.quiesced:
                 dom.pv.unquiesce()
         if dom.state == SUSPENDED:

@@ -24,6 +24,7 @@ class PageStream:
         self.dest_address = dest_address
         self._call = pb_grpc.PageStreamStub(channel).Transfer()
         self._acks: dict = {}
+        self.sent_in_round = 0  # pages this stream carried in the round under way
         self._reader = asyncio.create_task(self._read_acks())
 
     def record(self) -> pb.StreamRecord:
@@ -35,8 +36,9 @@ class PageStream:
         except (grpc.RpcError, asyncio.InvalidStateError, grpc.aio.UsageError) as e:
             raise await self._error(e) from None
 
-    async def end_round(self, number: int, sent: int) -> None:
+    async def end_round(self, number: int) -> None:
         """Mark the end of a round on this stream; return once the destination has it all."""
+        sent, self.sent_in_round = self.sent_in_round, 0
         ack = self._expect(number)
         rec = self.record()
         rec.round_end.round, rec.round_end.pages = number, sent

@@ -43,7 +43,8 @@ def test_quiesced_backends_and_tracked_xenstore_leave_memory_identical(busy, tmp
                       "--xenstore-track", "on")
     assert r.returncode == 0, r.stderr
     assert data["policies"] == {"quiesce": "backend", "backend-log": False,
-                                "xenstore-track": True, "recovery": "replay", "inject": []}
+                                "xenstore-track": True, "recovery": "replay", "inject": [],
+                                "persistent-grants": False, "grant-mode": "map"}
     q = data["quiesce"]
     assert q["unmapped"] >= 3  # the disk's ring, the NIC's two rings at least
     assert data["verification"]["memory"] == "identical", data["verification"]
@@ -174,25 +175,32 @@ def test_forced_xenstore_write_after_the_final_pass(busy, tmp_path, track):
 
 
 def test_saved_images_verify_like_the_report(busy, tmp_path):
-    """--save-images leaves the two memories the report compared; `pvmig verify` on them
-    finds the same differing frames, placed in the same areas."""
+    """--save-images leaves the two memories the report compared (and the source's
+    causes beside its image); `pvmig verify` on them finds the same differing frames,
+    placed, classified and explained alike."""
     import json
     a, b = busy["a"].address, busy["b"].address
     images = tmp_path / "images"
     images.mkdir()
-    r, data = migrate(a, b, "vm", tmp_path / "r.json", "--save-images", str(images))
+    r, data = migrate(a, b, "vm", tmp_path / "r.json", "--save-images", str(images),
+                      "--inject", "torn-copy")
     assert r.returncode == 0, r.stderr
     mid = data["migration-id"]
     src, dst = images / f"{mid}.source.ram", images / f"{mid}.dest.ram"
     assert src.stat().st_size == dst.stat().st_size == 16 << 20
-    v = pvmig("verify", str(src), str(dst), "--json")
+    v = pvmig("verify", str(src), str(dst), "--json", "--report", str(tmp_path / "r.json"))
     assert v.returncode == 0, v.stderr
     result = json.loads(v.stdout)
     report = data["verification"]
     differing = 0 if report["memory"] == "identical" else report["memory"]
     assert result["differing"] == differing
-    assert result["differing-frames"] == report["differing-frames"]
+    assert [f["frame"] for f in result["differing-frames"]] == report["differing-frames"]
+    assert result["differing-frames"] == report["differing-detail"]
+    assert result["differing-by-class"] == report["differing-by-class"]
+    assert result["differing-by-cause"] == report["differing-by-cause"]
     assert "guest-only" not in result["differing-by-area"]
     assert sum(result["differing-by-area"].values()) == differing
+    text = pvmig("verify", str(src), str(dst))
+    assert text.returncode == 0 and "by cause:" in text.stdout, text.stdout
     bad = pvmig("verify", str(src), str(tmp_path / "nope.ram"))
     assert bad.returncode == 1 and "cannot read memory image" in bad.stderr

@@ -21,21 +21,28 @@ def test_quick_matrix(tmp_path):
     names = {(c["grants"], c["recovery"], c["quiesce"]) for c in cells}
     assert len(names) == 8
     for c in cells:
-        assert c["migrations"] == 2 and c["verdict"] != "error", c
+        chance, forced = c["chance"], c["forced"]
+        assert chance["migrations"] == 2 and c["verdict"] != "error", c
+        assert forced["migrations"] == 2, c
         assert c["in-flight"] > 0, c  # the slow disk keeps requests in flight
         assert c["replayed"] + c["trusted-old-ring"] == c["in-flight"], c
-        assert c["guest-only-frames"] == 0, c  # only backends' frames may differ
-        assert c["forced-migrations"] == 2, c
+        for t in (chance, forced):
+            # only dom0's frames may differ, and the journal explains every one
+            assert "lost" not in t["frames-by-class"], c
+            assert "unexplained" not in t["frames-by-cause"], c
+        # each forced set made its hazards happen at least once
+        assert forced["injected"].get("xenstore-after-final") == 2, c
         if c["recovery"] == "replay":  # blkif_recover: never observed corrupt
-            assert c["observed-corruptions"] == c["forced-observed-corruptions"] == 0, c
+            assert chance["observed-corruptions"] == forced["observed-corruptions"] == 0, c
             assert c["trusted-old-ring"] == 0
         if c["quiesce"] == "backend":  # every backend write logged before the final pass
-            assert c["undefined-frames"] == 0, c
-            assert c["forced-observed-corruptions"] == 0, c
-    # The forced hazard with persistent grants and a frontend that trusts the old ring.
+            assert chance["frames-by-class"] == {}, c
+            assert forced["frames-by-cause"] == {"xenstore-ring": 2}, c
+            assert forced["observed-corruptions"] == 0, c
+    # The forced hazards with persistent grants and a frontend that trusts the old ring.
     (naive,) = [c for c in cells if (c["grants"], c["recovery"], c["quiesce"])
                 == ("persistent", "naive", "none")]
-    assert naive["forced-observed-corruptions"] > 0 and naive["verdict"] == "CORRUPTS"
+    assert naive["forced"]["observed-corruptions"] > 0 and naive["verdict"] == "CORRUPTS"
     md = (tmp_path / "m.md").read_text()
     assert md.startswith("`pvmig matrix --runs 2`") and md.count("\n| ") >= 9
-    assert "forced: observed" in md
+    assert "forced: observed" in md and "observed by cause" in md

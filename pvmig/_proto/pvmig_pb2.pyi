@@ -75,7 +75,7 @@ class DeviceConfig(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., devid: _Optional[int] = ..., disk: _Optional[str] = ..., blocks: _Optional[int] = ..., latency_ms: _Optional[float] = ..., persistent: _Optional[bool] = ..., grant_mode: _Optional[str] = ..., io_rate: _Optional[float] = ...) -> None: ...
 
 class DeviceStats(_message.Message):
-    __slots__ = ("kind", "devid", "served", "refused", "guest", "address")
+    __slots__ = ("kind", "devid", "served", "refused", "guest", "address", "failed_frames")
     class GuestEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -89,13 +89,15 @@ class DeviceStats(_message.Message):
     REFUSED_FIELD_NUMBER: _ClassVar[int]
     GUEST_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FRAMES_FIELD_NUMBER: _ClassVar[int]
     kind: str
     devid: int
     served: int
     refused: int
     guest: _containers.ScalarMap[str, int]
     address: str
-    def __init__(self, kind: _Optional[str] = ..., devid: _Optional[int] = ..., served: _Optional[int] = ..., refused: _Optional[int] = ..., guest: _Optional[_Mapping[str, int]] = ..., address: _Optional[str] = ...) -> None: ...
+    failed_frames: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, kind: _Optional[str] = ..., devid: _Optional[int] = ..., served: _Optional[int] = ..., refused: _Optional[int] = ..., guest: _Optional[_Mapping[str, int]] = ..., address: _Optional[str] = ..., failed_frames: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class CreateDomainRequest(_message.Message):
     __slots__ = ("name", "ram_bytes", "workload", "devices")
@@ -208,7 +210,7 @@ class MigrationRef(_message.Message):
     def __init__(self, migration_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class BeginRequest(_message.Message):
-    __slots__ = ("migration_id", "domain", "dest_address", "batch_pages", "streams", "quiesce", "backend_log", "xenstore_track", "recovery", "inject", "save_image")
+    __slots__ = ("migration_id", "domain", "dest_address", "batch_pages", "streams", "quiesce", "backend_log", "xenstore_track", "recovery", "inject", "save_image", "persistent_grants", "grant_mode")
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     DOMAIN_FIELD_NUMBER: _ClassVar[int]
     DEST_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -220,6 +222,8 @@ class BeginRequest(_message.Message):
     RECOVERY_FIELD_NUMBER: _ClassVar[int]
     INJECT_FIELD_NUMBER: _ClassVar[int]
     SAVE_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    PERSISTENT_GRANTS_FIELD_NUMBER: _ClassVar[int]
+    GRANT_MODE_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     domain: str
     dest_address: str
@@ -231,7 +235,9 @@ class BeginRequest(_message.Message):
     recovery: str
     inject: _containers.RepeatedScalarFieldContainer[str]
     save_image: str
-    def __init__(self, migration_id: _Optional[str] = ..., domain: _Optional[str] = ..., dest_address: _Optional[str] = ..., batch_pages: _Optional[int] = ..., streams: _Optional[int] = ..., quiesce: _Optional[str] = ..., backend_log: _Optional[bool] = ..., xenstore_track: _Optional[bool] = ..., recovery: _Optional[str] = ..., inject: _Optional[_Iterable[str]] = ..., save_image: _Optional[str] = ...) -> None: ...
+    persistent_grants: str
+    grant_mode: str
+    def __init__(self, migration_id: _Optional[str] = ..., domain: _Optional[str] = ..., dest_address: _Optional[str] = ..., batch_pages: _Optional[int] = ..., streams: _Optional[int] = ..., quiesce: _Optional[str] = ..., backend_log: _Optional[bool] = ..., xenstore_track: _Optional[bool] = ..., recovery: _Optional[str] = ..., inject: _Optional[_Iterable[str]] = ..., save_image: _Optional[str] = ..., persistent_grants: _Optional[str] = ..., grant_mode: _Optional[str] = ...) -> None: ...
 
 class QuiesceReply(_message.Message):
     __slots__ = ("duration_ns", "finished", "abandoned", "unmapped")
@@ -317,12 +323,14 @@ class SuspendReply(_message.Message):
     def __init__(self, suspended_ns: _Optional[int] = ..., vcpu_bytes: _Optional[int] = ...) -> None: ...
 
 class HashChunk(_message.Message):
-    __slots__ = ("first_frame", "hashes")
+    __slots__ = ("first_frame", "hashes", "causes")
     FIRST_FRAME_FIELD_NUMBER: _ClassVar[int]
     HASHES_FIELD_NUMBER: _ClassVar[int]
+    CAUSES_FIELD_NUMBER: _ClassVar[int]
     first_frame: int
     hashes: bytes
-    def __init__(self, first_frame: _Optional[int] = ..., hashes: _Optional[bytes] = ...) -> None: ...
+    causes: bytes
+    def __init__(self, first_frame: _Optional[int] = ..., hashes: _Optional[bytes] = ..., causes: _Optional[bytes] = ...) -> None: ...
 
 class DoneReply(_message.Message):
     __slots__ = ()
