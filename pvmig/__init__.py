@@ -10,5 +10,7 @@ import os as _os
 # pvmig forks only to exec (guest processes, via vfork); gRPC's fork handlers are of no
 # use to it and have crashed children. Must be set before grpc is imported.
 _os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+# gRPC's core logs each failed TLS handshake to stderr; pvmig says it once, with the fix.
+_os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 __version__ = "0.1.0"

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -92,6 +93,11 @@ class AgentServicer(pb_grpc.AgentServicer):
 
     @_status
     async def Hello(self, request, context):
+        if request.protocol_version != rpc.PROTOCOL_VERSION:
+            raise errors.FailedPrecondition(
+                f"{request.client or 'the caller'} speaks protocol version "
+                f"{request.protocol_version}, agent {self.host.name} speaks "
+                f"{rpc.PROTOCOL_VERSION}: run the same pvmig release on both")
         return pb.HelloReply(protocol_version=rpc.PROTOCOL_VERSION, agent_name=self.host.name,
                              instance_id=self.host.instance_id, capabilities=CAPABILITIES,
                              advertise=self.host.advertise,
@@ -239,9 +245,21 @@ class PageStreamServicer(pb_grpc.PageStreamServicer):
             yield ack
 
 
+def advertised(bind_host: str, port: int) -> str:
+    """The address peers are told to use when none was given: the bound one, unless it
+    is a wildcard nobody can dial, then this host's name."""
+    if bind_host in ("0.0.0.0", "::", ""):
+        name = socket.getfqdn()
+        log.warning("listening on all addresses and no --advertise: telling peers %s:%d; "
+                    "give --advertise if they cannot reach that name", name, port)
+        return f"{name}:{port}"
+    return f"{bind_host}:{port}" if ":" not in bind_host else f"[{bind_host}]:{port}"
+
+
 async def serve(host: Host, listen: str, *, ready_file: Path | None = None) -> None:
     bind_host, _ = rpc.parse_address(listen, listen=True)
-    server = grpc.aio.server(options=rpc.SERVER_OPTIONS)
+    server = grpc.aio.server(options=rpc.SERVER_OPTIONS,
+                             interceptors=host.security.server_interceptors())
     pb_grpc.add_AgentServicer_to_server(AgentServicer(host), server)
     pb_grpc.add_MigrationSourceServicer_to_server(MigrationSourceServicer(host), server)
     pb_grpc.add_MigrationDestServicer_to_server(MigrationDestServicer(host), server)
@@ -249,19 +267,25 @@ async def serve(host: Host, listen: str, *, ready_file: Path | None = None) -> N
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
-        port = server.add_insecure_port(listen)
+        creds = host.security.server_credentials()
+        port = (server.add_secure_port(listen, creds) if creds is not None
+                else server.add_insecure_port(listen))
     except RuntimeError as e:
         raise errors.Unavailable(
             f"cannot listen on {listen}: {e} (is the port in use, or the address not "
             "one of this host's?)") from None
     bound = f"{bind_host}:{port}" if ":" not in bind_host else f"[{bind_host}]:{port}"
     if not host.advertise or host.advertise.endswith(":0"):
-        host.advertise = bound
+        host.advertise = advertised(bind_host, port)
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("pvmig.v1.Agent", health_pb2.HealthCheckResponse.SERVING)
-    log.info("agent %s listening on %s (advertised as %s), guest RAM under %s",
-             host.name, bound, host.advertise, host.mem_dir)
+    log.info("agent %s listening on %s (advertised as %s), guest RAM under %s; callers "
+             "need %s", host.name, bound, host.advertise, host.mem_dir,
+             host.security.describe())
+    if not host.security.tls and not host.security.token:
+        log.warning("this agent accepts any caller, in plain text: keep it on loopback or a "
+                    "private network, or give it --tls-* or --token-file")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -283,7 +307,8 @@ async def serve(host: Host, listen: str, *, ready_file: Path | None = None) -> N
 
 def run(*, listen: str, name: str, data_dir: Path, mem_dir: Path, max_ram_bytes: int,
         advertise: str = "", ready_file: Path | None = None,
-        session_timeout_s: float = 120.0) -> None:
+        session_timeout_s: float = 120.0, security=None, storage_dir: Path | None = None) -> None:
     host = Host(name=name, data_dir=data_dir, mem_dir=mem_dir, max_ram_bytes=max_ram_bytes,
-                advertise=advertise, session_timeout_s=session_timeout_s)
+                advertise=advertise, session_timeout_s=session_timeout_s, security=security,
+                storage_dir=storage_dir)
     uvloop.run(serve(host, listen, ready_file=ready_file))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import uvloop
 
-from . import errors
+from . import errors, security
 from ._proto import pvmig_pb2 as pb
 from .client import AgentClient
 from .host import DEFAULT_WORKLOAD, default_max_ram
@@ -21,9 +21,11 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(args, "log_level", "INFO").upper(),
+    logging.basicConfig(level=(getattr(args, "log_level", None) or "INFO").upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
+        if hasattr(args, "tls_ca") and args.command != "agent":
+            security.set_default(_security(vars(args)))
         return args.func(args)
     except errors.PvmigError as e:
         print(f"pvmig: error: {e}", file=sys.stderr)
@@ -37,27 +39,59 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pvmig", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    a = sub.add_parser("agent", help="run a host agent")
-    a.add_argument("--listen", required=True, metavar="HOST:PORT",
+    auth = argparse.ArgumentParser(add_help=False)
+    g = auth.add_argument_group("authentication (mutual TLS, or a token; default from "
+                                "PVMIG_TLS_CA, PVMIG_TLS_CERT, PVMIG_TLS_KEY, PVMIG_TOKEN_FILE)")
+    g.add_argument("--tls-ca", metavar="PEM", help="the cluster's CA certificate")
+    g.add_argument("--tls-cert", metavar="PEM", help="this host's or coordinator's certificate")
+    g.add_argument("--tls-key", metavar="PEM", help="its private key")
+    g.add_argument("--token-file", metavar="FILE",
+                   help="a shared token (authenticates, does not encrypt: for one machine)")
+
+    a = sub.add_parser("agent", help="run a host agent", parents=[auth])
+    a.add_argument("--config", type=Path, metavar="TOML",
+                   help="settings for this host (the flags' names, with _ for -; a [tls] "
+                   "table with ca, cert, key); flags given as well win")
+    a.add_argument("--listen", metavar="HOST:PORT",
                    help="address to serve gRPC on (port 0: pick one)")
-    a.add_argument("--name", required=True, help="this host's name")
-    a.add_argument("--data-dir", required=True, type=Path,
-                   help="logs and durable migration records")
+    a.add_argument("--name", help="this host's name")
+    a.add_argument("--data-dir", type=Path, help="logs and durable migration records")
     a.add_argument("--mem-dir", type=Path,
                    help="where guest RAM files live (default /dev/shm/pvmig/NAME)")
+    a.add_argument("--storage-dir", type=Path,
+                   help="where disks named by a relative path live on this host (the shared "
+                   "storage's mount point here)")
     a.add_argument("--max-ram-mb", type=int, help="guest RAM this host allows in all "
                    "(default: half of the host's memory)")
-    a.add_argument("--advertise", default="", metavar="HOST:PORT",
+    a.add_argument("--advertise", metavar="HOST:PORT",
                    help="the address other agents reach this one at (default: --listen)")
     a.add_argument("--ready-file", type=Path, help="write the bound address here once serving")
-    a.add_argument("--session-timeout", type=float, default=120.0, metavar="S",
-                   help="abort a migration whose coordinator is silent this long before commit")
-    a.add_argument("--log-level", default="info")
+    a.add_argument("--session-timeout", type=float, metavar="S",
+                   help="abort a migration whose coordinator is silent this long before "
+                   "commit (default 120)")
+    a.add_argument("--log-level")
     a.set_defaults(func=_agent)
+
+    cert = sub.add_parser("certs", help="a small CA and certificates for a cluster's "
+                          "agents and coordinators (mutual TLS)")
+    csub = cert.add_subparsers(dest="action", required=True)
+    ci = csub.add_parser("init", help="make the CA: DIR/ca.pem and DIR/ca-key.pem")
+    ci.add_argument("--dir", required=True, type=Path)
+    ci.add_argument("--days", type=int, default=3650)
+    ci.set_defaults(func=_certs_init)
+    cs = csub.add_parser("issue", help="a certificate signed by the CA: DIR/NAME.pem and "
+                         "DIR/NAME-key.pem, good as a server and as a client")
+    cs.add_argument("name", help="the agent's or coordinator's name")
+    cs.add_argument("--dir", required=True, type=Path, help="where the CA is")
+    cs.add_argument("--host", action="append", default=[], metavar="NAME|IP",
+                    help="a name or address the agent is dialled at (repeat; default: NAME)")
+    cs.add_argument("--out", type=Path, help="where to write (default: --dir)")
+    cs.add_argument("--days", type=int, default=825)
+    cs.set_defaults(func=_certs_issue)
 
     d = sub.add_parser("domain", help="create, list, show or destroy domains on an agent")
     dsub = d.add_subparsers(dest="action", required=True)
-    c = dsub.add_parser("create", help="create a domain and boot its guest")
+    c = dsub.add_parser("create", help="create a domain and boot its guest", parents=[auth])
     c.add_argument("name")
     c.add_argument("--agent", required=True, metavar="HOST:PORT")
     c.add_argument("--ram-mb", type=int, default=64)
@@ -71,7 +105,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="fraction of memory written at boot (the rest stays zero)")
     c.add_argument("--seed", type=int, default=DEFAULT_WORKLOAD["seed"])
     c.add_argument("--disk", metavar="PATH", help="give the guest a PV disk: this image "
-                   "(created empty; on shared storage both hosts reach)")
+                   "(created empty; on shared storage both hosts reach: an absolute path "
+                   "is the same on both, a relative one lies under each agent's "
+                   "--storage-dir)")
     c.add_argument("--disk-blocks", type=int, default=256, metavar="N",
                    help="disk size in 4 KiB blocks")
     c.add_argument("--disk-latency-ms", type=float, default=0.0, metavar="MS",
@@ -89,13 +125,14 @@ def _parser() -> argparse.ArgumentParser:
     for name, func, help_ in (("list", _domain_list, "list domains"),
                               ("show", _domain_show, "show one domain and its guest's checks"),
                               ("destroy", _domain_destroy, "destroy a domain")):
-        x = dsub.add_parser(name, help=help_)
+        x = dsub.add_parser(name, help=help_, parents=[auth])
         if name != "list":
             x.add_argument("name")
         x.add_argument("--agent", required=True, metavar="HOST:PORT")
         x.set_defaults(func=func)
 
-    m = sub.add_parser("migrate", help="live-migrate a domain from one agent to another")
+    m = sub.add_parser("migrate", help="live-migrate a domain from one agent to another",
+                       parents=[auth])
     m.add_argument("--source", required=True, metavar="HOST:PORT")
     m.add_argument("--dest", required=True, metavar="HOST:PORT")
     m.add_argument("--domain", required=True)
@@ -150,13 +187,13 @@ def _parser() -> argparse.ArgumentParser:
     m.set_defaults(func=_migrate)
 
     st = sub.add_parser("status", help="what runs where: each agent's domains, their "
-                        "state, migrations under way and their guests' checks")
+                        "state, migrations under way and their guests' checks", parents=[auth])
     st.add_argument("--agent", required=True, action="append", metavar="HOST:PORT")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=_status)
 
     x = sub.add_parser("cancel", help="stop a migration before its commit; the guest "
-                       "goes on where it was")
+                       "goes on where it was", parents=[auth])
     x.add_argument("--migration", required=True, metavar="ID")
     x.add_argument("--agent", required=True, action="append", metavar="HOST:PORT",
                    help="an agent taking part (give both)")
@@ -201,17 +238,89 @@ def _parser() -> argparse.ArgumentParser:
 
 # ---- agent
 
+AGENT_DEFAULTS = {"listen": None, "name": None, "data_dir": None, "mem_dir": None,
+                  "storage_dir": None, "max_ram_mb": None, "advertise": "",
+                  "ready_file": None, "session_timeout": 120.0, "log_level": "info",
+                  "tls_ca": None, "tls_cert": None, "tls_key": None, "token_file": None}
+PATHS = ("data_dir", "mem_dir", "storage_dir", "ready_file")
+
+
+def agent_settings(args) -> dict:
+    """Defaults, then the config file, then the flags given."""
+    out = dict(AGENT_DEFAULTS)
+    if args.config:
+        out.update(_read_config(args.config))
+    out.update({k: getattr(args, k) for k in AGENT_DEFAULTS if getattr(args, k) is not None})
+    for key in ("listen", "name", "data_dir"):
+        if not out[key]:
+            flag = "--" + key.replace("_", "-")
+            raise errors.InvalidArgument(f"the agent needs {flag} (or {key} in its --config)")
+    for key in PATHS:
+        if out[key] is not None:
+            out[key] = Path(out[key])
+    if out["max_ram_mb"] is not None and out["max_ram_mb"] <= 0:
+        raise errors.InvalidArgument(f"--max-ram-mb must be > 0, not {out['max_ram_mb']}")
+    if not out["session_timeout"] > 0:
+        raise errors.InvalidArgument(
+            f"--session-timeout must be > 0 s, not {out['session_timeout']}")
+    return out
+
+
+def _read_config(path: Path) -> dict:
+    import tomllib
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as e:
+        raise errors.InvalidArgument(f"cannot read config {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise errors.InvalidArgument(f"config {path} is not valid TOML: {e}") from None
+    tls = data.pop("tls", {})
+    if not isinstance(tls, dict) or set(tls) - {"ca", "cert", "key"}:
+        raise errors.InvalidArgument(f"config {path}: [tls] takes ca, cert and key")
+    data.update({f"tls_{k}": v for k, v in tls.items()})
+    unknown = set(data) - set(AGENT_DEFAULTS)
+    if unknown:
+        raise errors.InvalidArgument(
+            f"config {path}: unknown setting(s) {sorted(unknown)}; known are "
+            f"{sorted(k for k in AGENT_DEFAULTS if not k.startswith('tls_'))} and [tls]")
+    return data
+
+
 def _agent(args) -> int:
     from .agent import run
-    if args.max_ram_mb is not None and args.max_ram_mb <= 0:
-        raise errors.InvalidArgument(f"--max-ram-mb must be > 0, not {args.max_ram_mb}")
-    if not args.session_timeout > 0:
-        raise errors.InvalidArgument(f"--session-timeout must be > 0 s, not {args.session_timeout}")
-    max_ram = args.max_ram_mb << 20 if args.max_ram_mb else default_max_ram()
-    mem_dir = args.mem_dir or Path("/dev/shm/pvmig") / args.name
-    run(listen=args.listen, name=args.name, data_dir=args.data_dir, mem_dir=mem_dir,
-        max_ram_bytes=max_ram, advertise=args.advertise, ready_file=args.ready_file,
-        session_timeout_s=args.session_timeout)
+    cfg = agent_settings(args)
+    logging.getLogger().setLevel(str(cfg["log_level"]).upper())
+    sec = _security(cfg)
+    max_ram = cfg["max_ram_mb"] << 20 if cfg["max_ram_mb"] else default_max_ram()
+    mem_dir = cfg["mem_dir"] or Path("/dev/shm/pvmig") / cfg["name"]
+    run(listen=cfg["listen"], name=cfg["name"], data_dir=cfg["data_dir"], mem_dir=mem_dir,
+        max_ram_bytes=max_ram, advertise=cfg["advertise"], ready_file=cfg["ready_file"],
+        session_timeout_s=cfg["session_timeout"], security=sec,
+        storage_dir=cfg["storage_dir"])
+    return EXIT_OK
+
+
+def _security(given: dict):
+    """Flags (or config), else the environment."""
+    from .security import Security
+    if any(given.get(k) for k in ("tls_ca", "tls_cert", "tls_key", "token_file")):
+        return Security.load(ca=given.get("tls_ca"), cert=given.get("tls_cert"),
+                             key=given.get("tls_key"), token_file=given.get("token_file"))
+    return Security.from_env()
+
+
+def _certs_init(args) -> int:
+    from .security import init_ca
+    path = init_ca(args.dir, days=args.days)
+    print(f"CA certificate {path}; its key {args.dir / 'ca-key.pem'} (keep it private)")
+    return EXIT_OK
+
+
+def _certs_issue(args) -> int:
+    from .security import issue
+    cert, key = issue(args.dir, args.name, args.host, days=args.days, out=args.out)
+    print(f"certificate {cert} and key {key} for {args.name} "
+          f"({', '.join(args.host or [args.name])})")
     return EXIT_OK
 
 
@@ -247,7 +356,7 @@ def _domain_create(args) -> int:
         raise errors.InvalidArgument("--disk-latency-ms and --disk-io-rate must be >= 0")
     if args.disk:
         devices.append(pb.DeviceConfig(
-            kind="vbd", devid=0, disk=str(Path(args.disk).resolve()), blocks=args.disk_blocks,
+            kind="vbd", devid=0, disk=args.disk, blocks=args.disk_blocks,
             latency_ms=args.disk_latency_ms, io_rate=args.disk_io_rate,
             persistent=args.persistent_grants, grant_mode=args.grant_mode))
 

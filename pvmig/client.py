@@ -11,16 +11,17 @@ from typing import AsyncIterator
 
 import grpc
 
-from . import errors, rpc
+from . import errors, rpc, security
 from ._proto import pvmig_pb2 as pb
 from ._proto import pvmig_pb2_grpc as pb_grpc
 
 
 class AgentClient:
-    def __init__(self, address: str, role: str = "agent") -> None:
+    def __init__(self, address: str, role: str = "agent", sec=None) -> None:
         self.address = address
         self.where = f"{role} at {address}"  # how errors name it: "the destination agent at ..."
-        self.channel = self._channel = rpc.channel(address)
+        self.security = sec or security.default()
+        self.channel = self._channel = rpc.channel(address, self.security)
         self.agent = pb_grpc.AgentStub(self._channel)
         self.source = pb_grpc.MigrationSourceStub(self._channel)
         self.dest = pb_grpc.MigrationDestStub(self._channel)
@@ -39,14 +40,19 @@ class AgentClient:
         try:
             return await method(request, timeout=timeout)
         except grpc.RpcError as e:
-            raise errors.from_rpc(e, self.where) from None
+            raise self._error(e) from None
 
     async def stream(self, method, request, timeout: float | None = None) -> AsyncIterator:
         try:
             async for item in method(request, timeout=timeout):
                 yield item
         except grpc.RpcError as e:
-            raise errors.from_rpc(e, self.where) from None
+            raise self._error(e) from None
+
+    def _error(self, e: grpc.RpcError) -> errors.PvmigError:
+        err = errors.from_rpc(e, self.where)
+        hint = rpc.transport_hint(e.code(), e.details() or "", self.security)
+        return type(err)(f"{err} ({hint})") if hint else err
 
     async def hello(self, client: str = "pvmig", timeout: float = 10.0) -> pb.HelloReply:
         reply = await self.call(self.agent.Hello, pb.HelloRequest(

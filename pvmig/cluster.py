@@ -28,13 +28,16 @@ READY_TIMEOUT_S = 30.0
 
 class LocalAgent:
     def __init__(self, name: str, base_dir: Path, *, bind: str = "127.0.0.1",
-                 mem_dir: Path | None = None, extra_args: list[str] | None = None) -> None:
+                 mem_dir: Path | None = None, extra_args=None, security=None) -> None:
+        """extra_args: flags for the agent, or a function of its name giving them (its
+        own certificate, say); security: what the readiness check presents."""
         self.name = name
         self.dir = Path(base_dir) / name
         self.bind = bind
         self._own_mem_root = mem_dir is None
         self.mem_dir = mem_dir or Path("/dev/shm") / f"pvmig-{uuid.uuid4().hex[:8]}" / name
-        self.extra_args = extra_args or []
+        self.extra_args = (extra_args(name) if callable(extra_args) else extra_args) or []
+        self.security = security
         self.proc: subprocess.Popen | None = None
         self.address = ""
 
@@ -69,7 +72,9 @@ class LocalAgent:
                 raise TimeoutError(f"agent {self.name} not ready in {timeout:.0f} s")
             time.sleep(0.02)
         self.address = json.loads(self.ready_file.read_text())["address"]
-        with grpc.insecure_channel(self.address) as ch:
+        creds = self.security.channel_credentials() if self.security is not None else None
+        with (grpc.secure_channel(self.address, creds) if creds is not None
+              else grpc.insecure_channel(self.address)) as ch:
             status = health_pb2_grpc.HealthStub(ch).Check(
                 health_pb2.HealthCheckRequest(service="pvmig.v1.Agent"), timeout=timeout)
         if status.status != health_pb2.HealthCheckResponse.SERVING:

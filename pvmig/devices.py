@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 from . import errors, guestinfo
 from .blkback import BlkBack
@@ -50,9 +51,23 @@ def normalise(config: dict) -> dict:
     return cfg
 
 
+def disk_path(disk: str, storage_dir: Path | None) -> Path:
+    """A disk named by an absolute path is there on every host; one named by a relative
+    path lives under this host's storage directory."""
+    path = Path(disk)
+    if path.is_absolute():
+        return path
+    if storage_dir is None:
+        raise errors.InvalidArgument(
+            f"disk {disk!r} is a relative path and this agent has no --storage-dir "
+            "to find it under: give the agent one, or the disk an absolute path")
+    return storage_dir / path
+
+
 class DomainDevices:
     def __init__(self, xenstored: Xenstored, dom, configs: list[dict], *,
-                 fresh_disks: bool, net_bind: str = "127.0.0.1") -> None:
+                 fresh_disks: bool, net_bind: str = "127.0.0.1",
+                 storage_dir: Path | None = None) -> None:
         self.net_bind = net_bind
         self.netdevs: dict[int, BackendDevice] = {}
         self.xenstore_track = False
@@ -65,7 +80,8 @@ class DomainDevices:
         self.server: RingServer | None = None
         self.xs_port: BackendPort | None = None
         self.backends: dict[int, tuple[BlkBack, BackendDevice]] = {}
-        self.disks = {c["devid"]: DiskImage(c["disk"], c["blocks"], fresh=fresh_disks)
+        self.disks = {c["devid"]: DiskImage(disk_path(c["disk"], storage_dir), c["blocks"],
+                                            fresh=fresh_disks)
                       for c in self.configs if c["kind"] == "vbd"}
         self.nets: dict[int, NetBack] = {}
         dom.on_xenstore = self.introduce

@@ -25,6 +25,7 @@ from .devices import DomainDevices, normalise
 from .domain import Domain
 from .xenstored import Xenstored
 from .memory import PAGE_SIZE
+from .security import Security
 
 if TYPE_CHECKING:
     from dest_host.restore import RestoreSession
@@ -69,8 +70,13 @@ class Lease:
 
 class Host:
     def __init__(self, *, name: str, data_dir: Path, mem_dir: Path, max_ram_bytes: int,
-                 advertise: str, session_timeout_s: float = DEFAULT_SESSION_TIMEOUT_S) -> None:
+                 advertise: str, session_timeout_s: float = DEFAULT_SESSION_TIMEOUT_S,
+                 security: Security | None = None, storage_dir: Path | None = None) -> None:
         self.name = name
+        self.security = security or Security()
+        # where a disk named by a relative path lives on this host (shared storage may be
+        # mounted at a different place on each)
+        self.storage_dir = Path(storage_dir) if storage_dir else None
         self.session_timeout_s = session_timeout_s
         self.instance_id = uuid.uuid4().hex
         self.data_dir = Path(data_dir)
@@ -140,7 +146,7 @@ class Host:
         """The toolstack's part: entries in xenstored, backends waiting for the guest."""
         net_bind = self.advertise.rpartition(":")[0].strip("[]") or "127.0.0.1"
         dom.pv = DomainDevices(self.xenstored, dom, dom.devices, fresh_disks=fresh_disks,
-                               net_bind=net_bind)
+                               net_bind=net_bind, storage_dir=self.storage_dir)
         dom.pv.start()
 
     async def create_domain(self, name: str, ram_bytes: int, workload: dict,

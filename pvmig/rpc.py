@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from . import errors
+from . import errors, security
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE = 16 << 20
@@ -34,9 +34,15 @@ def parse_address(text: str, *, listen: bool = False) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def channel(address: str) -> grpc.aio.Channel:
+def channel(address: str, sec: security.Security | None = None) -> grpc.aio.Channel:
     parse_address(address)
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    sec = sec or security.default()
+    creds = sec.channel_credentials()
+    if creds is None:
+        return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS,
+                                         interceptors=sec.client_interceptors())
+    return grpc.aio.secure_channel(address, creds, options=CHANNEL_OPTIONS,
+                                   interceptors=sec.client_interceptors())
 
 
 def check_hello(reply, address: str) -> None:
@@ -44,3 +50,17 @@ def check_hello(reply, address: str) -> None:
         raise errors.FailedPrecondition(
             f"agent at {address} speaks protocol version {reply.protocol_version}, "
             f"this pvmig speaks {PROTOCOL_VERSION}: run the same pvmig release on both")
+
+
+def transport_hint(code: grpc.StatusCode, details: str, sec: security.Security) -> str:
+    """What to fix when a call failed for want of the right credentials."""
+    text = details.lower()
+    if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN):
+        return ""
+    if "handshake" in text or "ssl" in text or "certificate" in text:
+        return ("the TLS handshake failed: the agent's certificate and yours must come from "
+                "one CA (pvmig certs), be within their validity, and the agent's must name "
+                "the address dialled (pvmig certs issue --host)")
+    if not sec.tls and ("socket closed" in text or "connection reset" in text):
+        return "if the agent requires mutual TLS, give --tls-ca, --tls-cert and --tls-key"
+    return ""

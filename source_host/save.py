@@ -130,7 +130,7 @@ class SaveSession:
         return session
 
     async def _connect(self) -> None:
-        self._dest = AgentClient(self.dest_address, "the destination agent")
+        self._dest = AgentClient(self.dest_address, "the destination agent", self.host.security)
         hello = await self._dest.hello(f"agent {self.host.name}", timeout=HELLO_TIMEOUT_S)
         if hello.instance_id == self.host.instance_id:
             raise errors.InvalidArgument(

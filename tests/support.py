@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import grpc
+import pytest
 
 from pvmig._proto import pvmig_pb2 as pb
 from pvmig._proto import pvmig_pb2_grpc as pb_grpc
@@ -28,9 +30,20 @@ def create(address: str, name: str, ram_mb: int = 64, dirty_rate: float = 2000,
     assert r.returncode == 0, r.stderr
 
 
-def query(address: str, name: str) -> pb.DomainInfo:
-    with grpc.insecure_channel(address) as ch:
-        return pb_grpc.AgentStub(ch).QueryDomain(pb.DomainRef(name=name), timeout=10)
+def query(address: str, name: str, security=None) -> pb.DomainInfo:
+    """The domain's info, asked as a client holding `security` (a pvmig Security)."""
+    creds = security.channel_credentials() if security is not None else None
+    metadata = [("authorization", f"Bearer {security.token}")] if security and security.token else None
+    with (grpc.secure_channel(address, creds) if creds else grpc.insecure_channel(address)) as ch:
+        return pb_grpc.AgentStub(ch).QueryDomain(pb.DomainRef(name=name), timeout=10,
+                                                 metadata=metadata)
+
+
+def domains_as(address: str, security) -> dict[str, pb.DomainInfo]:
+    creds = security.channel_credentials()
+    with grpc.secure_channel(address, creds) as ch:
+        reply = pb_grpc.AgentStub(ch).ListDomains(pb.ListDomainsRequest(), timeout=10)
+    return {d.name: d for d in reply.domains}
 
 
 def domains(address: str) -> dict[str, pb.DomainInfo]:
@@ -39,13 +52,14 @@ def domains(address: str) -> dict[str, pb.DomainInfo]:
     return {d.name: d for d in reply.domains}
 
 
-def wait_running_and_checking(address: str, name: str, timeout: float = 30.0) -> pb.DomainInfo:
+def wait_running_and_checking(address: str, name: str, timeout: float = 30.0,
+                              security=None) -> pb.DomainInfo:
     """Wait until the guest has made progress (steps and checks grow); return its info."""
-    first = query(address, name)
+    first = query(address, name, security)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         time.sleep(0.2)
-        now = query(address, name)
+        now = query(address, name, security)
         if (now.state == "running" and now.guest.steps > first.guest.steps
                 and now.guest.checks_run > first.guest.checks_run):
             return now
@@ -62,3 +76,39 @@ def migrate(source: str, dest: str, domain: str, report: Path, *extra: str,
 
 def json_lines(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+# ---- clusters beyond loopback (network namespaces, containers)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("true", "1", "yes")
+
+
+def require(ok: bool, reason: str) -> None:
+    """Skip a test whose needs (root, a Docker engine ...) this machine lacks; but in CI,
+    where .ci/run installs them, a skip would hide a broken set-up, so fail there."""
+    if ok:
+        return
+    if in_ci():
+        pytest.fail(f"{reason} (CI=true: .ci/run should have provided it)", pytrace=False)
+    pytest.skip(reason)
+
+
+def pvmig_command() -> str:
+    """The pvmig of this interpreter, as one word for the deploy scripts' PVMIG."""
+    script = Path(sys.executable).with_name("pvmig")
+    return str(script) if script.exists() else f"{sys.executable} -m pvmig"
+
+
+def run_via(wrapper: list[str], argv: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run argv through wrapper (`ip netns exec NS`, `docker exec C`), capturing output;
+    a timeout says which command hung instead of a bare TimeoutExpired."""
+    try:
+        return subprocess.run([*wrapper, *argv], capture_output=True, text=True,
+                              timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"{' '.join([*wrapper, *argv])} did not finish in {timeout:.0f} s; "
+                             f"it said: {e.stdout!r} {e.stderr!r}") from None
