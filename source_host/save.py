@@ -314,12 +314,15 @@ class SaveSession:
         self._own()
         if self.domain.state != SUSPENDED:
             raise errors.FailedPrecondition("frame hashes are taken after the final pass")
-        causes = self.domain.journal.causes()
         if self.save_image:  # the image and the hashes are one snapshot
             hashes = await asyncio.to_thread(save_image, self.domain.mem, self.save_image)
-            await asyncio.to_thread(verify.save_causes, causes, self.save_image)
         else:
             hashes = await asyncio.to_thread(self.domain.mem.frame_hashes)
+        # After the hashes: backends go on writing while they are taken, and a write
+        # the hashes saw must be in the journal the causes come from.
+        causes = self.domain.journal.causes()
+        if self.save_image:
+            await asyncio.to_thread(verify.save_causes, causes, self.save_image)
         for chunk in verify.chunks(hashes, causes):
             yield chunk
 
