@@ -66,9 +66,9 @@ def disk_path(disk: str, storage_dir: Path | None) -> Path:
 
 class DomainDevices:
     def __init__(self, xenstored: Xenstored, dom, configs: list[dict], *,
-                 fresh_disks: bool, net_bind: str = "127.0.0.1",
+                 fresh_disks: bool, net_bind: str = "127.0.0.1", net_public: str = "",
                  storage_dir: Path | None = None) -> None:
-        self.net_bind = net_bind
+        self.net_bind, self.net_public = net_bind, net_public
         self.netdevs: dict[int, BackendDevice] = {}
         self.xenstore_track = False
         self.inject: set[str] = set()
@@ -267,7 +267,7 @@ class DomainDevices:
         domid, devid = self.dom.domid, cfg["devid"]
         create_device(self.dom0, domid=domid, devtype="vif", devid=devid)
         net = NetBack(domid=domid, devid=devid, grants=self.dom.grants, events=self.dom.events,
-                      bind=self.net_bind)
+                      bind=self.net_bind, public=self.net_public)
         net.on_broken = lambda why: self._device_failed(devid, "vif", why)
         net.open()
 

@@ -83,6 +83,7 @@ class Host:
         self.mem_dir = Path(mem_dir)
         self.max_ram_bytes = max_ram_bytes
         self.advertise = advertise
+        self.listen_host = "127.0.0.1"  # where the agent listens (set when it serves)
         self.domains: dict[str, Domain] = {}
         self.saves: dict[str, SaveSession] = {}
         self.restores: dict[str, RestoreSession] = {}
@@ -144,9 +145,13 @@ class Host:
 
     def start_devices(self, dom: Domain, *, fresh_disks: bool) -> None:
         """The toolstack's part: entries in xenstored, backends waiting for the guest."""
-        net_bind = self.advertise.rpartition(":")[0].strip("[]") or "127.0.0.1"
+        # The guest's wire listens where the agent does (all addresses for a wildcard
+        # listener) and is announced under the name peers reach the agent by.
+        public = self.advertise.rpartition(":")[0].strip("[]") or "127.0.0.1"
+        net_bind = "0.0.0.0" if self.listen_host in ("0.0.0.0", "::", "") else self.listen_host
         dom.pv = DomainDevices(self.xenstored, dom, dom.devices, fresh_disks=fresh_disks,
-                               net_bind=net_bind, storage_dir=self.storage_dir)
+                               net_bind=net_bind, net_public=public,
+                               storage_dir=self.storage_dir)
         dom.pv.start()
 
     async def create_domain(self, name: str, ram_bytes: int, workload: dict,

@@ -43,6 +43,7 @@ class NetBack:
     grants: GrantTable
     events: BackendEvents
     bind: str = "0.0.0.0"
+    public: str = ""   # the host part of address(): what peers dial (default: bind)
     port: int = 0
     peers: list = field(default_factory=list)  # (host, port) learnt, or carried over a move
     stats: NetStats = field(default_factory=NetStats)
@@ -70,7 +71,7 @@ class NetBack:
         asyncio.get_running_loop().add_reader(self.sock, self._receive)
 
     def address(self) -> str:
-        return f"{self.bind}:{self.port}"
+        return f"{self.public or self.bind}:{self.port}"
 
     # ---- xenbus
 

@@ -13,11 +13,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import netproto
+from . import errors, netproto
 from .rpc import parse_address
 
 
@@ -129,6 +130,11 @@ async def run_peer(guest: str, *, rate: float, duration_s: float,
                    stats_file: Path | None) -> dict:
     host, port = parse_address(guest)
     loop = asyncio.get_running_loop()
+    try:  # the vif's address may carry its host's name: datagrams need a number
+        infos = await loop.getaddrinfo(host, port, family=socket.AF_INET, type=socket.SOCK_DGRAM)
+    except socket.gaierror as e:
+        raise errors.InvalidArgument(f"cannot resolve the guest's host {host!r}: {e}") from None
+    host = infos[0][4][0]
     peer = Peer(target=(host, port), rate=rate)
     transport, _ = await loop.create_datagram_endpoint(lambda: peer, local_addr=("0.0.0.0", 0))
     try:

@@ -112,3 +112,56 @@ def run_via(wrapper: list[str], argv: list[str], timeout: float) -> subprocess.C
     except subprocess.TimeoutExpired as e:
         raise AssertionError(f"{' '.join([*wrapper, *argv])} did not finish in {timeout:.0f} s; "
                              f"it said: {e.stdout!r} {e.stderr!r}") from None
+
+
+class Via:
+    """pvmig's command line run on another host: through a wrapper such as
+    `ip netns exec NS` or `docker-compose exec -T SERVICE`, for agents this process
+    cannot reach itself."""
+
+    def __init__(self, wrapper: list[str], command: tuple[str, ...] | None = None) -> None:
+        self.wrapper = list(wrapper)
+        self.command = list(command or (sys.executable, "-m", "pvmig"))
+
+    def argv(self, *args: str) -> list[str]:
+        return [*self.wrapper, *self.command, *args]
+
+    def pvmig(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+        return run_via(self.wrapper, [*self.command, *args], timeout)
+
+    def domains(self, agent: str) -> list[dict]:
+        r = self.pvmig("status", "--json", "--agent", agent, timeout=30)
+        assert r.returncode == 0, f"pvmig status --agent {agent}: {r.stderr}"
+        return json.loads(r.stdout)[agent]["domains"]
+
+    def wait_domain(self, agent: str, name: str, ready, what: str,
+                    timeout: float = 30.0) -> dict:
+        """Poll the agent until ready(domain) holds; return the domain (status --json)."""
+        deadline = time.monotonic() + timeout
+        seen = None
+        while time.monotonic() < deadline:
+            seen = next((d for d in self.domains(agent) if d["name"] == name), None)
+            if seen is not None and ready(seen):
+                return seen
+            time.sleep(0.2)
+        raise AssertionError(f"{name} on {agent}: {what} not seen in {timeout:.0f} s: {seen}")
+
+    def wait_checking(self, agent: str, name: str, timeout: float = 30.0) -> dict:
+        """Wait until the guest runs and its steps and checks grow; return the domain."""
+        first = self.wait_domain(agent, name, lambda d: d["state"] == "running", "running",
+                                 timeout)
+        return self.wait_domain(agent, name, lambda d: (
+            d["state"] == "running"
+            and _counter(d, "steps") > _counter(first, "steps")
+            and _counter(d, "checks_run") > _counter(first, "checks_run")),
+            "steps and checks growing", timeout)
+
+
+def _counter(domain: dict, key: str) -> int:
+    return int(domain.get("guest", {}).get(key, 0))  # uint64 comes as a string in JSON
+
+
+def device(domain: dict, kind: str) -> dict:
+    """The domain's one device of this kind (vbd, vif), from status --json."""
+    (d,) = [s for s in domain.get("device_stats", []) if s["kind"] == kind]
+    return d
