@@ -26,6 +26,9 @@ from .memapi import VcpuMemory
 from .workload import MemoryWorkload
 
 TICK_S = 0.01
+# Work is owed for the time the vCPU ran, not for time the hypervisor kept it off (a
+# throttle, an overloaded host): a step never makes up more than this much lost time.
+MAX_STEP_S = 2 * TICK_S
 # Frames checked per step. Steady: light, so the guest leaves the host's CPUs to the
 # migration (a 64 MiB sweep takes ~1.3 s). Just after a resume: fast, so that every
 # frame is checked soon after a move (a 1 GiB sweep in ~1.3 s of steps).
@@ -116,7 +119,7 @@ class Kernel:
 
     def step(self) -> None:
         now = time.monotonic()
-        dt, self.last = now - self.last, now
+        dt, self.last = min(now - self.last, MAX_STEP_S), now
         self.owed += float(self.work.info[0]["dirty_rate"]) * dt
         if self.devices is not None:
             self.devices.service()

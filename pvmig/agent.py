@@ -156,6 +156,13 @@ class MigrationSourceServicer(pb_grpc.MigrationSourceServicer):
             return await session.suspend()
 
     @_status
+    async def Throttle(self, request, context):
+        session = self.host.save(request.migration_id)
+        with session.lease.hold():
+            session.throttle(request.percent)
+        return pb.DoneReply()
+
+    @_status
     async def Quiesce(self, request, context):
         session = self.host.save(request.migration_id)
         with session.lease.hold():
@@ -275,6 +282,7 @@ async def serve(host: Host, listen: str, *, ready_file: Path | None = None) -> N
             f"cannot listen on {listen}: {e} (is the port in use, or the address not "
             "one of this host's?)") from None
     bound = f"{bind_host}:{port}" if ":" not in bind_host else f"[{bind_host}]:{port}"
+    host.listen_host = bind_host
     if not host.advertise or host.advertise.endswith(":0"):
         host.advertise = advertised(bind_host, port)
     await server.start()

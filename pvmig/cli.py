@@ -148,6 +148,14 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--verify-timeout", type=float, default=60.0, metavar="S",
                    help="how long the resumed guest may take to check all its memory")
     m.add_argument("--report", type=Path, metavar="FILE", help="write the JSON report here")
+    m.add_argument("--max-bandwidth", type=float, default=0.0, metavar="MBIT",
+                   help="cap the page streams at this many Mbit/s in all (default: none)")
+    m.add_argument("--auto-converge", action="store_true",
+                   help="when rounds stop shrinking, throttle the guest's vCPU (20%%, then "
+                   "+10%% each time, up to 99%%) until what is left fits the downtime limit")
+    m.add_argument("--compress", choices=["none", "zstd"], default="none",
+                   help="zstd: page batches travel compressed where that makes them smaller "
+                   "(pays on a slow link, costs CPU on a fast one)")
     m.add_argument("--quiesce", choices=["none", "backend"], default="none",
                    help="backend: backends stop and unmap every grant before the final "
                    "pass (default none, as Xen)")
@@ -227,6 +235,12 @@ def _parser() -> argparse.ArgumentParser:
     mx.add_argument("--json", type=Path, metavar="FILE")
     mx.add_argument("--markdown", type=Path, metavar="FILE")
     mx.set_defaults(func=_matrix)
+
+    pl = sub.add_parser("plot", help="a migration's timeline as a PNG: pages and dirty rate "
+                        "per round, bandwidth, throttle, the downtime window")
+    pl.add_argument("report", type=Path, help="a `pvmig migrate --report` JSON")
+    pl.add_argument("-o", "--output", type=Path, help="the PNG (default: REPORT.png)")
+    pl.set_defaults(func=_plot)
 
     demo = sub.add_parser("demo", help="two agents on loopback, a busy guest, a migration")
     demo.add_argument("--ram-mb", type=int, default=256)
@@ -409,11 +423,15 @@ def _migrate(args) -> int:
                       xenstore_track=args.xenstore_track == "on", recovery=args.recovery,
                       inject=tuple(args.inject),
                       persistent_grants=args.persistent_grants, grant_mode=args.grant_mode,
+                      compress="" if args.compress == "none" else args.compress,
+                      max_bandwidth_mbps=args.max_bandwidth, auto_converge=args.auto_converge,
                       save_images=str(args.save_images or ""),
                       batch_pages=args.batch_pages, streams=args.streams,
                       verify_timeout_s=args.verify_timeout)
     if options.downtime_limit_ms <= 0 or options.max_rounds < 1:
         raise errors.InvalidArgument("--downtime-limit must be > 0 ms and --max-rounds >= 1")
+    if options.max_bandwidth_mbps < 0:
+        raise errors.InvalidArgument("--max-bandwidth must be >= 0 Mbit/s")
     if not 0 <= options.streams <= 16 or not 0 <= options.batch_pages <= 1024:
         raise errors.InvalidArgument("--streams must be within 1..16 and --batch-pages 1..1024")
     if args.report:
@@ -547,6 +565,13 @@ def _matrix(args) -> int:
     command = "pvmig matrix" + (" --full" if args.full else "") + f" --runs {args.runs}"
     return run_matrix(full=args.full, runs=args.runs, json_path=args.json,
                       md_path=args.markdown, command=command)
+
+
+def _plot(args) -> int:
+    from .plot import load, timeline
+    out = timeline(load(args.report), args.output or args.report.with_suffix(".png"))
+    print(f"wrote {out}")
+    return EXIT_OK
 
 
 def _demo(args) -> int:

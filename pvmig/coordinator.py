@@ -31,7 +31,7 @@ import numpy as np
 from . import errors, verify
 from ._proto import pvmig_pb2 as pb
 from .client import AgentClient
-from .precopy import PrecopyPolicy, RoundStats
+from .precopy import AutoConverge, PrecopyPolicy, RoundStats
 from .progress import Reporter
 from .report import Report
 
@@ -48,6 +48,9 @@ class Options:
     recovery: str = "replay"     # "naive": frontends trust the old ring after resume
     persistent_grants: str = ""  # "on"/"off"; "": as the domain's disks negotiated them
     grant_mode: str = ""         # "map"/"copy"; "": as the domain's disks were created
+    compress: str = ""           # "zstd": page data compressed on the wire
+    max_bandwidth_mbps: float = 0.0  # the page streams' cap in all; 0: none
+    auto_converge: bool = False  # throttle the guest's vCPU while rounds do not shrink
     inject: tuple = ()           # injection points forcing hazards (tests, the matrix)
     save_images: str = ""        # a directory both agents write: source.ram, dest.ram
     verify_timeout_s: float = 60.0  # for the resumed guest to sweep its memory once
@@ -77,7 +80,10 @@ class Migration:
                                        "backend-log": self.options.backend_log,
                                        "xenstore-track": self.options.xenstore_track,
                                        "recovery": self.options.recovery,
-                                       "inject": list(self.options.inject)})
+                                       "inject": list(self.options.inject)},
+                             compression=self.options.compress or "none",
+                             auto_converge=self.options.auto_converge)
+        self.report.policies["max-bandwidth-mbps"] = self.options.max_bandwidth_mbps or None
         self.policy = PrecopyPolicy(downtime_limit_s=self.options.downtime_limit_ms / 1e3,
                                     max_rounds=self.options.max_rounds,
                                     no_progress_rounds=self.options.no_progress_rounds)
@@ -176,24 +182,34 @@ class Migration:
             inject=list(self.options.inject),
             save_image=self._image("source"),
             persistent_grants=self.options.persistent_grants,
-            grant_mode=self.options.grant_mode))
+            grant_mode=self.options.grant_mode, compress=self.options.compress,
+            max_bandwidth_mbps=self.options.max_bandwidth_mbps))
         self._begun = True
 
     async def precopy(self) -> None:
         rounds: list[RoundStats] = []
+        converge = AutoConverge() if self.options.auto_converge else None
         while True:
             rounds.append(await self._round(len(rounds), final=False))
+            self.report.rounds[-1]["throttle-percent"] = converge.percent if converge else 0
             # The destination catches up while the guest still runs here: what it
             # leaves undone it must do before resume, inside the downtime.
             t = time.monotonic()
             await self.dest.call(self.dest.dest.Settle, self._ref(), timeout=300.0)
             self.report.rounds[-1]["settle-ms"] = round((time.monotonic() - t) * 1e3, 3)
-            decision = self.policy(rounds)
+            decision = self.policy(rounds, can_throttle=bool(converge and converge.can_throttle))
             self.report.expected_downtime_s = decision.expected_downtime_s
             if decision.stop:
                 self.report.stop_reason = decision.reason
+                self.report.converged = decision.converged
                 self._phase("stop-and-copy", reason=decision.reason)
                 return
+            throttle = converge.next(rounds) if converge else None
+            if throttle is not None:
+                await self.source.call(self.source.source.Throttle, pb.ThrottleRequest(
+                    migration_id=self.migration_id, percent=throttle))
+                self.report.max_throttle = throttle
+                self._phase("throttle", percent=throttle)
 
     async def suspend(self) -> None:
         self._phase("suspend")
@@ -262,6 +278,7 @@ class Migration:
 
     async def _round(self, number: int, final: bool) -> RoundStats:
         req = pb.RoundRequest(migration_id=self.migration_id, round=number, final=final)
+        started_ms = round((time.monotonic() - self.report.t0) * 1e3, 3)
         async for p in self.source.stream(self.source.source.Round, req):
             self.reporter.round_progress(number, p.done_pages, p.total_pages, p.bytes, final)
             if p.HasField("stats"):
@@ -269,6 +286,7 @@ class Migration:
                 if p.stats.injected:
                     self.report.injected = dict(p.stats.injected)
         self.report.add_round(stats, final=final)
+        self.report.rounds[-1]["started-ms"] = started_ms
         self.reporter.round_done(self.report.rounds[-1])
         return stats
 

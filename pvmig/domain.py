@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -30,6 +31,10 @@ BOOT_TIMEOUT_S = 300.0  # filling a large guest's memory takes a while
 START_TIMEOUT_S = 60.0
 SUSPEND_TIMEOUT_S = 60.0  # as Xen's toolstack waits for the suspend acknowledgement
 RESUME_TIMEOUT_S = 30.0
+
+# A throttled vCPU runs a slice, then stays off long enough to make `percent`% of the
+# time off (as QEMU's cpu-throttle: 10 ms slices there).
+THROTTLE_SLICE_S = 0.02
 
 RUNNING, SUSPENDING, SUSPENDED, OUTGOING, INCOMING, CRASHED = (
     "running", "suspending", "suspended", "outgoing", "incoming", "crashed")
@@ -57,6 +62,8 @@ class Domain:
     _exited: asyncio.Future | None = field(default=None, repr=False)
     _suspending: asyncio.Task | None = field(default=None, repr=False)
     _request: int = 0
+    throttle: int = 0  # percent of the time the hypervisor keeps the vCPU off (auto-converge)
+    _throttler: asyncio.Task | None = field(default=None, repr=False)
     _replies: dict = field(default_factory=dict, repr=False)  # request id -> future
     _inbox: asyncio.Queue = field(default_factory=asyncio.Queue, repr=False)
     _reader: asyncio.Task | None = field(default=None, repr=False)
@@ -116,6 +123,46 @@ class Domain:
         await self._spawn("restore", log_path)
         await self._unsolicited("waiting", START_TIMEOUT_S)
 
+    def set_throttle(self, percent: int) -> None:
+        """Keep the vCPU off `percent`% of the time, as a hypervisor's scheduler caps a
+        domain: the guest process runs a slice, then is stopped (SIGSTOP) for as long as
+        makes that share. 0 lets it run freely again."""
+        if not 0 <= percent < 100:
+            raise errors.InvalidArgument(f"throttle must be within 0..99 %, not {percent}")
+        self.throttle = percent
+        if percent and self._throttler is None and self.guest_alive:
+            self._throttler = asyncio.create_task(self._throttle_loop())
+        elif not percent:
+            self._stop_throttle()
+
+    def _stop_throttle(self) -> None:
+        # Only a stop of our own is undone: whatever else stopped the process (a
+        # debugger, an operator) is not the throttle's to end.
+        if self._throttler is not None:
+            self._throttler.cancel()
+            self._throttler = None
+            self._signal(signal.SIGCONT)
+
+    async def _throttle_loop(self) -> None:
+        try:
+            while self.throttle and self.guest_alive:
+                off = THROTTLE_SLICE_S * self.throttle / (100 - self.throttle)
+                self._signal(signal.SIGSTOP)
+                try:
+                    await asyncio.sleep(off)
+                finally:  # a cancel never leaves the guest stopped
+                    self._signal(signal.SIGCONT)
+                await asyncio.sleep(THROTTLE_SLICE_S)
+        except asyncio.CancelledError:
+            pass
+
+    def _signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                self.proc.send_signal(sig)
+            except ProcessLookupError:
+                pass
+
     async def suspend(self) -> tuple[bytes, int]:
         """Ask the guest to suspend; return its vCPU context and when it acknowledged.
 
@@ -123,6 +170,7 @@ class Domain:
         that acknowledged is suspended whatever became of the call, and an abort must
         know it to resume the guest (settle_suspend)."""
         self._require(RUNNING, OUTGOING)
+        self.set_throttle(0)  # a stopped vCPU cannot answer
         before, self.state = self.state, SUSPENDING
         self._suspending = asyncio.create_task(self._suspend(before))
         return await asyncio.shield(self._suspending)
@@ -170,7 +218,7 @@ class Domain:
         return msg["t"]
 
     async def destroy(self) -> None:
-        for task in (self._watch, self._reader):
+        for task in (self._watch, self._reader, self._throttler):
             if task:
                 task.cancel()
         if self.chan:

@@ -18,6 +18,7 @@ from . import errors
 from ._proto import pvmig_pb2 as pb
 from .memory import PAGE_SIZE, GuestMemory
 
+ZSTD = "zstd"
 BATCH_PAGES = 256  # 1 MiB of page data
 MAX_BATCH_PAGES = 1024  # 4 MiB: well under the 16 MiB message limit
 MAX_STREAMS = 16
@@ -42,9 +43,13 @@ class Packed:
 
 
 def pack(mem: GuestMemory, frames: np.ndarray, *, seq: int, round: int,
-         out: pb.PageBatch, torn: tuple[int, np.ndarray] | None = None) -> Packed:
+         out: pb.PageBatch, torn: tuple[int, np.ndarray] | None = None,
+         compressor=None) -> Packed:
     """Copy `frames` out of guest memory into the batch `out` (in place: a batch built
     apart and then set into its record would be copied whole once more).
+
+    compressor: a zstandard.ZstdCompressor; the data travels compressed when that makes
+    it smaller (random pages do not shrink: they go as they are).
 
     torn (an injection point): (frame, head), the head of that frame as the copy found
     it before a write landed in the middle of the copy."""
@@ -60,7 +65,13 @@ def pack(mem: GuestMemory, frames: np.ndarray, *, seq: int, round: int,
     fbytes = frames.astype(_FRAME).tobytes()
     zbytes = zero_frames.astype(_FRAME).tobytes()
     data = block.tobytes()
+    encoding = ""
+    if compressor is not None and data:
+        packed = compressor.compress(data)
+        if len(packed) < len(data):
+            data, encoding = packed, ZSTD
     out.seq, out.round, out.frames, out.zero_frames, out.data = seq, round, fbytes, zbytes, data
+    out.encoding = encoding
     out.checksum = checksum(seq, round, fbytes, zbytes, data)
     return Packed(len(frames), len(zero_frames), len(fbytes) + len(zbytes) + len(data))
 
@@ -82,19 +93,34 @@ def unpack(batch: pb.PageBatch, nr_frames: int) -> Unpacked:
         raise errors.InvalidArgument(f"batch {batch.seq}: frame list is not a whole number of u32")
     frames = np.frombuffer(batch.frames, dtype=_FRAME)
     zero = np.frombuffer(batch.zero_frames, dtype=_FRAME)
-    if len(batch.data) != len(frames) * PAGE_SIZE:
-        raise errors.InvalidArgument(
-            f"batch {batch.seq}: {len(batch.data)} bytes of data for {len(frames)} frames")
     if checksum(batch.seq, batch.round, batch.frames, batch.zero_frames,
                 batch.data) != batch.checksum:
         raise errors.DataLoss(f"batch {batch.seq}: checksum mismatch")
+    data = _decode(batch, len(frames) * PAGE_SIZE)
+    if len(data) != len(frames) * PAGE_SIZE:
+        raise errors.InvalidArgument(
+            f"batch {batch.seq}: {len(data)} bytes of data for {len(frames)} frames")
     for name, arr in (("frame", frames), ("zero frame", zero)):
         if len(arr) and int(arr.max()) >= nr_frames:
             raise errors.InvalidArgument(
                 f"batch {batch.seq}: {name} {int(arr.max())} is outside the domain "
                 f"({nr_frames} frames)")
-    data = np.frombuffer(batch.data, dtype=np.uint8).reshape(len(frames), PAGE_SIZE)
+    data = np.frombuffer(data, dtype=np.uint8).reshape(len(frames), PAGE_SIZE)
     return Unpacked(frames, zero, data)
+
+
+def _decode(batch: pb.PageBatch, size: int) -> bytes:
+    if batch.encoding == "":
+        return batch.data
+    if batch.encoding != ZSTD:
+        raise errors.InvalidArgument(
+            f"batch {batch.seq}: unknown encoding {batch.encoding!r} (this agent reads "
+            f"'' and {ZSTD!r})")
+    import zstandard
+    try:
+        return zstandard.ZstdDecompressor().decompress(batch.data, max_output_size=size)
+    except zstandard.ZstdError as e:
+        raise errors.InvalidArgument(f"batch {batch.seq}: bad zstd data: {e}") from None
 
 
 def apply(mem: GuestMemory, batch: Unpacked) -> None:

@@ -35,6 +35,7 @@ class Decision:
     stop: bool
     reason: str
     expected_downtime_s: float
+    converged: bool = False  # stopped because what is left fits in the downtime limit
 
 
 @dataclass(frozen=True)
@@ -43,20 +44,57 @@ class PrecopyPolicy:
     max_rounds: int = 30
     no_progress_rounds: int = 5
 
-    def __call__(self, rounds: list[RoundStats]) -> Decision:
+    def __call__(self, rounds: list[RoundStats], *, can_throttle: bool = False) -> Decision:
+        """can_throttle: auto-converge may still slow the guest down, so a lack of
+        progress is no reason to stop yet."""
         last = rounds[-1]
         expected = expected_downtime(rounds)
         if expected <= self.downtime_limit_s:
             return Decision(True, f"expected downtime {expected * 1e3:.1f} ms is within the "
-                                  f"{self.downtime_limit_s * 1e3:.0f} ms limit", expected)
+                                  f"{self.downtime_limit_s * 1e3:.0f} ms limit", expected,
+                            converged=True)
         if len(rounds) >= self.max_rounds:
-            return Decision(True, f"reached the cap of {self.max_rounds} rounds", expected)
+            return Decision(True, f"not converging: reached the cap of {self.max_rounds} "
+                                  f"rounds, {expected * 1e3:.0f} ms expected", expected)
         window = rounds[-self.no_progress_rounds - 1:]
-        if (self.no_progress_rounds and len(window) > self.no_progress_rounds
+        if (self.no_progress_rounds and not can_throttle and len(window) > self.no_progress_rounds
                 and min(r.dirty_pages for r in window[1:]) >= window[0].dirty_pages):
-            return Decision(True, f"no progress in {self.no_progress_rounds} rounds "
-                                  f"({last.dirty_pages} pages dirty each round)", expected)
+            return Decision(True, f"not converging: no progress in {self.no_progress_rounds} "
+                                  f"rounds ({last.dirty_pages} pages dirty each round)",
+                            expected)
         return Decision(False, "iterate", expected)
+
+
+@dataclass
+class AutoConverge:
+    """QEMU's auto-converge (cpu-throttle): when the guest dirties more than `trigger`
+    of what a round managed to send, twice in a row, throttle its vCPU: `initial`%
+    first, then `increment` more each time, up to `maximum`%."""
+    initial: int = 20
+    increment: int = 10
+    maximum: int = 99
+    trigger: float = 0.5
+    percent: int = 0
+    _strikes: int = 0
+
+    @property
+    def can_throttle(self) -> bool:
+        return self.percent < self.maximum
+
+    def next(self, rounds: list[RoundStats]) -> int | None:
+        """The new throttle after the last round, or None to leave it as it is."""
+        if len(rounds) < 2:
+            return None
+        last, prev = rounds[-1], rounds[-2]
+        # pages dirtied while the previous round ran, against what that round sent
+        sent = max(prev.sent_pages + prev.zero_pages, 1)
+        self._strikes = self._strikes + 1 if last.dirty_pages > self.trigger * sent else 0
+        if self._strikes < 2 or not self.can_throttle:
+            return None
+        self._strikes = 0
+        self.percent = min(self.percent + self.increment, self.maximum) if self.percent \
+            else self.initial
+        return self.percent
 
 
 RATE_WINDOW_S = 0.2

@@ -49,6 +49,10 @@ class Report:
     net_peer: dict | None = None
     policies: dict = field(default_factory=dict)
     quiesce: dict | None = None
+    compression: str = "none"
+    converged: bool | None = None  # stopped iterating because the rest fit the limit
+    auto_converge: bool = False
+    max_throttle: int = 0          # the highest vCPU throttle auto-converge applied, %
     injected: dict = field(default_factory=dict)  # a `pvmig peer`'s figures, when one was named
     abort_errors: list[str] = field(default_factory=list)
     phases: dict[str, float] = field(default_factory=dict)  # ms from the start
@@ -193,12 +197,16 @@ class Report:
             "downtime-uncertainty-ms": ms(self.downtime_uncertainty_s),
             "expected-downtime-ms": ms(self.expected_downtime_s),
             "stop-reason": self.stop_reason,
+            "converged": self.converged,
+            "auto-converge": {"enabled": self.auto_converge,
+                              "max-throttle-percent": self.max_throttle},
             "transferred-bytes": transferred,
             "transferred-ratio": round(transferred / self.ram_bytes, 4) if self.ram_bytes else None,
             "zero-pages": sum(r["zero-pages"] for r in self.rounds),
             "normal-pages": sum(r["normal-pages"] for r in self.rounds),
             "normal-bytes": sum(r["normal-pages"] for r in self.rounds) * PAGE_SIZE,
             "dirty-sync-count": len(self.rounds),
+            "compression": self.compression,
             "mbps": round(transferred * 8 / 1e6 / self._precopy_s, 1) if self._precopy_s else 0.0,
             "rounds": self.rounds,
             "phases-ms": self.phases,

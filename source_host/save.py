@@ -26,10 +26,11 @@ from pvmig import errors, pages, verify
 from pvmig._proto import pvmig_pb2 as pb
 from pvmig.client import AgentClient
 from pvmig.domain import OUTGOING, RUNNING, SUSPENDED, Domain
-from pvmig.host import Host, Lease
 from pvmig.foreign_writes import TORN
+from pvmig.host import Host, Lease
 from pvmig.memory import PAGE_SIZE, save_image
 
+from .ratelimit import RateLimit
 from .stream import PageStream
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,8 @@ class SaveSession:
     recovery: str = "replay"
     injected: dict = field(default_factory=dict)
     save_image: str = ""
+    compress: str = ""  # "" or "zstd": each stream compresses what it sends
+    limit: RateLimit | None = None  # the bandwidth cap, if any
     vcpu: bytes | None = None
     _dest: AgentClient | None = None
     _streams: list[PageStream] = field(default_factory=list)
@@ -100,6 +103,15 @@ class SaveSession:
         if request.persistent_grants not in ("", "on", "off"):
             raise errors.InvalidArgument(
                 f"persistent grants {request.persistent_grants!r}: use 'on' or 'off'")
+        if request.compress not in ("", "none", pages.ZSTD):
+            raise errors.InvalidArgument(
+                f"compression {request.compress!r}: use 'none' or '{pages.ZSTD}'")
+        session.compress = request.compress if request.compress != "none" else ""
+        if request.max_bandwidth_mbps < 0:
+            raise errors.InvalidArgument(
+                f"max bandwidth must be >= 0 Mbit/s, not {request.max_bandwidth_mbps}")
+        if request.max_bandwidth_mbps:
+            session.limit = RateLimit(request.max_bandwidth_mbps)
         if request.grant_mode not in ("", "map", "copy"):
             raise errors.InvalidArgument(f"grant mode {request.grant_mode!r}: use 'map' or 'copy'")
         if dom.pv is not None:  # before anything is claimed: a refusal changes nothing
@@ -138,6 +150,10 @@ class SaveSession:
                 "a migration needs two hosts")
         self._streams = [PageStream(self._dest.channel, self.migration_id, self.dest_address)
                          for _ in range(self.nr_streams)]
+        if self.compress:
+            import zstandard
+            for s in self._streams:  # a compressor is not to be shared between streams
+                s.compressor = zstandard.ZstdCompressor(level=1)
 
     def _own(self) -> None:
         if self.domain.migration_id != self.migration_id:
@@ -252,10 +268,12 @@ class SaveSession:
             record = stream.record()
             torn = await self._tear(frames) if self._torn is not None else None
             packed = pages.pack(self.domain.mem, frames, seq=seq, round=number,
-                                out=record.pages, torn=torn)
+                                out=record.pages, torn=torn, compressor=stream.compressor)
             journal.copy(frames)
             if torn is not None:
                 journal.write(torn[0], TORN)
+            if self.limit is not None:
+                await self.limit.take(packed.wire_bytes)
             await stream.write(record)
             stream.sent_in_round += len(frames)
             stats.sent_pages += packed.normal
@@ -290,6 +308,15 @@ class SaveSession:
         self._own()
         self.vcpu, t = await self.domain.suspend()
         return pb.SuspendReply(suspended_ns=t, vcpu_bytes=len(self.vcpu))
+
+    def throttle(self, percent: int) -> None:
+        """auto-converge: the hypervisor keeps the guest's vCPU off `percent`% of the time."""
+        self._own()
+        if self.domain.state != OUTGOING:
+            raise errors.FailedPrecondition(
+                f"domain {self.domain.name} is {self.domain.state}: only a running guest "
+                "is throttled")
+        self.domain.set_throttle(percent)
 
     async def quiesce(self) -> pb.QuiesceReply:
         """After suspend, before the final pass: the backends stop and unmap."""
@@ -350,6 +377,7 @@ class SaveSession:
         if dom.migration_id != self.migration_id:
             return
         await dom.settle_suspend()
+        dom.set_throttle(0)
         dom.migration_id = ""
         if dom.pv is not None:
             dom.pv.set_policy(backend_log=False, xenstore_track=False)

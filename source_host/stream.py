@@ -25,6 +25,7 @@ class PageStream:
         self._call = pb_grpc.PageStreamStub(channel).Transfer()
         self._acks: dict = {}
         self.sent_in_round = 0  # pages this stream carried in the round under way
+        self.compressor = None  # a zstandard.ZstdCompressor, with migrate --compress zstd
         self._reader = asyncio.create_task(self._read_acks())
 
     def record(self) -> pb.StreamRecord:

@@ -44,7 +44,8 @@ def test_quiesced_backends_and_tracked_xenstore_leave_memory_identical(busy, tmp
     assert r.returncode == 0, r.stderr
     assert data["policies"] == {"quiesce": "backend", "backend-log": False,
                                 "xenstore-track": True, "recovery": "replay", "inject": [],
-                                "persistent-grants": False, "grant-mode": "map"}
+                                "persistent-grants": False, "grant-mode": "map",
+                                "max-bandwidth-mbps": None}
     q = data["quiesce"]
     assert q["unmapped"] >= 3  # the disk's ring, the NIC's two rings at least
     assert data["verification"]["memory"] == "identical", data["verification"]

@@ -254,3 +254,48 @@ def test_any_batch_round_trips(pair, data):
     assert np.array_equal(b.pages[frames], a.pages[frames])
     rest = np.setdiff1d(np.arange(N), frames)
     assert (b.pages[rest] == SENTINEL).all()
+
+
+# ---- compression (migrate --compress zstd)
+
+
+def test_compressible_pages_travel_compressed_and_random_ones_as_they_are(src, dst):
+    import zstandard
+    cctx = zstandard.ZstdCompressor(level=1)
+    src.pages[40:50] = np.arange(PAGE_SIZE, dtype=np.uint32).view(np.uint8)[:PAGE_SIZE] % 7
+    text = pb.PageBatch()
+    packed = pages.pack(src, np.arange(40, 50), seq=1, round=1, out=text, compressor=cctx)
+    assert text.encoding == "zstd" and packed.wire_bytes < 10 * PAGE_SIZE // 4
+    noise = pb.PageBatch()
+    pages.pack(src, np.arange(0, 10), seq=2, round=1, out=noise, compressor=cctx)
+    assert noise.encoding == "" and len(noise.data) == 10 * PAGE_SIZE
+    for batch in (text, noise):
+        _apply(dst, batch)
+    assert np.array_equal(dst.pages[40:50], src.pages[40:50])
+    assert np.array_equal(dst.pages[0:10], src.pages[0:10])
+
+
+def test_bad_compressed_data_and_unknown_encodings_are_refused(src, dst):
+    import zstandard
+    src.pages[40:42] = 3
+    batch = pb.PageBatch()
+    pages.pack(src, np.arange(40, 42), seq=5, round=1, out=batch,
+               compressor=zstandard.ZstdCompressor())
+    broken = pb.PageBatch()
+    broken.CopyFrom(batch)
+    broken.data = b"\x28\xb5\x2f\xfd" + b"junk" * 8  # a zstd frame header, then garbage
+    broken.checksum = pages.checksum(5, 1, broken.frames, broken.zero_frames, broken.data)
+    with pytest.raises(errors.InvalidArgument, match="batch 5: bad zstd data"):
+        pages.unpack(broken, N)
+    odd = pb.PageBatch()
+    odd.CopyFrom(batch)
+    odd.encoding = "lz4"
+    with pytest.raises(errors.InvalidArgument, match="unknown encoding 'lz4'"):
+        pages.unpack(odd, N)
+    # a compressed batch that inflates to the wrong size is refused as well
+    short = pb.PageBatch()
+    short.CopyFrom(batch)
+    short.frames = batch.frames[:4]
+    short.checksum = pages.checksum(5, 1, short.frames, short.zero_frames, short.data)
+    with pytest.raises(errors.InvalidArgument, match="batch 5"):
+        pages.unpack(short, N)

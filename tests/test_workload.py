@@ -156,8 +156,8 @@ def test_writes_store_the_data_before_the_mark(domain):
 
 
 def test_steps_write_what_the_dirty_rate_owes(domain, monkeypatch):
-    k, mem, log = domain(fill=1.0, dirty_rate=250.0)
-    clock = [1000.0]
+    k, mem, log = domain(fill=1.0, dirty_rate=2500.0)
+    clock = [1024.0]  # times in powers of two: the owed pages come out exact
     monkeypatch.setattr(kernel_mod, "time", type("T", (), {
         "monotonic": staticmethod(lambda: clock[0])}))
     k.last = clock[0]
@@ -167,19 +167,28 @@ def test_steps_write_what_the_dirty_rate_owes(domain, monkeypatch):
     log.read_and_clear()
     before = guestinfo.read(mem)["pages_written"]
 
-    clock[0] += 0.5  # 125.0 pages owed
+    clock[0] += 1 / 64  # 39.0625 pages owed
     k.step()
-    expected = k.work.pick(twin, 125)
-    assert 1 < len(expected) <= 125
+    expected = k.work.pick(twin, 39)
+    assert 1 < len(expected) <= 39
     assert guestinfo.read(mem)["pages_written"] == before + len(expected)
     assert (k.work.gens[expected] == 2).all()
     assert set(expected.tolist()) <= set(log.read_and_clear().tolist())
-    assert k.owed == 0.0
+    assert k.owed == pytest.approx(0.0625)
 
-    clock[0] += 0.001  # 0.25 owed: nothing written yet
+    clock[0] += 1 / 8192  # 0.305 more: nothing written yet
     k.step()
     assert guestinfo.read(mem)["pages_written"] == before + len(expected)
-    assert k.owed == pytest.approx(0.25)
+    assert k.owed == pytest.approx(0.0625 + 2500 / 8192)
+
+    # Time the vCPU did not run (a throttle, a busy host) is not made up afterwards:
+    # half a second off owes what MAX_STEP_S of running would.
+    written = guestinfo.read(mem)["pages_written"]
+    clock[0] += 0.5
+    k.step()
+    again = k.work.pick(twin, 50)  # 50.37 owed, not 1250.37
+    assert guestinfo.read(mem)["pages_written"] == written + len(again)
+    assert k.owed == pytest.approx(0.0625 + 2500 / 8192)
 
 
 # ---- corruption is observed

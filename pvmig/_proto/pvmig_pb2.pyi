@@ -210,7 +210,7 @@ class MigrationRef(_message.Message):
     def __init__(self, migration_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class BeginRequest(_message.Message):
-    __slots__ = ("migration_id", "domain", "dest_address", "batch_pages", "streams", "quiesce", "backend_log", "xenstore_track", "recovery", "inject", "save_image", "persistent_grants", "grant_mode")
+    __slots__ = ("migration_id", "domain", "dest_address", "batch_pages", "streams", "quiesce", "backend_log", "xenstore_track", "recovery", "inject", "save_image", "persistent_grants", "grant_mode", "compress", "max_bandwidth_mbps")
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     DOMAIN_FIELD_NUMBER: _ClassVar[int]
     DEST_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -224,6 +224,8 @@ class BeginRequest(_message.Message):
     SAVE_IMAGE_FIELD_NUMBER: _ClassVar[int]
     PERSISTENT_GRANTS_FIELD_NUMBER: _ClassVar[int]
     GRANT_MODE_FIELD_NUMBER: _ClassVar[int]
+    COMPRESS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BANDWIDTH_MBPS_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     domain: str
     dest_address: str
@@ -237,7 +239,17 @@ class BeginRequest(_message.Message):
     save_image: str
     persistent_grants: str
     grant_mode: str
-    def __init__(self, migration_id: _Optional[str] = ..., domain: _Optional[str] = ..., dest_address: _Optional[str] = ..., batch_pages: _Optional[int] = ..., streams: _Optional[int] = ..., quiesce: _Optional[str] = ..., backend_log: _Optional[bool] = ..., xenstore_track: _Optional[bool] = ..., recovery: _Optional[str] = ..., inject: _Optional[_Iterable[str]] = ..., save_image: _Optional[str] = ..., persistent_grants: _Optional[str] = ..., grant_mode: _Optional[str] = ...) -> None: ...
+    compress: str
+    max_bandwidth_mbps: float
+    def __init__(self, migration_id: _Optional[str] = ..., domain: _Optional[str] = ..., dest_address: _Optional[str] = ..., batch_pages: _Optional[int] = ..., streams: _Optional[int] = ..., quiesce: _Optional[str] = ..., backend_log: _Optional[bool] = ..., xenstore_track: _Optional[bool] = ..., recovery: _Optional[str] = ..., inject: _Optional[_Iterable[str]] = ..., save_image: _Optional[str] = ..., persistent_grants: _Optional[str] = ..., grant_mode: _Optional[str] = ..., compress: _Optional[str] = ..., max_bandwidth_mbps: _Optional[float] = ...) -> None: ...
+
+class ThrottleRequest(_message.Message):
+    __slots__ = ("migration_id", "percent")
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    PERCENT_FIELD_NUMBER: _ClassVar[int]
+    migration_id: str
+    percent: int
+    def __init__(self, migration_id: _Optional[str] = ..., percent: _Optional[int] = ...) -> None: ...
 
 class QuiesceReply(_message.Message):
     __slots__ = ("duration_ns", "finished", "abandoned", "unmapped")
@@ -365,20 +377,22 @@ class ResumeReply(_message.Message):
     def __init__(self, resumed_ns: _Optional[int] = ...) -> None: ...
 
 class PageBatch(_message.Message):
-    __slots__ = ("seq", "round", "frames", "zero_frames", "data", "checksum")
+    __slots__ = ("seq", "round", "frames", "zero_frames", "data", "checksum", "encoding")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     FRAMES_FIELD_NUMBER: _ClassVar[int]
     ZERO_FRAMES_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
     seq: int
     round: int
     frames: bytes
     zero_frames: bytes
     data: bytes
     checksum: int
-    def __init__(self, seq: _Optional[int] = ..., round: _Optional[int] = ..., frames: _Optional[bytes] = ..., zero_frames: _Optional[bytes] = ..., data: _Optional[bytes] = ..., checksum: _Optional[int] = ...) -> None: ...
+    encoding: str
+    def __init__(self, seq: _Optional[int] = ..., round: _Optional[int] = ..., frames: _Optional[bytes] = ..., zero_frames: _Optional[bytes] = ..., data: _Optional[bytes] = ..., checksum: _Optional[int] = ..., encoding: _Optional[str] = ...) -> None: ...
 
 class RoundEnd(_message.Message):
     __slots__ = ("round", "pages")

@@ -336,6 +336,11 @@ class MigrationSourceStub:
                 request_serializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
                 response_deserializer=pvmig_dot___proto_dot_pvmig__pb2.SuspendReply.FromString,
                 _registered_method=True)
+        self.Throttle = channel.unary_unary(
+                '/pvmig.v1.MigrationSource/Throttle',
+                request_serializer=pvmig_dot___proto_dot_pvmig__pb2.ThrottleRequest.SerializeToString,
+                response_deserializer=pvmig_dot___proto_dot_pvmig__pb2.DoneReply.FromString,
+                _registered_method=True)
         self.Quiesce = channel.unary_unary(
                 '/pvmig.v1.MigrationSource/Quiesce',
                 request_serializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
@@ -380,6 +385,13 @@ class MigrationSourceServicer:
 
     def Suspend(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Throttle(self, request, context):
+        """auto-converge: keep the guest's vCPU off this share of the time from now on
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -435,6 +447,11 @@ def add_MigrationSourceServicer_to_server(servicer, server):
                     servicer.Suspend,
                     request_deserializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.FromString,
                     response_serializer=pvmig_dot___proto_dot_pvmig__pb2.SuspendReply.SerializeToString,
+            ),
+            'Throttle': grpc.unary_unary_rpc_method_handler(
+                    servicer.Throttle,
+                    request_deserializer=pvmig_dot___proto_dot_pvmig__pb2.ThrottleRequest.FromString,
+                    response_serializer=pvmig_dot___proto_dot_pvmig__pb2.DoneReply.SerializeToString,
             ),
             'Quiesce': grpc.unary_unary_rpc_method_handler(
                     servicer.Quiesce,
@@ -543,6 +560,33 @@ class MigrationSource:
             '/pvmig.v1.MigrationSource/Suspend',
             pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
             pvmig_dot___proto_dot_pvmig__pb2.SuspendReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Throttle(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pvmig.v1.MigrationSource/Throttle',
+            pvmig_dot___proto_dot_pvmig__pb2.ThrottleRequest.SerializeToString,
+            pvmig_dot___proto_dot_pvmig__pb2.DoneReply.FromString,
             options,
             channel_credentials,
             insecure,
