@@ -27,7 +27,7 @@ from ._proto import pvmig_pb2_grpc as pb_grpc
 from .host import Host
 
 log = logging.getLogger("pvmig.agent")
-CAPABILITIES = ["precopy", "zero-pages", "crc32-batches"]
+CAPABILITIES = ["precopy", "zero-pages", "xxh3-batches", "zstd", "auto-converge"]
 
 
 def _status(fn):

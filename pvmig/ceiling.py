@@ -55,6 +55,7 @@ def measure(nbytes: int, streams: int, workdir: Path, *, host: str = "127.0.0.1"
             raise RuntimeError(f"the ceiling's sender or receiver failed "
                                f"({send.returncode}, {recv.returncode})")
         result = json.loads(out)
+        result["identical"] = _same(src, dst)
     finally:
         if recv.poll() is None:
             recv.kill()
@@ -63,6 +64,19 @@ def measure(nbytes: int, streams: int, workdir: Path, *, host: str = "127.0.0.1"
     result["gib_per_s"] = nbytes / result["seconds"] / (1 << 30)
     result["streams"] = streams
     return result
+
+
+def _same(a: Path, b: Path) -> bool:
+    """Whether the receiver holds exactly what was sent: a ceiling that lost bytes would
+    flatter nobody."""
+    x, y = SharedFile.open(a), SharedFile.open(b)
+    try:
+        return x.size == y.size and all(
+            np.array_equal(x.bytes[lo:lo + (64 << 20)], y.bytes[lo:lo + (64 << 20)])
+            for lo in range(0, x.size, 64 << 20))
+    finally:
+        x.close()
+        y.close()
 
 
 def _spans(nbytes: int, streams: int) -> list[tuple[int, int]]:

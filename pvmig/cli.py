@@ -236,6 +236,22 @@ def _parser() -> argparse.ArgumentParser:
     mx.add_argument("--markdown", type=Path, metavar="FILE")
     mx.set_defaults(func=_matrix)
 
+    be = sub.add_parser("bench", help="migrations over a grid (RAM, dirty rate, devices, "
+                        "bandwidth cap), against the raw-TCP ceiling and QEMU, in one run")
+    be.add_argument("--quick", action="store_true",
+                    help="a 256 MiB guest, idle and busy, only (about a minute)")
+    be.add_argument("--runs", type=int, default=3, metavar="N",
+                    help="migrations per cell (the 1 GiB busy cell runs at least 10)")
+    be.add_argument("--ram-mb", type=int, action="append", metavar="MIB",
+                    help="only these RAM sizes of the grid (repeat)")
+    be.add_argument("--peer", choices=["none", "qemu"], default="none",
+                    help="qemu: QEMU's own migration of a paused guest of the same size "
+                    "and content, beside pvmig's")
+    be.add_argument("--json", type=Path, metavar="FILE")
+    be.add_argument("--markdown", type=Path, metavar="FILE")
+    be.add_argument("--plots", type=Path, metavar="DIR", help="write the comparison PNGs here")
+    be.set_defaults(func=_bench)
+
     pl = sub.add_parser("plot", help="a migration's timeline as a PNG: pages and dirty rate "
                         "per round, bandwidth, throttle, the downtime window")
     pl.add_argument("report", type=Path, help="a `pvmig migrate --report` JSON")
@@ -565,6 +581,21 @@ def _matrix(args) -> int:
     command = "pvmig matrix" + (" --full" if args.full else "") + f" --runs {args.runs}"
     return run_matrix(full=args.full, runs=args.runs, json_path=args.json,
                       md_path=args.markdown, command=command)
+
+
+def _bench(args) -> int:
+    from .bench import run_bench
+    if args.runs < 1:
+        raise errors.InvalidArgument("--runs must be >= 1")
+    logging.getLogger().setLevel(logging.WARNING)
+    command = "pvmig bench" + (" --quick" if args.quick else "") + f" --runs {args.runs}" + \
+        "".join(f" --ram-mb {m}" for m in args.ram_mb or []) + \
+        (" --peer qemu" if args.peer == "qemu" else "")
+    out = run_bench(quick=args.quick, runs=args.runs, peer_qemu=args.peer == "qemu",
+                    json_path=args.json, md_path=args.markdown, plots=args.plots,
+                    command=command, ram_sizes=args.ram_mb)
+    failed = [c for s in out["sizes"] for c in s["cells"] if c["errors"]]
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def _plot(args) -> int:

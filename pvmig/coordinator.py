@@ -107,6 +107,9 @@ class Migration:
                     await self.abort(e)
                 raise
             await self.resume()
+            # As QEMU's total-time: the migration ends when the guest runs there; what
+            # the verification takes after that is reported on its own.
+            self.report.total_time_s = time.monotonic() - t0
             await self.verify()
         except (errors.PvmigError, asyncio.CancelledError) as e:
             if isinstance(e, asyncio.CancelledError):
@@ -114,7 +117,8 @@ class Migration:
             self.report.fail(e, started=self._prepared or self._begun,
                              committed=self._committed)
         finally:
-            self.report.total_time_s = time.monotonic() - t0
+            if not self.report.total_time_s:  # failed before resume: until now
+                self.report.total_time_s = time.monotonic() - t0
             self._phase("done", status=self.report.status)
         return self.report
 

@@ -1,7 +1,7 @@
 """Page batches: how frames travel on the migration stream.
 
 A batch is about 1 MiB: the pages' bytes in one field, their frame numbers packed as
-little-endian u32, all-zero pages as their number only, and a crc32 over the lot. The
+little-endian u32, all-zero pages as their number only, and an xxh3-64 over the lot. The
 sender gathers and the receiver scatters with numpy, straight between the shared RAM
 files and the message, never a Python loop per page.
 """
@@ -9,10 +9,10 @@ files and the message, never a Python loop per page.
 from __future__ import annotations
 
 import struct
-import zlib
 from dataclasses import dataclass
 
 import numpy as np
+import xxhash
 
 from . import errors
 from ._proto import pvmig_pb2 as pb
@@ -28,11 +28,15 @@ _FRAME = np.dtype("<u4")
 _HEADER = struct.Struct("<QIII")
 
 
-def checksum(seq: int, round: int, frames: bytes, zero_frames: bytes, data: bytes) -> int:
-    """crc32 over the batch's header (sequence, round, field lengths) and its fields,
-    so that neither a field boundary nor the batch's place in the stream can shift."""
-    head = _HEADER.pack(seq, round, len(frames), len(zero_frames))
-    return zlib.crc32(data, zlib.crc32(zero_frames, zlib.crc32(frames, zlib.crc32(head))))
+def checksum(seq: int, round: int, frames: bytes, zero_frames: bytes, data: bytes,
+             encoding: str = "") -> int:
+    """xxh3-64 over the batch's header (sequence, round, field lengths, encoding) and its
+    fields, so that neither a field boundary nor the batch's place in the stream can
+    shift. xxh3 runs at tens of GiB/s here, crc32 at about 2: a third of a round."""
+    h = xxhash.xxh3_64(_HEADER.pack(seq, round, len(frames), len(zero_frames)))
+    for part in (encoding.encode(), frames, zero_frames, data):
+        h.update(part)
+    return h.intdigest()
 
 
 @dataclass(frozen=True)
@@ -72,7 +76,7 @@ def pack(mem: GuestMemory, frames: np.ndarray, *, seq: int, round: int,
             data, encoding = packed, ZSTD
     out.seq, out.round, out.frames, out.zero_frames, out.data = seq, round, fbytes, zbytes, data
     out.encoding = encoding
-    out.checksum = checksum(seq, round, fbytes, zbytes, data)
+    out.checksum = checksum(seq, round, fbytes, zbytes, data, encoding)
     return Packed(len(frames), len(zero_frames), len(fbytes) + len(zbytes) + len(data))
 
 
@@ -93,8 +97,8 @@ def unpack(batch: pb.PageBatch, nr_frames: int) -> Unpacked:
         raise errors.InvalidArgument(f"batch {batch.seq}: frame list is not a whole number of u32")
     frames = np.frombuffer(batch.frames, dtype=_FRAME)
     zero = np.frombuffer(batch.zero_frames, dtype=_FRAME)
-    if checksum(batch.seq, batch.round, batch.frames, batch.zero_frames,
-                batch.data) != batch.checksum:
+    if checksum(batch.seq, batch.round, batch.frames, batch.zero_frames, batch.data,
+                batch.encoding) != batch.checksum:
         raise errors.DataLoss(f"batch {batch.seq}: checksum mismatch")
     data = _decode(batch, len(frames) * PAGE_SIZE)
     if len(data) != len(frames) * PAGE_SIZE:

@@ -84,3 +84,62 @@ def _guess_start(rounds: list[dict], i: int, phases: dict) -> float:
         return phases["final"]
     end = phases.get("stop-and-copy", sum(r["duration-ms"] for r in rounds if not r["final"]))
     return end - sum(r["duration-ms"] for r in rounds[i:] if not r["final"])
+
+
+def bench_figures(out: dict, directory: Path) -> list[Path]:
+    """`pvmig bench`'s comparison: throughput of pvmig's idle guest against the raw-TCP
+    ceiling and QEMU, per RAM size; downtime (median and p95) per cell."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    directory.mkdir(parents=True, exist_ok=True)
+    sizes = out["sizes"]
+    labels = [f"{s['ram-mb']} MiB" for s in sizes]
+    series = {"raw TCP (ceiling)": [s["ceiling"]["gib-s"] for s in sizes],
+              "pvmig (idle guest, round 0)": [_idle(s) for s in sizes],
+              "QEMU single stream": [_qemu(s, 0) for s in sizes],
+              "QEMU 2 multifd": [_qemu(s, 2) for s in sizes]}
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    width = 0.8 / len(series)
+    for i, (name, values) in enumerate(series.items()):
+        xs = [j + i * width for j in range(len(sizes))]
+        ax.bar(xs, [v or 0 for v in values], width=width, label=name)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sizes))], labels)
+    ax.set_ylabel("GiB/s")
+    ax.set_title("Migration throughput against its ceiling and QEMU (same run)")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    tput = directory / "bench-throughput.png"
+    fig.savefig(tput, dpi=110)
+    plt.close(fig)
+
+    cells = [(f"{s['ram-mb']}M {c['dirty']}/{c['devices']}"
+              + (f"/{c['cap-mbps']:g}M" if c["cap-mbps"] else "")
+              + ("/ac" if c["auto-converge"] else ""), c)
+             for s in sizes for c in s["cells"] if c["downtime-ms-median"] is not None]
+    fig, ax = plt.subplots(figsize=(9, 0.35 * len(cells) + 1.5))
+    ys = range(len(cells))
+    ax.barh([y + 0.2 for y in ys], [c["downtime-ms-p95"] for _, c in cells], height=0.4,
+            label="p95", color="tab:orange")
+    ax.barh([y - 0.2 for y in ys], [c["downtime-ms-median"] for _, c in cells], height=0.4,
+            label="median", color="tab:blue")
+    ax.set_yticks(list(ys), [n for n, _ in cells], fontsize="small")
+    ax.set_xscale("log")
+    ax.set_xlabel("downtime, ms (log)")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    down = directory / "bench-downtime.png"
+    fig.savefig(down, dpi=110)
+    plt.close(fig)
+    return [tput, down]
+
+
+def _idle(size: dict) -> float | None:
+    return next((c["round0-gib-s-median"] for c in size["cells"]
+                 if c["dirty"] == "idle" and c["devices"] == "idle"), None)
+
+
+def _qemu(size: dict, channels: int) -> float | None:
+    return next((q["throughput-gib-s"] for q in size["qemu"]
+                 if q.get("multifd-channels") == channels and "error" not in q), None)

@@ -191,7 +191,9 @@ class Report:
             "source": self.source, "dest": self.dest,
             "source-agent": self.source_agent, "dest-agent": self.dest_agent,
             "ram-bytes": self.ram_bytes,
-            "total-time-ms": ms(self.total_time_s),
+            "total-time-ms": ms(self.total_time_s),  # to resume, as QEMU's
+            "verify-ms": (round(self.phases["done"] - self.phases["verify"], 3)
+                          if "verify" in self.phases and "done" in self.phases else None),
             "setup-time-ms": ms(self.setup_time_s),
             "downtime-ms": ms(self.downtime_s),
             "downtime-uncertainty-ms": ms(self.downtime_uncertainty_s),

@@ -6,7 +6,7 @@ import grpc
 
 from . import errors, security
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: page batches carry an xxh3-64 checksum
 MAX_MESSAGE = 16 << 20
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE),

@@ -276,6 +276,8 @@ def test_compressible_pages_travel_compressed_and_random_ones_as_they_are(src, d
 
 
 def test_bad_compressed_data_and_unknown_encodings_are_refused(src, dst):
+    """(The checksum covers the encoding: a batch relabelled on the way is refused as
+    corrupt; these are batches a sender made so.)"""
     import zstandard
     src.pages[40:42] = 3
     batch = pb.PageBatch()
@@ -284,18 +286,23 @@ def test_bad_compressed_data_and_unknown_encodings_are_refused(src, dst):
     broken = pb.PageBatch()
     broken.CopyFrom(batch)
     broken.data = b"\x28\xb5\x2f\xfd" + b"junk" * 8  # a zstd frame header, then garbage
-    broken.checksum = pages.checksum(5, 1, broken.frames, broken.zero_frames, broken.data)
+    broken.checksum = pages.checksum(5, 1, broken.frames, broken.zero_frames, broken.data,
+                                     "zstd")
     with pytest.raises(errors.InvalidArgument, match="batch 5: bad zstd data"):
         pages.unpack(broken, N)
     odd = pb.PageBatch()
     odd.CopyFrom(batch)
     odd.encoding = "lz4"
+    with pytest.raises(errors.DataLoss, match="batch 5: checksum mismatch"):
+        pages.unpack(odd, N)  # relabelled on the way
+    odd.checksum = pages.checksum(5, 1, odd.frames, odd.zero_frames, odd.data, "lz4")
     with pytest.raises(errors.InvalidArgument, match="unknown encoding 'lz4'"):
         pages.unpack(odd, N)
     # a compressed batch that inflates to the wrong size is refused as well
     short = pb.PageBatch()
     short.CopyFrom(batch)
     short.frames = batch.frames[:4]
-    short.checksum = pages.checksum(5, 1, short.frames, short.zero_frames, short.data)
+    short.checksum = pages.checksum(5, 1, short.frames, short.zero_frames, short.data,
+                                    "zstd")
     with pytest.raises(errors.InvalidArgument, match="batch 5"):
         pages.unpack(short, N)

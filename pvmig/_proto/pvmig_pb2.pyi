@@ -377,22 +377,22 @@ class ResumeReply(_message.Message):
     def __init__(self, resumed_ns: _Optional[int] = ...) -> None: ...
 
 class PageBatch(_message.Message):
-    __slots__ = ("seq", "round", "frames", "zero_frames", "data", "checksum", "encoding")
+    __slots__ = ("seq", "round", "frames", "zero_frames", "data", "encoding", "checksum")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     FRAMES_FIELD_NUMBER: _ClassVar[int]
     ZERO_FRAMES_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
-    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     seq: int
     round: int
     frames: bytes
     zero_frames: bytes
     data: bytes
-    checksum: int
     encoding: str
-    def __init__(self, seq: _Optional[int] = ..., round: _Optional[int] = ..., frames: _Optional[bytes] = ..., zero_frames: _Optional[bytes] = ..., data: _Optional[bytes] = ..., checksum: _Optional[int] = ..., encoding: _Optional[str] = ...) -> None: ...
+    checksum: int
+    def __init__(self, seq: _Optional[int] = ..., round: _Optional[int] = ..., frames: _Optional[bytes] = ..., zero_frames: _Optional[bytes] = ..., data: _Optional[bytes] = ..., encoding: _Optional[str] = ..., checksum: _Optional[int] = ...) -> None: ...
 
 class RoundEnd(_message.Message):
     __slots__ = ("round", "pages")

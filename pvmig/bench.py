@@ -1,0 +1,313 @@
+"""`pvmig bench`: migrations over a grid, measured against the transport's ceiling and,
+where it is installed, QEMU's own migration of a guest of the same size, in one run.
+
+Per RAM size: the raw-TCP ceiling between two processes moving the same bytes on as many
+connections as pvmig has streams (pvmig.ceiling); QEMU (`--peer qemu`) migrating a
+paused guest whose RAM holds the same bytes as pvmig's idle guest, single stream and 2
+multifd channels; then, on a fresh pair of agents, each cell of the grid: a guest of
+that size, its dirty rate, its devices idle or busy, a bandwidth cap or none, `runs`
+migrations back and forth. Ratios are the headline: these machines are shared.
+
+Dirty rates: idle (0), moderate (MODERATE pages/s), heavy (above the link: 1.5 times
+what the cap carries, or HEAVY pages/s uncapped; with auto-converge, and without it
+once to show that it does not converge).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import uvloop
+
+from . import ceiling
+from ._proto import pvmig_pb2 as pb
+from .client import AgentClient
+from .cluster import LocalCluster
+from .coordinator import Options, migrate
+from .memory import PAGE_SIZE
+from .progress import Reporter
+
+MODERATE = 2000      # pages/s: 8 MB/s of writes
+HEAVY = 60000        # pages/s, uncapped
+BUSY_DISK = {"latency_ms": 2.0, "io_rate": 300.0}
+PEER_RATE = 200.0    # the net peer's requests per second to a busy guest
+
+
+@dataclass(frozen=True)
+class Cell:
+    ram_mb: int
+    dirty: str = "idle"          # idle, moderate, heavy
+    devices: str = "idle"        # idle: none; busy: a disk and a NIC at work, a net peer
+    cap_mbps: float = 0.0        # 0: no bandwidth cap
+    auto_converge: bool = False
+    runs: int = 3
+
+    @property
+    def name(self) -> str:
+        cap = f", {self.cap_mbps:g} Mbit/s cap" if self.cap_mbps else ""
+        ac = ", auto-converge" if self.auto_converge else ""
+        return f"{self.ram_mb} MiB, dirty {self.dirty}, devices {self.devices}{cap}{ac}"
+
+    def dirty_rate(self) -> float:
+        if self.dirty == "idle":
+            return 0.0
+        if self.dirty == "moderate":
+            return float(MODERATE)
+        if self.cap_mbps:
+            return 1.5 * self.cap_mbps * 1e6 / 8 / PAGE_SIZE
+        return float(HEAVY)
+
+
+def grid(quick: bool, runs: int) -> list[Cell]:
+    if quick:
+        return [Cell(256, "idle", runs=runs), Cell(256, "moderate", "busy", runs=runs)]
+    cells = []
+    for ram in (256, 1024):
+        cells += [Cell(ram, "idle", runs=runs), Cell(ram, "moderate", runs=runs),
+                  Cell(ram, "moderate", "busy", runs=runs),
+                  Cell(ram, "moderate", "busy", cap_mbps=1000, runs=runs),
+                  Cell(ram, "heavy", cap_mbps=1000, runs=1),
+                  Cell(ram, "heavy", cap_mbps=1000, auto_converge=True, runs=runs)]
+    cells[cells.index(Cell(1024, "moderate", "busy", runs=runs))] = \
+        Cell(1024, "moderate", "busy", runs=max(runs, 10))  # the downtime target's cell
+    cells.append(Cell(4096, "idle", runs=1))
+    return cells
+
+
+@dataclass
+class Result:
+    cell: Cell
+    reports: list = field(default_factory=list)
+    peer: dict | None = None
+    errors: list = field(default_factory=list)
+    content: Path | None = None  # a copy of the idle guest's RAM, for QEMU's guest
+
+    def to_dict(self, ceiling_gib_s: float | None) -> dict:
+        done = [r for r in self.reports if r["status"] == "completed"]
+        down = sorted(r["downtime-ms"] for r in done)
+        tput = [_round0_gib_s(r) for r in done]
+        out = {"cell": self.cell.name, "ram-mb": self.cell.ram_mb, "dirty": self.cell.dirty,
+               "dirty-rate": self.cell.dirty_rate(), "devices": self.cell.devices,
+               "cap-mbps": self.cell.cap_mbps or None,
+               "auto-converge": self.cell.auto_converge,
+               "migrations": len(self.reports), "completed": len(done),
+               "verified": sum(r["verification"]["passed"] for r in done),
+               "converged": sum(bool(r["converged"]) for r in done),
+               "downtime-ms-median": _med(down), "downtime-ms-p95": _pct(down, 95),
+               "total-ms-median": _med([r["total-time-ms"] for r in done]),
+               "round0-gib-s-median": _med(tput),
+               "vs-ceiling": (round(_med(tput) / ceiling_gib_s, 3)
+                              if tput and ceiling_gib_s else None),
+               "bytes-per-ram-median": _med([r["transferred-ratio"] for r in done]),
+               "rounds-median": _med([len(r["rounds"]) for r in done]),
+               "max-throttle-percent": max((r["auto-converge"]["max-throttle-percent"]
+                                            for r in done), default=0),
+               "net-peer": self.peer, "errors": self.errors}
+        return out
+
+
+def _round0_gib_s(report: dict) -> float:
+    r0 = report["rounds"][0]
+    return report["ram-bytes"] / (r0["duration-ms"] / 1e3) / (1 << 30)
+
+
+def _med(xs):
+    return round(statistics.median(xs), 3) if xs else None
+
+
+def _pct(xs, p):
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return round(xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))], 3)
+
+
+# ---- running
+
+def run_bench(*, quick: bool, runs: int, peer_qemu: bool, json_path: Path | None,
+              md_path: Path | None, plots: Path | None, command: str,
+              ram_sizes: list[int] | None = None) -> dict:
+    from rich.console import Console
+    console = Console(stderr=True)
+    cells = grid(quick, runs)
+    if ram_sizes:
+        cells = [c for c in cells if c.ram_mb in ram_sizes]
+    started = time.monotonic()
+    out = {"command": command, "sizes": []}
+    for ram in sorted({c.ram_mb for c in cells}):
+        with tempfile.TemporaryDirectory(prefix="pvmig-bench-", dir="/dev/shm") as tmp:
+            size = _bench_size(ram, [c for c in cells if c.ram_mb == ram], peer_qemu,
+                               Path(tmp), console)
+        out["sizes"].append(size)
+        _write(out, json_path, md_path)
+    out["seconds"] = round(time.monotonic() - started, 1)
+    _write(out, json_path, md_path)
+    if plots:
+        from .plot import bench_figures
+        out["plots"] = [str(p) for p in bench_figures(out, plots)]
+        _write(out, json_path, md_path)
+    console.print(markdown(out))
+    return out
+
+
+def _bench_size(ram: int, cells: list[Cell], peer_qemu: bool, tmp: Path, console) -> dict:
+    nbytes = ram << 20
+    console.print(f"[bold]{ram} MiB[/]: the raw-TCP ceiling ...")
+    ceil = max((ceiling.measure(nbytes, 4, tmp / "ceiling") for _ in range(2)),
+               key=lambda m: m["gib_per_s"])
+    size = {"ram-mb": ram, "ceiling": {"gib-s": round(ceil["gib_per_s"], 3),
+                                       "streams": ceil["streams"]},
+            "qemu": [], "cells": []}
+    with LocalCluster(tmp / "cluster", ["a", "b"]) as cluster:
+        hosts = [cluster["a"].address, cluster["b"].address]
+        for cell in cells:
+            console.print(f"  {cell.name} ...")
+            keep = peer_qemu and cell.dirty == "idle" and not size["qemu"] and ram <= 1024
+            result = _run_cell(cell, hosts, cluster["a"].mem_dir, tmp, keep_content=keep)
+            size["cells"].append(result.to_dict(size["ceiling"]["gib-s"]))
+            if keep:
+                size["qemu"] = _qemu(nbytes, result.content, tmp, console)
+                if result.content is not None:
+                    result.content.unlink(missing_ok=True)
+    return size
+
+
+def _run_cell(cell: Cell, hosts: list[str], mem_dir: Path, tmp: Path, *,
+              keep_content: bool = False) -> Result:
+    result = Result(cell)
+    name = f"b{abs(hash(cell)) % 10**6}"
+    disk = tmp / f"{name}.img"
+    try:
+        domid, vif = uvloop.run(_create(hosts[0], name, cell, disk))
+    except Exception as e:  # a cell that cannot start is reported; the others go on
+        result.errors.append(f"create: {e}")
+        return result
+    peer, stats = None, tmp / f"{name}.peer.json"
+    if vif:
+        peer = subprocess.Popen([sys.executable, "-m", "pvmig", "peer", "--guest", vif,
+                                 "--rate", str(PEER_RATE), "--duration", "3600",
+                                 "--stats", str(stats)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # the workload and the devices get going
+    if keep_content:  # the idle guest's bytes, before they move: QEMU's guest gets them
+        result.content = tmp / "qemu-content.ram"
+        shutil.copyfile(mem_dir / f"{name}.{domid}.ram", result.content)
+    where = 0
+    try:
+        for _ in range(cell.runs):
+            options = Options(max_bandwidth_mbps=cell.cap_mbps,
+                              auto_converge=cell.auto_converge, verify_timeout_s=60.0,
+                              max_rounds=60 if cell.auto_converge else 30)
+            report = uvloop.run(migrate(hosts[where], hosts[1 - where], name, options,
+                                        Reporter())).to_dict()
+            result.reports.append(report)
+            if report["committed"]:
+                where = 1 - where
+            if report["status"] != "completed":
+                result.errors.append(report["error"])
+                break
+            time.sleep(0.5)
+    finally:
+        if peer is not None:
+            peer.terminate()
+            peer.wait(timeout=30)
+            result.peer = _read_json(stats)
+        uvloop.run(_destroy(hosts[where], name))
+        disk.unlink(missing_ok=True)
+    return result
+
+
+async def _create(address: str, name: str, cell: Cell, disk: Path) -> tuple[int, str]:
+    devices = []
+    if cell.devices == "busy":
+        devices = [pb.DeviceConfig(kind="vbd", devid=0, disk=str(disk), blocks=1024,
+                                   latency_ms=BUSY_DISK["latency_ms"],
+                                   io_rate=BUSY_DISK["io_rate"]),
+                   pb.DeviceConfig(kind="vif", devid=0)]
+    async with AgentClient(address) as agent:
+        info = await agent.call(agent.agent.CreateDomain, pb.CreateDomainRequest(
+            name=name, ram_bytes=cell.ram_mb << 20,
+            workload=pb.WorkloadConfig(dirty_rate=cell.dirty_rate(), fill=0.75,
+                                       hot_fraction=1.0 if cell.dirty == "heavy" else 0.1,
+                                       hot_share=0.9, seed=1),
+            devices=devices), timeout=600.0)
+    return info.domid, next((s.address for s in info.device_stats if s.kind == "vif"), "")
+
+
+async def _destroy(address: str, name: str) -> None:
+    async with AgentClient(address) as agent:
+        try:
+            await agent.call(agent.agent.DestroyDomain, pb.DomainRef(name=name), timeout=60)
+        except Exception:  # already gone with a failed migration: nothing to free
+            pass
+
+
+def _qemu(nbytes: int, content: Path | None, tmp: Path, console) -> list[dict]:
+    from . import qemu_peer
+    if qemu_peer.available() is None:
+        return [{"error": "qemu-system-x86_64 is not installed"}]
+    out = []
+    for channels in (0, 2):
+        console.print(f"  QEMU, {'single stream' if not channels else f'{channels} multifd'}")
+        try:
+            out.append(qemu_peer.run(nbytes, content, tmp / "qemu",
+                                     multifd_channels=channels))
+        except Exception as e:
+            out.append({"multifd-channels": channels, "error": str(e)})
+    return out
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# ---- output
+
+def markdown(out: dict) -> str:
+    lines = [f"`{out['command']}`", ""]
+    for size in out["sizes"]:
+        c = size["ceiling"]
+        lines += [f"### {size['ram-mb']} MiB guest", "",
+                  f"Raw-TCP ceiling, {c['streams']} connections, shared memory to shared "
+                  f"memory: **{c['gib-s']} GiB/s**.", ""]
+        for q in size["qemu"]:
+            if "error" in q:
+                lines.append(f"QEMU: {q['error']}")
+                continue
+            lines.append(
+                f"QEMU {q.get('qemu-version', '')}, "
+                f"{'single stream' if not q['multifd-channels'] else str(q['multifd-channels']) + ' multifd channels'}: "
+                f"{q['throughput-gib-s']:.3f} GiB/s, total {q['total-time-ms']} ms, downtime "
+                f"{q['downtime-ms']} ms")
+        lines += ["", "| cell | migrations (verified) | round 0 GiB/s | vs ceiling | "
+                      "downtime ms median / p95 | total ms | bytes / RAM | rounds | "
+                      "converged | throttle % | peer outage ms |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in size["cells"]:
+            peer = (r["net-peer"] or {}).get("longest-outage-ms", "-") if r["net-peer"] else "-"
+            lines.append(
+                f"| {r['cell']} | {r['completed']} ({r['verified']}) | "
+                f"{r['round0-gib-s-median']} | {r['vs-ceiling']} | "
+                f"{r['downtime-ms-median']} / {r['downtime-ms-p95']} | {r['total-ms-median']} | "
+                f"{r['bytes-per-ram-median']} | {r['rounds-median']} | "
+                f"{r['converged']} of {r['completed']} | {r['max-throttle-percent']} | {peer} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _write(out: dict, json_path: Path | None, md_path: Path | None) -> None:
+    if json_path:
+        json_path.write_text(json.dumps(out, indent=1) + "\n")
+    if md_path:
+        md_path.write_text(markdown(out) + "\n")
