@@ -137,6 +137,10 @@ class RestoreSession:
                 raise errors.InvalidArgument("every stream ended without the device state")
             self.ended = True
             self._end_event.set()
+            # The last end's acknowledgement is the destination's "ready" (xl's): the
+            # source commits only after it, so it must not be given unless this side
+            # can resume the guest.
+            self.ready()
         return pb.StreamAck(end=True)
 
     # ---- hashing what was received
@@ -191,6 +195,11 @@ class RestoreSession:
         self.ready()
         self.host.record_commit(self.migration_id, "destination", self.domain.name)
         self.committed = True
+
+    async def commit_and_resume(self) -> int:
+        """The commit recorded, then the guest resumed: one call inside the downtime."""
+        self.commit()
+        return await self.resume()
 
     async def resume(self) -> int:
         if not self.committed:

@@ -227,6 +227,12 @@ class MigrationDestServicer(pb_grpc.MigrationDestServicer):
         return pb.ResumeReply(resumed_ns=await self.host.restore(request.migration_id).resume())
 
     @_status
+    async def CommitAndResume(self, request, context):
+        session = self.host.restore(request.migration_id)
+        with session.lease.hold():
+            return pb.ResumeReply(resumed_ns=await session.commit_and_resume())
+
+    @_status
     async def FrameHashes(self, request, context):
         session = self.host.restore(request.migration_id)
         try:

@@ -117,6 +117,7 @@ class Migration:
             self.report.fail(e, started=self._prepared or self._begun,
                              committed=self._committed)
         finally:
+            self.report.committed = self._committed
             if not self.report.total_time_s:  # failed before resume: until now
                 self.report.total_time_s = time.monotonic() - t0
             self._phase("done", status=self.report.status)
@@ -232,17 +233,16 @@ class Migration:
         await self._round(len(self.report.rounds), final=True)
 
     async def commit(self) -> None:
-        # As xl's handshake: the destination says it holds the whole stream and can
-        # resume; the source records the decision, the point of no return; only then
-        # does the destination record it and may run the guest.
+        # As xl's handshake: the destination has said it holds the whole stream and can
+        # resume (the acknowledgement of the stream's end); the source records the
+        # decision, the point of no return; only then does the destination record it,
+        # and at once resume the guest.
         self._phase("commit")
-        await self.dest.call(self.dest.dest.Ready, self._ref())
         await self.source.call(self.source.source.Commit, self._ref())
-        self._committed = self.report.committed = True
-        await self.dest.call(self.dest.dest.Commit, self._ref())
+        self._committed = True
 
     async def resume(self) -> None:
-        reply = await self.dest.call(self.dest.dest.Resume, self._ref())
+        reply = await self.dest.call(self.dest.dest.CommitAndResume, self._ref())
         src_off, src_err = self._offsets["source"]
         dst_off, dst_err = self._offsets["dest"]
         self.report.downtime_s = ((reply.resumed_ns - dst_off)

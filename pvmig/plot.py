@@ -98,8 +98,9 @@ def bench_figures(out: dict, directory: Path) -> list[Path]:
     labels = [f"{s['ram-mb']} MiB" for s in sizes]
     series = {"raw TCP (ceiling)": [s["ceiling"]["gib-s"] for s in sizes],
               "pvmig (idle guest, round 0)": [_idle(s) for s in sizes],
-              "QEMU single stream": [_qemu(s, 0) for s in sizes],
-              "QEMU 2 multifd": [_qemu(s, 2) for s in sizes]}
+              "QEMU single stream": [_qemu(s, 0, True) for s in sizes],
+              "QEMU 2 multifd": [_qemu(s, 2, True) for s in sizes],
+              "QEMU single, RAM faulted in": [_qemu(s, 0, False) for s in sizes]}
     fig, ax = plt.subplots(figsize=(8, 4.5))
     width = 0.8 / len(series)
     for i, (name, values) in enumerate(series.items()):
@@ -140,6 +141,7 @@ def _idle(size: dict) -> float | None:
                  if c["dirty"] == "idle" and c["devices"] == "idle"), None)
 
 
-def _qemu(size: dict, channels: int) -> float | None:
+def _qemu(size: dict, channels: int, prealloc: bool) -> float | None:
     return next((q["throughput-gib-s"] for q in size["qemu"]
-                 if q.get("multifd-channels") == channels and "error" not in q), None)
+                 if q.get("multifd-channels") == channels and q.get("prealloc") == prealloc
+                 and "error" not in q), None)

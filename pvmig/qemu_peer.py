@@ -42,9 +42,10 @@ CHUNK = 64 * MiB
 START_S = 30.0           # QEMU up and its QMP socket answering
 STOP_S = 5.0             # SIGTERM to exit, before SIGKILL
 STDERR_TAIL = 2000       # characters of QEMU's stderr quoted in an error
-# QEMU maps and faults in every page of RAM at start, outside the timed migration, as
-# pvmig's agents populate guest RAM when they create it (a first touch costs ~12 us a page
-# on these machines). It keeps what the file holds.
+# By default QEMU maps and faults in every page of RAM at start, outside the timed
+# migration, as pvmig's agents populate guest RAM when they create it (a first touch costs
+# ~12 us a page on these machines); prealloc=False is QEMU's own default, where the
+# destination pays those faults inside the migration. It keeps what the file holds.
 PREALLOC = True
 # sockaddr_un's sun_path: 108 bytes including the NUL.
 UNIX_PATH_MAX = 107
@@ -56,7 +57,7 @@ def available() -> str | None:
 
 
 def run(ram_bytes: int, content: Path | None, workdir: Path, *, multifd_channels: int = 0,
-        timeout_s: float = 600.0) -> dict:
+        timeout_s: float = 600.0, prealloc: bool = PREALLOC) -> dict:
     """Migrate a paused QEMU guest of `ram_bytes` over loopback and return QEMU's figures.
 
     `content` (a file of exactly `ram_bytes`) lets QEMU move the very bytes pvmig moved;
@@ -96,10 +97,11 @@ def run(ram_bytes: int, content: Path | None, workdir: Path, *, multifd_channels
         # RAM that is already zero, as it would on a real host.
         _create(dst_mem, ram_bytes).close()
 
-        src = _Qemu("source", binary, src_mem, ram_bytes, workdir / f"{tag}.src")
+        src = _Qemu("source", binary, src_mem, ram_bytes, workdir / f"{tag}.src",
+                    prealloc=prealloc)
         qemus.append(src)
         dst = _Qemu("destination", binary, dst_mem, ram_bytes, workdir / f"{tag}.dst",
-                    incoming=True)
+                    incoming=True, prealloc=prealloc)
         qemus.append(dst)
         src.connect(deadline)
         dst.connect(deadline)
@@ -152,6 +154,7 @@ def run(ram_bytes: int, content: Path | None, workdir: Path, *, multifd_channels
         "throughput-gib-s": ram.get("total", 0) / seconds / GiB if seconds else None,
         "wire-gib-s": ram.get("transferred", 0) / seconds / GiB if seconds else None,
         "multifd-channels": multifd_channels,
+        "prealloc": prealloc,
         "identical": identical,
     }
 
@@ -202,13 +205,6 @@ def _wait_incoming(dst: _Qemu, deadline: float) -> None:
             raise RuntimeError(f"QEMU (destination) still loading (status {status}) when the "
                                f"time ran out{dst.stderr_tail()}")
         time.sleep(POLL_S)
-
-
-def _check_socket_path(path: Path) -> None:
-    if len(os.fsencode(path)) > UNIX_PATH_MAX:
-        raise RuntimeError(f"QMP socket path too long for a unix socket "
-                           f"({len(os.fsencode(path))} > {UNIX_PATH_MAX} bytes): {path}; "
-                           f"use a shorter workdir")
 
 
 # ---- the backing files
@@ -268,11 +264,18 @@ def _identical(a: Path, b: Path, deadline: float) -> bool:
 # ---- one QEMU and its QMP
 
 
+def _check_socket_path(path: Path) -> None:
+    if len(os.fsencode(path)) > UNIX_PATH_MAX:
+        raise RuntimeError(f"QMP socket path too long for a unix socket "
+                           f"({len(os.fsencode(path))} > {UNIX_PATH_MAX} bytes): {path}; "
+                           f"use a shorter workdir")
+
+
 class _Qemu:
     """One QEMU process and a QMP connection to it; stop() is safe to call twice."""
 
     def __init__(self, role: str, binary: str, mem: Path, ram_bytes: int, stem: Path,
-                 incoming: bool = False) -> None:
+                 incoming: bool = False, prealloc: bool = PREALLOC) -> None:
         self.role = role
         self.qmp_path = stem.with_name(stem.name + ".qmp")
         self.log_path = stem.with_name(stem.name + ".log")
@@ -288,7 +291,7 @@ class _Qemu:
             "-machine", "q35,accel=tcg,memory-backend=mem",
             "-m", f"{ram_bytes // MiB}M",
             "-object", f"memory-backend-file,id=mem,size={ram_bytes},mem-path={mem},"
-                       f"share=on,prealloc={'on' if PREALLOC else 'off'}",
+                       f"share=on,prealloc={'on' if prealloc else 'off'}",
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
         ]
         if incoming:

@@ -68,6 +68,7 @@ class SaveSession:
     _torn: tuple | None = None  # (frame, finish): injection point torn-copy
     _keep: frozenset = frozenset()  # its frame, which write-after-final leaves alone
     _ring_last: np.ndarray | None = None  # injection point write-after-final
+    _final_acks: list = field(default_factory=list)  # the final pass's round ends
 
     # ---- begin
 
@@ -186,13 +187,15 @@ class SaveSession:
         rings, self._ring_last = self._ring_last, None
         total = len(frames) + (len(rings) if rings is not None else 0)
         stats.dirty_pages = total
-        async for progress in self._send(frames, number, stats, total, end=rings is None):
+        async for progress in self._send(frames, number, stats, total, end=rings is None,
+                                         final=final):
             yield progress
         if rings is not None:
             # injection point write-after-final: the final pass has copied the I/O
             # buffers; the backends answer now; the rings, copied last, carry the answers
             self.injected.update(await self.domain.pv.after_final_read(self._keep))
-            async for progress in self._send(rings, number, stats, total, end=True):
+            async for progress in self._send(rings, number, stats, total, end=True,
+                                             final=final):
                 yield progress
         if final:
             if self.domain.pv is not None and self.domain.pv.inject:
@@ -208,11 +211,12 @@ class SaveSession:
                                bytes=stats.bytes, stats=stats)
 
     async def _send(self, frames: np.ndarray, number: int, stats: pb.RoundStats,
-                    total: int, end: bool = True) -> AsyncIterator[pb.RoundProgress]:
+                    total: int, end: bool = True, final: bool = False
+                    ) -> AsyncIterator[pb.RoundProgress]:
         """Send frames on every stream; with `end`, each stream then ends the round
         with the count of what it sent in it."""
         batches = self._batches(frames)
-        pumps = [asyncio.create_task(self._pump(s, batches, number, stats, end))
+        pumps = [asyncio.create_task(self._pump(s, batches, number, stats, end, final))
                  for s in self._streams]
         try:
             while True:
@@ -260,7 +264,7 @@ class SaveSession:
             self._seq += 1
 
     async def _pump(self, stream: PageStream, batches, number: int, stats: pb.RoundStats,
-                    end: bool) -> None:
+                    end: bool, final: bool = False) -> None:
         """Send batches until there are none left, then (`end`) this stream's round end.
         The streams share one iterator: each batch goes on exactly one stream."""
         journal = self.domain.journal
@@ -279,7 +283,9 @@ class SaveSession:
             stats.sent_pages += packed.normal
             stats.zero_pages += packed.zero
             stats.bytes += packed.wire_bytes
-        if end:
+        if end and final:  # its acknowledgement is awaited with the stream's end
+            self._final_acks.append(await stream.end_round(number, wait=False))
+        elif end:
             await stream.end_round(number)
 
     async def _tear(self, frames: np.ndarray) -> tuple[int, np.ndarray] | None:
@@ -298,8 +304,13 @@ class SaveSession:
         records = self.domain.pv.backend_records() if self.domain.pv is not None else {}
         records["policy"] = {"recovery": self.recovery}
         device_state = pb.DeviceState(vcpu=self.vcpu, devices=msgpack.packb(records))
-        await asyncio.gather(first.end(len(self._streams), device_state),
-                             *(s.end(len(self._streams)) for s in rest))
+        acks, self._final_acks = self._final_acks, []
+        try:
+            await asyncio.gather(first.end(len(self._streams), device_state),
+                                 *(s.end(len(self._streams)) for s in rest), *acks)
+        finally:
+            for ack in acks:  # a failed end leaves no round check unawaited
+                ack.cancel()
         self.delivered = True
 
     # ---- suspend, commit, complete, abort

@@ -37,13 +37,23 @@ class PageStream:
         except (grpc.RpcError, asyncio.InvalidStateError, grpc.aio.UsageError) as e:
             raise await self._error(e) from None
 
-    async def end_round(self, number: int) -> None:
-        """Mark the end of a round on this stream; return once the destination has it all."""
+    async def end_round(self, number: int, *, wait: bool = True) -> asyncio.Future | None:
+        """Mark the end of a round on this stream; return once the destination has it
+        all, or (wait=False: the final pass, whose end follows at once) return what to
+        await for that."""
         sent, self.sent_in_round = self.sent_in_round, 0
         ack = self._expect(number)
         rec = self.record()
         rec.round_end.round, rec.round_end.pages = number, sent
         await self.write(rec)
+        check = asyncio.ensure_future(self._received(number, sent, ack))
+        if not wait:
+            return check
+        await check
+        return None
+
+    @staticmethod
+    async def _received(number: int, sent: int, ack: asyncio.Future) -> None:
         reply = await ack
         if reply.pages_received != sent:
             raise errors.DataLoss(f"round {number}: destination received "

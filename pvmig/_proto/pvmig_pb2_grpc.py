@@ -767,6 +767,11 @@ class MigrationDestStub:
                 request_serializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
                 response_deserializer=pvmig_dot___proto_dot_pvmig__pb2.ResumeReply.FromString,
                 _registered_method=True)
+        self.CommitAndResume = channel.unary_unary(
+                '/pvmig.v1.MigrationDest/CommitAndResume',
+                request_serializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
+                response_deserializer=pvmig_dot___proto_dot_pvmig__pb2.ResumeReply.FromString,
+                _registered_method=True)
         self.FrameHashes = channel.unary_stream(
                 '/pvmig.v1.MigrationDest/FrameHashes',
                 request_serializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
@@ -816,6 +821,13 @@ class MigrationDestServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CommitAndResume(self, request, context):
+        """Commit, then Resume: what the coordinator calls once the source has committed
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def FrameHashes(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -854,6 +866,11 @@ def add_MigrationDestServicer_to_server(servicer, server):
             ),
             'Resume': grpc.unary_unary_rpc_method_handler(
                     servicer.Resume,
+                    request_deserializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.FromString,
+                    response_serializer=pvmig_dot___proto_dot_pvmig__pb2.ResumeReply.SerializeToString,
+            ),
+            'CommitAndResume': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitAndResume,
                     request_deserializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.FromString,
                     response_serializer=pvmig_dot___proto_dot_pvmig__pb2.ResumeReply.SerializeToString,
             ),
@@ -1001,6 +1018,33 @@ class MigrationDest:
             request,
             target,
             '/pvmig.v1.MigrationDest/Resume',
+            pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
+            pvmig_dot___proto_dot_pvmig__pb2.ResumeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitAndResume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pvmig.v1.MigrationDest/CommitAndResume',
             pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
             pvmig_dot___proto_dot_pvmig__pb2.ResumeReply.FromString,
             options,
