@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,12 +50,15 @@ class Cell:
     cap_mbps: float = 0.0        # 0: no bandwidth cap
     auto_converge: bool = False
     runs: int = 3
+    downtime_limit_ms: float = 300.0  # QEMU's default
 
     @property
     def name(self) -> str:
         cap = f", {self.cap_mbps:g} Mbit/s cap" if self.cap_mbps else ""
         ac = ", auto-converge" if self.auto_converge else ""
-        return f"{self.ram_mb} MiB, dirty {self.dirty}, devices {self.devices}{cap}{ac}"
+        limit = (f", limit {self.downtime_limit_ms:g} ms" if self.downtime_limit_ms != 300.0
+                 else "")
+        return f"{self.ram_mb} MiB, dirty {self.dirty}, devices {self.devices}{cap}{ac}{limit}"
 
     def dirty_rate(self) -> float:
         if self.dirty == "idle":
@@ -76,10 +80,51 @@ def grid(quick: bool, runs: int) -> list[Cell]:
                   Cell(ram, "moderate", "busy", cap_mbps=1000, runs=runs),
                   Cell(ram, "heavy", cap_mbps=1000, runs=1),
                   Cell(ram, "heavy", cap_mbps=1000, auto_converge=True, runs=runs)]
+    # the downtime target's cells: 10 runs, QEMU's default limit and a tight one
     cells[cells.index(Cell(1024, "moderate", "busy", runs=runs))] = \
-        Cell(1024, "moderate", "busy", runs=max(runs, 10))  # the downtime target's cell
+        Cell(1024, "moderate", "busy", runs=max(runs, 10))
+    cells.insert(cells.index(Cell(1024, "moderate", "busy", runs=max(runs, 10))) + 1,
+                 Cell(1024, "moderate", "busy", runs=max(runs, 10), downtime_limit_ms=5.0))
     cells.append(Cell(4096, "idle", runs=1))
     return cells
+
+
+class MemorySampler:
+    """The agents' own memory (anonymous pages: heap, buffers, numpy arrays), beyond the
+    guest RAM and bitmaps they map from shared files, sampled while a cell runs."""
+
+    def __init__(self, pids: list[int], every_s: float = 0.05) -> None:
+        self.pids, self.every_s = pids, every_s
+        self.peak_kib = {pid: 0 for pid in pids}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "MemorySampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            for pid in self.pids:
+                self.peak_kib[pid] = max(self.peak_kib[pid], anonymous_kib(pid))
+
+    @property
+    def peak_mib(self) -> float:
+        return round(max(self.peak_kib.values(), default=0) / 1024, 1)
+
+
+def anonymous_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Anonymous:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 @dataclass
@@ -89,6 +134,7 @@ class Result:
     peer: dict | None = None
     errors: list = field(default_factory=list)
     content: Path | None = None  # a copy of the idle guest's RAM, for QEMU's guest
+    agent_mib: float | None = None  # the larger agent's peak anonymous memory
 
     def to_dict(self, ceiling_gib_s: float | None) -> dict:
         done = [r for r in self.reports if r["status"] == "completed"]
@@ -98,6 +144,7 @@ class Result:
                "dirty-rate": self.cell.dirty_rate(), "devices": self.cell.devices,
                "cap-mbps": self.cell.cap_mbps or None,
                "auto-converge": self.cell.auto_converge,
+               "downtime-limit-ms": self.cell.downtime_limit_ms,
                "migrations": len(self.reports), "completed": len(done),
                "verified": sum(r["verification"]["passed"] for r in done),
                "converged": sum(bool(r["converged"]) for r in done),
@@ -110,6 +157,7 @@ class Result:
                "rounds-median": _med([len(r["rounds"]) for r in done]),
                "max-throttle-percent": max((r["auto-converge"]["max-throttle-percent"]
                                             for r in done), default=0),
+               "agent-anon-mib-peak": self.agent_mib,
                "net-peer": self.peer, "errors": self.errors}
         return out
 
@@ -171,7 +219,9 @@ def _bench_size(ram: int, cells: list[Cell], peer_qemu: bool, tmp: Path, console
         for cell in cells:
             console.print(f"  {cell.name} ...")
             keep = peer_qemu and cell.dirty == "idle" and not size["qemu"] and ram <= 1024
-            result = _run_cell(cell, hosts, cluster["a"].mem_dir, tmp, keep_content=keep)
+            with MemorySampler([cluster[n].proc.pid for n in ("a", "b")]) as memory:
+                result = _run_cell(cell, hosts, cluster["a"].mem_dir, tmp, keep_content=keep)
+            result.agent_mib = memory.peak_mib
             size["cells"].append(result.to_dict(size["ceiling"]["gib-s"]))
             if keep:
                 size["qemu"] = _qemu(nbytes, result.content, tmp, console)
@@ -204,6 +254,7 @@ def _run_cell(cell: Cell, hosts: list[str], mem_dir: Path, tmp: Path, *,
     try:
         for _ in range(cell.runs):
             options = Options(max_bandwidth_mbps=cell.cap_mbps,
+                              downtime_limit_ms=cell.downtime_limit_ms,
                               auto_converge=cell.auto_converge, verify_timeout_s=60.0,
                               max_rounds=60 if cell.auto_converge else 30)
             report = uvloop.run(migrate(hosts[where], hosts[1 - where], name, options,
@@ -300,8 +351,8 @@ def markdown(out: dict) -> str:
                 f"{q['downtime-ms']} ms")
         lines += ["", "| cell | migrations (verified) | round 0 GiB/s | vs ceiling | "
                       "downtime ms median / p95 | total ms | bytes / RAM | rounds | "
-                      "converged | throttle % | peer outage ms |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                      "converged | throttle % | peer outage ms | agent MiB |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in size["cells"]:
             peer = (r["net-peer"] or {}).get("longest-outage-ms", "-") if r["net-peer"] else "-"
             lines.append(
@@ -309,7 +360,8 @@ def markdown(out: dict) -> str:
                 f"{r['round0-gib-s-median']} | {r['vs-ceiling']} | "
                 f"{r['downtime-ms-median']} / {r['downtime-ms-p95']} | {r['total-ms-median']} | "
                 f"{r['bytes-per-ram-median']} | {r['rounds-median']} | "
-                f"{r['converged']} of {r['completed']} | {r['max-throttle-percent']} | {peer} |")
+                f"{r['converged']} of {r['completed']} | {r['max-throttle-percent']} | {peer} | "
+                f"{r['agent-anon-mib-peak']} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -22,7 +22,7 @@ _HASH_KEY = np.random.default_rng(0x9E3779B97F4A7C15).integers(
     0, 2**63, size=PAGE_WORDS, dtype=np.uint64)
 _M1, _M2 = np.uint64(0xFF51AFD7ED558CCD), np.uint64(0xC4CEB9FE1A85EC53)
 _S33 = np.uint64(33)
-_HASH_CHUNK = 4096  # frames per step: bounds the temporaries to 16 MiB
+_HASH_CHUNK = 1024  # frames per step: bounds the temporaries to 4 MiB each
 
 
 class GuestMemory:

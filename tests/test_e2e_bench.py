@@ -26,6 +26,7 @@ def test_quick_bench(tmp_path):
         assert c["completed"] == c["verified"] == 1 and not c["errors"], c
         assert c["round0-gib-s-median"] > 0 and c["vs-ceiling"] > 0
         assert c["downtime-ms-median"] > 0 and c["bytes-per-ram-median"] >= 0.5
+        assert c["agent-anon-mib-peak"] > 10  # a Python process with grpc and numpy
     busy = size["cells"][1]
     assert busy["net-peer"] is not None and busy["net-peer"]["answered"] > 0
     md = (tmp_path / "b.md").read_text()
