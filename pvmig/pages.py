@@ -57,9 +57,10 @@ def pack(mem: GuestMemory, frames: np.ndarray, *, seq: int, round: int,
 
     torn (an injection point): (frame, head), the head of that frame as the copy found
     it before a write landed in the middle of the copy."""
-    block = mem.pages[frames]
+    block = _rows(mem.pages, frames)
     if torn is not None:
         frame, head = torn
+        block = block.copy()  # never into guest memory itself
         block[frames == frame, :len(head)] = head
     zero = ~block.view(np.uint64).any(axis=1)
     if zero.any():
@@ -128,5 +129,25 @@ def _decode(batch: pb.PageBatch, size: int) -> bytes:
 
 
 def apply(mem: GuestMemory, batch: Unpacked) -> None:
-    mem.pages[batch.frames] = batch.data
+    if _run(batch.frames):  # one memcpy
+        first = int(batch.frames[0])
+        mem.pages[first:first + len(batch.frames)] = batch.data
+    else:
+        mem.pages[batch.frames] = batch.data
     mem.pages[batch.zero_frames] = 0
+
+
+def _run(frames: np.ndarray) -> bool:
+    """Whether the frames are one ascending run (round 0's batches are)."""
+    n = len(frames)
+    return n > 1 and int(frames[-1]) - int(frames[0]) == n - 1 and bool(
+        (np.diff(frames.astype(np.int64)) == 1).all())
+
+
+def _rows(pages: np.ndarray, frames: np.ndarray) -> np.ndarray:
+    """The frames' pages: a view of guest memory for a run (its bytes are copied once,
+    into the message), a gathered copy otherwise."""
+    if _run(frames):
+        first = int(frames[0])
+        return pages[first:first + len(frames)]
+    return pages[frames]
