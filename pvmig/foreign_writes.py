@@ -17,7 +17,8 @@ them each differing frame gets a cause:
                         write, i.e. a bug in the migration itself
 
 One clock tick per foreign write (a backend's request, xenstored's message) and one
-per batch copied: a few scalar stores per I/O and one numpy store per batch.
+per batch copied: a few scalar stores per I/O and one numpy store per batch, and only
+while a migration of the domain is under way (reset arms it, disarm ends it).
 """
 
 from __future__ import annotations
@@ -35,16 +36,24 @@ class ForeignWrites:
     def __init__(self, nr_frames: int) -> None:
         self.nr_frames = nr_frames
         self.reset()
+        self.armed = False
 
     def reset(self) -> None:
         """A migration begins: what came before it is round 0's to copy."""
+        self.armed = True
         self.clock = 0
         self.final_read = 0  # the clock when the final pass read the bitmap; 0: not yet
-        self.written = np.zeros(self.nr_frames, np.uint32)
+        self.written = np.zeros(self.nr_frames, np.uint64)
         self.how = np.zeros(self.nr_frames, np.uint8)
-        self.copied = np.zeros(self.nr_frames, np.uint32)
+        self.copied = np.zeros(self.nr_frames, np.uint64)
+
+    def disarm(self) -> None:
+        """The migration is over (moved or given up): nothing to record until the next."""
+        self.armed = False
 
     def write(self, frame: int, how: int) -> None:
+        if not self.armed:
+            return
         self.clock += 1
         self.written[frame] = self.clock
         self.how[frame] = how

@@ -72,10 +72,9 @@ def hash_words(block: np.ndarray) -> np.ndarray:
     one changed word always changes the sum, and several changed words collide only by
     chance (2**-64), not by pattern.
 
-    In place, in scratch arrays the process keeps (callers hold _SCRATCH_LOCK): a fresh
-    temporary for each of the finalizer's steps cost a page fault per 4 KiB each time
-    (about 12 us here), which made hashing three times slower (0.95 s per GiB instead
-    of 0.34)."""
+    In place, in scratch arrays the calling thread keeps: a fresh temporary for each of
+    the finalizer's steps cost a page fault per 4 KiB each time (about 12 us here), which
+    made hashing three times slower (0.95 s per GiB instead of 0.34)."""
     x, tmp = _scratch(len(block))[:2]
     np.bitwise_xor(block, _HASH_KEY, out=x)
     for m in (_M1, _M2):
@@ -87,20 +86,19 @@ def hash_words(block: np.ndarray) -> np.ndarray:
     return x.sum(axis=1, dtype=np.uint64)
 
 
-# One set of scratch arrays for the process, not one per thread: hashing runs in
-# whichever executor thread is free, and each would keep its own 12 MiB.
-_SCRATCH_LOCK = threading.Lock()
-_scratch_bufs: tuple = ()
+# Per thread, not one set behind a lock: a lock would make one migration's hashing wait
+# for another's, inside its downtime. 12 MiB for each thread that hashes.
+_local = threading.local()
 
 
 def _scratch(n: int, count: int = 2) -> tuple[np.ndarray, ...]:
-    """`count` arrays of n rows, reused from call to call (hold _SCRATCH_LOCK)."""
-    global _scratch_bufs
-    if len(_scratch_bufs) < count or len(_scratch_bufs[0]) < n:
+    """`count` arrays of n rows, this thread's, reused from call to call."""
+    bufs = getattr(_local, "bufs", ())
+    if len(bufs) < count or len(bufs[0]) < n:
         rows = max(n, _HASH_CHUNK)
-        _scratch_bufs = tuple(np.empty((rows, PAGE_WORDS), np.uint64)
-                              for _ in range(max(count, len(_scratch_bufs))))
-    return tuple(b[:n] for b in _scratch_bufs[:count])
+        bufs = _local.bufs = tuple(np.empty((rows, PAGE_WORDS), np.uint64)
+                                   for _ in range(max(count, len(bufs))))
+    return tuple(b[:n] for b in bufs[:count])
 
 
 def frame_hashes(words: np.ndarray, frames: np.ndarray | None = None) -> np.ndarray:
@@ -108,19 +106,15 @@ def frame_hashes(words: np.ndarray, frames: np.ndarray | None = None) -> np.ndar
     if frames is None:
         frames = np.arange(len(words), dtype=np.int64)
     out = np.empty(len(frames), dtype=np.uint64)
-    with _SCRATCH_LOCK:
-        _hash_into(out, words, frames)
-    return out
-
-
-def _hash_into(out: np.ndarray, words: np.ndarray, frames: np.ndarray) -> None:
     for lo in range(0, len(frames), _HASH_CHUNK):
         sel = frames[lo:lo + _HASH_CHUNK]
-        if len(sel) and sel[-1] - sel[0] == len(sel) - 1 and np.all(np.diff(sel) == 1):
-            block = words[sel[0]:sel[-1] + 1]  # contiguous: no gather copy
-        else:  # gathered into scratch too: see hash_words
-            block = np.take(words, sel, axis=0, out=_scratch(len(sel), 3)[2])
+        if (len(sel) and int(sel[-1]) - int(sel[0]) == len(sel) - 1
+                and np.all(np.diff(sel.astype(np.int64)) == 1)):
+            block = words[int(sel[0]):int(sel[-1]) + 1]  # contiguous: no gather copy
+        else:  # gathered into scratch too (mode clip: "raise" buffers its output)
+            block = np.take(words, sel, axis=0, out=_scratch(len(sel), 3)[2], mode="clip")
         out[lo:lo + len(sel)] = hash_words(block)
+    return out
 
 
 def save_image(mem: GuestMemory, path: str | os.PathLike) -> np.ndarray:

@@ -123,6 +123,12 @@ def _decode(batch: pb.PageBatch, size: int) -> bytes:
             f"'' and {ZSTD!r})")
     import zstandard
     try:
+        # max_output_size holds only for frames that do not state their size: a frame
+        # that claims more than the batch can hold is refused before anything is made
+        claimed = zstandard.frame_content_size(batch.data)
+        if claimed > size:
+            raise errors.InvalidArgument(f"batch {batch.seq}: zstd data claims {claimed} "
+                                         f"bytes for {size // PAGE_SIZE} frames")
         return zstandard.ZstdDecompressor().decompress(batch.data, max_output_size=size)
     except zstandard.ZstdError as e:
         raise errors.InvalidArgument(f"batch {batch.seq}: bad zstd data: {e}") from None

@@ -158,7 +158,10 @@ class _TokenServer(grpc.aio.ServerInterceptor):
         if hmac.compare_digest(given.encode(), self._expected):
             return await continuation(details)
         why = "no token" if not given else "a wrong token"
-        return _refusal(await continuation(details),
+        handler = await continuation(details)
+        if handler is None:  # no such method: grpc says UNIMPLEMENTED, nothing is run
+            return None
+        return _refusal(handler,
                         f"{details.method}: refused, the call carried {why} "
                         "(give the agent's token with --token-file)")
 

@@ -187,21 +187,26 @@ class SaveSession:
         rings, self._ring_last = self._ring_last, None
         total = len(frames) + (len(rings) if rings is not None else 0)
         stats.dirty_pages = total
-        async for progress in self._send(frames, number, stats, total, end=rings is None,
-                                         final=final):
-            yield progress
-        if rings is not None:
-            # injection point write-after-final: the final pass has copied the I/O
-            # buffers; the backends answer now; the rings, copied last, carry the answers
-            self.injected.update(await self.domain.pv.after_final_read(self._keep))
-            async for progress in self._send(rings, number, stats, total, end=True,
-                                             final=final):
+        try:
+            async for progress in self._send(frames, number, stats, total,
+                                             end=rings is None, final=final):
                 yield progress
-        if final:
-            if self.domain.pv is not None and self.domain.pv.inject:
-                # after the final pass's pages are on their way: nothing will send it
-                self.injected.update(self.domain.pv.after_final_pass())
-            await self._end_streams()
+            if rings is not None:
+                # injection point write-after-final: the final pass has copied the I/O
+                # buffers; the backends answer now; the rings, copied last, carry them
+                self.injected.update(await self.domain.pv.after_final_read(self._keep))
+                async for progress in self._send(rings, number, stats, total, end=True,
+                                                 final=final):
+                    yield progress
+            if final:
+                if self.domain.pv is not None and self.domain.pv.inject:
+                    # after the final pass's pages are on their way: nothing will send it
+                    self.injected.update(self.domain.pv.after_final_pass())
+                await self._end_streams()
+        finally:  # a failed final pass leaves no round-end check behind
+            for ack in self._final_acks:
+                ack.cancel()
+            self._final_acks, self._torn = [], None
         self.rounds_done += 1
         stats.duration_ns = int((time.monotonic() - started) * 1e9)
         stats.remaining_pages = self.domain.log.count()
@@ -387,6 +392,7 @@ class SaveSession:
         dom = self.domain
         if dom.migration_id != self.migration_id:
             return
+        dom.journal.disarm()
         await dom.settle_suspend()
         dom.set_throttle(0)
         dom.migration_id = ""

@@ -110,4 +110,7 @@ class PageStream:
         self._call.cancel()
         self._reader.cancel()
         await asyncio.gather(self._reader, return_exceptions=True)
+        for fut in self._acks.values():  # nobody will answer them now
+            fut.cancel()
+        self._acks.clear()
 

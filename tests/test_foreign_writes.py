@@ -11,12 +11,14 @@ from pvmig.foreign_writes import (CAUSES, COPY_RACE, GRANT_MAP, MAPPED, NONE, PO
 
 def journal_after_round0(n: int = 16) -> ForeignWrites:
     j = ForeignWrites(n)
+    j.reset()  # a migration begins
     j.copy(np.arange(n))
     return j
 
 
 def test_nothing_written_after_its_copy_has_no_cause():
     j = ForeignWrites(8)
+    j.reset()
     j.write(3, MAPPED)
     j.write(4, XENSTORED)
     j.copy(np.arange(8))  # round 0 comes after: it carries both writes
@@ -56,3 +58,14 @@ def test_a_copy_after_the_write_covers_it_and_reset_forgets_all():
 def test_every_code_has_a_name():
     assert len(set(CAUSES)) == len(CAUSES)
     assert explain(np.arange(len(CAUSES)))[0] == "unexplained"
+
+
+def test_it_records_only_while_a_migration_is_under_way():
+    j = ForeignWrites(4)
+    j.disarm()
+    j.write(1, MAPPED)  # a backend at work between migrations: nothing kept
+    assert j.clock == 0 and (j.causes() == NONE).all()
+    j.reset()
+    j.clock = 2**32 + 5  # far past what a u32 clock could hold
+    j.write(2, MAPPED)
+    assert j.causes()[2] == GRANT_MAP and int(j.written[2]) == 2**32 + 6

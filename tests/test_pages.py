@@ -306,3 +306,13 @@ def test_bad_compressed_data_and_unknown_encodings_are_refused(src, dst):
                                     "zstd")
     with pytest.raises(errors.InvalidArgument, match="batch 5"):
         pages.unpack(short, N)
+
+
+def test_zstd_data_claiming_more_than_the_batch_holds_is_refused(src):
+    import zstandard
+    batch = pb.PageBatch(seq=9, round=1, frames=np.array([1], "<u4").tobytes(),
+                         encoding="zstd",
+                         data=zstandard.ZstdCompressor().compress(b"\0" * (64 << 20)))
+    batch.checksum = pages.checksum(9, 1, batch.frames, b"", batch.data, "zstd")
+    with pytest.raises(errors.InvalidArgument, match="claims 67108864 bytes for 1 frames"):
+        pages.unpack(batch, N)
