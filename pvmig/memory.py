@@ -108,13 +108,20 @@ def frame_hashes(words: np.ndarray, frames: np.ndarray | None = None) -> np.ndar
     out = np.empty(len(frames), dtype=np.uint64)
     for lo in range(0, len(frames), _HASH_CHUNK):
         sel = frames[lo:lo + _HASH_CHUNK]
-        if (len(sel) and int(sel[-1]) - int(sel[0]) == len(sel) - 1
-                and np.all(np.diff(sel.astype(np.int64)) == 1)):
+        if is_run(sel):
             block = words[int(sel[0]):int(sel[-1]) + 1]  # contiguous: no gather copy
         else:  # gathered into scratch too (mode clip: "raise" buffers its output)
             block = np.take(words, sel, axis=0, out=_scratch(len(sel), 3)[2], mode="clip")
         out[lo:lo + len(sel)] = hash_words(block)
     return out
+
+
+def is_run(frames: np.ndarray) -> bool:
+    """Whether the frames are one ascending run (round 0's batches are): their rows are
+    then a slice, a view, where any other selection is a gather, a copy."""
+    n = len(frames)
+    return n > 0 and int(frames[-1]) - int(frames[0]) == n - 1 and bool(
+        (np.diff(frames.astype(np.int64)) == 1).all())
 
 
 def save_image(mem: GuestMemory, path: str | os.PathLike) -> np.ndarray:

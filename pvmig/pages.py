@@ -16,7 +16,7 @@ import xxhash
 
 from . import errors
 from ._proto import pvmig_pb2 as pb
-from .memory import PAGE_SIZE, GuestMemory
+from .memory import PAGE_SIZE, GuestMemory, is_run
 
 ZSTD = "zstd"
 BATCH_PAGES = 256  # 1 MiB of page data
@@ -135,7 +135,7 @@ def _decode(batch: pb.PageBatch, size: int) -> bytes:
 
 
 def apply(mem: GuestMemory, batch: Unpacked) -> None:
-    if _run(batch.frames):  # one memcpy
+    if is_run(batch.frames):  # one memcpy
         first = int(batch.frames[0])
         mem.pages[first:first + len(batch.frames)] = batch.data
     else:
@@ -143,17 +143,10 @@ def apply(mem: GuestMemory, batch: Unpacked) -> None:
     mem.pages[batch.zero_frames] = 0
 
 
-def _run(frames: np.ndarray) -> bool:
-    """Whether the frames are one ascending run (round 0's batches are)."""
-    n = len(frames)
-    return n > 1 and int(frames[-1]) - int(frames[0]) == n - 1 and bool(
-        (np.diff(frames.astype(np.int64)) == 1).all())
-
-
 def _rows(pages: np.ndarray, frames: np.ndarray) -> np.ndarray:
     """The frames' pages: a view of guest memory for a run (its bytes are copied once,
     into the message), a gathered copy otherwise."""
-    if _run(frames):
+    if is_run(frames):
         first = int(frames[0])
         return pages[first:first + len(frames)]
     return pages[frames]
