@@ -1,8 +1,9 @@
 """`pvmig bench`: migrations over a grid, measured against the transport's ceiling and,
 where it is installed, QEMU's own migration of a guest of the same size, in one run.
 
-Per RAM size: the raw-TCP ceiling between two processes moving the same bytes on as many
-connections as pvmig has streams (pvmig.ceiling); QEMU (`--peer qemu`) migrating a
+Per RAM size: two ceilings between two processes moving the same bytes on as many
+streams as pvmig has (pvmig.ceiling): raw TCP, what the machine can move, and a bare
+gRPC stream, what pvmig's transport can move with nothing of pvmig on it; QEMU (`--peer qemu`) migrating a
 paused guest whose RAM holds the same bytes as pvmig's idle guest, single stream and 2
 multifd channels; then, on a fresh pair of agents, each cell of the grid: a guest of
 that size, its dirty rate, its devices idle or busy, a bandwidth cap or none, `runs`
@@ -34,6 +35,7 @@ from .client import AgentClient
 from .cluster import LocalCluster
 from .coordinator import Options, migrate
 from .memory import PAGE_SIZE
+from .pages import DEFAULT_STREAMS as STREAMS
 from .progress import Reporter
 
 MODERATE = 2000      # pages/s: 8 MB/s of writes
@@ -136,7 +138,7 @@ class Result:
     content: Path | None = None  # a copy of the idle guest's RAM, for QEMU's guest
     agent_mib: float | None = None  # the larger agent's peak anonymous memory
 
-    def to_dict(self, ceiling_gib_s: float | None) -> dict:
+    def to_dict(self, ceiling_gib_s: float | None, grpc_gib_s: float | None = None) -> dict:
         done = [r for r in self.reports if r["status"] == "completed"]
         down = sorted(r["downtime-ms"] for r in done)
         tput = [_round0_gib_s(r) for r in done]
@@ -151,8 +153,8 @@ class Result:
                "downtime-ms-median": _med(down), "downtime-ms-p95": _pct(down, 95),
                "total-ms-median": _med([r["total-time-ms"] for r in done]),
                "round0-gib-s-median": _med(tput),
-               "vs-ceiling": (round(_med(tput) / ceiling_gib_s, 3)
-                              if tput and ceiling_gib_s else None),
+               "vs-ceiling": _ratio(_med(tput), ceiling_gib_s),
+               "vs-grpc": _ratio(_med(tput), grpc_gib_s),
                "bytes-per-ram-median": _med([r["transferred-ratio"] for r in done]),
                "rounds-median": _med([len(r["rounds"]) for r in done]),
                "max-throttle-percent": max((r["auto-converge"]["max-throttle-percent"]
@@ -165,6 +167,10 @@ class Result:
 def _round0_gib_s(report: dict) -> float:
     r0 = report["rounds"][0]
     return report["ram-bytes"] / (r0["duration-ms"] / 1e3) / (1 << 30)
+
+
+def _ratio(a, b):
+    return round(a / b, 3) if a and b else None
 
 
 def _med(xs):
@@ -208,12 +214,12 @@ def run_bench(*, quick: bool, runs: int, peer_qemu: bool, json_path: Path | None
 
 def _bench_size(ram: int, cells: list[Cell], peer_qemu: bool, tmp: Path, console) -> dict:
     nbytes = ram << 20
-    console.print(f"[bold]{ram} MiB[/]: the raw-TCP ceiling ...")
-    ceil = max((ceiling.measure(nbytes, 4, tmp / "ceiling") for _ in range(2)),
-               key=lambda m: m["gib_per_s"])
-    size = {"ram-mb": ram, "ceiling": {"gib-s": round(ceil["gib_per_s"], 3),
-                                       "streams": ceil["streams"]},
-            "qemu": [], "cells": []}
+    size = {"ram-mb": ram, "qemu": [], "cells": []}
+    for transport, key in (("tcp", "ceiling"), ("grpc", "grpc-ceiling")):
+        console.print(f"[bold]{ram} MiB[/]: the {transport} ceiling ...")
+        best = max((ceiling.measure(nbytes, STREAMS, tmp / "ceiling", transport=transport)
+                    for _ in range(2)), key=lambda m: m["gib_per_s"])
+        size[key] = {"gib-s": round(best["gib_per_s"], 3), "streams": best["streams"]}
     with LocalCluster(tmp / "cluster", ["a", "b"]) as cluster:
         hosts = [cluster["a"].address, cluster["b"].address]
         for cell in cells:
@@ -222,7 +228,8 @@ def _bench_size(ram: int, cells: list[Cell], peer_qemu: bool, tmp: Path, console
             with MemorySampler([cluster[n].proc.pid for n in ("a", "b")]) as memory:
                 result = _run_cell(cell, hosts, cluster["a"].mem_dir, tmp, keep_content=keep)
             result.agent_mib = memory.peak_mib
-            size["cells"].append(result.to_dict(size["ceiling"]["gib-s"]))
+            size["cells"].append(result.to_dict(size["ceiling"]["gib-s"],
+                                                size["grpc-ceiling"]["gib-s"]))
             if keep:
                 size["qemu"] = _qemu(nbytes, result.content, tmp, console)
                 if result.content is not None:
@@ -334,10 +341,14 @@ def _read_json(path: Path) -> dict | None:
 def markdown(out: dict) -> str:
     lines = [f"`{out['command']}`", ""]
     for size in out["sizes"]:
-        c = size["ceiling"]
+        c, g = size["ceiling"], size.get("grpc-ceiling")
         lines += [f"### {size['ram-mb']} MiB guest", "",
                   f"Raw-TCP ceiling, {c['streams']} connections, shared memory to shared "
-                  f"memory: **{c['gib-s']} GiB/s**.", ""]
+                  f"memory: **{c['gib-s']} GiB/s**."]
+        if g:
+            lines.append(f"Bare gRPC ceiling, {g['streams']} streams on one channel, 1 MiB "
+                         f"messages of raw bytes: **{g['gib-s']} GiB/s**.")
+        lines.append("")
         for q in size["qemu"]:
             if "error" in q:
                 lines.append(f"- QEMU: {q['error']}")
@@ -349,15 +360,15 @@ def markdown(out: dict) -> str:
                 f"{'preallocated' if q['prealloc'] else 'faulted in while receiving'}: "
                 f"{q['throughput-gib-s']:.3f} GiB/s, total {q['total-time-ms']} ms, downtime "
                 f"{q['downtime-ms']} ms")
-        lines += ["", "| cell | migrations (verified) | round 0 GiB/s | vs ceiling | "
+        lines += ["", "| cell | migrations (verified) | round 0 GiB/s | vs TCP | vs gRPC | "
                       "downtime ms median / p95 | total ms | bytes / RAM | rounds | "
                       "converged | throttle % | peer outage ms | agent MiB |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in size["cells"]:
             peer = (r["net-peer"] or {}).get("longest-outage-ms", "-") if r["net-peer"] else "-"
             lines.append(
                 f"| {r['cell']} | {r['completed']} ({r['verified']}) | "
-                f"{r['round0-gib-s-median']} | {r['vs-ceiling']} | "
+                f"{r['round0-gib-s-median']} | {r['vs-ceiling']} | {r.get('vs-grpc')} | "
                 f"{r['downtime-ms-median']} / {r['downtime-ms-p95']} | {r['total-ms-median']} | "
                 f"{r['bytes-per-ram-median']} | {r['rounds-median']} | "
                 f"{r['converged']} of {r['completed']} | {r['max-throttle-percent']} | {peer} | "

@@ -97,6 +97,7 @@ def bench_figures(out: dict, directory: Path) -> list[Path]:
     sizes = out["sizes"]
     labels = [f"{s['ram-mb']} MiB" for s in sizes]
     series = {"raw TCP (ceiling)": [s["ceiling"]["gib-s"] for s in sizes],
+              "bare gRPC (ceiling)": [s.get("grpc-ceiling", {}).get("gib-s") for s in sizes],
               "pvmig (idle guest, round 0)": [_idle(s) for s in sizes],
               "QEMU single stream": [_qemu(s, 0, True) for s in sizes],
               "QEMU 2 multifd": [_qemu(s, 2, True) for s in sizes],

@@ -38,7 +38,7 @@ PROGRESS_EVERY_S = 0.1
 HELLO_TIMEOUT_S = 15.0  # under the coordinator's deadline for Begin, so this error wins
 INJECTION_POINTS = {"response-before-final", "write-after-final", "torn-copy",
                     "xenstore-after-final"}
-DEFAULT_STREAMS = 4  # measured best on 2 cores: 1 GiB round 0 in 2.4 s (1), 2.1 s (2), 1.3-1.6 s (4), 1.25 s (8)
+DEFAULT_STREAMS = pages.DEFAULT_STREAMS
 
 
 @dataclass

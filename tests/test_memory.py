@@ -211,7 +211,7 @@ def _subsets():
     scattered = np.sort(rng.choice(BIG, size=CHUNK + CHUNK // 2, replace=False))
     return {
         "empty": np.array([], dtype=np.int64),
-        "one frame": np.array([1234]),
+        "one frame": np.array([BIG - 100]),
         "first frame": np.array([0]),
         "last frame": np.array([BIG - 1]),
         "contiguous within a chunk": np.arange(100, CHUNK - 100),
