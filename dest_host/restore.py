@@ -9,6 +9,8 @@ ready    the whole stream is in and the waiting guest is alive: the coordinator 
 commit   the decision is recorded durably
 resume   hand the vCPU context to the waiting guest
 abort    (any time before commit) discard everything
+expire   the coordinator is gone: with the whole stream in, ask the source for the
+         decision (pvmig.recovery); without it, discard
 
 Verification needs the destination's memory as it was at resume. Only the streams
 write it before then, so each frame's hash is taken after its last write: frames
@@ -29,7 +31,8 @@ import numpy as np
 
 from pvmig import errors, logdirty, pages, verify
 from pvmig._proto import pvmig_pb2 as pb
-from pvmig.domain import INCOMING, Domain
+from pvmig.client import AgentClient
+from pvmig.domain import INCOMING, RUNNING, Domain
 from pvmig.host import Host, Lease
 from pvmig.memory import save_image
 
@@ -42,8 +45,10 @@ class RestoreSession:
     host: Host
     domain: Domain
     migration_id: str
-    source_agent: str
+    source_agent: str  # its name
     lease: Lease
+    source_address: str = ""  # where recovery reaches it
+    source_instance: str = ""  # its instance as the migration began
     committed: bool = False
     discarded: str = ""  # why, once discarded
     vcpu: bytes | None = None
@@ -56,6 +61,7 @@ class RestoreSession:
     _hasher: asyncio.Task | None = None
     _hash_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _end_event: asyncio.Event = field(default_factory=asyncio.Event)
+    _resuming: asyncio.Future | None = None
 
     # ---- prepare
 
@@ -67,7 +73,8 @@ class RestoreSession:
                            devices=[_device_dict(d) for d in request.devices])
         dom.migration_id = request.migration_id
         session = cls(host, dom, request.migration_id, request.source_agent,
-                      Lease(host.session_timeout_s))
+                      Lease(host.session_timeout_s), source_address=request.source_address,
+                      source_instance=request.source_instance)
         session.save_image = request.save_image
         n = dom.mem.nr_frames
         session.hashes = np.zeros(n, dtype=np.uint64)
@@ -197,9 +204,12 @@ class RestoreSession:
         self.committed = True
 
     async def commit_and_resume(self) -> int:
-        """The commit recorded, then the guest resumed: one call inside the downtime."""
-        self.commit()
-        return await self.resume()
+        """The commit recorded, then the guest resumed: one call inside the downtime.
+        Once: the coordinator and recovery may both ask."""
+        if self._resuming is None:
+            self.commit()
+            self._resuming = asyncio.ensure_future(self.resume())
+        return await asyncio.shield(self._resuming)
 
     async def resume(self) -> int:
         if not self.committed:
@@ -228,6 +238,37 @@ class RestoreSession:
     def finish(self) -> None:
         """The session is no longer needed (the domain lives on)."""
         self.host.restores.pop(self.migration_id, None)
+
+    # ---- recovery: the coordinator is gone (pvmig recover, or this host's watchdog)
+
+    def state(self) -> pb.MigrationState:
+        state = "committed" if self.committed else "ready" if self.ended else "receiving"
+        return pb.MigrationState(state=state, domain=self.domain.name,
+                                 source_agent=self.source_agent,
+                                 source_instance=self.source_instance)
+
+    async def expire(self) -> None:
+        """The lease ran out. Resumed: the session is done with. The stream not whole:
+        the source cannot have committed, discard. Whole: only the source knows."""
+        if self.committed:
+            if self._resuming is not None and self._resuming.done():
+                self.finish()
+            return
+        if not self.ended:
+            await self.abort(f"no word from the coordinator for {self.lease.timeout_s:.0f} s "
+                             "before commit")
+            return
+        if not self.source_address:
+            raise errors.FailedPrecondition(
+                f"migration {self.migration_id}: the coordinator named no source address to "
+                "ask for the decision: run pvmig recover")
+        from pvmig import recovery
+        async with AgentClient(self.source_address, "the source agent",
+                               self.host.security) as source:
+            await source.hello(f"agent {self.host.name}")
+            outcome = await recovery.settle(recovery.RemoteSource(source), _Local(self),
+                                            self.migration_id)
+        log.warning("%s (the coordinator gone; settled by the destination)", outcome.describe())
 
     # ---- abort
 
@@ -287,3 +328,36 @@ _HANDLERS = {
     "device_state": RestoreSession.on_device_state,
     "end": RestoreSession.on_end,
 }
+
+
+def incoming_state(host: Host, migration_id: str) -> pb.MigrationState:
+    """Recovery's question to the destination: does it hold a copy, run it, or neither?"""
+    session = host.restores.get(migration_id)
+    if session is not None:
+        return session.state()
+    record = host.commit_record(migration_id, "destination")
+    if record is None:
+        return pb.MigrationState(state="none")
+    dom = host.domains.get(record["domain"])
+    runs = dom is not None and dom.state == RUNNING and dom.guest_alive
+    return pb.MigrationState(state="resumed" if runs else "lost", domain=record["domain"])
+
+
+class _Local:
+    """This agent's restore half, as recovery.settle drives a destination."""
+
+    address = "this agent"
+
+    def __init__(self, session: RestoreSession) -> None:
+        self.session = session
+
+    async def state(self, migration_id: str) -> pb.MigrationState:
+        return incoming_state(self.session.host, migration_id)
+
+    async def commit_and_resume(self, migration_id: str) -> None:
+        await self.session.commit_and_resume()
+        self.session.finish()
+
+    async def discard(self, migration_id: str, reason: str) -> None:
+        await self.session.abort(reason)
+

@@ -190,6 +190,18 @@ class MigrationSourceServicer(pb_grpc.MigrationSourceServicer):
         await self.host.save(request.migration_id).abort(request.reason)
         return pb.DoneReply()
 
+    @_status
+    async def Resolve(self, request, context):
+        from source_host.save import resolve
+        return await resolve(self.host, request.migration_id,
+                             request.reason or "resolved: its coordinator is gone",
+                             request.domain, request.source_instance)
+
+    @_status
+    async def Rollback(self, request, context):
+        await self.host.save(request.migration_id).rollback(request.reason or "rolled back")
+        return pb.DoneReply()
+
 
 class MigrationDestServicer(pb_grpc.MigrationDestServicer):
     """The restore half; every call on a session renews its lease (see host.Lease)."""
@@ -236,8 +248,9 @@ class MigrationDestServicer(pb_grpc.MigrationDestServicer):
     async def FrameHashes(self, request, context):
         session = self.host.restore(request.migration_id)
         try:
-            async for chunk in session.frame_hashes():
-                yield chunk
+            with session.lease.hold():
+                async for chunk in session.frame_hashes():
+                    yield chunk
         finally:
             session.finish()
 
@@ -245,6 +258,11 @@ class MigrationDestServicer(pb_grpc.MigrationDestServicer):
     async def Abort(self, request, context):
         await self.host.restore(request.migration_id).abort(request.reason)
         return pb.DoneReply()
+
+    @_status
+    async def State(self, request, context):
+        from dest_host.restore import incoming_state
+        return incoming_state(self.host, request.migration_id)
 
 
 class PageStreamServicer(pb_grpc.PageStreamServicer):

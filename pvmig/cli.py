@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import dataclasses
 import json
 import logging
 import sys
@@ -206,6 +208,15 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--agent", required=True, action="append", metavar="HOST:PORT",
                    help="an agent taking part (give both)")
     x.set_defaults(func=_cancel)
+
+    rc = sub.add_parser("recover", help="finish a migration whose coordinator died: "
+                        "from the source's durable decision, the guest ends up running on "
+                        "exactly one host", parents=[auth])
+    rc.add_argument("--migration", required=True, metavar="ID")
+    rc.add_argument("--source", required=True, metavar="HOST:PORT")
+    rc.add_argument("--dest", required=True, metavar="HOST:PORT")
+    rc.add_argument("--json", action="store_true")
+    rc.set_defaults(func=_recover)
 
     pe = sub.add_parser("peer", help="talk to a guest's network service from outside, "
                         "and measure loss, duplicates and the longest outage")
@@ -532,6 +543,22 @@ def _cancel(args) -> int:
     if not found:
         raise errors.NotFound(f"no agent given has migration {args.migration}")
     print(f"cancelled migration {args.migration} on {', '.join(found)}")
+    return EXIT_OK
+
+
+def _recover(args) -> int:
+    from .recovery import RemoteDest, RemoteSource, settle
+
+    async def go():
+        async with AgentClient(args.source, "the source agent") as source, \
+                AgentClient(args.dest, "the destination agent") as dest:
+            await asyncio.gather(source.hello("pvmig recover"), dest.hello("pvmig recover"))
+            return await settle(RemoteSource(source), RemoteDest(dest), args.migration)
+    outcome = _run(go())
+    if args.json:
+        print(json.dumps(dataclasses.asdict(outcome)))
+    else:
+        print(outcome.describe())
     return EXIT_OK
 
 

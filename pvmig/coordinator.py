@@ -20,6 +20,7 @@ Pages never pass through here: the source agent streams them to the destination 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 import uuid
@@ -28,12 +29,17 @@ from pathlib import Path
 
 import numpy as np
 
-from . import errors, verify
+from . import errors, recovery, verify
 from ._proto import pvmig_pb2 as pb
 from .client import AgentClient
 from .precopy import AutoConverge, PrecopyPolicy, RoundStats
 from .progress import Reporter
 from .report import Report
+
+# Fault injection (tests/test_e2e_faults.py): the coordinator is SIGKILLed as it enters
+# this phase (its event in the progress stream is out first), as a crash would.
+_DIES_AT = os.environ.get("PVMIG_FAULT_COORDINATOR_DIES_AT", "")
+
 
 @dataclass
 class Options:
@@ -68,6 +74,7 @@ class Migration:
     _begun: bool = False
     _prepared: bool = False
     _committed: bool = False
+    _commit_asked: bool = False
     _offsets: dict = field(default_factory=dict)
     _suspended_ns: int = 0
     _devices: list = field(default_factory=list)
@@ -126,7 +133,8 @@ class Migration:
     # ---- phases
 
     async def connect(self) -> None:
-        self._phase("connect", source=self.source.address, dest=self.dest.address)
+        self._phase("connect", source=self.source.address, dest=self.dest.address,
+                    migration=self.migration_id)
         src, dst = await asyncio.gather(self.source.hello("coordinator"),
                                         self.dest.hello("coordinator"))
         if src.instance_id == dst.instance_id:
@@ -172,6 +180,8 @@ class Migration:
         await self.dest.call(self.dest.dest.Prepare, pb.PrepareRequest(
             migration_id=self.migration_id, domain=self.domain,
             ram_bytes=self.report.ram_bytes, source_agent=self.report.source_agent,
+            source_address=self._source_address(),
+            source_instance=self.source.hello_reply.instance_id,
             devices=self._devices, save_image=self._image("dest")),
             timeout=120.0)
         self._prepared = True
@@ -238,11 +248,19 @@ class Migration:
         # decision, the point of no return; only then does the destination record it,
         # and at once resume the guest.
         self._phase("commit")
+        self._commit_asked = True
         await self.source.call(self.source.source.Commit, self._ref())
         self._committed = True
+        self._phase("committed")
 
     async def resume(self) -> None:
-        reply = await self.dest.call(self.dest.dest.CommitAndResume, self._ref())
+        try:
+            reply = await self.dest.call(self.dest.dest.CommitAndResume, self._ref())
+        except errors.PvmigError as e:
+            # committed at the source: finish it (or undo it, if the destination cannot
+            # commit) as recovery would, not leave the guest suspended nowhere
+            await self.settle(e)
+            raise
         src_off, src_err = self._offsets["source"]
         dst_off, dst_err = self._offsets["dest"]
         self.report.downtime_s = ((reply.resumed_ns - dst_off)
@@ -268,6 +286,11 @@ class Migration:
         self.report.classify()
 
     async def abort(self, cause: BaseException) -> None:
+        if self._commit_asked and isinstance(cause, errors.Unavailable):
+            # The source may have recorded the commit before the answer was lost: only
+            # it can say. Aborting the destination now could discard the only copy.
+            await self.settle(cause)
+            return
         reason = str(cause) or type(cause).__name__
         self._phase("abort", reason=reason)
         ref = pb.MigrationRef(migration_id=self.migration_id, reason=reason)
@@ -277,6 +300,23 @@ class Migration:
         if self._prepared:
             await _best_effort(self.dest.call(self.dest.dest.Abort, ref),
                                self.report.abort_errors)
+
+    async def settle(self, cause: BaseException) -> None:
+        """The commit's answer lost, or the destination's: settle the migration as
+        recovery does (pvmig.recovery), or say how to once both agents answer."""
+        self._phase("settle", reason=str(cause))
+        try:
+            outcome = await recovery.settle(recovery.RemoteSource(self.source),
+                                            recovery.RemoteDest(self.dest), self.migration_id)
+        except errors.PvmigError as e:
+            self.report.abort_errors.append(
+                f"not settled ({e}): when both agents answer, run pvmig recover "
+                f"--migration {self.migration_id} --source {self.source.address} "
+                f"--dest {self.dest.address}")
+            self.report.unsettled = True
+            return
+        self.report.recovered = outcome.describe()
+        self._committed = outcome.decision == "committed"
 
     # ---- helpers
 
@@ -327,6 +367,11 @@ class Migration:
     def _phase(self, name: str, **fields) -> None:
         self.report.mark(name)
         self.reporter.phase(name, **fields)
+        if name == _DIES_AT:  # the fault suite's coordinator crash, at a phase it names
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def _source_address(self) -> str:
+        return self.source.hello_reply.advertise or self.source.address
 
     def _ref(self) -> pb.MigrationRef:
         return pb.MigrationRef(migration_id=self.migration_id)

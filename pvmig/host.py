@@ -48,8 +48,8 @@ DEFAULT_SESSION_TIMEOUT_S = 120.0
 @dataclass
 class Lease:
     """A migration session's hold on this host: kept alive by the coordinator's calls
-    and the page streams. A session nobody has touched for `timeout_s` (a coordinator
-    that died before commit) is aborted by the host's watchdog."""
+    and the page streams. A session nobody has touched for `timeout_s` has lost its
+    coordinator: the host's watchdog settles it (see Host.watchdog)."""
 
     timeout_s: float
     _busy: int = 0
@@ -63,6 +63,9 @@ class Lease:
         finally:
             self._busy -= 1
             self._last = time.monotonic()
+
+    def renew(self) -> None:
+        self._last = time.monotonic()
 
     def expired(self) -> bool:
         return self._busy == 0 and time.monotonic() - self._last > self.timeout_s
@@ -106,17 +109,19 @@ class Host:
             path.unlink(missing_ok=True)
 
     async def watchdog(self, every_s: float = 1.0) -> None:
-        """Abort migrations whose coordinator has gone silent before commit."""
+        """Settle migrations whose coordinator has gone silent (session.expire): before
+        commit they are aborted; after it, finished from the durable decision."""
         while True:
             await asyncio.sleep(every_s)
             for session in [*self.saves.values(), *self.restores.values()]:
-                if not session.committed and session.lease.expired():
-                    reason = (f"no word from the coordinator for {session.lease.timeout_s:.0f} s "
-                              "before commit")
+                if session.lease.expired():
                     try:
-                        await session.abort(reason)
+                        await session.expire()
                     except errors.PvmigError as e:
-                        log.error("watchdog could not abort %s: %s", session.migration_id, e)
+                        # (an unreachable peer: tried again after another lease)
+                        log.error("migration %s, its coordinator gone: %s",
+                                  session.migration_id, e)
+                        session.lease.renew()
 
     # ---- domains
 
@@ -207,14 +212,16 @@ class Host:
 
     # ---- migrations
 
-    def record_commit(self, migration_id: str, role: str, domain: str) -> None:
-        """Write the commit decision durably, before anyone acts on it."""
-        path = self.data_dir / "migrations" / f"{migration_id}.json"
+    def record_commit(self, migration_id: str, role: str, domain: str,
+                      state: str = "committed") -> None:
+        """Write the commit decision (or, rolled-back, its undoing) durably, before
+        anyone acts on it."""
+        path = self._record_path(migration_id)
         tmp = path.with_suffix(".tmp")
         try:
             with open(tmp, "w") as f:
                 json.dump({"migration_id": migration_id, "role": role, "domain": domain,
-                           "state": "committed", "time": time.time()}, f)
+                           "state": state, "time": time.time()}, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -227,6 +234,22 @@ class Host:
             raise errors.FailedPrecondition(
                 f"host {self.name} cannot record the commit of migration {migration_id} "
                 f"in {path.parent}: {e}") from None
+
+    def commit_record(self, migration_id: str, role: str) -> dict | None:
+        """This host's durable record of a migration it committed in `role`, if any."""
+        try:
+            record = json.loads(self._record_path(migration_id).read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            raise errors.DataLoss(f"host {self.name}: the commit record of migration "
+                                  f"{migration_id} is unreadable: {e}") from None
+        return record if record.get("role") == role else None
+
+    def _record_path(self, migration_id: str) -> Path:
+        if not migration_id or not all(c.isalnum() or c in "-_" for c in migration_id):
+            raise errors.InvalidArgument(f"bad migration id {migration_id!r}")
+        return self.data_dir / "migrations" / f"{migration_id}.json"
 
     def save(self, migration_id: str) -> "SaveSession":
         try:

@@ -55,6 +55,8 @@ class Report:
     max_throttle: int = 0          # the highest vCPU throttle auto-converge applied, %
     injected: dict = field(default_factory=dict)  # a `pvmig peer`'s figures, when one was named
     abort_errors: list[str] = field(default_factory=list)
+    recovered: str = ""   # the commit's answer lost: how it was settled (pvmig.recovery)
+    unsettled: bool = False  # ... or that it could not be: pvmig recover, later
     phases: dict[str, float] = field(default_factory=dict)  # ms from the start
     t0: float = 0.0
     _precopy_s: float = 0.0
@@ -153,7 +155,11 @@ class Report:
     def fail(self, err: errors.PvmigError, *, started: bool, committed: bool) -> None:
         self.status = "failed"
         self.committed = committed
-        if committed:
+        if self.recovered:
+            where = f"settled: {self.recovered}"
+        elif self.unsettled:
+            where = "not settled: run pvmig recover, as abort-errors says"
+        elif committed:
             where = "after commit: the guest belongs to the destination"
         elif started:
             where = "before commit: aborted, the guest runs on the source"
@@ -229,6 +235,7 @@ class Report:
             "devices": self.devices,
             "net-peer": self.net_peer,
             "abort-errors": self.abort_errors,
+            "recovered": self.recovered or None,
         }
 
     def write(self, path: str) -> None:

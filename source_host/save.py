@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Iterator
@@ -39,6 +41,16 @@ HELLO_TIMEOUT_S = 15.0  # under the coordinator's deadline for Begin, so this er
 INJECTION_POINTS = {"response-before-final", "write-after-final", "torn-copy",
                     "xenstore-after-final"}
 DEFAULT_STREAMS = pages.DEFAULT_STREAMS
+# Fault injection (tests/test_e2e_faults.py): the agent is SIGKILLed, as a crash of its
+# host would, on Commit before its record is written ("commit") or after ("committed").
+_DIES_AT = os.environ.get("PVMIG_FAULT_AGENT_DIES_AT", "")
+
+
+def _fault(point: str) -> None:
+    if point == _DIES_AT:  # with its guests where it leads their process group
+        if os.getpgrp() == os.getpid():
+            os.killpg(0, signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -51,6 +63,7 @@ class SaveSession:
     batch_pages: int = pages.BATCH_PAGES
     nr_streams: int = DEFAULT_STREAMS
     committed: bool = False
+    aborting: str = ""  # why, once an abort has begun: no commit may follow it
     delivered: bool = False  # the destination acknowledged the end of every stream
     rounds_done: int = 0
     quiesce_policy: str = "none"
@@ -69,6 +82,7 @@ class SaveSession:
     _keep: frozenset = frozenset()  # its frame, which write-after-final leaves alone
     _ring_last: np.ndarray | None = None  # injection point write-after-final
     _final_acks: list = field(default_factory=list)  # the final pass's round ends
+    _completing: asyncio.Future | None = None
 
     # ---- begin
 
@@ -345,11 +359,18 @@ class SaveSession:
         return pb.QuiesceReply(duration_ns=int((time.monotonic() - started) * 1e9), **done)
 
     def commit(self) -> None:
+        """The point of no return. No await in here: Resolve (recovery) and Commit see
+        each other whole, whichever comes first."""
         self._own()
+        if self.aborting:
+            raise errors.Aborted(f"migration {self.migration_id} is being aborted: "
+                                 f"{self.aborting}")
         if self.domain.state != SUSPENDED or not self.delivered:
             raise errors.FailedPrecondition(
                 "commit comes after suspend and a final pass the destination acknowledged")
+        _fault("commit")
         self.host.record_commit(self.migration_id, "source", self.domain.name)
+        _fault("committed")
         self.committed = True
 
     async def frame_hashes(self) -> AsyncIterator[pb.HashChunk]:
@@ -370,9 +391,16 @@ class SaveSession:
             yield chunk
 
     async def complete(self) -> None:
-        self._own()
+        """Destroy the source copy; called by the coordinator, or by recovery (once, if
+        both ask at the same time)."""
         if not self.committed:
             raise errors.FailedPrecondition("the source copy is destroyed only after commit")
+        if self._completing is None:
+            self._own()
+            self._completing = asyncio.ensure_future(self._destroy())
+        await asyncio.shield(self._completing)
+
+    async def _destroy(self) -> None:
         await self._close()
         self.host.saves.pop(self.migration_id, None)
         await self.host.drop(self.domain.name)
@@ -382,8 +410,46 @@ class SaveSession:
             raise errors.FailedPrecondition(
                 f"migration {self.migration_id} is committed: the guest belongs to the "
                 "destination now")
+        self.aborting = self.aborting or reason
         log.warning("migration %s aborted: %s", self.migration_id, reason)
         await self._release()
+
+    # ---- recovery: the coordinator is gone (pvmig recover, or this host's watchdog)
+
+    async def resolve(self, reason: str) -> str:
+        """The decision, made now: committed stays committed; anything else is aborted
+        (the guest resumes here) before a late Commit could land."""
+        if self.committed:
+            return "committed"
+        await self.abort(reason)
+        return "aborted"
+
+    async def rollback(self, reason: str) -> None:
+        """Committed, but the destination holds no running copy: the only copy left is
+        this suspended one. Recorded first, so that no recovery resumes the other side."""
+        if not self.committed or self._completing is not None:
+            raise errors.FailedPrecondition(
+                f"migration {self.migration_id}: only a committed migration whose source "
+                "copy is still here is rolled back")
+        self.host.record_commit(self.migration_id, "source", self.domain.name, "rolled-back")
+        log.warning("migration %s rolled back: %s", self.migration_id, reason)
+        self.committed = False
+        self.aborting = reason
+        await self._release()
+
+    async def expire(self) -> None:
+        """The lease ran out: no coordinator. Before commit, abort; after it, finish
+        from what the destination holds (pvmig.recovery)."""
+        if not self.committed:
+            await self.abort(f"no word from the coordinator for {self.lease.timeout_s:.0f} s "
+                             "before commit")
+            return
+        from pvmig import recovery
+        async with AgentClient(self.dest_address, "the destination agent",
+                               self.host.security) as dest:
+            outcome = await recovery.settle(_Local(self), recovery.RemoteDest(dest),
+                                            self.migration_id)
+        log.warning("%s (the coordinator gone; settled by the source)", outcome.describe())
 
     async def _release(self) -> None:
         """Close the streams and give the domain back, running where it was."""
@@ -411,3 +477,41 @@ class SaveSession:
         self._streams = []
         if self._dest is not None:
             await self._dest.close()
+
+
+async def resolve(host: Host, migration_id: str, reason: str, domain: str = "",
+                  instance: str = "") -> pb.MigrationState:
+    """Recovery's question to the source: the decision, made now if need be."""
+    session = host.saves.get(migration_id)
+    if session is not None:
+        return pb.MigrationState(state=await session.resolve(reason),
+                                 domain=session.domain.name)
+    record = host.commit_record(migration_id, "source")
+    if record is not None:
+        return pb.MigrationState(state=record["state"], domain=record["domain"])
+    if domain and instance and instance != host.instance_id:
+        dom = host.domains.get(domain)
+        if dom is None or dom.state != RUNNING:
+            # this agent restarted since the migration began, and its guest died with it
+            return pb.MigrationState(state="lost", domain=domain)
+    return pb.MigrationState(state="unknown", domain=domain)
+
+
+class _Local:
+    """This agent's save half, as recovery.settle drives a source."""
+
+    address = "this agent"
+
+    def __init__(self, session: SaveSession) -> None:
+        self.session = session
+        self.name = session.host.name
+
+    async def resolve(self, migration_id: str, domain: str, instance: str) -> pb.MigrationState:
+        return pb.MigrationState(state=await self.session.resolve("its coordinator is gone"),
+                                 domain=self.session.domain.name)
+
+    async def complete(self, migration_id: str) -> None:
+        await self.session.complete()
+
+    async def rollback(self, migration_id: str, reason: str) -> None:
+        await self.session.rollback(reason)

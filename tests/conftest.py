@@ -15,6 +15,29 @@ from pvmig.memory import GuestMemory
 
 
 # --------------------------------------------------------------------------------------
+# The fault suite: `pytest --faults` runs it whole (and nothing else); without the flag
+# its quick subset runs with everything else.
+# --------------------------------------------------------------------------------------
+
+
+def pytest_addoption(parser):
+    parser.addoption("--faults", action="store_true",
+                     help="run the whole fault suite (tests marked faults), and only it")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--faults"):
+        chosen = [i for i in items if i.get_closest_marker("faults")]
+        config.hook.pytest_deselected(items=[i for i in items if i not in chosen])
+        items[:] = chosen
+        return
+    full = [i for i in items if i.get_closest_marker("full_faults")]
+    if full:
+        config.hook.pytest_deselected(items=full)
+        items[:] = [i for i in items if i not in full]
+
+
+# --------------------------------------------------------------------------------------
 # Unit tests: shared-memory files (guest RAM, log-dirty bitmap)
 #
 # The files are ordinary files under pytest's tmp_path: MAP_SHARED works the same on

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -165,3 +167,67 @@ def device(domain: dict, kind: str) -> dict:
     """The domain's one device of this kind (vbd, vif), from status --json."""
     (d,) = [s for s in domain.get("device_stats", []) if s["kind"] == kind]
     return d
+
+
+# ---- a two-host cluster in network namespaces (deploy/netns-cluster.sh)
+
+NETNS_SCRIPT = ROOT / "deploy" / "netns-cluster.sh"
+
+
+def netns_problem() -> str | None:
+    """Why this machine cannot make the cluster, or None: probed with what the script uses
+    (a namespace, a veth pair, a tbf qdisc), in a namespace of our own."""
+    if os.geteuid() != 0:
+        return "not root: network namespaces need root"
+    for tool in ("ip", "tc"):
+        if shutil.which(tool) is None:
+            return f"'{tool}' not found: install iproute2"
+    probe = f"pvmig-probe-{os.getpid()}"
+    steps = [["ip", "netns", "add", probe],
+             ["ip", "-n", probe, "link", "add", "v0", "type", "veth", "peer", "name", "v1"],
+             ["ip", "netns", "exec", probe, "tc", "qdisc", "add", "dev", "v0", "root", "tbf",
+              "rate", "1mbit", "burst", "32kb", "latency", "50ms"]]
+    try:
+        for argv in steps:
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+            if r.returncode != 0:
+                return f"`{' '.join(argv)}` failed: {r.stderr.strip()}"
+    finally:
+        subprocess.run(["ip", "netns", "delete", probe], capture_output=True, timeout=10)
+    return None
+
+
+def netns_script(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([str(NETNS_SCRIPT), *args], capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL,
+                          env={**os.environ, "PVMIG": pvmig_command()})
+
+
+@contextlib.contextmanager
+def netns_cluster_up(tmp_path, rate: str | None = None, agent_args: tuple = ()):
+    """Hosts a and b in namespaces of their own prefix (a user's pvmig-a, pvmig-b are
+    left alone): cluster.json, plus "on": {host: Via} to run pvmig on each."""
+    problem = netns_problem()
+    require(problem is None, str(problem))
+    prefix = f"pvmig-t{os.getpid()}-"
+    base = tmp_path / "cluster"
+    where = ["--prefix", prefix, "--base", str(base)]
+    try:
+        shaped = ["--rate", rate] if rate else []
+        extra = ["--", *agent_args] if agent_args else []
+        up = netns_script("up", *shaped, *where, *extra)
+        assert up.returncode == 0, f"netns-cluster.sh up failed:\n{up.stdout}{up.stderr}"
+        cluster = json.loads((base / "cluster.json").read_text())
+        cluster["on"] = {h: Via(["ip", "netns", "exec", ns])
+                         for h, ns in cluster["namespaces"].items()}
+        cluster["base"] = base
+        yield cluster
+    finally:
+        for h in ("a", "b"):  # shown when the test fails
+            log = base / h / "agent.log"
+            if log.exists():
+                print(f"---- agent {h}\n" + "\n".join(log.read_text().splitlines()[-30:]))
+        down = netns_script("down", *where)
+        assert down.returncode == 0, f"netns-cluster.sh down failed:\n{down.stderr}"
+        left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert prefix not in left, f"namespaces left behind: {left}"

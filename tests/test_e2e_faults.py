@@ -238,3 +238,148 @@ def test_unwritable_report_is_refused_before_migrating(cluster, tmp_path):
               "--report", "/nonexistent/dir/r.json")
     assert r.returncode == 1 and "cannot write the report to /nonexistent/dir/r.json" in r.stderr
     _only_on(a, b, "vm")
+
+
+# ---- a coordinator that dies around the commit: recovery from the durable decision
+
+def _migrate_dying_at(a: str, b: str, name: str, phase: str, tmp_path: Path) -> str:
+    """A migration whose coordinator is SIGKILLed as it enters `phase`; its id."""
+    env = {**os.environ, "PVMIG_FAULT_COORDINATOR_DIES_AT": phase}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pvmig", "migrate", "--source", a, "--dest", b, "--domain", name,
+         "--report", str(tmp_path / f"{phase}.json")],
+        capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert events[-1] == {**events[-1], "event": "phase", "phase": phase}
+    (mid,) = {e["migration"] for e in events if e.get("phase") == "begin"}
+    return mid
+
+
+def _record(agent: LocalAgent, mid: str) -> dict:
+    return json.loads((Path(agent.dir) / "data" / "migrations" / f"{mid}.json").read_text())
+
+
+def test_coordinator_dies_after_commit_the_agents_finish_it(cluster, tmp_path):
+    """Killed between the source's commit and the destination's: the source has decided,
+    so when the leases run out (3 s) the destination asks it, resumes the guest and the
+    source copy goes. Before recovery existed, the destination discarded its copy and
+    the guest ran nowhere."""
+    a, b = cluster["a"].address, cluster["b"].address
+    create(a, "vm", ram_mb=32)
+    mid = _migrate_dying_at(a, b, "vm", "committed", tmp_path)
+    assert query(a, "vm").state == "suspended"  # committed: it will not run here again
+    _eventually(lambda: "vm" not in domains(a), what="the source copy is destroyed")
+    _only_on(b, a, "vm")
+    assert _record(cluster["a"], mid)["state"] == "committed"
+    assert _record(cluster["b"], mid)["role"] == "destination"
+
+
+@pytest.fixture
+def patient_cluster(tmp_path):
+    """Agents that wait 10 minutes for a silent coordinator: only pvmig recover acts."""
+    with LocalCluster(tmp_path, ["a", "b"], extra_args=["--session-timeout", "600"]) as c:
+        yield c
+
+
+def _recover(a: str, b: str, mid: str) -> dict:
+    r = pvmig("recover", "--migration", mid, "--source", a, "--dest", b, "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_recover_after_commit_resumes_on_the_destination(patient_cluster, tmp_path):
+    a, b = patient_cluster["a"].address, patient_cluster["b"].address
+    create(a, "vm", ram_mb=32, dirty_rate=5000)
+    mid = _migrate_dying_at(a, b, "vm", "committed", tmp_path)
+    assert query(b, "vm").state == "incoming" and query(a, "vm").state == "suspended"
+    out = _recover(a, b, mid)
+    assert out == {"migration_id": mid, "decision": "committed", "runs_on": "destination",
+                   "domain": "vm"}
+    _only_on(b, a, "vm")
+    assert _recover(a, b, mid) == out  # again: nothing changes
+    _only_on(b, a, "vm")
+
+
+@pytest.mark.parametrize("phase,decision", [
+    ("begin", "unknown"),     # prepared on the destination, nothing begun at the source
+    ("suspend", "aborted"),   # pre-copy done, the guest about to suspend
+    ("final", "aborted"),     # suspended: the abort resumes it
+])
+def test_recover_before_commit_resumes_on_the_source(patient_cluster, tmp_path, phase,
+                                                     decision):
+    """No commit recorded: recovery aborts at the source (so that no late commit can
+    land) and the destination discards."""
+    a, b = patient_cluster["a"].address, patient_cluster["b"].address
+    create(a, "vm", ram_mb=32, dirty_rate=5000)
+    mid = _migrate_dying_at(a, b, "vm", phase, tmp_path)
+    out = _recover(a, b, mid)
+    assert out["decision"] == decision and out["runs_on"] == "source"
+    _only_on(a, b, "vm")
+    assert _recover(a, b, mid)["decision"] == "unknown"  # nothing left of it anywhere
+    r = pvmig("recover", "--migration", "../etc", "--source", a, "--dest", b)
+    assert r.returncode == 1 and "bad migration id '../etc'" in r.stderr
+
+
+def test_destination_lost_after_commit_the_source_rolls_back(patient_cluster, tmp_path):
+    """Committed, then the destination's agent dies and its waiting guest with it: the
+    suspended source copy is the only one left, so recovery resumes it there."""
+    a = patient_cluster["a"].address
+    create(a, "vm", ram_mb=32, dirty_rate=5000)
+    mid = _migrate_dying_at(a, patient_cluster["b"].address, "vm", "committed", tmp_path)
+    patient_cluster["b"].kill()
+    patient_cluster["b"].start()
+    b = patient_cluster["b"].address
+    out = _recover(a, b, mid)
+    assert out["decision"] == "rolled-back" and out["runs_on"] == "source"
+    _only_on(a, b, "vm")
+    assert _record(patient_cluster["a"], mid)["state"] == "rolled-back"
+
+
+@pytest.mark.parametrize("point,decision", [
+    ("commit", "lost"),         # dies before its record: never committed, guest gone
+    ("committed", "committed"),  # dies after it: the decision stands
+])
+def test_source_host_dies_at_commit_the_destination_copy_lives(tmp_path, monkeypatch,
+                                                               point, decision):
+    """The source's host crashes while committing (its guest, suspended, dies with it).
+    The coordinator cannot know whether the commit was recorded, so it does not abort
+    the destination: the destination's copy, whole, is the only one. Once the source's
+    agent is back, recovery resumes that copy either way."""
+    monkeypatch.setenv("PVMIG_FAULT_AGENT_DIES_AT", point)
+    with LocalCluster(tmp_path, ["a", "b"], extra_args=["--session-timeout", "600"]) as c:
+        monkeypatch.delenv("PVMIG_FAULT_AGENT_DIES_AT")
+        a, b = c["a"].address, c["b"].address
+        create(a, "vm", ram_mb=32, dirty_rate=5000)
+        r, data = migrate(a, b, "vm", tmp_path / "r.json")
+        assert r.returncode == 1
+        assert "not settled: run pvmig recover" in r.stderr, r.stderr
+        assert "pvmig recover --migration" in data["abort-errors"][-1]
+        assert query(b, "vm").state == "incoming"  # kept, not discarded
+        c["a"].proc.wait(timeout=10)
+        c["a"].start()
+        out = _recover(c["a"].address, b, data["migration-id"])
+        assert out["decision"] == decision and out["runs_on"] == "destination"
+        _only_on(b, c["a"].address, "vm")
+
+
+def test_destination_cannot_record_its_commit_the_source_rolls_back(cluster, tmp_path):
+    """The destination's disk refuses its commit record after the source committed: it
+    never resumed the guest, so the coordinator undoes the commit at once and the guest
+    resumes at home, instead of staying suspended with nowhere to run."""
+    a, b = cluster["a"].address, cluster["b"].address
+    create(a, "vm", ram_mb=16)
+    records = Path(cluster["b"].dir) / "data" / "migrations"
+    shutil.rmtree(records)
+    records.write_text("not a directory")
+    try:
+        r, data = migrate(a, b, "vm", tmp_path / "r.json")
+    finally:
+        records.unlink()
+        records.mkdir()
+    assert r.returncode == 1
+    assert "cannot record the commit" in r.stderr and "settled" in r.stderr, r.stderr
+    assert data["committed"] is False and "rolled-back" in data["recovered"]
+    _only_on(a, b, "vm")
+    (mid_record,) = (Path(cluster["a"].dir) / "data" / "migrations").glob("*.json")
+    assert json.loads(mid_record.read_text())["state"] == "rolled-back"

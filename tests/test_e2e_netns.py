@@ -11,75 +11,23 @@ Needs root and iproute2 (veth, tbf); skipped without them, failed without them i
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 
 import pytest
 
-from support import ROOT, Via, device, pvmig_command, require
+from support import device, netns_cluster_up
 
 pytestmark = pytest.mark.e2e
 
-SCRIPT = ROOT / "deploy" / "netns-cluster.sh"
 RATE_MBIT = 200
 RAM_MB = 64
 PEER_SECONDS = 20
 
 
-def _netns_problem() -> str | None:
-    """Why this machine cannot make the cluster, or None: probed with what the script uses
-    (a namespace, a veth pair, a tbf qdisc), in a namespace of our own."""
-    if os.geteuid() != 0:
-        return "not root: network namespaces need root"
-    for tool in ("ip", "tc"):
-        if shutil.which(tool) is None:
-            return f"'{tool}' not found: install iproute2"
-    probe = f"pvmig-probe-{os.getpid()}"
-    steps = [["ip", "netns", "add", probe],
-             ["ip", "-n", probe, "link", "add", "v0", "type", "veth", "peer", "name", "v1"],
-             ["ip", "netns", "exec", probe, "tc", "qdisc", "add", "dev", "v0", "root", "tbf",
-              "rate", "1mbit", "burst", "32kb", "latency", "50ms"]]
-    try:
-        for argv in steps:
-            r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
-            if r.returncode != 0:
-                return f"`{' '.join(argv)}` failed: {r.stderr.strip()}"
-    finally:
-        subprocess.run(["ip", "netns", "delete", probe], capture_output=True, timeout=10)
-    return None
-
-
-def _script(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL,
-                          env={**os.environ, "PVMIG": pvmig_command()})
-
-
 @pytest.fixture
 def netns_cluster(tmp_path):
-    problem = _netns_problem()
-    require(problem is None, str(problem))
-    # A prefix of its own: a user's cluster (pvmig-a, pvmig-b) is left alone.
-    prefix = f"pvmig-t{os.getpid()}-"
-    base = tmp_path / "cluster"
-    where = ["--prefix", prefix, "--base", str(base)]
-    try:
-        up = _script("up", "--rate", f"{RATE_MBIT}mbit", *where)
-        assert up.returncode == 0, f"netns-cluster.sh up failed:\n{up.stdout}{up.stderr}"
-        cluster = json.loads((base / "cluster.json").read_text())
-        cluster["on"] = {h: Via(["ip", "netns", "exec", ns])
-                         for h, ns in cluster["namespaces"].items()}
+    with netns_cluster_up(tmp_path, f"{RATE_MBIT}mbit") as cluster:
         yield cluster
-    finally:
-        for h in ("a", "b"):  # shown when the test fails
-            log = base / h / "agent.log"
-            if log.exists():
-                print(f"---- agent {h}\n" + "\n".join(log.read_text().splitlines()[-30:]))
-        down = _script("down", *where)
-        assert down.returncode == 0, f"netns-cluster.sh down failed:\n{down.stderr}"
-        left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-        assert prefix not in left, f"namespaces left behind: {left}"
 
 
 def migrate_on(cluster, host: str, source: str, dest: str, report) -> dict:

@@ -202,12 +202,16 @@ class DestroyDomainReply(_message.Message):
     def __init__(self) -> None: ...
 
 class MigrationRef(_message.Message):
-    __slots__ = ("migration_id", "reason")
+    __slots__ = ("migration_id", "reason", "domain", "source_instance")
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_INSTANCE_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     reason: str
-    def __init__(self, migration_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    domain: str
+    source_instance: str
+    def __init__(self, migration_id: _Optional[str] = ..., reason: _Optional[str] = ..., domain: _Optional[str] = ..., source_instance: _Optional[str] = ...) -> None: ...
 
 class BeginRequest(_message.Message):
     __slots__ = ("migration_id", "domain", "dest_address", "batch_pages", "streams", "quiesce", "backend_log", "xenstore_track", "recovery", "inject", "save_image", "persistent_grants", "grant_mode", "compress", "max_bandwidth_mbps")
@@ -349,20 +353,24 @@ class DoneReply(_message.Message):
     def __init__(self) -> None: ...
 
 class PrepareRequest(_message.Message):
-    __slots__ = ("migration_id", "domain", "ram_bytes", "source_agent", "devices", "save_image")
+    __slots__ = ("migration_id", "domain", "ram_bytes", "source_agent", "devices", "save_image", "source_address", "source_instance")
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     DOMAIN_FIELD_NUMBER: _ClassVar[int]
     RAM_BYTES_FIELD_NUMBER: _ClassVar[int]
     SOURCE_AGENT_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
     SAVE_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_INSTANCE_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     domain: str
     ram_bytes: int
     source_agent: str
     devices: _containers.RepeatedCompositeFieldContainer[DeviceConfig]
     save_image: str
-    def __init__(self, migration_id: _Optional[str] = ..., domain: _Optional[str] = ..., ram_bytes: _Optional[int] = ..., source_agent: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[DeviceConfig, _Mapping]]] = ..., save_image: _Optional[str] = ...) -> None: ...
+    source_address: str
+    source_instance: str
+    def __init__(self, migration_id: _Optional[str] = ..., domain: _Optional[str] = ..., ram_bytes: _Optional[int] = ..., source_agent: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[DeviceConfig, _Mapping]]] = ..., save_image: _Optional[str] = ..., source_address: _Optional[str] = ..., source_instance: _Optional[str] = ...) -> None: ...
 
 class PrepareReply(_message.Message):
     __slots__ = ("guest_pid",)
@@ -375,6 +383,18 @@ class ResumeReply(_message.Message):
     RESUMED_NS_FIELD_NUMBER: _ClassVar[int]
     resumed_ns: int
     def __init__(self, resumed_ns: _Optional[int] = ...) -> None: ...
+
+class MigrationState(_message.Message):
+    __slots__ = ("state", "domain", "source_agent", "source_instance")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_AGENT_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    state: str
+    domain: str
+    source_agent: str
+    source_instance: str
+    def __init__(self, state: _Optional[str] = ..., domain: _Optional[str] = ..., source_agent: _Optional[str] = ..., source_instance: _Optional[str] = ...) -> None: ...
 
 class PageBatch(_message.Message):
     __slots__ = ("seq", "round", "frames", "zero_frames", "data", "encoding", "checksum")

@@ -366,6 +366,16 @@ class MigrationSourceStub:
                 request_serializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
                 response_deserializer=pvmig_dot___proto_dot_pvmig__pb2.DoneReply.FromString,
                 _registered_method=True)
+        self.Resolve = channel.unary_unary(
+                '/pvmig.v1.MigrationSource/Resolve',
+                request_serializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
+                response_deserializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationState.FromString,
+                _registered_method=True)
+        self.Rollback = channel.unary_unary(
+                '/pvmig.v1.MigrationSource/Rollback',
+                request_serializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
+                response_deserializer=pvmig_dot___proto_dot_pvmig__pb2.DoneReply.FromString,
+                _registered_method=True)
 
 
 class MigrationSourceServicer:
@@ -430,6 +440,22 @@ class MigrationSourceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Resolve(self, request, context):
+        """The decision, made now if it is not made yet: a migration not committed here is
+        aborted (its guest resumes here), so that no Commit can follow. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rollback(self, request, context):
+        """Committed, but the destination holds no running copy (its agent lost it): record
+        that and resume the guest here, the only copy left.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MigrationSourceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -475,6 +501,16 @@ def add_MigrationSourceServicer_to_server(servicer, server):
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
+                    request_deserializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.FromString,
+                    response_serializer=pvmig_dot___proto_dot_pvmig__pb2.DoneReply.SerializeToString,
+            ),
+            'Resolve': grpc.unary_unary_rpc_method_handler(
+                    servicer.Resolve,
+                    request_deserializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.FromString,
+                    response_serializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationState.SerializeToString,
+            ),
+            'Rollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollback,
                     request_deserializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.FromString,
                     response_serializer=pvmig_dot___proto_dot_pvmig__pb2.DoneReply.SerializeToString,
             ),
@@ -732,6 +768,60 @@ class MigrationSource:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def Resolve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pvmig.v1.MigrationSource/Resolve',
+            pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
+            pvmig_dot___proto_dot_pvmig__pb2.MigrationState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pvmig.v1.MigrationSource/Rollback',
+            pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
+            pvmig_dot___proto_dot_pvmig__pb2.DoneReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class MigrationDestStub:
     """Missing associated documentation comment in .proto file."""
@@ -781,6 +871,11 @@ class MigrationDestStub:
                 '/pvmig.v1.MigrationDest/Abort',
                 request_serializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
                 response_deserializer=pvmig_dot___proto_dot_pvmig__pb2.DoneReply.FromString,
+                _registered_method=True)
+        self.State = channel.unary_unary(
+                '/pvmig.v1.MigrationDest/State',
+                request_serializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
+                response_deserializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationState.FromString,
                 _registered_method=True)
 
 
@@ -841,6 +936,12 @@ class MigrationDestServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def State(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MigrationDestServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -883,6 +984,11 @@ def add_MigrationDestServicer_to_server(servicer, server):
                     servicer.Abort,
                     request_deserializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.FromString,
                     response_serializer=pvmig_dot___proto_dot_pvmig__pb2.DoneReply.SerializeToString,
+            ),
+            'State': grpc.unary_unary_rpc_method_handler(
+                    servicer.State,
+                    request_deserializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.FromString,
+                    response_serializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationState.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1101,6 +1207,33 @@ class MigrationDest:
             '/pvmig.v1.MigrationDest/Abort',
             pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
             pvmig_dot___proto_dot_pvmig__pb2.DoneReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def State(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pvmig.v1.MigrationDest/State',
+            pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
+            pvmig_dot___proto_dot_pvmig__pb2.MigrationState.FromString,
             options,
             channel_credentials,
             insecure,

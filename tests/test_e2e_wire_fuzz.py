@@ -1,0 +1,235 @@
+"""Bad input over the wire (hypothesis): malformed, truncated, oversized, out-of-order,
+duplicated and replayed messages, wrong migration ids and versions, sent to two real
+agents. Each call gets a clear status (never an internal error), the agents stay up,
+and the domain running on them all along is unharmed."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from google.protobuf.descriptor import FieldDescriptor as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pvmig._proto import pvmig_pb2 as pb
+from pvmig.cluster import LocalCluster
+from support import create, domains, wait_running_and_checking
+
+pytestmark = pytest.mark.e2e
+
+VICTIM = "victim-3e9c"  # a name no generated string will hit
+SERVICES = [pb.DESCRIPTOR.services_by_name[n] for n in
+            ("Agent", "MigrationSource", "MigrationDest")]
+UNARY = [(s.full_name, m) for s in SERVICES for m in s.methods
+         if not m.client_streaming and not m.server_streaming]
+SERVER_STREAMING = [(s.full_name, m) for s in SERVICES for m in s.methods
+                    if m.server_streaming]
+# statuses that name what is wrong; INTERNAL would be a bug (an exception we did not
+# expect), UNKNOWN likewise
+CLEAR = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+         grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS,
+         grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DATA_LOSS,
+         grpc.StatusCode.ABORTED, grpc.StatusCode.OUT_OF_RANGE,
+         grpc.StatusCode.UNAVAILABLE}  # UNAVAILABLE: a peer address that leads nowhere
+FUZZ = settings(max_examples=60, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                       HealthCheck.too_slow])
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with LocalCluster(tmp_path_factory.mktemp("fuzz"), ["a", "b"],
+                      extra_args=["--session-timeout", "5"]) as c:
+        create(c["a"].address, VICTIM, ram_mb=16, dirty_rate=2000)
+        yield c
+
+
+def _ints(kind) -> st.SearchStrategy:
+    bits = {F.TYPE_INT32: 31, F.TYPE_SINT32: 31, F.TYPE_SFIXED32: 31, F.TYPE_INT64: 63,
+            F.TYPE_SINT64: 63, F.TYPE_SFIXED64: 63}
+    if kind in bits:
+        return st.integers(-(1 << bits[kind]), (1 << bits[kind]) - 1)
+    width = 32 if kind in (F.TYPE_UINT32, F.TYPE_FIXED32) else 64
+    return st.integers(0, (1 << width) - 1)
+
+
+def _value(field, depth: int) -> st.SearchStrategy:
+    t = field.type
+    if t == F.TYPE_MESSAGE:
+        return messages(field.message_type, depth + 1)
+    if t == F.TYPE_STRING:
+        return st.text(max_size=24) | st.sampled_from(["", "../x", "a" * 300, "fuzz-m"])
+    if t == F.TYPE_BYTES:
+        return st.binary(max_size=600)
+    if t == F.TYPE_BOOL:
+        return st.booleans()
+    if t in (F.TYPE_FLOAT, F.TYPE_DOUBLE):
+        return st.floats(allow_nan=True, allow_infinity=True, width=32 if t == F.TYPE_FLOAT else 64)
+    if t == F.TYPE_ENUM:
+        return st.sampled_from([v.number for v in field.enum_type.values])
+    return _ints(t)
+
+
+def messages(descriptor, depth: int = 0) -> st.SearchStrategy:
+    """Well-formed messages of `descriptor` with arbitrary field values."""
+    cls = pb.__dict__.get(descriptor.name)
+    if depth > 2 or cls is None:
+        return st.just(cls() if cls else None)
+    fields = {}
+    for f in descriptor.fields:
+        v = _value(f, depth)
+        fields[f.name] = (st.lists(v, max_size=3) if f.label == F.LABEL_REPEATED
+                          else st.none() | v)
+
+    @st.composite
+    def build(draw):
+        msg = cls()
+        for name, strat in fields.items():
+            value = draw(strat)
+            if value is None or value == []:
+                continue
+            f = descriptor.fields_by_name[name]
+            if f.type == F.TYPE_MESSAGE:
+                if f.label == F.LABEL_REPEATED:
+                    getattr(msg, name).extend(value)
+                elif f.message_type.GetOptions().map_entry:
+                    continue
+                else:
+                    getattr(msg, name).CopyFrom(value)
+            elif f.label == F.LABEL_REPEATED:
+                getattr(msg, name).extend(value)
+            else:
+                setattr(msg, name, value)
+        return msg
+    return build()
+
+
+def _call(channel, service: str, method, request: bytes):
+    path = f"/{service}/{method.name}"
+    raw = (lambda b: b)
+    if method.server_streaming:
+        return list(channel.unary_stream(path, request_serializer=raw,
+                                         response_deserializer=raw)(request, timeout=20))
+    return channel.unary_unary(path, request_serializer=raw,
+                               response_deserializer=raw)(request, timeout=20)
+
+
+def _check(code: grpc.StatusCode, details: str, what: str) -> None:
+    assert code in CLEAR, f"{what}: {code.name}: {details}"
+    assert details and "internal error" not in details, f"{what}: {details}"
+
+
+def _still_fine(cluster) -> None:
+    for agent in (cluster["a"], cluster["b"]):
+        assert agent.running, f"agent {agent.name} died: {agent.log_tail()}"
+    assert domains(cluster["a"].address)[VICTIM].state == "running"
+
+
+def _tidy(cluster) -> None:
+    """Domains the fuzz legitimately created (a small valid CreateDomain) go."""
+    with grpc.insecure_channel(cluster["a"].address) as ch_a, \
+            grpc.insecure_channel(cluster["b"].address) as ch_b:
+        for ch, agent in ((ch_a, cluster["a"]), (ch_b, cluster["b"])):
+            for name in domains(agent.address):
+                if name != VICTIM:
+                    try:
+                        _call(ch, "pvmig.Agent", pb.DESCRIPTOR.services_by_name["Agent"]
+                              .methods_by_name["DestroyDomain"],
+                              pb.DomainRef(name=name).SerializeToString())
+                    except grpc.RpcError:
+                        pass  # an incoming one: discarded by its lease
+
+
+@pytest.mark.parametrize("service,method", UNARY + SERVER_STREAMING,
+                         ids=[f"{s.split('.')[-1]}.{m.name}" for s, m in UNARY + SERVER_STREAMING])
+def test_well_formed_nonsense_gets_a_clear_status(cluster, service, method):
+    if method.name in ("Hello", "Clock", "ListDomains"):  # harmless whatever is sent
+        pytest.skip("answers anything")
+
+    @FUZZ
+    @given(messages(method.input_type))
+    def run(msg):
+        for agent in (cluster["a"], cluster["b"]):
+            with grpc.insecure_channel(agent.address) as ch:
+                try:
+                    _call(ch, service, method, msg.SerializeToString())
+                except grpc.RpcError as e:
+                    _check(e.code(), e.details(), f"{method.name}({msg})")
+    try:
+        run()
+    finally:
+        _tidy(cluster)
+    _still_fine(cluster)
+
+
+@FUZZ
+@given(st.sampled_from(UNARY), st.binary(min_size=1, max_size=300))
+def test_malformed_bytes_are_refused(cluster, target, data):
+    """Bytes that are no protobuf at all (truncated, garbage): grpc refuses them before
+    any handler runs, or the handler finds nothing that matches."""
+    service, method = target
+    with grpc.insecure_channel(cluster["b"].address) as ch:
+        try:
+            _call(ch, service, method, data)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.INTERNAL:  # grpc's own, before our code
+                assert "deserializ" in e.details().lower(), e.details()
+            else:
+                _check(e.code(), e.details(), f"{method.name}({data!r})")
+    _still_fine(cluster)
+
+
+def test_oversized_message_is_refused(cluster):
+    with grpc.insecure_channel(cluster["b"].address) as ch:
+        big = pb.DomainRef(name="x" * (17 << 20)).SerializeToString()
+        with pytest.raises(grpc.RpcError) as info:
+            _call(ch, "pvmig.Agent", pb.DESCRIPTOR.services_by_name["Agent"]
+                  .methods_by_name["QueryDomain"], big)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    _still_fine(cluster)
+
+
+def test_out_of_order_duplicated_and_replayed_calls(cluster):
+    """A migration's calls in the wrong order, twice, and after its end: each refused by
+    name, and the victim on the same agent never touched."""
+    a, b = cluster["a"].address, cluster["b"].address
+    before = wait_running_and_checking(a, VICTIM)
+    ref = pb.MigrationRef(migration_id="fuzz-order")
+    from pvmig._proto import pvmig_pb2_grpc as pb_grpc
+    with grpc.insecure_channel(a) as ch_a, grpc.insecure_channel(b) as ch_b:
+        src, dst = pb_grpc.MigrationSourceStub(ch_a), pb_grpc.MigrationDestStub(ch_b)
+        for call in (src.Suspend, src.Commit, src.Complete, src.Abort, src.Rollback,
+                     dst.Commit, dst.Resume, dst.CommitAndResume, dst.Abort, dst.Ready):
+            with pytest.raises(grpc.RpcError) as info:
+                call(ref, timeout=10)
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND, call
+        prep = pb.PrepareRequest(migration_id="fuzz-order", domain="fuzz-dom",
+                                 ram_bytes=4 << 20, source_agent="a")
+        dst.Prepare(prep, timeout=60)
+        with pytest.raises(grpc.RpcError) as info:  # replayed
+            dst.Prepare(prep, timeout=60)
+        assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        for call in (dst.Commit, dst.CommitAndResume, dst.Ready):  # nothing streamed yet
+            with pytest.raises(grpc.RpcError) as info:
+                call(ref, timeout=10)
+            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert dst.State(ref, timeout=10).state == "receiving"
+        # a Begin naming the victim with a bad policy: refused before anything is claimed
+        with pytest.raises(grpc.RpcError) as info:
+            src.Begin(pb.BeginRequest(migration_id="fuzz-order", domain=VICTIM,
+                                      dest_address=b, quiesce="sometimes"), timeout=30)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        dst.Abort(ref, timeout=10)
+        with pytest.raises(grpc.RpcError) as info:  # replayed after the end
+            dst.Abort(ref, timeout=10)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        assert dst.State(ref, timeout=10).state == "none"
+        # another protocol version
+        with pytest.raises(grpc.RpcError) as info:
+            pb_grpc.AgentStub(ch_a).Hello(pb.HelloRequest(protocol_version=1, client="old"),
+                                          timeout=10)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "speaks protocol version 1" in info.value.details()
+    after = wait_running_and_checking(a, VICTIM)
+    assert after.state == "running" and after.migration_id == ""
+    assert after.guest.checks_failed == 0 and after.guest.steps > before.guest.steps
