@@ -21,7 +21,7 @@ import grpc
 import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from . import errors, rpc
+from . import errors, parking, rpc
 from ._proto import pvmig_pb2 as pb
 from ._proto import pvmig_pb2_grpc as pb_grpc
 from .host import Host
@@ -323,6 +323,9 @@ async def serve(host: Host, listen: str, *, ready_file: Path | None = None) -> N
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     watchdog = asyncio.create_task(host.watchdog())
+    resumed = await parking.unpark_all(host)
+    if resumed:
+        log.info("resumed parked domains: %s", ", ".join(resumed))
     if ready_file is not None:
         tmp = Path(f"{ready_file}.tmp")
         tmp.write_text(json.dumps({"address": bound, "pid": os.getpid()}))
@@ -333,8 +336,21 @@ async def serve(host: Host, listen: str, *, ready_file: Path | None = None) -> N
         watchdog.cancel()
         await health_servicer.enter_graceful_shutdown()
         await server.stop(grace=2.0)
+        await _settle_for_stop(host)
+        await parking.park_all(host)
         for name in list(host.domains):
             await host.drop(name)
+
+
+async def _settle_for_stop(host: Host) -> None:
+    """Migrations not committed end here (the guest stays, the incoming copy goes), so
+    that their domains can be parked; committed ones are left to the peer's recovery."""
+    for session in [*host.saves.values(), *host.restores.values()]:
+        if not session.committed:
+            try:
+                await session.abort("the agent is stopping")
+            except errors.PvmigError as e:
+                log.error("migration %s: %s", session.migration_id, e)
 
 
 def run(*, listen: str, name: str, data_dir: Path, mem_dir: Path, max_ram_bytes: int,

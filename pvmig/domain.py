@@ -83,10 +83,16 @@ class Domain:
 
     @classmethod
     def allocate(cls, *, name: str, domid: int, ram_bytes: int, mem_dir: Path,
-                 workload: dict) -> "Domain":
+                 workload: dict, ram_from: Path | None = None) -> "Domain":
+        """New hypervisor files for a domain; its RAM new too, or `ram_from`, a RAM file
+        kept from before (a parked domain: pvmig.parking), taken over under this name."""
         base = mem_dir / f"{name}.{domid}"
         try:
-            mem = GuestMemory.create(f"{base}.ram", ram_bytes // PAGE_SIZE)
+            if ram_from is not None:
+                os.rename(ram_from, f"{base}.ram")
+                mem = GuestMemory.open(f"{base}.ram")
+            else:
+                mem = GuestMemory.create(f"{base}.ram", ram_bytes // PAGE_SIZE)
         except OSError as e:
             raise errors.ResourceExhausted(f"cannot create the RAM of domain {name}: {e}") from None
         made: list = [mem]
@@ -217,7 +223,8 @@ class Domain:
         self.state = RUNNING
         return msg["t"]
 
-    async def destroy(self) -> None:
+    async def destroy(self, keep_ram: bool = False) -> None:
+        """Stop the guest and free everything; keep_ram: all but the RAM file (parked)."""
         for task in (self._watch, self._reader, self._throttler):
             if task:
                 task.cancel()
@@ -231,7 +238,8 @@ class Domain:
         self.events.close()
         for f in (self.grants, self.channels, self.mem, self.log):
             f.close()
-            f.unlink()
+            if not (keep_ram and f is self.mem):
+                f.unlink()
 
     def _kill(self) -> None:
         if self.proc is not None and self.guest_alive:

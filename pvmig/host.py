@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-from . import errors
+from . import errors, parking
 from .devices import DomainDevices, normalise
 from .domain import Domain
 from .xenstored import Xenstored
@@ -102,9 +102,11 @@ class Host:
 
     def _clear_stale_memory(self) -> None:
         # The agent owns its memory directory. Guests die with their agent, so files
-        # found at start are a dead agent's: they only hold tmpfs memory.
+        # found at start are a dead agent's: they only hold tmpfs memory. Only the RAM
+        # of domains parked by a clean stop (pvmig.parking) is kept, to resume them.
+        kept = parking.kept_ram(self)
         for path in sorted(p for ext in ("ram", "dirty", "gnttab", "evtchn")
-                           for p in self.mem_dir.glob(f"*.{ext}")):
+                           for p in self.mem_dir.glob(f"*.{ext}") if p not in kept):
             log.warning("removing %s, left by an agent that did not stop cleanly", path)
             path.unlink(missing_ok=True)
 
@@ -132,17 +134,18 @@ class Host:
             raise errors.NotFound(f"no domain {name!r} on host {self.name}") from None
 
     def reserve(self, name: str, ram_bytes: int, workload: dict,
-                devices: list[dict] = ()) -> Domain:
-        """Check and allocate a domain's memory; the caller starts its guest."""
+                devices: list[dict] = (), ram_from: Path | None = None) -> Domain:
+        """Check and allocate a domain's memory (or take over a kept RAM file: a parked
+        domain's); the caller starts its guest."""
         if not _NAME.match(name):
             raise errors.InvalidArgument(
                 f"bad domain name {name!r}: use letters, digits, '_', '.', '-' (at most 64)")
         if name in self.domains:
             raise errors.AlreadyExists(f"domain {name!r} already exists on host {self.name}")
-        self._check_ram(ram_bytes)
+        self._check_ram(ram_bytes, allocating=ram_from is None)
         devices = [normalise(d) for d in devices]
         dom = Domain.allocate(name=name, domid=self._next_domid, ram_bytes=ram_bytes,
-                              mem_dir=self.mem_dir, workload=workload)
+                              mem_dir=self.mem_dir, workload=workload, ram_from=ram_from)
         dom.devices = devices
         self._next_domid += 1
         self.domains[name] = dom
@@ -191,7 +194,7 @@ class Host:
     def log_path(self, dom: Domain) -> Path:
         return self.data_dir / "logs" / f"{dom.name}.{dom.domid}.log"
 
-    def _check_ram(self, ram_bytes: int) -> None:
+    def _check_ram(self, ram_bytes: int, allocating: bool = True) -> None:
         if ram_bytes <= 0 or ram_bytes % PAGE_SIZE:
             raise errors.InvalidArgument(
                 f"guest RAM must be a positive multiple of {PAGE_SIZE} bytes, not {ram_bytes}")
@@ -206,7 +209,7 @@ class Host:
                 f"host {self.name} has {(self.max_ram_bytes - used) >> 20} MiB of guest RAM "
                 f"left, not {mib} MiB")
         free = shutil.disk_usage(self.mem_dir).free
-        if ram_bytes > free:
+        if allocating and ram_bytes > free:
             raise errors.ResourceExhausted(
                 f"{self.mem_dir} has {free >> 20} MiB free, not {mib} MiB for the guest's RAM")
 
