@@ -29,11 +29,11 @@ from typing import AsyncIterator
 import msgpack
 import numpy as np
 
-from pvmig import errors, logdirty, pages, verify
+from pvmig import errors, logdirty, pages, rpc, verify
 from pvmig._proto import pvmig_pb2 as pb
 from pvmig.client import AgentClient
 from pvmig.domain import INCOMING, RUNNING, Domain
-from pvmig.host import Host, Lease
+from pvmig.host import Host, Lease, check_migration_id
 from pvmig.memory import save_image
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ class RestoreSession:
 
     @classmethod
     async def prepare(cls, host: Host, request: pb.PrepareRequest) -> "RestoreSession":
+        check_migration_id(request.migration_id)
         if request.migration_id in host.restores:
             raise errors.AlreadyExists(f"migration {request.migration_id} already exists")
         dom = host.reserve(request.domain, request.ram_bytes, workload={},
@@ -95,6 +96,8 @@ class RestoreSession:
         stream = _StreamState()
         with self.lease.hold():
             async for record in records:
+                if isinstance(record, rpc.Malformed):
+                    raise record.error()
                 self._check_open()
                 if record.migration_id != self.migration_id:
                     raise errors.FailedPrecondition(
@@ -302,6 +305,8 @@ async def receive_stream(host: Host, records: AsyncIterator[pb.StreamRecord]
         first = await anext(records)
     except StopAsyncIteration:
         return
+    if isinstance(first, rpc.Malformed):
+        raise first.error()
     session = host.restore(first.migration_id)
 
     async def whole():

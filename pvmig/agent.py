@@ -36,6 +36,8 @@ def _status(fn):
         @functools.wraps(fn)
         async def stream(self, request, context):
             try:
+                if isinstance(request, rpc.Malformed):
+                    raise request.error()
                 async for item in fn(self, request, context):
                     yield item
             except errors.PvmigError as e:
@@ -49,6 +51,8 @@ def _status(fn):
     @functools.wraps(fn)
     async def unary(self, request, context):
         try:
+            if isinstance(request, rpc.Malformed):
+                raise request.error()
             return await fn(self, request, context)
         except errors.PvmigError as e:
             await context.abort(e.code, str(e))
@@ -291,10 +295,12 @@ async def serve(host: Host, listen: str, *, ready_file: Path | None = None) -> N
     bind_host, _ = rpc.parse_address(listen, listen=True)
     server = grpc.aio.server(options=rpc.SERVER_OPTIONS,
                              interceptors=host.security.server_interceptors())
-    pb_grpc.add_AgentServicer_to_server(AgentServicer(host), server)
-    pb_grpc.add_MigrationSourceServicer_to_server(MigrationSourceServicer(host), server)
-    pb_grpc.add_MigrationDestServicer_to_server(MigrationDestServicer(host), server)
-    pb_grpc.add_PageStreamServicer_to_server(PageStreamServicer(host), server)
+    services = pb.DESCRIPTOR.services_by_name
+    server.add_generic_rpc_handlers([
+        rpc.handler(AgentServicer(host), services["Agent"]),
+        rpc.handler(MigrationSourceServicer(host), services["MigrationSource"]),
+        rpc.handler(MigrationDestServicer(host), services["MigrationDest"]),
+        rpc.handler(PageStreamServicer(host), services["PageStream"])])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:

@@ -250,8 +250,7 @@ class Host:
         return record if record.get("role") == role else None
 
     def _record_path(self, migration_id: str) -> Path:
-        if not migration_id or not all(c.isalnum() or c in "-_" for c in migration_id):
-            raise errors.InvalidArgument(f"bad migration id {migration_id!r}")
+        check_migration_id(migration_id)
         return self.data_dir / "migrations" / f"{migration_id}.json"
 
     def save(self, migration_id: str) -> "SaveSession":
@@ -267,6 +266,17 @@ class Host:
         except KeyError:
             raise errors.NotFound(
                 f"no incoming migration {migration_id!r} on host {self.name}") from None
+
+
+_MIGRATION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def check_migration_id(migration_id: str) -> None:
+    """Ids name files here (the commit records): letters, digits, '-', '_', at most 64."""
+    if not _MIGRATION_ID.match(migration_id):
+        raise errors.InvalidArgument(
+            f"bad migration id {migration_id[:80]!r}: use letters, digits, '-', '_' "
+            "(at most 64)")
 
 
 def _check_workload(w: dict) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import grpc
+from google.protobuf.message import DecodeError
+from google.protobuf.message_factory import GetMessageClass
 
 from . import errors, security
 
@@ -69,3 +71,44 @@ def transport_hint(code: grpc.StatusCode, details: str, sec: security.Security) 
     if not sec.tls and ("socket closed" in text or "connection reset" in text):
         return "if the agent requires mutual TLS, give --tls-ca, --tls-cert and --tls-key"
     return ""
+
+
+# ---- serving: requests that are no message of their type get a status that says so
+
+class Malformed:
+    """What a request that does not parse becomes: its handler refuses it by name
+    (INVALID_ARGUMENT), where gRPC's own deserializer failure would answer UNKNOWN."""
+
+    def __init__(self, type_name: str, problem: str) -> None:
+        self.type_name, self.problem = type_name, problem
+
+    def error(self) -> errors.InvalidArgument:
+        return errors.InvalidArgument(f"malformed {self.type_name}: {self.problem}")
+
+
+def _lenient(cls):
+    def parse(data: bytes):
+        try:
+            return cls.FromString(data)
+        except DecodeError as e:
+            return Malformed(cls.DESCRIPTOR.name, str(e))
+    return parse
+
+
+_HANDLER = {(False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler}
+
+
+def handler(servicer, service) -> grpc.GenericRpcHandler:
+    """The generated add_*_to_server, with requests parsed leniently (Malformed)."""
+    methods = {}
+    for m in service.methods:
+        make = _HANDLER[(m.client_streaming, m.server_streaming)]
+        methods[m.name] = make(
+            getattr(servicer, m.name),
+            request_deserializer=_lenient(GetMessageClass(m.input_type)),
+            response_serializer=GetMessageClass(m.output_type).SerializeToString)
+    return grpc.method_handlers_generic_handler(service.full_name, methods)
+

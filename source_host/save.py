@@ -29,7 +29,7 @@ from pvmig._proto import pvmig_pb2 as pb
 from pvmig.client import AgentClient
 from pvmig.domain import OUTGOING, RUNNING, SUSPENDED, Domain
 from pvmig.foreign_writes import TORN
-from pvmig.host import Host, Lease
+from pvmig.host import Host, Lease, check_migration_id
 from pvmig.memory import PAGE_SIZE, save_image
 
 from .ratelimit import RateLimit
@@ -88,6 +88,7 @@ class SaveSession:
 
     @classmethod
     async def begin(cls, host: Host, request: pb.BeginRequest) -> "SaveSession":
+        check_migration_id(request.migration_id)
         dom = host.domain(request.domain)
         if request.migration_id in host.saves:
             raise errors.AlreadyExists(f"migration {request.migration_id} already exists")
@@ -245,6 +246,11 @@ class SaveSession:
                     task.result()  # the first failure ends the round
                 if not pending:
                     break
+                if self.aborting:
+                    # A pump waiting for the transport's room is not woken by the call's
+                    # cancel (a crawling link): the round ends here, the pumps below.
+                    raise errors.Aborted(f"migration {self.migration_id} was aborted: "
+                                         f"{self.aborting}")
                 yield pb.RoundProgress(done_pages=stats.sent_pages + stats.zero_pages,
                                        total_pages=total, bytes=stats.bytes)
         finally:
