@@ -39,13 +39,12 @@ REASON = "recovered: its coordinator is gone"
 class Outcome:
     migration_id: str
     decision: str   # the source's: committed, aborted, rolled-back, unknown, lost
-    runs_on: str    # "source", "destination", or "nowhere" (its host died with it)
+    runs_on: str    # "source", "destination", or "nowhere" (a host died with it)
     domain: str = ""
 
     def describe(self) -> str:
         where = {"source": "runs on the source", "destination": "runs on the destination",
-                 "nowhere": "is lost: the host that ran it died before the destination "
-                            "had all of it"}[self.runs_on]
+                 "nowhere": "is lost: the host that held its only copy died"}[self.runs_on]
         return f"migration {self.migration_id}: {self.decision}; domain {self.domain or '?'} {where}"
 
 
@@ -62,6 +61,8 @@ async def settle(source, dest, migration_id: str) -> Outcome:
         runs_on = await _finish_committed(source, dest, migration_id, held.state)
         if runs_on == "source":
             decision = "rolled-back"
+        elif runs_on == "nowhere":
+            decision = "lost"
     elif decision == "lost" and held.state in HAS_COPY:
         await dest.commit_and_resume(migration_id)
         runs_on = "destination"
@@ -91,8 +92,13 @@ async def _finish_committed(source, dest, migration_id: str, state: str) -> str:
         await source.complete(migration_id)
         return "destination"
     if state in NO_COPY:
-        await source.rollback(migration_id, f"the destination {dest.address} has no copy "
-                                            f"({state})")
+        try:
+            await source.rollback(migration_id, f"the destination {dest.address} has no "
+                                                f"copy ({state})")
+        except errors.NotFound:
+            # the source copy was destroyed after the resume, and the destination's
+            # host died with the guest since: nothing is left to run
+            return "nowhere"
         return "source"
     # the source commits only after the destination acknowledged the whole stream
     raise errors.FailedPrecondition(

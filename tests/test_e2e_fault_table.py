@@ -45,9 +45,10 @@ def expected(who: str, phase: str) -> str:
         # then on its copy is the one that lives (the "commit" event comes after it).
         return "destination" if at >= PHASES.index("commit") else "lost"
     # dest-agent: before commit the source aborts; committed but never resumed there,
-    # the source rolls back; resumed there, the guest died with the destination, but
-    # the source's suspended copy is still there until the coordinator's Complete
-    return "source" if at < PHASES.index("verify") else "lost-or-source"
+    # the source rolls back; resumed there, the guest dies with the destination's host,
+    # and the source copy, destroyed once the guest resumed, is gone too (unless the
+    # kill beats the coordinator's Complete: then the source rolls back)
+    return "source" if at < PHASES.index("resumed") else "lost-or-source"
 
 
 QUICK = {("coordinator", "final"), ("coordinator", "committed"),
