@@ -36,9 +36,13 @@ from .precopy import AutoConverge, PrecopyPolicy, RoundStats
 from .progress import Reporter
 from .report import Report
 
-# Fault injection (tests/test_e2e_faults.py): the coordinator is SIGKILLed as it enters
-# this phase (its event in the progress stream is out first), as a crash would.
+# Fault injection (tests/test_e2e_fault_table.py, test_e2e_faults.py): the coordinator
+# is SIGKILLed as it enters this phase (its event in the progress stream is out first),
+# as a crash would ...
 _DIES_AT = os.environ.get("PVMIG_FAULT_COORDINATOR_DIES_AT", "")
+# ... or stalls there this long, its event out first, holding up the whole coordinator
+_STALLS_AT, _, _stall = os.environ.get("PVMIG_FAULT_COORDINATOR_STALLS_AT", "").partition(":")
+_STALL_S = float(_stall or 0)
 
 
 @dataclass
@@ -369,6 +373,8 @@ class Migration:
         self.reporter.phase(name, **fields)
         if name == _DIES_AT:  # the fault suite's coordinator crash, at a phase it names
             os.kill(os.getpid(), signal.SIGKILL)
+        if name == _STALLS_AT:  # ... or a stall there (a cancel lands in that phase)
+            time.sleep(_STALL_S)
 
     def _source_address(self) -> str:
         return self.source.hello_reply.advertise or self.source.address

@@ -7,6 +7,7 @@ its pages read as zeros and cost nothing until written, like a guest's untouched
 
 from __future__ import annotations
 
+import errno
 import logging
 import mmap
 import os
@@ -73,6 +74,18 @@ def _map(fd: int, size: int) -> mmap.mmap:
     mapping = mmap.mmap(fd, size)
     try:
         mapping.madvise(_MADV_POPULATE_WRITE)
-    except OSError as e:  # kernels before 5.14: pages fault in on first touch instead
-        log.debug("MADV_POPULATE_WRITE unavailable (%s); pages fault in lazily", e)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            # EFAULT: the file system has no room for every page, and a write to a page
+            # it cannot back would be a SIGBUS in whoever touches it: refuse it now
+            mapping.close()
+            raise OSError(errno.ENOSPC, f"no room for {size >> 20} MiB of memory "
+                          f"({os.strerror(e.errno)} populating it)") from None
+        # kernels before 5.14: reserve the room at least, the pages fault in later
+        log.debug("MADV_POPULATE_WRITE unavailable; pages fault in lazily")
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError:
+            mapping.close()
+            raise
     return mapping

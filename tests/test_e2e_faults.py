@@ -19,7 +19,8 @@ import pytest
 from pvmig._proto import pvmig_pb2 as pb
 from pvmig._proto import pvmig_pb2_grpc as pb_grpc
 from pvmig.cluster import LocalAgent, LocalCluster
-from support import create, domains, migrate, pvmig, query, wait_running_and_checking
+from support import (create, domains, migrate, pvmig, query, require,
+                     wait_running_and_checking)
 
 pytestmark = pytest.mark.e2e
 
@@ -436,3 +437,71 @@ def test_destination_cannot_record_its_commit_the_source_rolls_back(cluster, tmp
     _only_on(a, b, "vm")
     (mid_record,) = (Path(cluster["a"].dir) / "data" / "migrations").glob("*.json")
     assert json.loads(mid_record.read_text())["state"] == "rolled-back"
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("phase", ["begin", "stop-and-copy", "suspend", "final", "commit"])
+def test_cancel_at_each_phase_before_commit(cluster, tmp_path, phase):
+    """`pvmig cancel` while the coordinator is in `phase` (it stalls there 2 s): the
+    migration ends aborted, the guest goes on at home, the destination has nothing."""
+    a, b = cluster["a"].address, cluster["b"].address
+    create(a, "vm", ram_mb=16, dirty_rate=3000)
+    env = {**os.environ, "PVMIG_FAULT_COORDINATOR_STALLS_AT": f"{phase}:2"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pvmig", "migrate", "--source", a, "--dest", b, "--domain", "vm",
+         "--report", str(tmp_path / "r.json")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    mid = ""
+    for line in proc.stdout:
+        event = json.loads(line)
+        mid = event.get("migration", mid)
+        if event.get("phase") == phase:
+            break
+    _drain(proc)
+    r = pvmig("cancel", "--migration", mid, "--agent", a, "--agent", b)
+    assert r.returncode == 0, r.stderr
+    assert proc.wait(timeout=60) == 1
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["status"] == "failed" and data["committed"] is False, data["error"]
+    _only_on(a, b, "vm")
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 24 MiB tmpfs: a destination whose memory file system is (nearly) full."""
+    where = tmp_path / "small"
+    where.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(where)],
+                       capture_output=True, text=True)
+    require(r.returncode == 0, f"cannot mount a tmpfs (needs root): {r.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def test_destination_memory_full(tmp_path, small_tmpfs):
+    """The destination's memory file system has no room: refused at prepare, named;
+    filled by something else after a first guest arrived, the next one is refused too,
+    never a SIGBUS in the agent. The guest runs on at home each time."""
+    a = LocalAgent("a", tmp_path).start()
+    b = LocalAgent("b", tmp_path, mem_dir=small_tmpfs / "mem").start()
+    try:
+        create(a.address, "big", ram_mb=32)
+        r, data = migrate(a.address, b.address, "big", tmp_path / "big.json")
+        assert r.returncode == 1 and "MiB free, not 32 MiB for the guest's RAM" in r.stderr
+        _only_on(a.address, b.address, "big")
+
+        create(a.address, "small", ram_mb=8)
+        r, data = migrate(a.address, b.address, "small", tmp_path / "small.json")
+        assert r.returncode == 0, r.stderr
+        (small_tmpfs / "filler").write_bytes(b"\0" * (14 << 20))  # the rest, nearly
+        create(a.address, "next", ram_mb=8)
+        r, data = migrate(a.address, b.address, "next", tmp_path / "next.json")
+        assert r.returncode == 1 and "MiB free, not 8 MiB" in r.stderr, r.stderr
+        _only_on(a.address, b.address, "next")
+        _only_on(b.address, a.address, "small")
+        assert b.running
+    finally:
+        a.stop()
+        b.stop()

@@ -1,0 +1,42 @@
+"""Shared-memory files (shm.py): a file the file system cannot back is refused when it
+is made, never a SIGBUS in whoever writes a page of it later."""
+
+from __future__ import annotations
+
+import errno
+import subprocess
+
+import pytest
+
+from pvmig.shm import SharedFile
+from support import require
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    where = tmp_path / "tiny"
+    where.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(where)],
+                       capture_output=True, text=True)
+    require(r.returncode == 0, f"cannot mount a tmpfs (needs root): {r.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def test_a_file_larger_than_the_room_is_refused(tiny_tmpfs):
+    with pytest.raises(OSError) as info:
+        SharedFile.create(tiny_tmpfs / "ram", 8 << 20)
+    assert info.value.errno == errno.ENOSPC and "no room for 8 MiB" in str(info.value)
+    assert not list(tiny_tmpfs.iterdir())  # nothing left behind
+
+
+def test_a_file_that_fits_is_whole(tiny_tmpfs):
+    f = SharedFile.create(tiny_tmpfs / "ram", 2 << 20)
+    try:
+        f.bytes[:] = 7  # every page backed: no SIGBUS
+        assert int(f.bytes.sum()) == 7 * (2 << 20)
+    finally:
+        f.close()
+        f.unlink()
