@@ -32,7 +32,7 @@ import numpy as np
 from pvmig import errors, logdirty, pages, rpc, verify
 from pvmig._proto import pvmig_pb2 as pb
 from pvmig.client import AgentClient
-from pvmig.domain import INCOMING, RUNNING, Domain
+from pvmig.domain import INCOMING, Domain
 from pvmig.host import Host, Lease, check_migration_id
 from pvmig.memory import save_image
 
@@ -210,7 +210,8 @@ class RestoreSession:
         """The commit recorded, then the guest resumed: one call inside the downtime.
         Once: the coordinator and recovery may both ask."""
         if self._resuming is None:
-            self.commit()
+            if not self.committed:
+                self.commit()
             self._resuming = asyncio.ensure_future(self.resume())
         return await asyncio.shield(self._resuming)
 
@@ -253,9 +254,9 @@ class RestoreSession:
     async def expire(self) -> None:
         """The lease ran out. Resumed: the session is done with. The stream not whole:
         the source cannot have committed, discard. Whole: only the source knows."""
-        if self.committed:
-            if self._resuming is not None and self._resuming.done():
-                self.finish()
+        if self.committed:  # resumed (or committed by a lone Commit: resume it)
+            await self.commit_and_resume()
+            self.finish()
             return
         if not self.ended:
             await self.abort(f"no word from the coordinator for {self.lease.timeout_s:.0f} s "
@@ -343,9 +344,10 @@ def incoming_state(host: Host, migration_id: str) -> pb.MigrationState:
     record = host.commit_record(migration_id, "destination")
     if record is None:
         return pb.MigrationState(state="none")
-    dom = host.domains.get(record["domain"])
-    runs = dom is not None and dom.state == RUNNING and dom.guest_alive
-    return pb.MigrationState(state="resumed" if runs else "lost", domain=record["domain"])
+    # Committed here: the guest may have run here, whatever it does now (runs, moves on,
+    # is parked and back): "lost" only when this host has no such domain at all.
+    here = record["domain"] in host.domains
+    return pb.MigrationState(state="resumed" if here else "lost", domain=record["domain"])
 
 
 class _Local:

@@ -181,12 +181,16 @@ class MigrationSourceServicer(pb_grpc.MigrationSourceServicer):
 
     @_status
     async def FrameHashes(self, request, context):
-        async for chunk in self.host.save(request.migration_id).frame_hashes():
-            yield chunk
+        session = self.host.save(request.migration_id)
+        with session.lease.hold():
+            async for chunk in session.frame_hashes():
+                yield chunk
 
     @_status
     async def Complete(self, request, context):
-        await self.host.save(request.migration_id).complete()
+        session = self.host.save(request.migration_id)
+        with session.lease.hold():
+            await session.complete()
         return pb.DoneReply()
 
     @_status
@@ -244,7 +248,11 @@ class MigrationDestServicer(pb_grpc.MigrationDestServicer):
 
     @_status
     async def CommitAndResume(self, request, context):
-        session = self.host.restore(request.migration_id)
+        session = self.host.restores.get(request.migration_id)
+        if session is None:
+            if self.host.commit_record(request.migration_id, "destination"):
+                return pb.ResumeReply()  # committed and resumed here already (recovery)
+            session = self.host.restore(request.migration_id)  # NotFound, by name
         with session.lease.hold():
             return pb.ResumeReply(resumed_ns=await session.commit_and_resume())
 
@@ -260,6 +268,11 @@ class MigrationDestServicer(pb_grpc.MigrationDestServicer):
 
     @_status
     async def Abort(self, request, context):
+        if (request.migration_id not in self.host.restores
+                and self.host.commit_record(request.migration_id, "destination")):
+            raise errors.FailedPrecondition(
+                f"migration {request.migration_id} is committed on {self.host.name}: it "
+                "cannot be discarded")
         await self.host.restore(request.migration_id).abort(request.reason)
         return pb.DoneReply()
 
@@ -315,6 +328,11 @@ async def serve(host: Host, listen: str, *, ready_file: Path | None = None) -> N
     host.listen_host = bind_host
     if not host.advertise or host.advertise.endswith(":0"):
         host.advertise = advertised(bind_host, port)
+    # Parked domains are back before anyone can ask: a recovery must not be told a
+    # domain is lost while it is being resumed here.
+    resumed = await parking.unpark_all(host)
+    if resumed:
+        log.info("resumed parked domains: %s", ", ".join(resumed))
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("pvmig.v1.Agent", health_pb2.HealthCheckResponse.SERVING)
@@ -329,9 +347,6 @@ async def serve(host: Host, listen: str, *, ready_file: Path | None = None) -> N
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     watchdog = asyncio.create_task(host.watchdog())
-    resumed = await parking.unpark_all(host)
-    if resumed:
-        log.info("resumed parked domains: %s", ", ".join(resumed))
     if ready_file is not None:
         tmp = Path(f"{ready_file}.tmp")
         tmp.write_text(json.dumps({"address": bound, "pid": os.getpid()}))
@@ -348,15 +363,25 @@ async def serve(host: Host, listen: str, *, ready_file: Path | None = None) -> N
             await host.drop(name)
 
 
+STOP_SETTLE_S = 15.0
+
+
 async def _settle_for_stop(host: Host) -> None:
-    """Migrations not committed end here (the guest stays, the incoming copy goes), so
-    that their domains can be parked; committed ones are left to the peer's recovery."""
+    """Migrations end before the agent does, so that their domains can be parked. Not
+    committed at the source, or not whole at the destination: aborted (the guest stays,
+    the incoming copy goes). Committed, or whole (the source may have committed): settled
+    with the peer as recovery does; if the peer does not answer in time, left to its
+    recovery (this side's records say what it did)."""
     for session in [*host.saves.values(), *host.restores.values()]:
-        if not session.committed:
-            try:
+        undecided = not session.committed and not getattr(session, "ended", False)
+        try:
+            if undecided:
                 await session.abort("the agent is stopping")
-            except errors.PvmigError as e:
-                log.error("migration %s: %s", session.migration_id, e)
+            else:
+                await asyncio.wait_for(session.expire(), STOP_SETTLE_S)
+        except (errors.PvmigError, asyncio.TimeoutError) as e:
+            log.error("migration %s left to its peer's recovery: %s",
+                      session.migration_id, e or "no answer in time")
 
 
 def run(*, listen: str, name: str, data_dir: Path, mem_dir: Path, max_ram_bytes: int,

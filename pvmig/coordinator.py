@@ -45,6 +45,10 @@ _STALLS_AT, _, _stall = os.environ.get("PVMIG_FAULT_COORDINATOR_STALLS_AT", "").
 _STALL_S = float(_stall or 0)
 
 
+# What the source's Commit answers when it did not commit: anything else may hide one
+_REFUSED = (errors.FailedPrecondition, errors.Aborted, errors.NotFound, errors.InvalidArgument)
+
+
 @dataclass
 class Options:
     downtime_limit_ms: float = 300.0
@@ -290,9 +294,10 @@ class Migration:
         self.report.classify()
 
     async def abort(self, cause: BaseException) -> None:
-        if self._commit_asked and isinstance(cause, errors.Unavailable):
-            # The source may have recorded the commit before the answer was lost: only
-            # it can say. Aborting the destination now could discard the only copy.
+        if self._commit_asked and not isinstance(cause, _REFUSED):
+            # The source may have recorded the commit before the answer was lost (or the
+            # wait for it cut short): only it can say. Aborting the destination now
+            # could discard the only copy.
             await self.settle(cause)
             return
         reason = str(cause) or type(cause).__name__

@@ -90,7 +90,11 @@ class Domain:
         try:
             if ram_from is not None:
                 os.rename(ram_from, f"{base}.ram")
-                mem = GuestMemory.open(f"{base}.ram")
+                try:
+                    mem = GuestMemory.open(f"{base}.ram")
+                except BaseException:
+                    os.rename(f"{base}.ram", ram_from)
+                    raise
             else:
                 mem = GuestMemory.create(f"{base}.ram", ram_bytes // PAGE_SIZE)
         except OSError as e:
@@ -105,7 +109,10 @@ class Domain:
         except BaseException as e:
             for f in made:
                 f.close()
-                f.unlink()
+                if f is mem and ram_from is not None:  # a parked guest's: given back
+                    os.rename(mem.path, ram_from)
+                else:
+                    f.unlink()
             if isinstance(e, OSError):
                 raise errors.ResourceExhausted(
                     f"cannot create the hypervisor files of domain {name}: {e}") from None
@@ -218,8 +225,12 @@ class Domain:
             raise errors.GuestError(
                 f"domain {self.name}: the guest process waiting to resume it is gone "
                 f"(see {self.log_path})")
-        msg = await self._exchange({"op": "resume", "vcpu": vcpu, "recovery": recovery},
-                                   "resumed", RESUME_TIMEOUT_S)
+        try:
+            msg = await self._exchange({"op": "resume", "vcpu": vcpu, "recovery": recovery},
+                                       "resumed", RESUME_TIMEOUT_S)
+        except errors.GuestError:
+            self._kill()  # it must not take the vCPU late, after someone gave up on it
+            raise
         self.state = RUNNING
         return msg["t"]
 

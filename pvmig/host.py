@@ -124,6 +124,10 @@ class Host:
                         log.error("migration %s, its coordinator gone: %s",
                                   session.migration_id, e)
                         session.lease.renew()
+                    except Exception:  # a bug: said, and the watchdog goes on
+                        log.exception("migration %s: settling it failed",
+                                      session.migration_id)
+                        session.lease.renew()
 
     # ---- domains
 
@@ -268,12 +272,12 @@ class Host:
                 f"no incoming migration {migration_id!r} on host {self.name}") from None
 
 
-_MIGRATION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_MIGRATION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def check_migration_id(migration_id: str) -> None:
     """Ids name files here (the commit records): letters, digits, '-', '_', at most 64."""
-    if not _MIGRATION_ID.match(migration_id):
+    if not _MIGRATION_ID.fullmatch(migration_id):
         raise errors.InvalidArgument(
             f"bad migration id {migration_id[:80]!r}: use letters, digits, '-', '_' "
             "(at most 64)")

@@ -39,8 +39,15 @@ def directory(host: "Host") -> Path:
 
 
 def kept_ram(host: "Host") -> set[Path]:
-    """RAM files the parked records hold: the start must not clear them away."""
-    return {Path(r["ram"]) for r in _records(host).values()}
+    """RAM files the parked records hold, and those set aside as broken (for whoever
+    looks into them): the start must not clear them away."""
+    kept = {Path(r["ram"]) for r in _records(host).values()}
+    for path in directory(host).glob("*.broken"):
+        try:
+            kept.add(Path(msgpack.unpackb(path.read_bytes())["ram"]))
+        except (OSError, ValueError, KeyError, TypeError, msgpack.UnpackException):
+            pass
+    return kept
 
 
 async def park_all(host: "Host") -> None:
@@ -49,7 +56,7 @@ async def park_all(host: "Host") -> None:
             try:
                 await park(host, dom)
                 continue
-            except errors.PvmigError as e:
+            except (errors.PvmigError, OSError) as e:
                 log.error("domain %s could not be parked, destroyed: %s", name, e)
         await host.drop(name)
 

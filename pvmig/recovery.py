@@ -9,9 +9,10 @@ agent whose session lease ran out) settles it the same way:
         there and then (its guest resumes), so that no late Commit can land
     committed      the destination commits and resumes (it holds the whole stream: the
                    source commits only after that), then the source copy is destroyed;
-                   if the destination holds no copy any more (its agent died and took
-                   the waiting guest with it), the source rolls back and resumes its
-                   suspended copy, the only one left
+                   if the destination never committed and holds no copy any more (its
+                   agent died and took the waiting guest with it), the source rolls
+                   back and resumes its suspended copy, the only one left; if it did
+                   commit, it may have run the guest: the source's copy never runs
     not committed  the destination discards -- unless the source lost the guest (its
                    agent restarted since, the domain gone) while the destination holds
                    the whole stream: then that copy is the only one, and resumes
@@ -31,7 +32,6 @@ from .client import AgentClient
 
 HAS_COPY = ("ready", "committed")  # what a destination may say (MigrationState.state)
 RUNS_IT = "resumed"
-NO_COPY = ("none", "lost")
 REASON = "recovered: its coordinator is gone"
 
 
@@ -55,55 +55,73 @@ async def settle(source, dest, migration_id: str) -> Outcome:
         raise errors.InvalidArgument(
             f"migration {migration_id} came from agent {held.source_agent!r}, not from "
             f"{source.name!r} at {source.address}")
-    decision = (await source.resolve(migration_id, held.domain, held.source_instance)).state
-    domain = held.domain
-    if decision == "committed":
-        runs_on = await _finish_committed(source, dest, migration_id, held.state)
-        if runs_on == "source":
-            decision = "rolled-back"
-        elif runs_on == "nowhere":
-            decision = "lost"
-    elif decision == "lost" and held.state in HAS_COPY:
+    decision = await source.resolve(migration_id, held.domain, held.source_instance)
+    domain = held.domain or decision.domain
+    if decision.state == "committed":
+        runs_on = await _finish_committed(source, dest, migration_id, held.state,
+                                          decision.holds_copy)
+        state = {"source": "rolled-back", "nowhere": "lost"}.get(runs_on, "committed")
+        return Outcome(migration_id, state, runs_on, domain)
+    if decision.state == "lost" and held.state in HAS_COPY:
         await dest.commit_and_resume(migration_id)
-        runs_on = "destination"
-    else:
-        if held.state in ("receiving", "ready"):
-            await dest.discard(migration_id, f"the source resolved it: {decision}")
-        runs_on = "nowhere" if decision == "lost" else "source"
-    return Outcome(migration_id, decision, runs_on, domain)
+        return Outcome(migration_id, "lost", "destination", domain)
+    if held.state in ("receiving", "ready"):
+        await dest.discard(migration_id, f"the source resolved it: {decision.state}")
+    runs_on = "nowhere" if decision.state == "lost" else "source"
+    return Outcome(migration_id, decision.state, runs_on, domain)
 
 
-async def _finish_committed(source, dest, migration_id: str, state: str) -> str:
+async def _finish_committed(source, dest, migration_id: str, state: str,
+                            source_holds_copy: bool) -> str:
     if state in HAS_COPY:
         try:
             await dest.commit_and_resume(migration_id)
+            state = RUNS_IT
         except errors.Unavailable:
             raise  # no answer: it may have resumed; only asking again can tell
         except errors.PvmigError as e:
-            if state != "ready":
-                raise  # committed there: it must resume, never be undone
-            # It cannot commit (its disk is full, its waiting guest died): it never ran
-            # the guest, so the source's copy may, once that side has let go of it.
+            state = (await dest.state(migration_id)).state  # another recovery's doing?
+            if state == RUNS_IT:  # resumed there by another recovery meanwhile
+                return await _finish_committed(source, dest, migration_id, state,
+                                               source_holds_copy)
+            if state != "ready":  # committed there but failing to resume: by hand
+                raise
+            if not source_holds_copy:
+                raise errors.FailedPrecondition(
+                    f"migration {migration_id}: the destination holds the only copy and "
+                    f"cannot commit it ({e}): free what it needs and run pvmig recover "
+                    "again") from None
+            # It cannot commit (its disk is full, its waiting guest died) and never ran
+            # the guest: its copy goes first (it refuses if it committed meanwhile),
+            # then the source's resumes.
             await dest.discard(migration_id, f"cannot commit: {e}")
-            await source.rollback(migration_id, f"the destination cannot commit: {e}")
-            return "source"
-        state = RUNS_IT
+            return await _roll_back(source, migration_id,
+                                    f"the destination cannot commit: {e}")
     if state == RUNS_IT:
         await source.complete(migration_id)
         return "destination"
-    if state in NO_COPY:
-        try:
-            await source.rollback(migration_id, f"the destination {dest.address} has no "
-                                                f"copy ({state})")
-        except errors.NotFound:
-            # the source copy was destroyed after the resume, and the destination's
-            # host died with the guest since: nothing is left to run
-            return "nowhere"
-        return "source"
+    if state == "none":  # never committed there, so never run there: the source's copy
+        return await _roll_back(source, migration_id, f"the destination {dest.address} "
+                                                      "never committed it")
+    if state == "lost":
+        # It committed there, so it may have run there (and written to its disk): the
+        # source's older copy must not run. The guest died with the destination's host.
+        await source.complete(migration_id)
+        return "nowhere"
     # the source commits only after the destination acknowledged the whole stream
     raise errors.FailedPrecondition(
         f"migration {migration_id} is committed at the source but the destination says "
         f"{state!r}: resolve by hand")
+
+
+async def _roll_back(source, migration_id: str, reason: str) -> str:
+    try:
+        await source.rollback(migration_id, reason)
+    except errors.NotFound:
+        # rolled back by another recovery just now, or the source copy is gone
+        again = await source.resolve(migration_id, "", "")
+        return "source" if again.state == "rolled-back" else "nowhere"
+    return "source"
 
 
 class RemoteSource:

@@ -75,14 +75,15 @@ def _map(fd: int, size: int) -> mmap.mmap:
     try:
         mapping.madvise(_MADV_POPULATE_WRITE)
     except OSError as e:
-        if e.errno != errno.EINVAL:
-            # EFAULT: the file system has no room for every page, and a write to a page
-            # it cannot back would be a SIGBUS in whoever touches it: refuse it now
+        if e.errno in (errno.EFAULT, errno.ENOMEM):
+            # the file system has no room for every page, and a write to a page it
+            # cannot back would be a SIGBUS in whoever touches it: refuse it now
             mapping.close()
             raise OSError(errno.ENOSPC, f"no room for {size >> 20} MiB of memory "
                           f"({os.strerror(e.errno)} populating it)") from None
-        # kernels before 5.14: reserve the room at least, the pages fault in later
-        log.debug("MADV_POPULATE_WRITE unavailable; pages fault in lazily")
+        # kernels before 5.14 (EINVAL), sandboxes that refuse it: reserve the room at
+        # least, the pages fault in later
+        log.debug("MADV_POPULATE_WRITE unavailable (%s); pages fault in lazily", e)
         try:
             os.posix_fallocate(fd, 0, size)
         except OSError:

@@ -64,6 +64,7 @@ class SaveSession:
     nr_streams: int = DEFAULT_STREAMS
     committed: bool = False
     aborting: str = ""  # why, once an abort has begun: no commit may follow it
+    rolled_back: bool = False
     delivered: bool = False  # the destination acknowledged the end of every stream
     rounds_done: int = 0
     quiesce_policy: str = "none"
@@ -83,6 +84,7 @@ class SaveSession:
     _ring_last: np.ndarray | None = None  # injection point write-after-final
     _final_acks: list = field(default_factory=list)  # the final pass's round ends
     _completing: asyncio.Future | None = None
+    _releasing: asyncio.Future | None = None
 
     # ---- begin
 
@@ -422,26 +424,35 @@ class SaveSession:
 
     # ---- recovery: the coordinator is gone (pvmig recover, or this host's watchdog)
 
+    @property
+    def holds_copy(self) -> bool:
+        """Its suspended copy is still here (not being destroyed)."""
+        return self._completing is None and self.domain.migration_id == self.migration_id
+
     async def resolve(self, reason: str) -> str:
         """The decision, made now: committed stays committed; anything else is aborted
         (the guest resumes here) before a late Commit could land."""
         if self.committed:
             return "committed"
+        if self.rolled_back:
+            await self._release()
+            return "rolled-back"
         await self.abort(reason)
         return "aborted"
 
     async def rollback(self, reason: str) -> None:
         """Committed, but the destination holds no running copy: the only copy left is
         this suspended one. Recorded first, so that no recovery resumes the other side."""
-        if not self.committed or self._completing is not None:
-            raise errors.FailedPrecondition(
-                f"migration {self.migration_id}: only a committed migration whose source "
-                "copy is still here is rolled back")
-        self.host.record_commit(self.migration_id, "source", self.domain.name, "rolled-back")
-        log.warning("migration %s rolled back: %s", self.migration_id, reason)
-        self.committed = False
-        self.aborting = reason
-        await self._release()
+        if not self.rolled_back:
+            if not self.committed or self._completing is not None:
+                raise errors.FailedPrecondition(
+                    f"migration {self.migration_id}: only a committed migration whose "
+                    "source copy is still here is rolled back")
+            self.host.record_commit(self.migration_id, "source", self.domain.name,
+                                    "rolled-back")
+            log.warning("migration %s rolled back: %s", self.migration_id, reason)
+            self.rolled_back, self.committed, self.aborting = True, False, reason
+        await self._release()  # once, whoever asks
 
     async def expire(self) -> None:
         """The lease ran out: no coordinator. Before commit, abort; after it, finish
@@ -458,9 +469,21 @@ class SaveSession:
         log.warning("%s (the coordinator gone; settled by the source)", outcome.describe())
 
     async def _release(self) -> None:
-        """Close the streams and give the domain back, running where it was."""
-        await self._close()
-        self.host.saves.pop(self.migration_id, None)
+        """Close the streams and give the domain back, running where it was: once, and
+        to the end even if the caller gives up (an abort, a rollback and a recovery may
+        all ask). The session stays findable until the guest runs again."""
+        if self._releasing is None:
+            self._releasing = asyncio.ensure_future(self._give_back())
+        await asyncio.shield(self._releasing)
+
+    async def _give_back(self) -> None:
+        try:
+            await self._close()
+            await self._resume_here()
+        finally:
+            self.host.saves.pop(self.migration_id, None)
+
+    async def _resume_here(self) -> None:
         dom = self.domain
         if dom.migration_id != self.migration_id:
             return
@@ -490,16 +513,16 @@ async def resolve(host: Host, migration_id: str, reason: str, domain: str = "",
     """Recovery's question to the source: the decision, made now if need be."""
     session = host.saves.get(migration_id)
     if session is not None:
-        return pb.MigrationState(state=await session.resolve(reason),
-                                 domain=session.domain.name)
+        state = await session.resolve(reason)
+        return pb.MigrationState(state=state, domain=session.domain.name,
+                                 holds_copy=state == "committed" and session.holds_copy)
     record = host.commit_record(migration_id, "source")
     if record is not None:
         return pb.MigrationState(state=record["state"], domain=record["domain"])
-    if domain and instance and instance != host.instance_id:
-        dom = host.domains.get(domain)
-        if dom is None or dom.state != RUNNING:
-            # this agent restarted since the migration began, and its guest died with it
-            return pb.MigrationState(state="lost", domain=domain)
+    if domain and instance and instance != host.instance_id and domain not in host.domains:
+        # this agent restarted since the migration began (its parked domains are back
+        # before it serves), and the guest died with the one before
+        return pb.MigrationState(state="lost", domain=domain)
     return pb.MigrationState(state="unknown", domain=domain)
 
 

@@ -85,6 +85,9 @@ def test_short_drop_during_precopy_the_streams_go_on(cluster, tmp_path):
     # round 0 took the drop in its stride: longer than the link needs, not restarted
     assert data["rounds"][0]["duration-ms"] > 3000 and data["rounds"][0]["pages"] == RAM_MB * 256
     _only_on(c, "b", "a")
+    print(f"short drop: round 0 {data['rounds'][0]['duration-ms']:.0f} ms, total "
+          f"{data['total-time-ms']:.0f} ms, downtime {data['downtime-ms']:.1f} ms, "
+          f"{data['transferred-ratio']}x RAM sent")
 
 
 def test_long_drop_aborts_with_the_guest_at_home(cluster, tmp_path):
@@ -93,14 +96,19 @@ def test_long_drop_aborts_with_the_guest_at_home(cluster, tmp_path):
     _wait_phase(proc, "begin")
     time.sleep(0.5)
     _link(c, "down")
+    down = time.monotonic()
     try:
         assert proc.wait(timeout=90) == 1  # keepalive: about 15 s
+        gave_up = time.monotonic() - down
     finally:
         _link(c, "up")
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["status"] == "failed" and data["committed"] is False
     assert "aborted, the guest runs on the source" in data["error"], data["error"]
     _only_on(c, "a", "b")
+    print(f"long drop: the coordinator gave up {gave_up:.1f} s after the link went down "
+          f"({data['error']}); the destination cleaned up {time.monotonic() - down:.1f} s "
+          "after it")
 
 
 def test_a_crawling_link_is_cancelled(cluster, tmp_path):
@@ -113,10 +121,12 @@ def test_a_crawling_link_is_cancelled(cluster, tmp_path):
         time.sleep(2.0)
         assert proc.poll() is None  # 64 MiB at 1 Mbit/s: minutes
         mid = next(d for d in c["on"]["a"].domains(c["a"]) if d["name"] == "vm")["migration_id"]
+        asked = time.monotonic()
         r = c["on"]["a"].pvmig("cancel", "--migration", mid, "--agent", c["a"],
                                "--agent", c["b"], timeout=120)
         assert r.returncode == 0, r.stderr
         assert proc.wait(timeout=120) == 1
+        print(f"crawl: cancelled in {time.monotonic() - asked:.1f} s")
     finally:
         _link(c, "qdisc", "change", "dev", "veth0", "root", "tbf", "rate", "200mbit",
               "burst", "256kb", "latency", "400ms")

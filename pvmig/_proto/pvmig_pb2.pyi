@@ -385,16 +385,18 @@ class ResumeReply(_message.Message):
     def __init__(self, resumed_ns: _Optional[int] = ...) -> None: ...
 
 class MigrationState(_message.Message):
-    __slots__ = ("state", "domain", "source_agent", "source_instance")
+    __slots__ = ("state", "domain", "source_agent", "source_instance", "holds_copy")
     STATE_FIELD_NUMBER: _ClassVar[int]
     DOMAIN_FIELD_NUMBER: _ClassVar[int]
     SOURCE_AGENT_FIELD_NUMBER: _ClassVar[int]
     SOURCE_INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    HOLDS_COPY_FIELD_NUMBER: _ClassVar[int]
     state: str
     domain: str
     source_agent: str
     source_instance: str
-    def __init__(self, state: _Optional[str] = ..., domain: _Optional[str] = ..., source_agent: _Optional[str] = ..., source_instance: _Optional[str] = ...) -> None: ...
+    holds_copy: bool
+    def __init__(self, state: _Optional[str] = ..., domain: _Optional[str] = ..., source_agent: _Optional[str] = ..., source_instance: _Optional[str] = ..., holds_copy: _Optional[bool] = ...) -> None: ...
 
 class PageBatch(_message.Message):
     __slots__ = ("seq", "round", "frames", "zero_frames", "data", "encoding", "checksum")
