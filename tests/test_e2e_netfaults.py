@@ -4,7 +4,7 @@ the source host, as a toolstack runs there.
 
 - a short drop (link down, then up) during pre-copy: TCP holds the connections and the
   page streams go on from where they stopped; the migration completes, verified
-- a long drop: gRPC's keepalive gives the streams up, the migration aborts with the
+- a long drop: the streams fail (network unreachable, or gRPC's keepalive), the migration aborts with the
   guest on the source, and the destination, out of reach, discards by its lease
 - the link slowed to a crawl: the migration is cancelled and the guest goes on at home
 
