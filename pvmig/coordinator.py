@@ -45,6 +45,8 @@ _STALLS_AT, _, _stall = os.environ.get("PVMIG_FAULT_COORDINATOR_STALLS_AT", "").
 _STALL_S = float(_stall or 0)
 
 
+SETTLE_RETRY_S = 20.0  # as the source's page streams wait for the network (RECONNECT_S)
+
 # What the source's Commit answers when it did not commit: anything else may hide one
 _REFUSED = (errors.FailedPrecondition, errors.Aborted, errors.NotFound, errors.InvalidArgument)
 
@@ -218,7 +220,7 @@ class Migration:
             # The destination catches up while the guest still runs here: what it
             # leaves undone it must do before resume, inside the downtime.
             t = time.monotonic()
-            await self.dest.call(self.dest.dest.Settle, self._ref(), timeout=300.0)
+            await self._settle_dest()
             self.report.rounds[-1]["settle-ms"] = round((time.monotonic() - t) * 1e3, 3)
             decision = self.policy(rounds, can_throttle=bool(converge and converge.can_throttle))
             self.report.expected_downtime_s = decision.expected_downtime_s
@@ -233,6 +235,19 @@ class Migration:
                     migration_id=self.migration_id, percent=throttle))
                 self.report.max_throttle = throttle
                 self._phase("throttle", percent=throttle)
+
+    async def _settle_dest(self) -> None:
+        """The destination catches up; through a network drop its answer is waited for as
+        long as the source waits for its page streams (the destination's lease)."""
+        deadline = time.monotonic() + SETTLE_RETRY_S
+        while True:
+            try:
+                await self.dest.call(self.dest.dest.Settle, self._ref(), timeout=300.0)
+                return
+            except errors.Unavailable:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(1.0)
 
     async def suspend(self) -> None:
         self._phase("suspend")
@@ -332,14 +347,19 @@ class Migration:
     async def _round(self, number: int, final: bool) -> RoundStats:
         req = pb.RoundRequest(migration_id=self.migration_id, round=number, final=final)
         started_ms = round((time.monotonic() - self.report.t0) * 1e3, 3)
+        interrupted = ""
         async for p in self.source.stream(self.source.source.Round, req):
             self.reporter.round_progress(number, p.done_pages, p.total_pages, p.bytes, final)
             if p.HasField("stats"):
                 stats = _stats(p.stats)
+                interrupted = p.stats.interrupted
                 if p.stats.injected:
                     self.report.injected = dict(p.stats.injected)
         self.report.add_round(stats, final=final)
         self.report.rounds[-1]["started-ms"] = started_ms
+        if interrupted:  # the streams broke and were made anew: the next round resends
+            self.report.rounds[-1]["interrupted"] = interrupted
+            self._phase("streams-reconnected", round=number)
         self.reporter.round_done(self.report.rounds[-1])
         return stats
 

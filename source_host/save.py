@@ -38,6 +38,8 @@ from .stream import PageStream
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 0.1
 HELLO_TIMEOUT_S = 15.0  # under the coordinator's deadline for Begin, so this error wins
+RECONNECT_S = 20.0     # page streams lost in pre-copy: made anew for this long at most
+RECONNECT_TRY_S = 2.0  # (and no longer than the session's lease)
 INJECTION_POINTS = {"response-before-final", "write-after-final", "torn-copy",
                     "xenstore-after-final"}
 DEFAULT_STREAMS = pages.DEFAULT_STREAMS
@@ -85,6 +87,7 @@ class SaveSession:
     _final_acks: list = field(default_factory=list)  # the final pass's round ends
     _completing: asyncio.Future | None = None
     _releasing: asyncio.Future | None = None
+    _dest_instance: str = ""
 
     # ---- begin
 
@@ -159,19 +162,42 @@ class SaveSession:
         session._last_read = time.monotonic()
         return session
 
-    async def _connect(self) -> None:
+    async def _connect(self, hello_timeout_s: float = HELLO_TIMEOUT_S) -> None:
         self._dest = AgentClient(self.dest_address, "the destination agent", self.host.security)
-        hello = await self._dest.hello(f"agent {self.host.name}", timeout=HELLO_TIMEOUT_S)
+        hello = await self._dest.hello(f"agent {self.host.name}", timeout=hello_timeout_s)
         if hello.instance_id == self.host.instance_id:
             raise errors.InvalidArgument(
                 f"{self.dest_address} is this same agent ({self.host.name}): "
                 "a migration needs two hosts")
+        if self._dest_instance and hello.instance_id != self._dest_instance:
+            raise errors.FailedPrecondition(
+                f"the destination agent at {self.dest_address} restarted: what it had "
+                "received is gone")
+        self._dest_instance = hello.instance_id
         self._streams = [PageStream(self._dest.channel, self.migration_id, self.dest_address)
                          for _ in range(self.nr_streams)]
         if self.compress:
             import zstandard
             for s in self._streams:  # a compressor is not to be shared between streams
                 s.compressor = zstandard.ZstdCompressor(level=1)
+
+    async def _reconnect(self, cause: errors.PvmigError) -> None:
+        """New page streams to the destination, tried until its lease would have run
+        out (the destination's session, kept by the streams, waits that long)."""
+        log.warning("migration %s: page streams lost (%s): reconnecting", self.migration_id,
+                    cause)
+        await self._close()
+        deadline = time.monotonic() + min(RECONNECT_S, self.host.session_timeout_s)
+        while True:
+            try:
+                await self._connect(hello_timeout_s=RECONNECT_TRY_S)
+                log.warning("migration %s: page streams back", self.migration_id)
+                return
+            except errors.Unavailable as e:
+                await self._close()
+                if time.monotonic() + RECONNECT_TRY_S > deadline or self.aborting:
+                    raise errors.Unavailable(f"{cause}; not back within the lease: {e}") from None
+                await asyncio.sleep(RECONNECT_TRY_S / 2)
 
     def _own(self) -> None:
         if self.domain.migration_id != self.migration_id:
@@ -205,9 +231,18 @@ class SaveSession:
         total = len(frames) + (len(rings) if rings is not None else 0)
         stats.dirty_pages = total
         try:
-            async for progress in self._send(frames, number, stats, total,
-                                             end=rings is None, final=final):
-                yield progress
+            try:
+                async for progress in self._send(frames, number, stats, total,
+                                                 end=rings is None, final=final):
+                    yield progress
+            except errors.Unavailable as e:
+                if final or self.aborting:
+                    raise
+                # The page streams broke (the network dropped): this round's frames are
+                # dirty again, new streams carry them in the next round.
+                self.domain.log.mark(frames)
+                await self._reconnect(e)
+                stats.interrupted = str(e)
             if rings is not None:
                 # injection point write-after-final: the final pass has copied the I/O
                 # buffers; the backends answer now; the rings, copied last, carry them

@@ -102,6 +102,10 @@ class PageStream:
 
     def _refused(self, code, details) -> errors.PvmigError:
         where = f"the destination agent at {self.dest_address}"
+        if code == grpc.StatusCode.INTERNAL and not (details or "").startswith("internal error in"):
+            # not the agent's (its own failures say where): gRPC's, when the connection
+            # under the stream breaks mid-write ("Internal error from Core")
+            return errors.Unavailable(f"lost the stream to {where}: {details}")
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, None):
             return errors.from_status(code, details, where)
         return errors.from_status(code, f"{where} refused the stream: {details}", where)

@@ -4,6 +4,8 @@ the source host, as a toolstack runs there.
 
 - a short drop (link down, then up) during pre-copy: TCP holds the connections and the
   page streams go on from where they stopped; the migration completes, verified
+- a drop long enough to break the connections: the source makes its streams anew when
+  the link is back, and the interrupted round's frames go again in the next round
 - a long drop: the streams fail (network unreachable, or gRPC's keepalive), the migration aborts with the
   guest on the source, and the destination, out of reach, discards by its lease
 - the link slowed to a crawl: the migration is cancelled and the guest goes on at home
@@ -131,3 +133,37 @@ def test_a_crawling_link_is_cancelled(cluster, tmp_path):
         _link(c, "qdisc", "change", "dev", "veth0", "root", "tbf", "rate", "200mbit",
               "burst", "256kb", "latency", "400ms")
     _only_on(c, "a", "b")
+
+
+@pytest.fixture
+def patient(tmp_path):
+    """Agents whose sessions outlast a 15 s drop (the default is 120 s)."""
+    with netns_cluster_up(tmp_path, "200mbit", ("--session-timeout", "40")) as c:
+        r = c["on"]["a"].pvmig("domain", "create", "vm", "--agent", c["a"], "--ram-mb",
+                               str(RAM_MB), "--dirty-rate", "3000")
+        assert r.returncode == 0, r.stderr
+        c["on"]["a"].wait_checking(c["a"], "vm")
+        yield c
+
+
+def test_a_drop_that_breaks_the_connections_is_ridden_out(patient, tmp_path):
+    """Down long enough for the connections to fail (the kernel finds the network
+    unreachable): the source makes its page streams anew once the link is back, the
+    round's frames go again in the next round, the coordinator waits for the
+    destination's answers meanwhile; the migration completes, verified."""
+    c = patient
+    proc = _start(c, tmp_path / "r.json")
+    _wait_phase(proc, "begin")
+    time.sleep(0.5)
+    _link(c, "down")
+    time.sleep(15.0)
+    _link(c, "up")
+    assert proc.wait(timeout=180) == 0, proc.stderr.read()
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["status"] == "completed" and data["verification"]["passed"] is True
+    broken = [r for r in data["rounds"] if r.get("interrupted")]
+    assert broken, [r.keys() for r in data["rounds"]]
+    _only_on(c, "b", "a")
+    print(f"15 s drop: {len(broken)} round(s) interrupted ({broken[0]['interrupted'][:80]}), "
+          f"total {data['total-time-ms']:.0f} ms, {len(data['rounds'])} rounds, "
+          f"{data['transferred-ratio']}x RAM sent, downtime {data['downtime-ms']:.1f} ms")
