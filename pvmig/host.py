@@ -43,6 +43,7 @@ def default_max_ram() -> int:
 
 
 DEFAULT_SESSION_TIMEOUT_S = 120.0
+RECORDS_KEPT_S = 30 * 86400  # commit records: a month, then pruned at the agent's start
 
 
 @dataclass
@@ -99,6 +100,7 @@ class Host:
             except OSError as e:
                 raise errors.InvalidArgument(f"cannot use {d} as an agent directory: {e}") from None
         self._clear_stale_memory()
+        self.prune_records()
 
     def _clear_stale_memory(self) -> None:
         # The agent owns its memory directory. Guests die with their agent, so files
@@ -112,22 +114,46 @@ class Host:
 
     async def watchdog(self, every_s: float = 1.0) -> None:
         """Settle migrations whose coordinator has gone silent (session.expire): before
-        commit they are aborted; after it, finished from the durable decision."""
-        while True:
-            await asyncio.sleep(every_s)
-            for session in [*self.saves.values(), *self.restores.values()]:
-                if session.lease.expired():
-                    try:
-                        await session.expire()
-                    except errors.PvmigError as e:
-                        # (an unreachable peer: tried again after another lease)
-                        log.error("migration %s, its coordinator gone: %s",
-                                  session.migration_id, e)
-                        session.lease.renew()
-                    except Exception:  # a bug: said, and the watchdog goes on
-                        log.exception("migration %s: settling it failed",
-                                      session.migration_id)
-                        session.lease.renew()
+        commit they are aborted; after it, finished from the durable decision. Each in
+        a task of its own: one unreachable peer holds up no other migration."""
+        settling: dict[str, asyncio.Task] = {}
+        try:
+            while True:
+                await asyncio.sleep(every_s)
+                for mid in [m for m, t in settling.items() if t.done()]:
+                    del settling[mid]
+                for session in [*self.saves.values(), *self.restores.values()]:
+                    if session.lease.expired() and session.migration_id not in settling:
+                        settling[session.migration_id] = asyncio.create_task(
+                            self._expire(session))
+        finally:
+            for task in settling.values():
+                task.cancel()
+
+    @staticmethod
+    async def _expire(session) -> None:
+        try:
+            await session.expire()
+        except errors.PvmigError as e:
+            # (an unreachable peer: tried again after another lease)
+            log.error("migration %s, its coordinator gone: %s", session.migration_id, e)
+            session.lease.renew()
+        except Exception:  # a bug: said, and the watchdog goes on
+            log.exception("migration %s: settling it failed", session.migration_id)
+            session.lease.renew()
+
+    def prune_records(self, older_than_s: float = RECORDS_KEPT_S) -> int:
+        """Commit records a recovery could still need are young: a migration left
+        unsettled is settled within a few leases. Older ones go (at start)."""
+        now, pruned = time.time(), 0
+        for path in (self.data_dir / "migrations").glob("*.json"):
+            try:
+                if now - path.stat().st_mtime > older_than_s:
+                    path.unlink()
+                    pruned += 1
+            except OSError as e:
+                log.warning("cannot prune %s: %s", path, e)
+        return pruned
 
     # ---- domains
 
