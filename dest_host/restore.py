@@ -58,6 +58,7 @@ class RestoreSession:
     ends: int = 0
     hashes: np.ndarray | None = None
     unhashed: np.ndarray | None = None
+    applied_round: np.ndarray | None = None
     _hasher: asyncio.Task | None = None
     _hash_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _end_event: asyncio.Event = field(default_factory=asyncio.Event)
@@ -80,6 +81,7 @@ class RestoreSession:
         n = dom.mem.nr_frames
         session.hashes = np.zeros(n, dtype=np.uint64)
         session.unhashed = np.zeros(n, dtype=np.uint8)
+        session.applied_round = np.zeros(n, dtype=np.uint32)  # round + 1 of each frame's copy
         host.restores[request.migration_id] = session
         try:
             host.start_devices(dom, fresh_disks=False)  # shared storage: the same disk
@@ -115,11 +117,16 @@ class RestoreSession:
 
     def on_pages(self, stream: "_StreamState", batch: pb.PageBatch) -> None:
         unpacked = pages.unpack(batch, self.domain.mem.nr_frames)
+        stream.round_pages[batch.round] = stream.round_pages.get(batch.round, 0) + unpacked.pages
+        # A batch of an older round than a frame's last copy straggles in on a stream that
+        # broke (the source made new ones and sent the frame again): never over the newer.
+        unpacked = pages.newer(unpacked, self.applied_round, batch.round + 1)
         pages.apply(self.domain.mem, unpacked)
+        self.applied_round[unpacked.frames] = batch.round + 1
+        self.applied_round[unpacked.zero_frames] = batch.round + 1
         # After the write, as with log-dirty: a frame is hashed after its last write.
         self.unhashed[unpacked.frames] = 1
         self.unhashed[unpacked.zero_frames] = 1
-        stream.round_pages[batch.round] = stream.round_pages.get(batch.round, 0) + unpacked.pages
         if self._hasher is None:
             self._hasher = asyncio.create_task(self._hash_in_background())
 

@@ -215,8 +215,14 @@ class Migration:
         rounds: list[RoundStats] = []
         converge = AutoConverge() if self.options.auto_converge else None
         while True:
-            rounds.append(await self._round(len(rounds), final=False))
+            stats = await self._round(len(self.report.rounds), final=False)
             self.report.rounds[-1]["throttle-percent"] = converge.percent if converge else 0
+            if self.report.rounds[-1].get("interrupted"):
+                # its pages go again in the next round: it says nothing of the guest's
+                # dirty rate or of convergence, and no stop follows it
+                await self._settle_dest()
+                continue
+            rounds.append(stats)
             # The destination catches up while the guest still runs here: what it
             # leaves undone it must do before resume, inside the downtime.
             t = time.monotonic()

@@ -139,6 +139,17 @@ def _decode(batch: pb.PageBatch, data: bytes, size: int) -> bytes:
         raise errors.InvalidArgument(f"batch {batch.seq}: bad zstd data: {e}") from None
 
 
+def newer(batch: Unpacked, applied: np.ndarray, generation: int) -> Unpacked:
+    """The batch without the frames whose copy in memory is of a later generation (a
+    round) than this batch's: `applied` holds each frame's generation."""
+    stale = applied[batch.frames] > generation
+    stale_zero = applied[batch.zero_frames] > generation
+    if not stale.any() and not stale_zero.any():
+        return batch
+    keep = ~stale
+    return Unpacked(batch.frames[keep], batch.zero_frames[~stale_zero], batch.data[keep])
+
+
 def apply(mem: GuestMemory, batch: Unpacked) -> None:
     if is_run(batch.frames):  # one memcpy
         first = int(batch.frames[0])

@@ -40,6 +40,7 @@ PROGRESS_EVERY_S = 0.1
 HELLO_TIMEOUT_S = 15.0  # under the coordinator's deadline for Begin, so this error wins
 RECONNECT_S = 20.0     # page streams lost in pre-copy: made anew for this long at most
 RECONNECT_TRY_S = 2.0  # (and no longer than the session's lease)
+MAX_RECONNECTS = 3     # per migration: a failure that comes back each time is no drop
 INJECTION_POINTS = {"response-before-final", "write-after-final", "torn-copy",
                     "xenstore-after-final"}
 DEFAULT_STREAMS = pages.DEFAULT_STREAMS
@@ -88,6 +89,7 @@ class SaveSession:
     _completing: asyncio.Future | None = None
     _releasing: asyncio.Future | None = None
     _dest_instance: str = ""
+    reconnects: int = 0
 
     # ---- begin
 
@@ -184,20 +186,33 @@ class SaveSession:
     async def _reconnect(self, cause: errors.PvmigError) -> None:
         """New page streams to the destination, tried until its lease would have run
         out (the destination's session, kept by the streams, waits that long)."""
+        self.reconnects += 1
+        if self.reconnects > MAX_RECONNECTS:
+            raise errors.Unavailable(f"{cause} (the page streams broke {MAX_RECONNECTS} "
+                                     "times already: given up)")
         log.warning("migration %s: page streams lost (%s): reconnecting", self.migration_id,
                     cause)
         await self._close()
         deadline = time.monotonic() + min(RECONNECT_S, self.host.session_timeout_s)
         while True:
+            self._check_not_aborted()
             try:
                 await self._connect(hello_timeout_s=RECONNECT_TRY_S)
-                log.warning("migration %s: page streams back", self.migration_id)
-                return
             except errors.Unavailable as e:
                 await self._close()
-                if time.monotonic() + RECONNECT_TRY_S > deadline or self.aborting:
+                if time.monotonic() + RECONNECT_TRY_S > deadline:
                     raise errors.Unavailable(f"{cause}; not back within the lease: {e}") from None
                 await asyncio.sleep(RECONNECT_TRY_S / 2)
+                continue
+            if self.aborting:  # aborted while connecting: nobody else will close these
+                await self._close()
+                self._check_not_aborted()
+            log.warning("migration %s: page streams back", self.migration_id)
+            return
+
+    def _check_not_aborted(self) -> None:
+        if self.aborting:
+            raise errors.Aborted(f"migration {self.migration_id} was aborted: {self.aborting}")
 
     def _own(self) -> None:
         if self.domain.migration_id != self.migration_id:
@@ -283,11 +298,9 @@ class SaveSession:
                     task.result()  # the first failure ends the round
                 if not pending:
                     break
-                if self.aborting:
-                    # A pump waiting for the transport's room is not woken by the call's
-                    # cancel (a crawling link): the round ends here, the pumps below.
-                    raise errors.Aborted(f"migration {self.migration_id} was aborted: "
-                                         f"{self.aborting}")
+                # A pump waiting for the transport's room is not woken by the call's
+                # cancel (a crawling link): an aborted round ends here, the pumps below.
+                self._check_not_aborted()
                 yield pb.RoundProgress(done_pages=stats.sent_pages + stats.zero_pages,
                                        total_pages=total, bytes=stats.bytes)
         finally:

@@ -22,6 +22,7 @@ class PageStream:
     def __init__(self, channel: grpc.aio.Channel, migration_id: str, dest_address: str) -> None:
         self.migration_id = migration_id
         self.dest_address = dest_address
+        self._channel = channel
         self._call = pb_grpc.PageStreamStub(channel).Transfer()
         self._acks: dict = {}
         self.sent_in_round = 0  # pages this stream carried in the round under way
@@ -102,13 +103,18 @@ class PageStream:
 
     def _refused(self, code, details) -> errors.PvmigError:
         where = f"the destination agent at {self.dest_address}"
-        if code == grpc.StatusCode.INTERNAL and not (details or "").startswith("internal error in"):
-            # not the agent's (its own failures say where): gRPC's, when the connection
-            # under the stream breaks mid-write ("Internal error from Core")
+        if code == grpc.StatusCode.INTERNAL and self._connection_lost():
+            # gRPC's status when the connection under the stream breaks mid-write
+            # ("Internal error from Core"): the network, not the destination's answer
             return errors.Unavailable(f"lost the stream to {where}: {details}")
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, None):
             return errors.from_status(code, details, where)
         return errors.from_status(code, f"{where} refused the stream: {details}", where)
+
+    def _connection_lost(self) -> bool:
+        return self._channel.get_state() in (grpc.ChannelConnectivity.IDLE,
+                                             grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+                                             grpc.ChannelConnectivity.CONNECTING)
 
     async def close(self) -> None:
         self._call.cancel()

@@ -316,3 +316,21 @@ def test_zstd_data_claiming_more_than_the_batch_holds_is_refused(src):
     batch.checksum = pages.checksum(9, 1, batch.frames, b"", batch.data, "zstd")
     with pytest.raises(errors.InvalidArgument, match="claims 67108864 bytes for 1 frames"):
         pages.unpack(batch, N)
+
+
+def test_a_straggling_older_batch_never_overwrites_a_newer_copy(make_memory):
+    """Frames copied in round 3 stay when a round-1 batch for them arrives late (a stream
+    that broke); the round-1 batch's other frames are applied."""
+    mem = make_memory(8)
+    applied = np.zeros(8, dtype=np.uint32)
+    frames = np.array([1, 2, 3], dtype="<u4")
+    late = pages.Unpacked(frames, np.array([5, 6], dtype="<u4"),
+                          np.full((3, pages.PAGE_SIZE), 1, dtype=np.uint8))
+    applied[[2, 6]] = 4  # round 3's copies of frames 2 and 6
+    mem.pages[2], mem.pages[6] = 3, 3
+    kept = pages.newer(late, applied, 2)  # the batch is round 1's: generation 2
+    assert kept.frames.tolist() == [1, 3] and kept.zero_frames.tolist() == [5]
+    pages.apply(mem, kept)
+    assert mem.pages[1, 0] == 1 and mem.pages[3, 0] == 1 and mem.pages[2, 0] == 3
+    assert mem.pages[6, 0] == 3 and mem.pages[5, 0] == 0
+    assert pages.newer(late, np.zeros(8, dtype=np.uint32), 2) is late  # nothing stale
