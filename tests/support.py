@@ -231,3 +231,18 @@ def netns_cluster_up(tmp_path, rate: str | None = None, agent_args: tuple = ()):
         assert down.returncode == 0, f"netns-cluster.sh down failed:\n{down.stderr}"
         left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
         assert prefix not in left, f"namespaces left behind: {left}"
+
+
+@contextlib.contextmanager
+def tmpfs(where: Path, size: str):
+    """A tmpfs of `size` (as mount's size=) mounted at `where` for the block: a file
+    system that fills. Needs root: skipped without it, failed in CI."""
+    where.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                       capture_output=True, text=True)
+    require(r.returncode == 0, f"cannot mount a tmpfs (needs root): {r.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+

@@ -19,8 +19,7 @@ import pytest
 from pvmig._proto import pvmig_pb2 as pb
 from pvmig._proto import pvmig_pb2_grpc as pb_grpc
 from pvmig.cluster import LocalAgent, LocalCluster
-from support import (create, domains, migrate, pvmig, query, require,
-                     wait_running_and_checking)
+from support import create, domains, migrate, pvmig, query, tmpfs, wait_running_and_checking
 
 pytestmark = pytest.mark.e2e
 
@@ -152,18 +151,24 @@ def test_destination_not_ready_aborts_before_commit(cluster, tmp_path):
     _only_on(a, b, "vm")
 
 
+def _migrate_unrecordable(agent: LocalAgent, a: str, b: str, tmp_path: Path):
+    """Migrate vm a -> b while `agent` cannot write its commit records (a file where
+    their directory was)."""
+    records = Path(agent.dir) / "data" / "migrations"
+    shutil.rmtree(records)
+    records.write_text("not a directory")
+    try:
+        return migrate(a, b, "vm", tmp_path / "r.json")
+    finally:
+        records.unlink()
+        records.mkdir()
+
+
 def test_failed_commit_aborts(cluster, tmp_path):
     """The source cannot record its commit: nothing is committed, the guest stays home."""
     a, b = cluster["a"].address, cluster["b"].address
     create(a, "vm", ram_mb=16)
-    records = Path(cluster["a"].dir) / "data" / "migrations"
-    shutil.rmtree(records)
-    records.write_text("not a directory")
-    try:
-        r, data = migrate(a, b, "vm", tmp_path / "r.json")
-    finally:
-        records.unlink()
-        records.mkdir()
+    r, data = _migrate_unrecordable(cluster["a"], a, b, tmp_path)
     assert r.returncode == 1
     assert "cannot record the commit" in r.stderr and "aborted" in r.stderr
     assert data["committed"] is False if "committed" in data else True
@@ -423,14 +428,7 @@ def test_destination_cannot_record_its_commit_the_source_rolls_back(cluster, tmp
     resumes at home, instead of staying suspended with nowhere to run."""
     a, b = cluster["a"].address, cluster["b"].address
     create(a, "vm", ram_mb=16)
-    records = Path(cluster["b"].dir) / "data" / "migrations"
-    shutil.rmtree(records)
-    records.write_text("not a directory")
-    try:
-        r, data = migrate(a, b, "vm", tmp_path / "r.json")
-    finally:
-        records.unlink()
-        records.mkdir()
+    r, data = _migrate_unrecordable(cluster["b"], a, b, tmp_path)
     assert r.returncode == 1
     assert "cannot record the commit" in r.stderr and "settled" in r.stderr, r.stderr
     assert data["committed"] is False and "rolled-back" in data["recovered"]
@@ -469,15 +467,8 @@ def test_cancel_at_each_phase_before_commit(cluster, tmp_path, phase):
 @pytest.fixture
 def small_tmpfs(tmp_path):
     """A 24 MiB tmpfs: a destination whose memory file system is (nearly) full."""
-    where = tmp_path / "small"
-    where.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(where)],
-                       capture_output=True, text=True)
-    require(r.returncode == 0, f"cannot mount a tmpfs (needs root): {r.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "small", "24m") as where:
         yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
 
 def test_destination_memory_full(tmp_path, small_tmpfs):

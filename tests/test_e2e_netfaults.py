@@ -16,6 +16,7 @@ iproute2; skipped without them, failed without them in CI.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import threading
@@ -31,14 +32,19 @@ RAM_MB = 64
 SESSION_TIMEOUT_S = 4
 
 
-@pytest.fixture
-def cluster(tmp_path):
-    with netns_cluster_up(tmp_path, "200mbit",
-                          ("--session-timeout", str(SESSION_TIMEOUT_S))) as c:
+@contextlib.contextmanager
+def _hosts_with_a_guest(tmp_path, session_timeout_s: float):
+    with netns_cluster_up(tmp_path, "200mbit", ("--session-timeout", str(session_timeout_s))) as c:
         r = c["on"]["a"].pvmig("domain", "create", "vm", "--agent", c["a"], "--ram-mb",
                                str(RAM_MB), "--dirty-rate", "3000")
         assert r.returncode == 0, r.stderr
         c["on"]["a"].wait_checking(c["a"], "vm")
+        yield c
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    with _hosts_with_a_guest(tmp_path, SESSION_TIMEOUT_S) as c:
         yield c
 
 
@@ -138,11 +144,7 @@ def test_a_crawling_link_is_cancelled(cluster, tmp_path):
 @pytest.fixture
 def patient(tmp_path):
     """Agents whose sessions outlast a 15 s drop (the default is 120 s)."""
-    with netns_cluster_up(tmp_path, "200mbit", ("--session-timeout", "40")) as c:
-        r = c["on"]["a"].pvmig("domain", "create", "vm", "--agent", c["a"], "--ram-mb",
-                               str(RAM_MB), "--dirty-rate", "3000")
-        assert r.returncode == 0, r.stderr
-        c["on"]["a"].wait_checking(c["a"], "vm")
+    with _hosts_with_a_guest(tmp_path, 40) as c:
         yield c
 
 

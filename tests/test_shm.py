@@ -4,25 +4,17 @@ is made, never a SIGBUS in whoever writes a page of it later."""
 from __future__ import annotations
 
 import errno
-import subprocess
 
 import pytest
 
 from pvmig.shm import SharedFile
-from support import require
+from support import tmpfs
 
 
 @pytest.fixture
 def tiny_tmpfs(tmp_path):
-    where = tmp_path / "tiny"
-    where.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(where)],
-                       capture_output=True, text=True)
-    require(r.returncode == 0, f"cannot mount a tmpfs (needs root): {r.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "tiny", "4m") as where:
         yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
 
 def test_a_file_larger_than_the_room_is_refused(tiny_tmpfs):
