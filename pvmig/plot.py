@@ -110,11 +110,7 @@ def bench_figures(out: dict, directory: Path) -> list[Path]:
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sizes))], labels)
     ax.set_ylabel("GiB/s")
     ax.set_title("Migration throughput against its ceiling and QEMU (same run)")
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    tput = directory / "bench-throughput.png"
-    fig.savefig(tput, dpi=110)
-    plt.close(fig)
+    tput = _save(fig, ax, directory / "bench-throughput.png")
 
     cells = [(f"{s['ram-mb']}M {c['dirty']}/{c['devices']}"
               + (f"/{c['cap-mbps']:g}M" if c["cap-mbps"] else "")
@@ -129,12 +125,17 @@ def bench_figures(out: dict, directory: Path) -> list[Path]:
     ax.set_yticks(list(ys), [n for n, _ in cells], fontsize="small")
     ax.set_xscale("log")
     ax.set_xlabel("downtime, ms (log)")
+    down = _save(fig, ax, directory / "bench-downtime.png")
+    return [tput, down]
+
+
+def _save(fig, ax, path: Path) -> Path:
+    import matplotlib.pyplot as plt
     ax.legend(fontsize="small")
     fig.tight_layout()
-    down = directory / "bench-downtime.png"
-    fig.savefig(down, dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return [tput, down]
+    return path
 
 
 def _idle(size: dict) -> float | None:
