@@ -207,74 +207,68 @@ def test_coordinator_killed_before_commit(cluster, tmp_path, sig):
     _only_on(a, b, "vm")
 
 
-def test_agent_restart_clears_stale_memory(tmp_path):
+@pytest.fixture
+def lone_agent(tmp_path):
+    """One agent, started, whose memory directory outlives its restarts (the test's)."""
     mem = Path("/dev/shm") / f"pvmig-test-{os.getpid()}"
     agent = LocalAgent("a", tmp_path, mem_dir=mem)
     try:
-        agent.start()
-        create(agent.address, "vm", ram_mb=8)
-        agent.kill()  # no clean stop: its guest dies with it, its files stay
-        assert list(mem.glob("*.ram"))
-        agent.start()
-        assert not list(mem.glob("*.ram"))
-        create(agent.address, "vm", ram_mb=8)  # the same name and domid again
-        wait_running_and_checking(agent.address, "vm")
+        yield agent.start(), mem
     finally:
         agent.stop()
         shutil.rmtree(mem, ignore_errors=True)
 
 
-def test_clean_restart_keeps_idle_domains(tmp_path):
+def test_agent_restart_clears_stale_memory(lone_agent):
+    agent, mem = lone_agent
+    create(agent.address, "vm", ram_mb=8)
+    agent.kill()  # no clean stop: its guest dies with it, its files stay
+    assert list(mem.glob("*.ram"))
+    agent.start()
+    assert not list(mem.glob("*.ram"))
+    create(agent.address, "vm", ram_mb=8)  # the same name and domid again
+    wait_running_and_checking(agent.address, "vm")
+
+
+def test_clean_restart_keeps_idle_domains(lone_agent, tmp_path):
     """SIGTERM parks each idle domain (suspended, its RAM file kept, a record written);
     the next start resumes it where it stopped: its memory, counters and disk intact."""
-    mem = Path("/dev/shm") / f"pvmig-test-{os.getpid()}"
-    agent = LocalAgent("a", tmp_path, mem_dir=mem)
-    try:
-        agent.start()
-        r = pvmig("domain", "create", "vm", "--agent", agent.address, "--ram-mb", "16",
-                  "--disk", str(tmp_path / "vm.img"), "--disk-blocks", "128",
-                  "--disk-io-rate", "100", "--vif")
-        assert r.returncode == 0, r.stderr
-        create(agent.address, "quiet", ram_mb=8, dirty_rate=0)
-        before = wait_running_and_checking(agent.address, "vm")
-        agent.stop()
-        assert agent.proc.returncode == 0
-        assert len(list(mem.glob("*.ram"))) == 2 and not list(mem.glob("*.dirty"))
-        assert sorted(p.name for p in (tmp_path / "a" / "data" / "parked").iterdir()) == [
-            "quiet.park", "vm.park"]
-        agent.start()
-        after = wait_running_and_checking(agent.address, "vm")
-        assert after.guest.steps > before.guest.steps  # went on, not booted afresh
-        assert after.guest.checks_failed == 0 and after.guest.pages_written >= before.guest.pages_written
-        (vbd,) = [d for d in after.device_stats if d.kind == "vbd"]
-        assert vbd.guest.get("read-failures", 0) == 0 and vbd.guest.get("errors", 0) == 0
-        assert vbd.served > 0
-        wait_running_and_checking(agent.address, "quiet")
-        assert not list((tmp_path / "a" / "data" / "parked").iterdir())
-        assert len(list(mem.glob("*.ram"))) == 2  # the same two, under new domids
-    finally:
-        agent.stop()
-        shutil.rmtree(mem, ignore_errors=True)
+    agent, mem = lone_agent
+    r = pvmig("domain", "create", "vm", "--agent", agent.address, "--ram-mb", "16",
+              "--disk", str(tmp_path / "vm.img"), "--disk-blocks", "128",
+              "--disk-io-rate", "100", "--vif")
+    assert r.returncode == 0, r.stderr
+    create(agent.address, "quiet", ram_mb=8, dirty_rate=0)
+    before = wait_running_and_checking(agent.address, "vm")
+    agent.stop()
+    assert agent.proc.returncode == 0
+    assert len(list(mem.glob("*.ram"))) == 2 and not list(mem.glob("*.dirty"))
+    assert sorted(p.name for p in (tmp_path / "a" / "data" / "parked").iterdir()) == [
+        "quiet.park", "vm.park"]
+    agent.start()
+    after = wait_running_and_checking(agent.address, "vm")
+    assert after.guest.steps > before.guest.steps  # went on, not booted afresh
+    assert after.guest.checks_failed == 0 and after.guest.pages_written >= before.guest.pages_written
+    (vbd,) = [d for d in after.device_stats if d.kind == "vbd"]
+    assert vbd.guest.get("read-failures", 0) == 0 and vbd.guest.get("errors", 0) == 0
+    assert vbd.served > 0
+    wait_running_and_checking(agent.address, "quiet")
+    assert not list((tmp_path / "a" / "data" / "parked").iterdir())
+    assert len(list(mem.glob("*.ram"))) == 2  # the same two, under new domids
 
 
-def test_a_parked_domain_without_its_ram_is_set_aside(tmp_path):
-    mem = Path("/dev/shm") / f"pvmig-test-{os.getpid()}"
-    agent = LocalAgent("a", tmp_path, mem_dir=mem)
-    try:
-        agent.start()
-        create(agent.address, "vm", ram_mb=8)
-        agent.stop()
-        for ram in mem.glob("*.ram"):  # a reboot empties /dev/shm
-            ram.unlink()
-        agent.start()
-        assert domains(agent.address) == {}
-        parked = tmp_path / "a" / "data" / "parked"
-        assert [p.name for p in parked.iterdir()] == ["vm.broken"]
-        assert "parked domain vm not resumed" in agent.log_file.read_text()
-        create(agent.address, "vm", ram_mb=8)  # the name is free again
-    finally:
-        agent.stop()
-        shutil.rmtree(mem, ignore_errors=True)
+def test_a_parked_domain_without_its_ram_is_set_aside(lone_agent, tmp_path):
+    agent, mem = lone_agent
+    create(agent.address, "vm", ram_mb=8)
+    agent.stop()
+    for ram in mem.glob("*.ram"):  # a reboot empties /dev/shm
+        ram.unlink()
+    agent.start()
+    assert domains(agent.address) == {}
+    parked = tmp_path / "a" / "data" / "parked"
+    assert [p.name for p in parked.iterdir()] == ["vm.broken"]
+    assert "parked domain vm not resumed" in agent.log_file.read_text()
+    create(agent.address, "vm", ram_mb=8)  # the name is free again
 
 
 @pytest.mark.parametrize("args,expected", [

@@ -71,6 +71,21 @@ def _wait_phase(proc: subprocess.Popen, phase: str) -> None:
     raise AssertionError(f"migration ended before {phase}: {proc.stderr.read()}")
 
 
+def _completes_through_a_drop(c, tmp_path, seconds: float) -> dict:
+    """The link down for `seconds` during round 0, then up: the migration's report,
+    once it has completed, verified."""
+    proc = _start(c, tmp_path / "r.json")
+    _wait_phase(proc, "begin")
+    time.sleep(0.5)  # round 0 under way: 64 MiB at 200 Mbit/s takes about 3 s
+    _link(c, "down")
+    time.sleep(seconds)
+    _link(c, "up")
+    assert proc.wait(timeout=180) == 0, proc.stderr.read()
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["status"] == "completed" and data["verification"]["passed"] is True
+    return data
+
+
 def _only_on(c, home: str, other: str) -> None:
     c["on"][home].wait_checking(c[home], "vm")
     deadline = time.monotonic() + 60
@@ -81,15 +96,7 @@ def _only_on(c, home: str, other: str) -> None:
 
 def test_short_drop_during_precopy_the_streams_go_on(cluster, tmp_path):
     c = cluster
-    proc = _start(c, tmp_path / "r.json")
-    _wait_phase(proc, "begin")
-    time.sleep(0.5)  # round 0 under way: 64 MiB at 200 Mbit/s takes about 3 s
-    _link(c, "down")
-    time.sleep(3.0)
-    _link(c, "up")
-    assert proc.wait(timeout=120) == 0, proc.stderr.read()
-    data = json.loads((tmp_path / "r.json").read_text())
-    assert data["status"] == "completed" and data["verification"]["passed"] is True
+    data = _completes_through_a_drop(c, tmp_path, 3.0)
     # round 0 took the drop in its stride: longer than the link needs, not restarted
     assert data["rounds"][0]["duration-ms"] > 3000 and data["rounds"][0]["pages"] == RAM_MB * 256
     _only_on(c, "b", "a")
@@ -154,15 +161,7 @@ def test_a_drop_that_breaks_the_connections_is_ridden_out(patient, tmp_path):
     round's frames go again in the next round, the coordinator waits for the
     destination's answers meanwhile; the migration completes, verified."""
     c = patient
-    proc = _start(c, tmp_path / "r.json")
-    _wait_phase(proc, "begin")
-    time.sleep(0.5)
-    _link(c, "down")
-    time.sleep(15.0)
-    _link(c, "up")
-    assert proc.wait(timeout=180) == 0, proc.stderr.read()
-    data = json.loads((tmp_path / "r.json").read_text())
-    assert data["status"] == "completed" and data["verification"]["passed"] is True
+    data = _completes_through_a_drop(c, tmp_path, 15.0)
     broken = [r for r in data["rounds"] if r.get("interrupted")]
     assert broken, [r.keys() for r in data["rounds"]]
     _only_on(c, "b", "a")
