@@ -29,7 +29,7 @@ from typing import AsyncIterator
 import msgpack
 import numpy as np
 
-from pvmig import errors, logdirty, pages, rpc, verify
+from pvmig import errors, faults, logdirty, pages, parking, rpc, verify
 from pvmig._proto import pvmig_pb2 as pb
 from pvmig.client import AgentClient
 from pvmig.domain import INCOMING, Domain
@@ -210,8 +210,19 @@ class RestoreSession:
 
     def commit(self) -> None:
         self.ready()
+        # First what a crash of this agent before the resume needs to resume it anyway
+        # (pvmig.parking), then the decision that makes it count.
+        parking.remember(self.host, self.domain, migration_id=self.migration_id,
+                         role="destination", vcpu=self.vcpu, backends=self.backend_records,
+                         recovery=self._recovery)
         self.host.record_commit(self.migration_id, "destination", self.domain.name)
+        faults.point("dest-committed")
         self.committed = True
+
+    @property
+    def _recovery(self) -> str:
+        # (the guest's recovery policy travels with the backend records)
+        return self.backend_records.get("policy", {}).get("recovery", "replay")
 
     async def commit_and_resume(self) -> int:
         """The commit recorded, then the guest resumed: one call inside the downtime.
@@ -232,11 +243,9 @@ class RestoreSession:
             save_image(self.domain.mem, self.save_image)
         if self.domain.pv is not None:
             self.domain.pv.restore_backend_records(self.backend_records)
-        # (the guest's recovery policy travels with the backend records)
-        t = await self.domain.resume(self.vcpu,
-                                     self.backend_records.get("policy", {}).get("recovery",
-                                                                                "replay"))
+        t = await self.domain.resume(self.vcpu, self._recovery)
         self.domain.migration_id = ""
+        parking.refresh(self.host, self.domain)
         return t
 
     async def frame_hashes(self) -> AsyncIterator[pb.HashChunk]:

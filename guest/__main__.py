@@ -5,14 +5,17 @@
 
 `boot` lays out a fresh domain; `restore` waits, already loaded, for the vCPU context
 that resumes a migrated one (started during prepare so that resume costs no start-up).
+
+A running guest outlives a crash of its agent (dom0), as Xen's domains do: when the
+channel closes it quiesces and writes its vCPU context to --preserve, and the agent's
+next start resumes it from there (pvmig.parking). A destroyed domain's process is
+killed; a guest still waiting to be resumed has nothing to keep and just ends.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
-import signal
 import socket
 import sys
 import time
@@ -25,15 +28,6 @@ from .devices import GuestDevices
 from .kernel import Kernel
 from .memapi import VcpuMemory
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_agent() -> None:
-    # The agent is this domain's hypervisor: a guest must not outlive it.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m guest")
     p.add_argument("mode", choices=["boot", "restore"])
@@ -45,17 +39,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--evfd", type=int, required=True, help="the event channel socket")
     p.add_argument("--domid", type=int, required=True, help="this domain's id on this host")
     p.add_argument("--config", default="{}")
+    p.add_argument("--preserve", help="where the vCPU context goes if the agent dies")
     args = p.parse_args(argv)
-    _die_with_agent()
     chan = GuestChannel(socket.socket(fileno=args.fd))
     vm = VcpuMemory(GuestMemory.open(args.ram), DirtyLog.open(args.dirty))
     devices = lambda rng: GuestDevices(vm, chan, gnttab=args.gnttab, evtchn=args.evtchn,  # noqa: E731
                                        evfd=args.evfd, domid=args.domid, rng=rng)
     if args.mode == "boot":
-        kernel = Kernel.boot(vm, json.loads(args.config))
-        kernel.devices = devices(kernel.rng)
-        kernel.devices.connect(moved=False)
-        chan.send({"op": "booted", "t": time.monotonic_ns()})
+        try:
+            kernel = Kernel.boot(vm, json.loads(args.config))
+            kernel.devices = devices(kernel.rng)
+            kernel.devices.connect(moved=False)
+            chan.send({"op": "booted", "t": time.monotonic_ns()})
+        except (OSError, RuntimeError, TimeoutError):
+            if chan.closed():  # the agent died before the domain was whole: nothing to keep
+                print("hypervisor gone during boot", flush=True)
+                return 1
+            raise
     else:
         chan.send({"op": "waiting"})
         msg = chan.recv()
@@ -72,9 +72,17 @@ def main(argv: list[str] | None = None) -> int:
             chan.send({"op": "error", "id": rid, "error": str(e)})
             return 1
         # Running from here: this is the first step on the new host.
-        chan.send({"op": "resumed", "id": rid, "t": time.monotonic_ns()})
-        kernel.devices = devices(kernel.rng)
-        kernel.devices.connect(moved=True, recovery=msg.get("recovery", "replay"))
+        kernel.preserve_to = args.preserve
+        try:
+            chan.send({"op": "resumed", "id": rid, "t": time.monotonic_ns()})
+            kernel.devices = devices(kernel.rng)
+            kernel.devices.connect(moved=True, recovery=msg.get("recovery", "replay"))
+        except (OSError, RuntimeError, TimeoutError):
+            if not chan.closed():
+                raise
+            kernel.preserve()
+            return 0
+    kernel.preserve_to = args.preserve
     kernel.run(chan)
     return 0
 

@@ -18,7 +18,7 @@ from pvmig import guestinfo
 from pvmig.devlayout import BlkArea, NetArea
 from pvmig.evtchn import GuestEvents
 from pvmig.grant_table import GuestGrants
-from pvmig.hypercall import GuestChannel
+from pvmig.hypercall import GuestChannel, HypervisorGone
 from pvmig.xenbus import ClientStore, FrontendDevice, Negotiated, RingSetup
 from pvmig.xenstore import XsClient, XsRing
 
@@ -116,7 +116,11 @@ class GuestDevices:
             self.suspend_requested = True
 
     def _wait(self, seconds: float) -> None:
-        select.select([self.events], [], [], seconds)
+        # The agent's end is watched too: when it dies, xenstored dies with it and no
+        # answer will come (the guest preserves itself at once instead of timing out).
+        ready, _, _ = select.select([self.events, self.chan], [], [], seconds)
+        if self.chan in ready and self.chan.closed():
+            raise HypervisorGone("the agent's channel closed")
         self.events.drain()
 
     # ---- running
@@ -157,6 +161,16 @@ class GuestDevices:
         if self.net is not None:
             self.net.suspend()
         self.xs.suspend()
+
+    def quiesce_alone(self) -> None:
+        """The hypervisor went (its agent crashed): stop issuing, and tell nobody (there
+        is no xenstored to tell). What is in flight stays in the shadow, replayed when
+        a new agent resumes this domain."""
+        self.suspend_requested = False
+        if self.front is not None:
+            self.front.suspend()
+        if self.net is not None:
+            self.net.suspend()
 
     def resume_in_place(self) -> None:
         """A cancelled suspend: the same host, the same connections."""

@@ -3,11 +3,13 @@
 A step writes the pages the dirty rate owes since the last step and checks the next
 slice of the rolling sweep. Between steps the guest answers its host agent: suspend
 (hand over the vCPU context and wait), resume after a cancelled suspend, or the end of
-its channel (the domain is destroyed).
+its channel (the agent crashed: the guest preserves itself for the agent's next start;
+a destroyed domain's process is killed, it sees no end).
 """
 
 from __future__ import annotations
 
+import os
 import select
 import time
 
@@ -46,6 +48,8 @@ class Kernel:
         self.io_owed = 0.0
         self.last = time.monotonic()
         self.devices: GuestDevices | None = None
+        self.suspended = False
+        self.preserve_to: str | None = None  # where the vCPU context goes if the agent dies
 
     # ---- lifecycle
 
@@ -133,6 +137,17 @@ class Kernel:
         self.work.count("steps", 1)
 
     def run(self, chan: GuestChannel) -> None:
+        """Step until the domain is destroyed (the agent kills this process) or its
+        hypervisor goes (the agent's end closes): then preserve and stop."""
+        try:
+            self._run(chan)
+        except (OSError, RuntimeError, TimeoutError):
+            # (a send into the closed channel; a xenstore request nobody will answer)
+            if not chan.closed():
+                raise
+        self.preserve()
+
+    def _run(self, chan: GuestChannel) -> None:
         next_tick = time.monotonic()
         waitables = [chan] + ([self.devices] if self.devices is not None else [])
         while True:
@@ -153,12 +168,30 @@ class Kernel:
                 self.step()
                 next_tick = max(next_tick + TICK_S, time.monotonic())
 
+    def preserve(self) -> None:
+        """The hypervisor is gone: quiesce (if not suspended already) and leave the vCPU
+        context beside the RAM, where the agent's next start resumes it from, as a
+        hypervisor that keeps its domains across a restart of its dom0 (Xen's live
+        update) does. Nothing in flight is lost: the frontends replay it."""
+        if self.preserve_to is None:
+            return
+        if self.devices is not None and not self.suspended:
+            self.devices.quiesce_alone()
+        tmp = f"{self.preserve_to}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(self.vcpu_context())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.preserve_to)
+        print(f"hypervisor gone: vCPU context preserved in {self.preserve_to}", flush=True)
+
     def suspend(self, chan: GuestChannel, rid: int) -> bool:
         """Quiesce, make the suspend hypercall (hand over the vCPU context), and wait:
-        a cancelled suspend goes on here; the channel closing means the domain was
-        destroyed after a commit. False when the guest must stop."""
+        a cancelled suspend goes on here. False when the guest must stop (the channel
+        closed: its agent is gone; a destroy kills the process instead)."""
         if self.devices is not None:
             self.devices.suspend()
+        self.suspended = True
         chan.send({"op": "suspended", "id": rid, "vcpu": self.vcpu_context(),
                    "t": time.monotonic_ns()})
         while True:
@@ -169,6 +202,7 @@ class Kernel:
                 break
             chan.send({"op": "error", "id": request.get("id", 0),
                        "error": f"suspended: cannot {request.get('op')!r}"})
+        self.suspended = False
         self.resumed()
         if self.devices is not None:
             self.devices.resume_in_place()

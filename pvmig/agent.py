@@ -328,8 +328,11 @@ async def serve(host: Host, listen: str, *, ready_file: Path | None = None) -> N
     host.listen_host = bind_host
     if not host.advertise or host.advertise.endswith(":0"):
         host.advertise = advertised(bind_host, port)
-    # Parked domains are back before anyone can ask: a recovery must not be told a
-    # domain is lost while it is being resumed here.
+    # Domains a crash left and parked ones are back before anyone can ask: a recovery
+    # must not be told a domain is lost while it is being resumed here.
+    revived = await parking.revive_all(host)
+    if revived:
+        log.info("revived domains left by a crash: %s", ", ".join(revived))
     resumed = await parking.unpark_all(host)
     if resumed:
         log.info("resumed parked domains: %s", ", ".join(resumed))

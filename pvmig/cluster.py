@@ -2,7 +2,7 @@
 
     with LocalCluster(base_dir, ["a", "b"]) as cluster:
         cluster["a"].address   # "127.0.0.1:40123"
-        cluster["b"].kill()    # a fault: SIGKILL, no goodbye
+        cluster["b"].kill()    # a fault: SIGKILL, no goodbye (its guests live on)
 
 Each agent listens on a port of its own choosing (port 0) and says which in its ready
 file, so that nothing races for ports. Used by `pvmig demo` and the tests.
@@ -103,10 +103,17 @@ class LocalAgent:
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.kill()
+                self.kill_host()
 
     def kill(self) -> None:
-        """SIGKILL the agent and, with it, every guest it started (they die with it)."""
+        """SIGKILL the agent alone, as a crash of dom0: its guests outlive it and keep
+        themselves for its next start (pvmig.parking)."""
+        if self.running:
+            self.proc.kill()
+            self.proc.wait()
+
+    def kill_host(self) -> None:
+        """SIGKILL the agent and every guest it started, as a crash of the host."""
         if self.running:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()

@@ -84,6 +84,7 @@ class DomainDevices:
                                             fresh=fresh_disks)
                       for c in self.configs if c["kind"] == "vbd"}
         self.nets: dict[int, NetBack] = {}
+        self.on_records = None  # backend_records() changed (the host keeps them)
         dom.on_xenstore = self.introduce
         dom.request_suspend = self.request_suspend
 
@@ -269,6 +270,7 @@ class DomainDevices:
         net = NetBack(domid=domid, devid=devid, grants=self.dom.grants, events=self.dom.events,
                       bind=self.net_bind, public=self.net_public)
         net.on_broken = lambda why: self._device_failed(devid, "vif", why)
+        net.on_peer = lambda: self.on_records() if self.on_records is not None else None
         net.open()
 
         def connect(info: FrontendInfo) -> dict:

@@ -2,7 +2,8 @@
 
 The agent is the domain's hypervisor: it creates the memory, starts the guest process
 with the memory mapped as its physical RAM, and talks to it over the hypercall channel
-for what memory does not carry (boot, suspend, resume).
+for what memory does not carry (boot, suspend, resume). The guest outlives a crash of
+its agent: it leaves its vCPU context at `preserved` for the next start (pvmig.parking).
 """
 
 from __future__ import annotations
@@ -76,6 +77,11 @@ class Domain:
     @property
     def ram_bytes(self) -> int:
         return self.mem.ram_bytes
+
+    @property
+    def preserved(self) -> Path:
+        """Where the guest leaves its vCPU context if its agent dies."""
+        return self.mem.path.with_suffix(".vcpu")
 
     @property
     def guest_alive(self) -> bool:
@@ -239,11 +245,13 @@ class Domain:
         for task in (self._watch, self._reader, self._throttler):
             if task:
                 task.cancel()
-        if self.chan:
-            self.chan.close()
+        # Killed before its channel closes: a guest that saw the end first would take
+        # it for its agent's crash and preserve itself.
         self._kill()
         if self._exited is not None:
             await asyncio.shield(self._exited)
+        if self.chan:
+            self.chan.close()
         if self.pv is not None:
             await self.pv.close()
         self.events.close()
@@ -251,6 +259,7 @@ class Domain:
             f.close()
             if not (keep_ram and f is self.mem):
                 f.unlink()
+        self.preserved.unlink(missing_ok=True)
 
     def _kill(self) -> None:
         if self.proc is not None and self.guest_alive:
@@ -275,7 +284,7 @@ class Domain:
                 "--ram", str(self.mem.path), "--dirty", str(self.log.path),
                 "--fd", str(theirs.fileno()), "--gnttab", str(self.grants.path),
                 "--evtchn", str(self.channels.path), "--evfd", str(self.channels.guest_fd),
-                "--domid", str(self.domid)]
+                "--domid", str(self.domid), "--preserve", str(self.preserved)]
         if config is not None:
             argv += ["--config", json.dumps(config)]
         # subprocess, not the event loop's spawn: it uses vfork, which runs no atfork

@@ -103,11 +103,11 @@ class Host:
         self.prune_records()
 
     def _clear_stale_memory(self) -> None:
-        # The agent owns its memory directory. Guests die with their agent, so files
-        # found at start are a dead agent's: they only hold tmpfs memory. Only the RAM
-        # of domains parked by a clean stop (pvmig.parking) is kept, to resume them.
+        # The agent owns its memory directory: files found at start are a dead agent's.
+        # The RAM of domains it parked or left running (pvmig.parking) is kept, to resume
+        # them; the rest only holds tmpfs memory.
         kept = parking.kept_ram(self)
-        for path in sorted(p for ext in ("ram", "dirty", "gnttab", "evtchn")
+        for path in sorted(p for ext in ("ram", "dirty", "gnttab", "evtchn", "vcpu")
                            for p in self.mem_dir.glob(f"*.{ext}") if p not in kept):
             log.warning("removing %s, left by an agent that did not stop cleanly", path)
             path.unlink(missing_ok=True)
@@ -191,6 +191,7 @@ class Host:
                                net_bind=net_bind, net_public=public,
                                storage_dir=self.storage_dir)
         dom.pv.start()
+        dom.pv.on_records = lambda: parking.refresh(self, dom, idle_only=True)
 
     async def create_domain(self, name: str, ram_bytes: int, workload: dict,
                             devices: list[dict] = ()) -> Domain:
@@ -203,6 +204,7 @@ class Host:
         try:
             self.start_devices(dom, fresh_disks=True)
             await dom.boot(self.log_path(dom))
+            parking.remember(self, dom)
         except BaseException:
             await self.destroy_domain(name)
             raise
@@ -219,6 +221,7 @@ class Host:
 
     async def drop(self, name: str) -> None:
         dom = self.domains.pop(name)
+        parking.forget(self, name)
         await dom.destroy()
 
     def log_path(self, dom: Domain) -> Path:

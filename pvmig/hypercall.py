@@ -23,6 +23,10 @@ def encode(msg: dict) -> bytes:
     return _LEN.pack(len(body)) + body
 
 
+class HypervisorGone(ConnectionError):
+    """The agent's end of the channel closed: it crashed (a destroy kills the guest)."""
+
+
 class GuestChannel:
     """The guest's end: blocking send and receive, and a poll for the main loop."""
 
@@ -39,6 +43,15 @@ class GuestChannel:
     def poll(self, timeout: float) -> bool:
         return bool(select.select([self._sock], [], [], max(timeout, 0.0))[0])
 
+    def closed(self) -> bool:
+        """The agent has gone (its end is closed), without taking a message."""
+        if not self.poll(0):
+            return False
+        try:
+            return not self._sock.recv(1, socket.MSG_PEEK)
+        except ConnectionError:
+            return True
+
     def recv(self) -> dict | None:
         """The next message, or None when the agent has gone."""
         head = self._read(_LEN.size)
@@ -50,7 +63,10 @@ class GuestChannel:
     def _read(self, n: int) -> bytes | None:
         buf = bytearray()
         while len(buf) < n:
-            chunk = self._sock.recv(n - len(buf))
+            try:
+                chunk = self._sock.recv(n - len(buf))
+            except ConnectionError:
+                return None
             if not chunk:
                 return None
             buf += chunk

@@ -57,6 +57,7 @@ class NetBack:
     connection: dict | None = None  # to reconnect after a quiesce
     reply_to: tuple | None = None   # who sent the last request: the guest's answers go there
     on_broken: object = None
+    on_peer: object = None  # a peer learnt: what a crash of the agent must not forget
 
     @property
     def name(self) -> str:
@@ -125,6 +126,8 @@ class NetBack:
             if list(addr) not in self.peers:
                 self.peers.append(list(addr))
                 del self.peers[:-MAX_PEERS]
+                if self.on_peer is not None:
+                    self.on_peer()
             if self.closed:
                 self.stats.rx_dropped += 1
                 continue

@@ -1,5 +1,6 @@
-"""Parking: idle domains outlive a clean restart of their agent (as `xl save` to local
-disk before a dom0 reboot, and `xl restore` after).
+"""Parking: domains outlive a restart of their agent, clean (as `xl save` to local disk
+before a dom0 reboot, and `xl restore` after) or not (as Xen keeps its domains when dom0
+crashes, and a live update hands them to the next hypervisor).
 
 On a clean stop (SIGTERM) the agent suspends each running domain that is not
 migrating, lets its backends finish or abandon what is in flight, and writes a record
@@ -10,14 +11,26 @@ the frontends reconnect and replay what was in flight. A domain that cannot be p
 (its guest does not acknowledge the suspend) is destroyed, and said so; a record that
 cannot be restored is kept aside as NAME.broken with the reason in the agent's log.
 
-A crash (SIGKILL) parks nothing: its guests die with it, and their files are removed
-at the next start (there is no vCPU context to resume them from).
+A crash (SIGKILL) parks nothing, but each running domain has a live record (its
+settings, and for a migrating one the migration and its role) and its guest process
+outlives the agent: seeing its channel close, the guest quiesces its frontends and
+leaves its vCPU context beside its RAM (guest/kernel.py, preserve). The next start
+revives each: it waits for the old guest process to end, then resumes it as a parked
+one. A domain whose migration committed at this source is not revived (it belongs to
+the destination); one caught in a migration this source never committed is revived
+and the migration recorded as aborted here, so that the destination's recovery
+discards its copy. Only a host crash (the guests killed too) loses a domain: its
+files are removed at the next start, as there is no vCPU context to resume it from.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
+import signal
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,16 +51,22 @@ def directory(host: "Host") -> Path:
     return host.data_dir / "parked"
 
 
+def live_directory(host: "Host") -> Path:
+    return host.data_dir / "domains"
+
+
 def kept_ram(host: "Host") -> set[Path]:
-    """RAM files the parked records hold, and those set aside as broken (for whoever
-    looks into them): the start must not clear them away."""
-    kept = {Path(r["ram"]) for r in _records(host).values()}
-    for path in directory(host).glob("*.broken"):
+    """RAM files (and the vCPU contexts beside them) that parked and live records hold,
+    and those set aside as broken (for whoever looks into them): the start must not
+    clear them away."""
+    kept = {Path(r["ram"]) for r in _records(directory(host), "*.park").values()}
+    kept |= {Path(r["ram"]) for r in _records(live_directory(host), "*.live").values()}
+    for path in [*directory(host).glob("*.broken"), *live_directory(host).glob("*.broken")]:
         try:
             kept.add(Path(msgpack.unpackb(path.read_bytes())["ram"]))
         except (OSError, ValueError, KeyError, TypeError, msgpack.UnpackException):
             pass
-    return kept
+    return kept | {ram.with_suffix(".vcpu") for ram in kept}
 
 
 async def park_all(host: "Host") -> None:
@@ -71,6 +90,7 @@ async def park(host: "Host", dom: "Domain") -> None:
               "workload": dom.workload, "devices": dom.devices, "vcpu": vcpu,
               "backends": records}
     _write(directory(host) / f"{dom.name}.park", msgpack.packb(record))
+    forget(host, dom.name)
     host.domains.pop(dom.name)
     await dom.destroy(keep_ram=True)
     log.info("domain %s parked: RAM kept in %s", dom.name, dom.mem.path)
@@ -79,7 +99,7 @@ async def park(host: "Host", dom: "Domain") -> None:
 async def unpark_all(host: "Host") -> list[str]:
     """Resume every parked domain; the names resumed."""
     resumed = []
-    for path, record in _records(host).items():
+    for path, record in _records(directory(host), "*.park").items():
         try:
             await unpark(host, record)
         except (errors.PvmigError, OSError, KeyError, ValueError) as e:
@@ -102,8 +122,9 @@ async def unpark(host: "Host", record: dict) -> None:
         host.start_devices(dom, fresh_disks=False)
         await dom.start_waiting(host.log_path(dom))
         if dom.pv is not None:
-            dom.pv.restore_backend_records(record["backends"])
-        await dom.resume(record["vcpu"], RECOVERY)
+            dom.pv.restore_backend_records(record.get("backends", {}))
+        await dom.resume(record["vcpu"], record.get("recovery", RECOVERY))
+        refresh(host, dom)
     except BaseException:
         host.domains.pop(dom.name, None)
         await dom.destroy(keep_ram=True)
@@ -112,13 +133,152 @@ async def unpark(host: "Host", record: dict) -> None:
     log.info("domain %s resumed from its parked state", dom.name)
 
 
-def _records(host: "Host") -> dict[Path, dict]:
+# ---- live records: what a crashed agent's next start needs
+
+
+def remember(host: "Host", dom: "Domain", **migration) -> None:
+    """Record a running (or migrating) domain, so that the next start can revive it if
+    this agent crashes. `migration`: migration_id and role while one is under way, and
+    at a destination's commit the vCPU context and backend records it resumes from."""
+    record = {"name": dom.name, "ram": str(dom.mem.path), "ram_bytes": dom.ram_bytes,
+              "workload": dom.workload, "devices": dom.devices,
+              "backends": dom.pv.backend_records() if dom.pv is not None else {},
+              "pid": dom.proc.pid if dom.proc else 0,
+              "started": _started(dom.proc.pid) if dom.proc else 0, **migration}
+    try:
+        _write(live_directory(host) / f"{dom.name}.live", msgpack.packb(record))
+    except OSError as e:
+        raise errors.FailedPrecondition(
+            f"host {host.name} cannot record domain {dom.name} in "
+            f"{live_directory(host)}: {e}") from None
+
+
+def refresh(host: "Host", dom: "Domain", idle_only: bool = False) -> None:
+    """remember, once the domain runs again (idle_only: only if it is not migrating, whose
+    record says so): a failure is said, not raised (the guest runs; only a crash of this
+    agent would now lose it)."""
+    if idle_only and (dom.state != RUNNING or dom.migration_id
+                      or host.domains.get(dom.name) is not dom):
+        return
+    try:
+        remember(host, dom)
+    except errors.FailedPrecondition as e:
+        log.error("%s: a crash of this agent would lose it", e)
+
+
+def forget(host: "Host", name: str) -> None:
+    (live_directory(host) / f"{name}.live").unlink(missing_ok=True)
+
+
+async def revive_all(host: "Host") -> list[str]:
+    """Resume every domain a crashed agent left running; the names resumed."""
+    records = _records(live_directory(host), "*.live")
+    # The old guests preserve themselves at once, each in its own process: wait for
+    # them all together.
+    await asyncio.gather(*(_gone(r.get("pid", 0), r.get("started", 0))
+                           for r in records.values()))
+    resumed = []
+    for path, record in records.items():
+        name = record.get("name", path.stem)
+        try:
+            # Nothing to resume from (a host crash): nothing is decided here either;
+            # a migration's recovery finds the domain lost.
+            vcpu = _preserved(record)
+            why_not = _refused(host, record) if vcpu is not None else (
+                "its guest left no vCPU context (it died with its host, or was killed): "
+                "nothing to resume it from")
+            if why_not is not None:
+                log.error("domain %s not revived: %s", name, why_not)
+                _remove(record)
+                path.unlink()
+                continue
+            await unpark(host, {**record, "vcpu": vcpu})  # (which writes its record anew)
+        except (errors.PvmigError, OSError, KeyError, ValueError) as e:
+            log.error("domain %s not revived (%s): its record is kept as %s", name, e,
+                      path.with_suffix(".broken"))
+            path.replace(path.with_suffix(".broken"))
+            continue
+        Path(record["ram"]).with_suffix(".vcpu").unlink(missing_ok=True)
+        resumed.append(name)
+        log.info("domain %s revived: its agent had crashed", name)
+    return resumed
+
+
+def _refused(host: "Host", record: dict) -> str | None:
+    """Why this copy must not run again, or None. The source decides a migration: one it
+    never committed is aborted now, before anyone asks; at a destination, only a
+    committed copy may run."""
+    mid, role = record.get("migration_id"), record.get("role")
+    if not mid:
+        return None
+    decided = host.commit_record(mid, role)
+    if role == "source":
+        if decided is None:
+            host.record_commit(mid, "source", record["name"], "aborted")
+            log.warning("migration %s aborted: its source agent crashed before commit", mid)
+        elif decided["state"] == "committed":
+            return f"migration {mid} committed: the guest belongs to the destination"
+        return None
+    if decided is None:
+        return f"migration {mid} was never committed here"
+    return None
+
+
+def _preserved(record: dict) -> bytes | None:
+    """The vCPU context to resume from: what the guest left when its agent died, else
+    (a destination that committed but never resumed it) the migrated one."""
+    path = Path(record["ram"]).with_suffix(".vcpu")
+    if path.exists():
+        return path.read_bytes()
+    return record.get("vcpu")
+
+
+def _remove(record: dict) -> None:
+    ram = Path(record["ram"])
+    for path in (ram, ram.with_suffix(".vcpu")):
+        path.unlink(missing_ok=True)
+
+
+PRESERVE_WAIT_S = 30.0
+
+
+async def _gone(pid: int, started: int) -> None:
+    """Wait for a dead agent's guest process to end (it is preserving itself); one that
+    does not is killed (a hung guest; its context, if written, still counts)."""
+    if not pid or _started(pid) != started:
+        return  # gone already (the pid, if taken, is someone else's)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGCONT)  # a throttled guest may have been left stopped
+    deadline = time.monotonic() + PRESERVE_WAIT_S
+    while _started(pid) == started:
+        if time.monotonic() > deadline:
+            log.error("guest process %d did not end within %.0f s of its agent: killed",
+                      pid, PRESERVE_WAIT_S)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            deadline = float("inf")
+        await asyncio.sleep(0.05)
+
+
+def _started(pid: int) -> int:
+    """A process's start time (clock ticks after boot), 0 if there is none: a pid with
+    its start time names one process, never a later one given the same pid. A zombie
+    (dead, not reaped) counts as gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    fields = stat[stat.rindex(")") + 2:].split()
+    return 0 if fields[0] in ("Z", "X") else int(fields[19])
+
+
+def _records(folder: Path, pattern: str) -> dict[Path, dict]:
     out = {}
-    for path in sorted(directory(host).glob("*.park")):
+    for path in sorted(folder.glob(pattern)):
         try:
             out[path] = msgpack.unpackb(path.read_bytes())
         except (OSError, ValueError, msgpack.UnpackException) as e:
-            log.error("parked record %s unreadable (%s): kept as .broken", path, e)
+            log.error("record %s unreadable (%s): kept as .broken", path, e)
             path.replace(path.with_suffix(".broken"))
     return out
 

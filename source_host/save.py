@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import signal
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Iterator
@@ -24,7 +22,7 @@ from typing import AsyncIterator, Iterator
 import msgpack
 import numpy as np
 
-from pvmig import errors, pages, verify
+from pvmig import errors, faults, pages, parking, verify
 from pvmig._proto import pvmig_pb2 as pb
 from pvmig.client import AgentClient
 from pvmig.domain import OUTGOING, RUNNING, SUSPENDED, Domain
@@ -44,16 +42,6 @@ MAX_RECONNECTS = 3     # per migration: a failure that comes back each time is n
 INJECTION_POINTS = {"response-before-final", "write-after-final", "torn-copy",
                     "xenstore-after-final"}
 DEFAULT_STREAMS = pages.DEFAULT_STREAMS
-# Fault injection (tests/test_e2e_faults.py): the agent is SIGKILLed, as a crash of its
-# host would, on Commit before its record is written ("commit") or after ("committed").
-_DIES_AT = os.environ.get("PVMIG_FAULT_AGENT_DIES_AT", "")
-
-
-def _fault(point: str) -> None:
-    if point == _DIES_AT:  # with its guests where it leads their process group
-        if os.getpgrp() == os.getpid():
-            os.killpg(0, signal.SIGKILL)
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -144,6 +132,9 @@ class SaveSession:
         dom.migration_id, dom.state = request.migration_id, OUTGOING
         host.saves[request.migration_id] = session
         try:
+            # (a crash from here on: the next start revives the guest only if this
+            # source never committed, and records the abort: pvmig.parking)
+            parking.remember(host, dom, migration_id=request.migration_id, role="source")
             await session._connect()
         except BaseException:
             await session._release()
@@ -424,9 +415,9 @@ class SaveSession:
         if self.domain.state != SUSPENDED or not self.delivered:
             raise errors.FailedPrecondition(
                 "commit comes after suspend and a final pass the destination acknowledged")
-        _fault("commit")
+        faults.point("commit")
         self.host.record_commit(self.migration_id, "source", self.domain.name)
-        _fault("committed")
+        faults.point("committed")
         self.committed = True
 
     async def frame_hashes(self) -> AsyncIterator[pb.HashChunk]:
@@ -548,6 +539,8 @@ class SaveSession:
             await dom.cancel_suspend()
         elif dom.state == OUTGOING:
             dom.state = RUNNING
+        if dom.state == RUNNING:
+            parking.refresh(self.host, dom)
 
     async def _close(self) -> None:
         await asyncio.gather(*(s.close() for s in self._streams))

@@ -219,15 +219,83 @@ def lone_agent(tmp_path):
         shutil.rmtree(mem, ignore_errors=True)
 
 
-def test_agent_restart_clears_stale_memory(lone_agent):
+def test_host_crash_clears_stale_memory(lone_agent):
     agent, mem = lone_agent
     create(agent.address, "vm", ram_mb=8)
-    agent.kill()  # no clean stop: its guest dies with it, its files stay
+    agent.kill_host()  # its guest dies with it, its files stay
     assert list(mem.glob("*.ram"))
     agent.start()
-    assert not list(mem.glob("*.ram"))
+    assert not list(mem.glob("*.ram")) and domains(agent.address) == {}
+    assert "domain vm not revived: its guest left no vCPU context" in agent.log_file.read_text()
     create(agent.address, "vm", ram_mb=8)  # the same name and domid again
     wait_running_and_checking(agent.address, "vm")
+
+
+def test_agent_crash_revives_its_domains(lone_agent, tmp_path):
+    """SIGKILL of the agent alone (dom0 crashes, the hypervisor does not): each guest
+    sees its channel close, quiesces and leaves its vCPU context beside its RAM; the
+    next start resumes it from there, its memory, counters and disk intact, the block
+    requests in flight at the crash replayed, and its net peer told where it is now."""
+    agent, mem = lone_agent
+    r = pvmig("domain", "create", "vm", "--agent", agent.address, "--ram-mb", "16",
+              "--disk", str(tmp_path / "vm.img"), "--disk-blocks", "128",
+              "--disk-io-rate", "200", "--vif")
+    assert r.returncode == 0, r.stderr
+    create(agent.address, "busy", ram_mb=8, dirty_rate=20000)
+    before = wait_running_and_checking(agent.address, "vm")
+    peer = subprocess.Popen([sys.executable, "-m", "pvmig", "peer", "--guest",
+                             _vif(agent.address).address, "--rate", "100", "--duration", "6"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.5)
+        agent.kill()
+        _eventually(lambda: len(list(mem.glob("*.vcpu"))) == 2, what="both guests preserved")
+        agent.start()
+        after = wait_running_and_checking(agent.address, "vm")
+        out, err = peer.communicate(timeout=60)
+    finally:
+        if peer.poll() is None:
+            peer.kill()
+    assert after.guest.steps > before.guest.steps  # went on, not booted afresh
+    assert after.guest.resumes == before.guest.resumes + 1
+    assert after.guest.checks_failed == 0 and after.guest.pages_written >= before.guest.pages_written
+    _eventually(lambda: _vbd(agent.address).served > 0, what="the disk served again")
+    vbd = _vbd(agent.address)
+    assert vbd.guest.get("read-failures", 0) == 0 and vbd.guest.get("errors", 0) == 0
+    final = json.loads(out)
+    assert peer.returncode == 0, (out, err)
+    assert final["lost"] == 0 and final["answered"] == final["sent"] > 100, final
+    assert final["announcements"] >= 1 and final["target"] == _vif(agent.address).address
+    busy = wait_running_and_checking(agent.address, "busy")
+    assert busy.guest.checks_failed == 0
+    assert not list(mem.glob("*.vcpu")) and len(list(mem.glob("*.ram"))) == 2
+    assert "revived domains left by a crash: busy, vm" in agent.log_file.read_text()
+
+
+def test_agent_crash_while_its_guest_is_throttled(lone_agent):
+    """A crash during an auto-converge throttle's off-slice leaves the guest stopped
+    (SIGSTOP): the next start wakes it to preserve itself, then revives it."""
+    agent, mem = lone_agent
+    create(agent.address, "vm", ram_mb=8)
+    before = wait_running_and_checking(agent.address, "vm")
+    os.kill(before.guest_pid, signal.SIGSTOP)
+    agent.kill()
+    time.sleep(0.5)
+    assert not list(mem.glob("*.vcpu"))  # stopped: it cannot have noticed
+    agent.start()
+    after = wait_running_and_checking(agent.address, "vm")
+    assert after.guest_pid != before.guest_pid and after.guest.resumes == 1
+    assert after.guest.checks_failed == 0
+
+
+def _vbd(address: str):
+    (vbd,) = [d for d in query(address, "vm").device_stats if d.kind == "vbd"]
+    return vbd
+
+
+def _vif(address: str):
+    (vif,) = [d for d in query(address, "vm").device_stats if d.kind == "vif"]
+    return vif
 
 
 def test_clean_restart_keeps_idle_domains(lone_agent, tmp_path):
@@ -414,6 +482,34 @@ def test_source_host_dies_at_commit_the_destination_copy_lives(tmp_path, monkeyp
         out = _recover(c["a"].address, b, data["migration-id"])
         assert out["decision"] == decision and out["runs_on"] == "destination"
         _only_on(b, c["a"].address, "vm")
+
+
+def test_destination_agent_crashes_after_its_commit_the_guest_resumes_there(tmp_path,
+                                                                             monkeypatch):
+    """The destination's agent alone crashes between its commit record and the resume:
+    its waiting guest has nothing to keep and ends, but the record it wrote first holds
+    the migrated vCPU context, so its next start resumes the guest from the migrated
+    RAM; recovery finds it running there and destroys the source copy."""
+    monkeypatch.setenv("PVMIG_FAULT_AGENT_CRASHES_AT", "dest-committed")
+    with LocalCluster(tmp_path, ["a", "b"], extra_args=["--session-timeout", "600"]) as c:
+        monkeypatch.delenv("PVMIG_FAULT_AGENT_CRASHES_AT")
+        a, b = c["a"].address, c["b"].address
+        create(a, "vm", ram_mb=32, dirty_rate=5000, disk=str(tmp_path / "vm.img"),
+               disk_blocks=128, disk_io_rate=100)
+        r, data = migrate(a, b, "vm", tmp_path / "r.json")
+        assert r.returncode == 1 and "not settled: run pvmig recover" in r.stderr, r.stderr
+        assert "pvmig recover --migration" in data["abort-errors"][-1]
+        c["b"].proc.wait(timeout=10)
+        c["b"].start()
+        assert "domain vm revived" in c["b"].log_file.read_text()
+        b = c["b"].address
+        out = _recover(a, b, data["migration-id"])
+        assert out["decision"] == "committed" and out["runs_on"] == "destination"
+        _only_on(b, a, "vm")
+        info = wait_running_and_checking(b, "vm")
+        assert info.guest.checks_failed == 0 and info.guest.resumes == 1
+        (vbd,) = [d for d in info.device_stats if d.kind == "vbd"]
+        assert vbd.guest.get("read-failures", 0) == 0 and vbd.guest.get("errors", 0) == 0
 
 
 def test_destination_cannot_record_its_commit_the_source_rolls_back(cluster, tmp_path):
