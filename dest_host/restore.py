@@ -29,7 +29,7 @@ from typing import AsyncIterator
 import msgpack
 import numpy as np
 
-from pvmig import errors, faults, logdirty, pages, parking, rpc, verify
+from pvmig import errors, faults, guestinfo, logdirty, pages, parking, rpc, verify
 from pvmig._proto import pvmig_pb2 as pb
 from pvmig.client import AgentClient
 from pvmig.domain import INCOMING, Domain
@@ -214,7 +214,8 @@ class RestoreSession:
         # (pvmig.parking), then the decision that makes it count.
         parking.remember(self.host, self.domain, migration_id=self.migration_id,
                          role="destination", vcpu=self.vcpu, backends=self.backend_records,
-                         recovery=self._recovery)
+                         recovery=self._recovery,
+                         resumes=int(guestinfo.view(self.domain.mem)[0]["resumes"]))
         self.host.record_commit(self.migration_id, "destination", self.domain.name)
         faults.point("dest-committed")
         self.committed = True

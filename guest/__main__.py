@@ -20,6 +20,7 @@ import socket
 import sys
 import time
 
+from pvmig.errors import PvmigError
 from pvmig.hypercall import GuestChannel
 from pvmig.logdirty import DirtyLog
 from pvmig.memory import GuestMemory
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             kernel.devices = devices(kernel.rng)
             kernel.devices.connect(moved=False)
             chan.send({"op": "booted", "t": time.monotonic_ns()})
-        except (OSError, RuntimeError, TimeoutError):
+        except (OSError, RuntimeError, TimeoutError, PvmigError):
             if chan.closed():  # the agent died before the domain was whole: nothing to keep
                 print("hypervisor gone during boot", flush=True)
                 return 1
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             chan.send({"op": "resumed", "id": rid, "t": time.monotonic_ns()})
             kernel.devices = devices(kernel.rng)
             kernel.devices.connect(moved=True, recovery=msg.get("recovery", "replay"))
-        except (OSError, RuntimeError, TimeoutError):
+        except (OSError, RuntimeError, TimeoutError, PvmigError):
             if not chan.closed():
                 raise
             kernel.preserve()

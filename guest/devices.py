@@ -118,8 +118,11 @@ class GuestDevices:
     def _wait(self, seconds: float) -> None:
         # The agent's end is watched too: when it dies, xenstored dies with it and no
         # answer will come (the guest preserves itself at once instead of timing out).
-        ready, _, _ = select.select([self.events, self.chan], [], [], seconds)
-        if self.chan in ready and self.chan.closed():
+        poller = select.poll()
+        poller.register(self.events, select.POLLIN)
+        poller.register(self.chan, select.POLLRDHUP)  # its end closing, not its messages
+        poller.poll(seconds * 1000)
+        if self.chan.closed():
             raise HypervisorGone("the agent's channel closed")
         self.events.drain()
 

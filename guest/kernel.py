@@ -17,6 +17,7 @@ import msgpack
 import numpy as np
 
 from pvmig import guestinfo
+from pvmig.errors import PvmigError
 from pvmig.hypercall import GuestChannel
 
 from pvmig.devlayout import BlkArea, NetArea
@@ -141,7 +142,7 @@ class Kernel:
         hypervisor goes (the agent's end closes): then preserve and stop."""
         try:
             self._run(chan)
-        except (OSError, RuntimeError, TimeoutError):
+        except (OSError, RuntimeError, TimeoutError, PvmigError):
             # (a send into the closed channel; a xenstore request nobody will answer)
             if not chan.closed():
                 raise

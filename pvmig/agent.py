@@ -188,6 +188,9 @@ class MigrationSourceServicer(pb_grpc.MigrationSourceServicer):
 
     @_status
     async def Complete(self, request, context):
+        if (request.migration_id not in self.host.saves
+                and parking.complete_held(self.host, request.migration_id)):
+            return pb.DoneReply()  # a copy its crash left, held for the settling
         session = self.host.save(request.migration_id)
         with session.lease.hold():
             await session.complete()
@@ -207,7 +210,11 @@ class MigrationSourceServicer(pb_grpc.MigrationSourceServicer):
 
     @_status
     async def Rollback(self, request, context):
-        await self.host.save(request.migration_id).rollback(request.reason or "rolled back")
+        reason = request.reason or "rolled back"
+        if (request.migration_id not in self.host.saves
+                and await parking.roll_back_held(self.host, request.migration_id, reason)):
+            return pb.DoneReply()
+        await self.host.save(request.migration_id).rollback(reason)
         return pb.DoneReply()
 
 
@@ -328,6 +335,11 @@ async def serve(host: Host, listen: str, *, ready_file: Path | None = None) -> N
     host.listen_host = bind_host
     if not host.advertise or host.advertise.endswith(":0"):
         host.advertise = advertised(bind_host, port)
+    # (a stop asked for while they come back waits for them, then parks them again)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     # Domains a crash left and parked ones are back before anyone can ask: a recovery
     # must not be told a domain is lost while it is being resumed here.
     revived = await parking.revive_all(host)
@@ -345,10 +357,6 @@ async def serve(host: Host, listen: str, *, ready_file: Path | None = None) -> N
     if not host.security.tls and not host.security.token:
         log.warning("this agent accepts any caller, in plain text: keep it on loopback or a "
                     "private network, or give it --tls-* or --token-file")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     watchdog = asyncio.create_task(host.watchdog())
     if ready_file is not None:
         tmp = Path(f"{ready_file}.tmp")
@@ -363,6 +371,12 @@ async def serve(host: Host, listen: str, *, ready_file: Path | None = None) -> N
         await _settle_for_stop(host)
         await parking.park_all(host)
         for name in list(host.domains):
+            session = host.restores.get(host.domains[name].migration_id)
+            if session is not None and session.committed:
+                # committed here, not resumed in time: its record and RAM stay, and the
+                # next start resumes it (pvmig.parking)
+                await host.domains.pop(name).destroy(keep_ram=True)
+                continue
             await host.drop(name)
 
 

@@ -44,13 +44,12 @@ class GuestChannel:
         return bool(select.select([self._sock], [], [], max(timeout, 0.0))[0])
 
     def closed(self) -> bool:
-        """The agent has gone (its end is closed), without taking a message."""
-        if not self.poll(0):
-            return False
-        try:
-            return not self._sock.recv(1, socket.MSG_PEEK)
-        except ConnectionError:
-            return True
+        """The agent has gone (its end is closed), without taking a message, even one
+        it sent before it went (POLLRDHUP says so with data still unread)."""
+        poller = select.poll()
+        poller.register(self._sock, select.POLLRDHUP)
+        return any(ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+                   for _, ev in poller.poll(0))
 
     def recv(self) -> dict | None:
         """The next message, or None when the agent has gone."""

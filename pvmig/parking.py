@@ -36,8 +36,9 @@ from typing import TYPE_CHECKING
 
 import msgpack
 
-from . import errors
+from . import errors, guestinfo
 from .domain import RUNNING
+from .memory import GuestMemory
 
 if TYPE_CHECKING:
     from .domain import Domain
@@ -61,6 +62,7 @@ def kept_ram(host: "Host") -> set[Path]:
     clear them away."""
     kept = {Path(r["ram"]) for r in _records(directory(host), "*.park").values()}
     kept |= {Path(r["ram"]) for r in _records(live_directory(host), "*.live").values()}
+    kept |= {Path(r["ram"]) for r in _records(directory(host), "*.held").values()}
     for path in [*directory(host).glob("*.broken"), *live_directory(host).glob("*.broken")]:
         try:
             kept.add(Path(msgpack.unpackb(path.read_bytes())["ram"]))
@@ -177,66 +179,161 @@ async def revive_all(host: "Host") -> list[str]:
     # them all together.
     await asyncio.gather(*(_gone(r.get("pid", 0), r.get("started", 0))
                            for r in records.values()))
+    for tmp in host.mem_dir.glob("*.vcpu.tmp"):  # a guest killed as it wrote
+        tmp.unlink(missing_ok=True)
     resumed = []
     for path, record in records.items():
         name = record.get("name", path.stem)
         try:
-            # Nothing to resume from (a host crash): nothing is decided here either;
-            # a migration's recovery finds the domain lost.
-            vcpu = _preserved(record)
-            why_not = _refused(host, record) if vcpu is not None else (
-                "its guest left no vCPU context (it died with its host, or was killed): "
-                "nothing to resume it from")
-            if why_not is not None:
-                log.error("domain %s not revived: %s", name, why_not)
-                _remove(record)
-                path.unlink()
-                continue
-            await unpark(host, {**record, "vcpu": vcpu})  # (which writes its record anew)
-        except (errors.PvmigError, OSError, KeyError, ValueError) as e:
+            if await _revive(host, path, record):
+                resumed.append(name)
+        except Exception as e:  # (one domain's trouble keeps no other one down)
             log.error("domain %s not revived (%s): its record is kept as %s", name, e,
-                      path.with_suffix(".broken"))
+                      path.with_suffix(".broken"), exc_info=not isinstance(
+                          e, (errors.PvmigError, OSError, KeyError, ValueError)))
             path.replace(path.with_suffix(".broken"))
-            continue
-        Path(record["ram"]).with_suffix(".vcpu").unlink(missing_ok=True)
-        resumed.append(name)
-        log.info("domain %s revived: its agent had crashed", name)
     return resumed
 
 
-def _refused(host: "Host", record: dict) -> str | None:
-    """Why this copy must not run again, or None. The source decides a migration: one it
-    never committed is aborted now, before anyone asks; at a destination, only a
-    committed copy may run."""
+async def _revive(host: "Host", path: Path, record: dict) -> bool:
+    name = record["name"]
+    if (directory(host) / f"{name}.park").exists():
+        # parked by a clean stop that crashed before it could forget this record: the
+        # parked record is the later word
+        _remove_vcpu(record)
+        path.unlink()
+        return False
+    vcpu = _preserved(record)
+    if vcpu is None:
+        # Nothing to resume from (a host crash): nothing is decided here either; a
+        # migration's recovery finds the domain lost.
+        log.error("domain %s not revived: its guest left no vCPU context (it died with "
+                  "its host, or was killed): nothing to resume it from", name)
+        _remove(record)
+        path.unlink()
+        return False
+    # The context goes into the record before anything moves the RAM: a failed revival
+    # leaves a .broken record that still holds all it needs.
+    record = {**record, "vcpu": vcpu, "resumes": _resumes(record)}
+    _write(path, msgpack.packb(record))
+    _remove_vcpu(record)
+    action = _decide(host, record)
+    if action != "revive":
+        if action == "hold":
+            # (under the migration's name: the domain's may be taken again meanwhile)
+            ram = Path(record["ram"])
+            held = ram.with_name(f"{record['migration_id']}.held.ram")
+            _write(_held_path(host, record["migration_id"]),
+                   msgpack.packb({**record, "ram": str(held)}))
+            os.rename(ram, held)
+            log.warning("domain %s not revived: migration %s committed it to the "
+                        "destination; its copy is held until the migration settles",
+                        name, record["migration_id"])
+        else:
+            log.error("domain %s not revived: %s", name, action)
+            _remove(record)
+        path.unlink()
+        return False
+    await unpark(host, record)  # (which writes its record anew)
+    log.info("domain %s revived: its agent had crashed", name)
+    return True
+
+
+def _decide(host: "Host", record: dict) -> str:
+    """"revive", "hold" (a committed source's copy, for a rollback), or why not. The
+    source decides a migration: one it never committed is aborted now, before anyone
+    asks; at a destination, only a committed copy may run."""
     mid, role = record.get("migration_id"), record.get("role")
     if not mid:
-        return None
+        return "revive"
     decided = host.commit_record(mid, role)
     if role == "source":
         if decided is None:
             host.record_commit(mid, "source", record["name"], "aborted")
             log.warning("migration %s aborted: its source agent crashed before commit", mid)
         elif decided["state"] == "committed":
-            return f"migration {mid} committed: the guest belongs to the destination"
-        return None
+            return "hold"
+        elif decided["state"] == "lost":
+            return f"migration {mid}: this source answered that its copy was lost"
+        return "revive"
     if decided is None:
         return f"migration {mid} was never committed here"
-    return None
+    return "revive"
 
 
 def _preserved(record: dict) -> bytes | None:
     """The vCPU context to resume from: what the guest left when its agent died, else
-    (a destination that committed but never resumed it) the migrated one."""
-    path = Path(record["ram"]).with_suffix(".vcpu")
+    the one the record keeps (a destination's migrated one, or one a failed revival
+    kept) if the RAM has not run since it was taken."""
+    path = _vcpu_path(record)
     if path.exists():
         return path.read_bytes()
-    return record.get("vcpu")
+    if record.get("vcpu") is not None and _resumes(record) == record.get("resumes"):
+        return record["vcpu"]
+    return None
+
+
+def _resumes(record: dict) -> int | None:
+    """How many times the guest in this RAM has resumed (its info page's count): a
+    context taken before a resume does not go with the RAM after it."""
+    try:
+        mem = GuestMemory.open(record["ram"])
+    except (OSError, ValueError):
+        return None
+    try:
+        return int(guestinfo.view(mem)[0]["resumes"])
+    finally:
+        mem.close()
+
+
+# ---- a committed source's copy, held after a crash until its migration settles
+
+
+def _held_path(host: "Host", migration_id: str) -> Path:
+    from .host import check_migration_id  # (host.py imports this module)
+    check_migration_id(migration_id)  # it names a file, and may come off the wire
+    return directory(host) / f"{migration_id}.held"
+
+
+def holds(host: "Host", migration_id: str) -> bool:
+    return _held_path(host, migration_id).exists()
+
+
+async def roll_back_held(host: "Host", migration_id: str, reason: str) -> bool:
+    """Rollback of a committed migration whose source crashed: resume the held copy
+    here (recorded first). False if none is held."""
+    path = _held_path(host, migration_id)
+    if not path.exists():
+        return False
+    record = msgpack.unpackb(path.read_bytes())
+    host.record_commit(migration_id, "source", record["name"], "rolled-back")
+    log.warning("migration %s rolled back: %s", migration_id, reason)
+    await unpark(host, {k: v for k, v in record.items() if k not in ("migration_id", "role")})
+    path.unlink()
+    return True
+
+
+def complete_held(host: "Host", migration_id: str) -> bool:
+    """The destination runs the guest: the held copy goes. False if none is held."""
+    path = _held_path(host, migration_id)
+    if not path.exists():
+        return False
+    _remove(msgpack.unpackb(path.read_bytes()))
+    path.unlink()
+    return True
+
+
+def _vcpu_path(record: dict) -> Path:
+    return Path(record["ram"]).with_suffix(".vcpu")
+
+
+def _remove_vcpu(record: dict) -> None:
+    _vcpu_path(record).unlink(missing_ok=True)
 
 
 def _remove(record: dict) -> None:
-    ram = Path(record["ram"])
-    for path in (ram, ram.with_suffix(".vcpu")):
-        path.unlink(missing_ok=True)
+    Path(record["ram"]).unlink(missing_ok=True)
+    _remove_vcpu(record)
 
 
 PRESERVE_WAIT_S = 30.0

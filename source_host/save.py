@@ -559,10 +559,13 @@ async def resolve(host: Host, migration_id: str, reason: str, domain: str = "",
                                  holds_copy=state == "committed" and session.holds_copy)
     record = host.commit_record(migration_id, "source")
     if record is not None:
-        return pb.MigrationState(state=record["state"], domain=record["domain"])
+        return pb.MigrationState(state=record["state"], domain=record["domain"],
+                                 holds_copy=parking.holds(host, migration_id))
     if domain and instance and instance != host.instance_id and domain not in host.domains:
-        # this agent restarted since the migration began (its parked domains are back
-        # before it serves), and the guest died with the one before
+        # this agent restarted since the migration began (the domains it parked or a
+        # crash left are back before it serves), and the guest died with its host.
+        # Said once for good: nothing may revive this copy after the destination's.
+        host.record_commit(migration_id, "source", domain, "lost")
         return pb.MigrationState(state="lost", domain=domain)
     return pb.MigrationState(state="unknown", domain=domain)
 

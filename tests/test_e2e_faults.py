@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -260,8 +261,7 @@ def test_agent_crash_revives_its_domains(lone_agent, tmp_path):
     assert after.guest.resumes == before.guest.resumes + 1
     assert after.guest.checks_failed == 0 and after.guest.pages_written >= before.guest.pages_written
     _eventually(lambda: _vbd(agent.address).served > 0, what="the disk served again")
-    vbd = _vbd(agent.address)
-    assert vbd.guest.get("read-failures", 0) == 0 and vbd.guest.get("errors", 0) == 0
+    _disk_intact(query(agent.address, "vm"))
     final = json.loads(out)
     assert peer.returncode == 0, (out, err)
     assert final["lost"] == 0 and final["answered"] == final["sent"] > 100, final
@@ -317,9 +317,8 @@ def test_clean_restart_keeps_idle_domains(lone_agent, tmp_path):
     after = wait_running_and_checking(agent.address, "vm")
     assert after.guest.steps > before.guest.steps  # went on, not booted afresh
     assert after.guest.checks_failed == 0 and after.guest.pages_written >= before.guest.pages_written
-    (vbd,) = [d for d in after.device_stats if d.kind == "vbd"]
-    assert vbd.guest.get("read-failures", 0) == 0 and vbd.guest.get("errors", 0) == 0
-    assert vbd.served > 0
+    _disk_intact(after)
+    assert _vbd(agent.address).served > 0
     wait_running_and_checking(agent.address, "quiet")
     assert not list((tmp_path / "a" / "data" / "parked").iterdir())
     assert len(list(mem.glob("*.ram"))) == 2  # the same two, under new domids
@@ -484,32 +483,72 @@ def test_source_host_dies_at_commit_the_destination_copy_lives(tmp_path, monkeyp
         _only_on(b, c["a"].address, "vm")
 
 
+@contextmanager
+def _agent_crashing_at(point: str, tmp_path: Path, monkeypatch):
+    """Two agents that crash (alone: their guests live on) at `point`, and a migration
+    of vm a -> b that ran into it, left for `pvmig recover`: the cluster and its report."""
+    monkeypatch.setenv("PVMIG_FAULT_AGENT_CRASHES_AT", point)
+    with LocalCluster(tmp_path, ["a", "b"], extra_args=["--session-timeout", "600"]) as c:
+        monkeypatch.delenv("PVMIG_FAULT_AGENT_CRASHES_AT")
+        create(c["a"].address, "vm", ram_mb=32, dirty_rate=5000,
+               disk=str(tmp_path / "vm.img"), disk_blocks=128, disk_io_rate=100)
+        r, data = migrate(c["a"].address, c["b"].address, "vm", tmp_path / "r.json")
+        assert r.returncode == 1 and "not settled: run pvmig recover" in r.stderr, r.stderr
+        assert "pvmig recover --migration" in data["abort-errors"][-1]
+        yield c, data
+
+
+def _disk_intact(info: pb.DomainInfo) -> None:
+    (vbd,) = [d for d in info.device_stats if d.kind == "vbd"]
+    assert vbd.guest.get("read-failures", 0) == 0 and vbd.guest.get("errors", 0) == 0, vbd
+
+
 def test_destination_agent_crashes_after_its_commit_the_guest_resumes_there(tmp_path,
                                                                              monkeypatch):
     """The destination's agent alone crashes between its commit record and the resume:
     its waiting guest has nothing to keep and ends, but the record it wrote first holds
     the migrated vCPU context, so its next start resumes the guest from the migrated
     RAM; recovery finds it running there and destroys the source copy."""
-    monkeypatch.setenv("PVMIG_FAULT_AGENT_CRASHES_AT", "dest-committed")
-    with LocalCluster(tmp_path, ["a", "b"], extra_args=["--session-timeout", "600"]) as c:
-        monkeypatch.delenv("PVMIG_FAULT_AGENT_CRASHES_AT")
-        a, b = c["a"].address, c["b"].address
-        create(a, "vm", ram_mb=32, dirty_rate=5000, disk=str(tmp_path / "vm.img"),
-               disk_blocks=128, disk_io_rate=100)
-        r, data = migrate(a, b, "vm", tmp_path / "r.json")
-        assert r.returncode == 1 and "not settled: run pvmig recover" in r.stderr, r.stderr
-        assert "pvmig recover --migration" in data["abort-errors"][-1]
+    with _agent_crashing_at("dest-committed", tmp_path, monkeypatch) as (c, data):
         c["b"].proc.wait(timeout=10)
         c["b"].start()
         assert "domain vm revived" in c["b"].log_file.read_text()
-        b = c["b"].address
+        a, b = c["a"].address, c["b"].address
         out = _recover(a, b, data["migration-id"])
         assert out["decision"] == "committed" and out["runs_on"] == "destination"
-        _only_on(b, a, "vm")
-        info = wait_running_and_checking(b, "vm")
-        assert info.guest.checks_failed == 0 and info.guest.resumes == 1
-        (vbd,) = [d for d in info.device_stats if d.kind == "vbd"]
-        assert vbd.guest.get("read-failures", 0) == 0 and vbd.guest.get("errors", 0) == 0
+        info = _only_on(b, a, "vm")
+        assert info.guest.resumes == 1
+        _disk_intact(info)
+
+
+def test_source_agent_crashes_after_its_commit_its_copy_is_held_for_a_rollback(
+        tmp_path, monkeypatch):
+    """The source's agent alone crashes just after recording the commit: its suspended
+    guest preserves itself, and the restart holds that copy (the migration belongs to
+    the destination now) instead of throwing it away. The destination then cannot
+    commit (its disk refuses the record): recover discards it and rolls back to the
+    held copy, which resumes at home."""
+    with _agent_crashing_at("committed", tmp_path, monkeypatch) as (c, data):
+        c["a"].proc.wait(timeout=10)
+        c["a"].start()
+        parked = Path(c["a"].dir) / "data" / "parked"
+        assert [p.name for p in parked.iterdir()] == [f"{data['migration-id']}.held"]
+        a, b = c["a"].address, c["b"].address
+        assert "vm" not in domains(a)
+        records = Path(c["b"].dir) / "data" / "migrations"
+        shutil.rmtree(records)
+        records.write_text("not a directory")
+        try:
+            out = _recover(a, b, data["migration-id"])
+        finally:
+            records.unlink()
+            records.mkdir()
+        assert out["decision"] == "rolled-back" and out["runs_on"] == "source", out
+        info = _only_on(a, b, "vm")
+        assert info.guest.resumes == 1
+        _disk_intact(info)
+        assert not list(parked.iterdir())
+        assert _record(c["a"], data["migration-id"])["state"] == "rolled-back"
 
 
 def test_destination_cannot_record_its_commit_the_source_rolls_back(cluster, tmp_path):
