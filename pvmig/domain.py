@@ -59,6 +59,7 @@ class Domain:
     devices: list = field(default_factory=list)  # DeviceConfig dicts
     journal: ForeignWrites | None = None  # dom0's writes into guest RAM, for the verifier
     pv: object = None  # pvmig.devices.DomainDevices: its xenstore and backends here
+    recorded: dict | None = None  # what its live record adds (pvmig.parking); None: no record
     _watch: asyncio.Task | None = field(default=None, repr=False)
     _exited: asyncio.Future | None = field(default=None, repr=False)
     _suspending: asyncio.Task | None = field(default=None, repr=False)
@@ -91,16 +92,13 @@ class Domain:
     def allocate(cls, *, name: str, domid: int, ram_bytes: int, mem_dir: Path,
                  workload: dict, ram_from: Path | None = None) -> "Domain":
         """New hypervisor files for a domain; its RAM new too, or `ram_from`, a RAM file
-        kept from before (a parked domain: pvmig.parking), taken over under this name."""
+        kept from before (a parked or crashed agent's domain: pvmig.parking), taken over
+        where it is: never renamed, so that a crash at any moment finds it where its
+        record says."""
         base = mem_dir / f"{name}.{domid}"
         try:
             if ram_from is not None:
-                os.rename(ram_from, f"{base}.ram")
-                try:
-                    mem = GuestMemory.open(f"{base}.ram")
-                except BaseException:
-                    os.rename(f"{base}.ram", ram_from)
-                    raise
+                mem = GuestMemory.open(ram_from)
             else:
                 mem = GuestMemory.create(f"{base}.ram", ram_bytes // PAGE_SIZE)
         except OSError as e:
@@ -115,9 +113,7 @@ class Domain:
         except BaseException as e:
             for f in made:
                 f.close()
-                if f is mem and ram_from is not None:  # a parked guest's: given back
-                    os.rename(mem.path, ram_from)
-                else:
+                if f is not mem or ram_from is None:  # (a kept RAM stays kept)
                     f.unlink()
             if isinstance(e, OSError):
                 raise errors.ResourceExhausted(

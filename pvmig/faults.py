@@ -6,7 +6,8 @@
                                         live on, and its next start revives them
 
 Points: "commit" and "committed" (the source, before and after its commit record),
-"dest-committed" (the destination, after its commit record, before the resume).
+"dest-committed" (the destination, after its commit record, before the resume),
+"unpark" (a start resuming a parked or crash-left domain, just before the resume).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import os
 import signal
 
-POINTS = ("commit", "committed", "dest-committed")
 _HOST_DIES_AT = os.environ.get("PVMIG_FAULT_AGENT_DIES_AT", "")
 _AGENT_CRASHES_AT = os.environ.get("PVMIG_FAULT_AGENT_CRASHES_AT", "")
 

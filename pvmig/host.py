@@ -191,7 +191,7 @@ class Host:
                                net_bind=net_bind, net_public=public,
                                storage_dir=self.storage_dir)
         dom.pv.start()
-        dom.pv.on_records = lambda: parking.refresh(self, dom, idle_only=True)
+        dom.pv.on_records = lambda: parking.backends_changed(self, dom)
 
     async def create_domain(self, name: str, ram_bytes: int, workload: dict,
                             devices: list[dict] = ()) -> Domain:

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 import msgpack
 
-from . import errors, guestinfo
+from . import errors, faults, guestinfo
 from .domain import RUNNING
 from .memory import GuestMemory
 
@@ -125,12 +125,12 @@ async def unpark(host: "Host", record: dict) -> None:
         await dom.start_waiting(host.log_path(dom))
         if dom.pv is not None:
             dom.pv.restore_backend_records(record.get("backends", {}))
+        faults.point("unpark")
         await dom.resume(record["vcpu"], record.get("recovery", RECOVERY))
         refresh(host, dom)
     except BaseException:
         host.domains.pop(dom.name, None)
-        await dom.destroy(keep_ram=True)
-        os.rename(dom.mem.path, kept)  # where the record (kept as .broken) says
+        await dom.destroy(keep_ram=True)  # (where the record, kept as .broken, says)
         raise
     log.info("domain %s resumed from its parked state", dom.name)
 
@@ -149,21 +149,29 @@ def remember(host: "Host", dom: "Domain", **migration) -> None:
               "started": _started(dom.proc.pid) if dom.proc else 0, **migration}
     try:
         _write(live_directory(host) / f"{dom.name}.live", msgpack.packb(record))
+        dom.recorded = migration
     except OSError as e:
         raise errors.FailedPrecondition(
             f"host {host.name} cannot record domain {dom.name} in "
             f"{live_directory(host)}: {e}") from None
 
 
-def refresh(host: "Host", dom: "Domain", idle_only: bool = False) -> None:
-    """remember, once the domain runs again (idle_only: only if it is not migrating, whose
-    record says so): a failure is said, not raised (the guest runs; only a crash of this
-    agent would now lose it)."""
-    if idle_only and (dom.state != RUNNING or dom.migration_id
-                      or host.domains.get(dom.name) is not dom):
-        return
+def refresh(host: "Host", dom: "Domain") -> None:
+    """remember, once the domain runs again (no migration): a failure is said, not
+    raised (the guest runs; only a crash of this agent would now lose it)."""
+    _rewrite(host, dom, {})
+
+
+def backends_changed(host: "Host", dom: "Domain") -> None:
+    """Its backends learnt something a revival needs (a peer of its NIC): its record
+    again, as it was otherwise."""
+    if dom.recorded is not None and host.domains.get(dom.name) is dom:
+        _rewrite(host, dom, dom.recorded)
+
+
+def _rewrite(host: "Host", dom: "Domain", migration: dict) -> None:
     try:
-        remember(host, dom)
+        remember(host, dom, **migration)
     except errors.FailedPrecondition as e:
         log.error("%s: a crash of this agent would lose it", e)
 

@@ -288,6 +288,25 @@ def test_agent_crash_while_its_guest_is_throttled(lone_agent):
     assert after.guest.checks_failed == 0
 
 
+def test_agent_crashes_again_while_reviving(lone_agent, monkeypatch):
+    """A second crash in the middle of a revival (its new guest waiting, not yet
+    resumed) loses nothing: the RAM is where the record says, the context is in the
+    record, and the RAM has not run since; the start after revives it."""
+    agent, mem = lone_agent
+    create(agent.address, "vm", ram_mb=8)
+    before = wait_running_and_checking(agent.address, "vm")
+    agent.kill()
+    monkeypatch.setenv("PVMIG_FAULT_AGENT_CRASHES_AT", "unpark")
+    with pytest.raises(RuntimeError, match="exited with -9"):
+        agent.start()
+    monkeypatch.delenv("PVMIG_FAULT_AGENT_CRASHES_AT")
+    agent.start()
+    after = wait_running_and_checking(agent.address, "vm")
+    assert after.guest.resumes == 1 and after.guest.steps > before.guest.steps
+    assert after.guest.checks_failed == 0
+    assert len(list(mem.glob("*.ram"))) == 1 and not list(mem.glob("*.vcpu"))
+
+
 def _vbd(address: str):
     (vbd,) = [d for d in query(address, "vm").device_stats if d.kind == "vbd"]
     return vbd
@@ -321,7 +340,7 @@ def test_clean_restart_keeps_idle_domains(lone_agent, tmp_path):
     assert _vbd(agent.address).served > 0
     wait_running_and_checking(agent.address, "quiet")
     assert not list((tmp_path / "a" / "data" / "parked").iterdir())
-    assert len(list(mem.glob("*.ram"))) == 2  # the same two, under new domids
+    assert len(list(mem.glob("*.ram"))) == 2  # the same two, taken over where they were
 
 
 def test_a_parked_domain_without_its_ram_is_set_aside(lone_agent, tmp_path):
