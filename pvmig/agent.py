@@ -189,7 +189,7 @@ class MigrationSourceServicer(pb_grpc.MigrationSourceServicer):
     @_status
     async def Complete(self, request, context):
         if (request.migration_id not in self.host.saves
-                and parking.complete_held(self.host, request.migration_id)):
+                and await parking.complete_held(self.host, request.migration_id)):
             return pb.DoneReply()  # a copy its crash left, held for the settling
         session = self.host.save(request.migration_id)
         with session.lease.hold():

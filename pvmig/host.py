@@ -92,6 +92,7 @@ class Host:
         self.saves: dict[str, SaveSession] = {}
         self.restores: dict[str, RestoreSession] = {}
         self._next_domid = 1
+        self.held_lock = asyncio.Lock()  # the copies a crash left held (pvmig.parking)
         self.xenstored = Xenstored()
         for d in (self.data_dir, self.mem_dir, self.data_dir / "migrations",
                   self.data_dir / "logs"):
@@ -115,8 +116,10 @@ class Host:
     async def watchdog(self, every_s: float = 1.0) -> None:
         """Settle migrations whose coordinator has gone silent (session.expire): before
         commit they are aborted; after it, finished from the durable decision. Each in
-        a task of its own: one unreachable peer holds up no other migration."""
+        a task of its own: one unreachable peer holds up no other migration. Copies a
+        crash left held (pvmig.parking) are settled once a lease too."""
         settling: dict[str, asyncio.Task] = {}
+        held, held_next = None, time.monotonic() + self.session_timeout_s
         try:
             while True:
                 await asyncio.sleep(every_s)
@@ -126,9 +129,13 @@ class Host:
                     if session.lease.expired() and session.migration_id not in settling:
                         settling[session.migration_id] = asyncio.create_task(
                             self._expire(session))
+                if (held is None or held.done()) and time.monotonic() >= held_next:
+                    held = asyncio.create_task(parking.settle_held(self))
+                    held_next = time.monotonic() + self.session_timeout_s
         finally:
-            for task in settling.values():
-                task.cancel()
+            for task in [*settling.values(), held]:
+                if task is not None:
+                    task.cancel()
 
     @staticmethod
     async def _expire(session) -> None:

@@ -36,7 +36,9 @@ from typing import TYPE_CHECKING
 
 import msgpack
 
-from . import errors, faults, guestinfo
+from . import errors, faults, guestinfo, recovery
+from ._proto import pvmig_pb2 as pb
+from .client import AgentClient
 from .domain import RUNNING
 from .memory import GuestMemory
 
@@ -310,25 +312,67 @@ def holds(host: "Host", migration_id: str) -> bool:
 async def roll_back_held(host: "Host", migration_id: str, reason: str) -> bool:
     """Rollback of a committed migration whose source crashed: resume the held copy
     here (recorded first). False if none is held."""
-    path = _held_path(host, migration_id)
-    if not path.exists():
-        return False
-    record = msgpack.unpackb(path.read_bytes())
-    host.record_commit(migration_id, "source", record["name"], "rolled-back")
-    log.warning("migration %s rolled back: %s", migration_id, reason)
-    await unpark(host, {k: v for k, v in record.items() if k not in ("migration_id", "role")})
-    path.unlink()
-    return True
+    async with host.held_lock:
+        path = _held_path(host, migration_id)
+        if not path.exists():
+            return False
+        record = msgpack.unpackb(path.read_bytes())
+        host.record_commit(migration_id, "source", record["name"], "rolled-back")
+        log.warning("migration %s rolled back: %s", migration_id, reason)
+        await unpark(host, {k: v for k, v in record.items()
+                            if k not in ("migration_id", "role", "dest")})
+        path.unlink()
+        return True
 
 
-def complete_held(host: "Host", migration_id: str) -> bool:
+async def complete_held(host: "Host", migration_id: str) -> bool:
     """The destination runs the guest: the held copy goes. False if none is held."""
-    path = _held_path(host, migration_id)
-    if not path.exists():
-        return False
-    _remove(msgpack.unpackb(path.read_bytes()))
-    path.unlink()
-    return True
+    async with host.held_lock:
+        path = _held_path(host, migration_id)
+        if not path.exists():
+            return False
+        _remove(msgpack.unpackb(path.read_bytes()))
+        path.unlink()
+        return True
+
+
+async def settle_held(host: "Host") -> None:
+    """Held copies settle themselves, as an expired session does: the destination is
+    asked what it holds (pvmig.recovery). One that cannot be reached is asked again
+    at the next round of the watchdog."""
+    for record in _records(directory(host), "*.held").values():
+        mid = record["migration_id"]
+        try:
+            async with AgentClient(record["dest"], "the destination agent",
+                                   host.security) as dest:
+                outcome = await recovery.settle(_HeldSource(host, record),
+                                                recovery.RemoteDest(dest), mid)
+            log.warning("%s (a copy held since a crash, settled by the source)",
+                        outcome.describe())
+        except (errors.PvmigError, KeyError) as e:
+            log.error("migration %s: its held copy stays for now: %s", mid, e)
+        except Exception:  # a bug: said, and the next round tries again
+            log.exception("migration %s: settling its held copy failed", mid)
+
+
+class _HeldSource:
+    """A held copy, as recovery.settle drives a source: committed, its copy here."""
+
+    address = "this agent"
+
+    def __init__(self, host: "Host", record: dict) -> None:
+        self.host, self.record, self.name = host, record, host.name
+
+    async def resolve(self, migration_id: str, domain: str, instance: str) -> pb.MigrationState:
+        return pb.MigrationState(state="committed", domain=self.record["name"],
+                                 holds_copy=holds(self.host, migration_id))
+
+    async def complete(self, migration_id: str) -> None:
+        await complete_held(self.host, migration_id)
+
+    async def rollback(self, migration_id: str, reason: str) -> None:
+        if not await roll_back_held(self.host, migration_id, reason):
+            raise errors.NotFound(f"migration {migration_id}: no copy held here")
 
 
 def _vcpu_path(record: dict) -> Path:

@@ -134,7 +134,8 @@ class SaveSession:
         try:
             # (a crash from here on: the next start revives the guest only if this
             # source never committed, and records the abort: pvmig.parking)
-            parking.remember(host, dom, migration_id=request.migration_id, role="source")
+            parking.remember(host, dom, migration_id=request.migration_id, role="source",
+                             dest=request.dest_address)
             await session._connect()
         except BaseException:
             await session._release()
@@ -442,6 +443,7 @@ class SaveSession:
         both ask at the same time)."""
         if not self.committed:
             raise errors.FailedPrecondition("the source copy is destroyed only after commit")
+        faults.point("complete")
         if self._completing is None:
             self._own()
             self._completing = asyncio.ensure_future(self._destroy())

@@ -570,6 +570,28 @@ def test_source_agent_crashes_after_its_commit_its_copy_is_held_for_a_rollback(
         assert _record(c["a"], data["migration-id"])["state"] == "rolled-back"
 
 
+def test_source_agent_crashes_on_complete_its_held_copy_goes_by_itself(tmp_path,
+                                                                          monkeypatch):
+    """The source's agent alone crashes as it is told to destroy its copy (the guest
+    runs at the destination already). Its restart holds the suspended copy, and with
+    nobody running `pvmig recover` its watchdog asks the destination within a lease
+    and frees the copy: nothing is left on the source."""
+    monkeypatch.setenv("PVMIG_FAULT_AGENT_CRASHES_AT", "complete")
+    with LocalCluster(tmp_path, ["a", "b"], extra_args=["--session-timeout", "3"]) as c:
+        monkeypatch.delenv("PVMIG_FAULT_AGENT_CRASHES_AT")
+        create(c["a"].address, "vm", ram_mb=16, dirty_rate=2000)
+        _, data = migrate(c["a"].address, c["b"].address, "vm", tmp_path / "r.json")
+        assert data["committed"] is True
+        c["a"].proc.wait(timeout=10)
+        c["a"].start()
+        assert "its copy is held until the migration settles" in c["a"].log_file.read_text()
+        parked = Path(c["a"].dir) / "data" / "parked"
+        _eventually(lambda: not list(parked.glob("*.held")), what="the held copy freed")
+        _only_on(c["b"].address, c["a"].address, "vm")
+        assert not list(c["a"].mem_dir.glob("*.ram"))
+        assert "settled by the source" in c["a"].log_file.read_text()
+
+
 def test_destination_cannot_record_its_commit_the_source_rolls_back(cluster, tmp_path):
     """The destination's disk refuses its commit record after the source committed: it
     never resumed the guest, so the coordinator undoes the commit at once and the guest
