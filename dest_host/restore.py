@@ -212,9 +212,10 @@ class RestoreSession:
         self.ready()
         # First what a crash of this agent before the resume needs to resume it anyway
         # (pvmig.parking), then the decision that makes it count.
+        if self.domain.pv is not None:
+            self.domain.pv.restore_backend_records(self.backend_records)
         parking.remember(self.host, self.domain, migration_id=self.migration_id,
-                         role="destination", vcpu=self.vcpu, backends=self.backend_records,
-                         recovery=self._recovery,
+                         role="destination", vcpu=self.vcpu, recovery=self._recovery,
                          resumes=int(guestinfo.view(self.domain.mem)[0]["resumes"]))
         self.host.record_commit(self.migration_id, "destination", self.domain.name)
         faults.point("dest-committed")
@@ -242,8 +243,6 @@ class RestoreSession:
         await self._hash_pass()
         if self.save_image:  # asked for: costs a copy of memory inside the downtime
             save_image(self.domain.mem, self.save_image)
-        if self.domain.pv is not None:
-            self.domain.pv.restore_backend_records(self.backend_records)
         t = await self.domain.resume(self.vcpu, self._recovery)
         self.domain.migration_id = ""
         parking.refresh(self.host, self.domain)

@@ -8,7 +8,8 @@
 Points: "commit" and "committed" (the source, before and after its commit record),
 "dest-committed" (the destination, after its commit record, before the resume),
 "complete" (the source, asked to destroy its copy after the destination resumed it),
-"unpark" (a start resuming a parked or crash-left domain, just before the resume).
+"unpark" and "unparked" (a start resuming a parked or crash-left domain, just before
+the resume and just after it).
 """
 
 from __future__ import annotations

@@ -91,7 +91,6 @@ class Host:
         self.domains: dict[str, Domain] = {}
         self.saves: dict[str, SaveSession] = {}
         self.restores: dict[str, RestoreSession] = {}
-        self._next_domid = 1
         self.held_lock = asyncio.Lock()  # the copies a crash left held (pvmig.parking)
         self.xenstored = Xenstored()
         for d in (self.data_dir, self.mem_dir, self.data_dir / "migrations",
@@ -101,6 +100,7 @@ class Host:
             except OSError as e:
                 raise errors.InvalidArgument(f"cannot use {d} as an agent directory: {e}") from None
         self._clear_stale_memory()
+        self._next_domid = 1 + max(_domids(self.mem_dir), default=0)  # past kept files
         self.prune_records()
 
     def _clear_stale_memory(self) -> None:
@@ -306,6 +306,15 @@ class Host:
         except KeyError:
             raise errors.NotFound(
                 f"no incoming migration {migration_id!r} on host {self.name}") from None
+
+
+def _domids(mem_dir: Path) -> Iterator[int]:
+    """The domids that name files in `mem_dir` (NAME.DOMID.ram): the RAM of kept
+    domains, which is never renamed, so a new domain must not be given one of them."""
+    for path in mem_dir.glob("*.ram"):
+        domid = path.stem.rpartition(".")[2]
+        if domid.isdigit():
+            yield int(domid)
 
 
 _MIGRATION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")

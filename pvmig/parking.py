@@ -92,7 +92,8 @@ async def park(host: "Host", dom: "Domain") -> None:
         records = dom.pv.backend_records()
     record = {"name": dom.name, "ram": str(dom.mem.path), "ram_bytes": dom.ram_bytes,
               "workload": dom.workload, "devices": dom.devices, "vcpu": vcpu,
-              "backends": records}
+              "resumes": _ram_resumes(dom.mem), "backends": records,
+              "pid": dom.proc.pid, "started": _started(dom.proc.pid)}
     _write(directory(host) / f"{dom.name}.park", msgpack.packb(record))
     forget(host, dom.name)
     host.domains.pop(dom.name)
@@ -105,7 +106,7 @@ async def unpark_all(host: "Host") -> list[str]:
     resumed = []
     for path, record in _records(directory(host), "*.park").items():
         try:
-            await unpark(host, record)
+            await unpark(host, path, record)
         except (errors.PvmigError, OSError, KeyError, ValueError) as e:
             log.error("parked domain %s not resumed (%s): its record is kept as %s",
                       record.get("name", path.stem), e, path.with_suffix(".broken"))
@@ -116,25 +117,48 @@ async def unpark_all(host: "Host") -> list[str]:
     return resumed
 
 
-async def unpark(host: "Host", record: dict) -> None:
+async def unpark(host: "Host", path: Path, record: dict) -> None:
+    """Resume a kept domain (its record at `path`, its RAM where the record says) as a
+    destination resumes a migrated one. The record says at every step what a crash
+    there needs: the context taken in before anything can fail, then the new guest's
+    pid before it can run (a next start waits for it, and takes the context it left)."""
+    await _gone(record.get("pid", 0), record.get("started", 0))
+    record = _take_context(path, record)
     kept = Path(record["ram"])
     if not kept.exists() or kept.stat().st_size != record["ram_bytes"]:
-        raise errors.NotFound(f"its RAM file {kept} is gone or not {record['ram_bytes']} bytes")
+        raise errors.DataLoss(f"its RAM file {kept} is gone or not {record['ram_bytes']} bytes")
     dom = host.reserve(record["name"], record["ram_bytes"], record["workload"],
                        record["devices"], ram_from=kept)
     try:
         host.start_devices(dom, fresh_disks=False)
         await dom.start_waiting(host.log_path(dom))
+        _write(path, msgpack.packb({**record, "pid": dom.proc.pid,
+                                    "started": _started(dom.proc.pid)}))
         if dom.pv is not None:
             dom.pv.restore_backend_records(record.get("backends", {}))
         faults.point("unpark")
         await dom.resume(record["vcpu"], record.get("recovery", RECOVERY))
+        faults.point("unparked")
         refresh(host, dom)
     except BaseException:
         host.domains.pop(dom.name, None)
         await dom.destroy(keep_ram=True)  # (where the record, kept as .broken, says)
         raise
-    log.info("domain %s resumed from its parked state", dom.name)
+    log.info("domain %s resumed from its kept state", dom.name)
+
+
+def _take_context(path: Path, record: dict) -> dict:
+    """The record with the context to resume from in it (and the RAM's resume count it
+    goes with), written before the file the guest left is removed: from here on, a
+    context file beside the RAM can only be a later guest's."""
+    vcpu = _preserved(record)
+    if vcpu is None:
+        raise errors.DataLoss("no vCPU context goes with its RAM: it has run since its "
+                              "record was written, and its guest left none")
+    record = {**record, "vcpu": vcpu, "resumes": _resumes(record)}
+    _write(path, msgpack.packb(record))
+    _remove_vcpu(record)
+    return record
 
 
 # ---- live records: what a crashed agent's next start needs
@@ -208,13 +232,11 @@ async def revive_all(host: "Host") -> list[str]:
 async def _revive(host: "Host", path: Path, record: dict) -> bool:
     name = record["name"]
     if (directory(host) / f"{name}.park").exists():
-        # parked by a clean stop that crashed before it could forget this record: the
-        # parked record is the later word
-        _remove_vcpu(record)
+        # Parked or being unparked when the crash came: the parked record resumes it
+        # (with the context its guest left, if it ran since); this one goes.
         path.unlink()
         return False
-    vcpu = _preserved(record)
-    if vcpu is None:
+    if _preserved(record) is None:
         # Nothing to resume from (a host crash): nothing is decided here either; a
         # migration's recovery finds the domain lost.
         log.error("domain %s not revived: its guest left no vCPU context (it died with "
@@ -222,31 +244,26 @@ async def _revive(host: "Host", path: Path, record: dict) -> bool:
         _remove(record)
         path.unlink()
         return False
-    # The context goes into the record before anything moves the RAM: a failed revival
-    # leaves a .broken record that still holds all it needs.
-    record = {**record, "vcpu": vcpu, "resumes": _resumes(record)}
-    _write(path, msgpack.packb(record))
-    _remove_vcpu(record)
+    record = _take_context(path, record)
     action = _decide(host, record)
-    if action != "revive":
-        if action == "hold":
-            # (under the migration's name: the domain's may be taken again meanwhile)
-            ram = Path(record["ram"])
-            held = ram.with_name(f"{record['migration_id']}.held.ram")
-            _write(_held_path(host, record["migration_id"]),
-                   msgpack.packb({**record, "ram": str(held)}))
-            os.rename(ram, held)
-            log.warning("domain %s not revived: migration %s committed it to the "
-                        "destination; its copy is held until the migration settles",
-                        name, record["migration_id"])
-        else:
-            log.error("domain %s not revived: %s", name, action)
-            _remove(record)
-        path.unlink()
-        return False
-    await unpark(host, record)  # (which writes its record anew)
-    log.info("domain %s revived: its agent had crashed", name)
-    return True
+    if action == "revive":
+        await unpark(host, path, record)  # (which writes its record anew)
+        log.info("domain %s revived: its agent had crashed", name)
+        return True
+    if action == "hold":
+        # (under the migration's name: the domain's may be taken again meanwhile)
+        ram = Path(record["ram"])
+        held = ram.with_name(f"{record['migration_id']}.held.ram")
+        _write(_held_path(host, record["migration_id"]), msgpack.packb({**record, "ram": str(held)}))
+        os.rename(ram, held)
+        log.warning("domain %s not revived: migration %s committed it to the destination; "
+                    "its copy is held until the migration settles", name,
+                    record["migration_id"])
+    else:
+        log.error("domain %s not revived: %s", name, action)
+        _remove(record)
+    path.unlink()
+    return False
 
 
 def _decide(host: "Host", record: dict) -> str:
@@ -291,9 +308,13 @@ def _resumes(record: dict) -> int | None:
     except (OSError, ValueError):
         return None
     try:
-        return int(guestinfo.view(mem)[0]["resumes"])
+        return _ram_resumes(mem)
     finally:
         mem.close()
+
+
+def _ram_resumes(mem: GuestMemory) -> int:
+    return int(guestinfo.view(mem)[0]["resumes"])
 
 
 # ---- a committed source's copy, held after a crash until its migration settles
@@ -317,10 +338,10 @@ async def roll_back_held(host: "Host", migration_id: str, reason: str) -> bool:
         if not path.exists():
             return False
         record = msgpack.unpackb(path.read_bytes())
-        host.record_commit(migration_id, "source", record["name"], "rolled-back")
-        log.warning("migration %s rolled back: %s", migration_id, reason)
-        await unpark(host, {k: v for k, v in record.items()
-                            if k not in ("migration_id", "role", "dest")})
+        if not _running(host, record):  # (else: resumed, and a crash kept this record)
+            host.record_commit(migration_id, "source", record["name"], "rolled-back")
+            log.warning("migration %s rolled back: %s", migration_id, reason)
+            await unpark(host, path, record)
         path.unlink()
         return True
 
@@ -331,20 +352,40 @@ async def complete_held(host: "Host", migration_id: str) -> bool:
         path = _held_path(host, migration_id)
         if not path.exists():
             return False
-        _remove(msgpack.unpackb(path.read_bytes()))
+        record = msgpack.unpackb(path.read_bytes())
+        if _running(host, record):  # rolled back already: a crash kept this record
+            path.unlink()
+            return False
+        _remove(record)
         path.unlink()
         return True
 
 
+def _running(host: "Host", record: dict) -> bool:
+    return any(d.mem.path == Path(record["ram"]) for d in host.domains.values())
+
+
 async def settle_held(host: "Host") -> None:
     """Held copies settle themselves, as an expired session does: the destination is
-    asked what it holds (pvmig.recovery). One that cannot be reached is asked again
-    at the next round of the watchdog."""
-    for record in _records(directory(host), "*.held").values():
-        mid = record["migration_id"]
+    asked what it holds (pvmig.recovery). One that cannot be reached, or whose address
+    answers as another agent now, is asked again at the next round of the watchdog."""
+    try:
+        held = _records(directory(host), "*.held")
+    except OSError as e:
+        log.error("held copies unreadable: %s", e)
+        return
+    for path, record in held.items():
+        mid = record.get("migration_id", path.stem)
         try:
+            if not path.exists():  # settled meanwhile (pvmig recover)
+                continue
             async with AgentClient(record["dest"], "the destination agent",
                                    host.security) as dest:
+                hello = await dest.hello(f"agent {host.name}")
+                if hello.agent_name != record["dest_name"]:
+                    raise errors.FailedPrecondition(
+                        f"{record['dest']} answers as agent {hello.agent_name!r} now, not "
+                        f"{record['dest_name']!r}")
                 outcome = await recovery.settle(_HeldSource(host, record),
                                                 recovery.RemoteDest(dest), mid)
             log.warning("%s (a copy held since a crash, settled by the source)",
@@ -356,7 +397,7 @@ async def settle_held(host: "Host") -> None:
 
 
 class _HeldSource:
-    """A held copy, as recovery.settle drives a source: committed, its copy here."""
+    """A held copy, as recovery.settle drives a source."""
 
     address = "this agent"
 
@@ -364,7 +405,9 @@ class _HeldSource:
         self.host, self.record, self.name = host, record, host.name
 
     async def resolve(self, migration_id: str, domain: str, instance: str) -> pb.MigrationState:
-        return pb.MigrationState(state="committed", domain=self.record["name"],
+        decided = self.host.commit_record(migration_id, "source")
+        return pb.MigrationState(state=decided["state"] if decided else "unknown",
+                                 domain=self.record["name"],
                                  holds_copy=holds(self.host, migration_id))
 
     async def complete(self, migration_id: str) -> None:

@@ -132,11 +132,12 @@ class SaveSession:
         dom.migration_id, dom.state = request.migration_id, OUTGOING
         host.saves[request.migration_id] = session
         try:
+            await session._connect()
             # (a crash from here on: the next start revives the guest only if this
             # source never committed, and records the abort: pvmig.parking)
             parking.remember(host, dom, migration_id=request.migration_id, role="source",
-                             dest=request.dest_address)
-            await session._connect()
+                             dest=request.dest_address,
+                             dest_name=session._dest.hello_reply.agent_name)
         except BaseException:
             await session._release()
             raise

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
+import msgpack
 import pytest
 
 from pvmig._proto import pvmig_pb2 as pb
@@ -288,21 +289,23 @@ def test_agent_crash_while_its_guest_is_throttled(lone_agent):
     assert after.guest.checks_failed == 0
 
 
-def test_agent_crashes_again_while_reviving(lone_agent, monkeypatch):
-    """A second crash in the middle of a revival (its new guest waiting, not yet
-    resumed) loses nothing: the RAM is where the record says, the context is in the
-    record, and the RAM has not run since; the start after revives it."""
+@pytest.mark.parametrize("point,resumes", [("unpark", 1), ("unparked", 2)])
+def test_agent_crashes_again_while_reviving(lone_agent, monkeypatch, point, resumes):
+    """A second crash in the middle of a revival loses nothing. Before the new guest
+    resumes: its record holds the context and the RAM has not run since. After: the
+    record names the new guest, the next start waits for it to preserve itself and
+    takes the context it left, never the older one that no longer goes with the RAM."""
     agent, mem = lone_agent
     create(agent.address, "vm", ram_mb=8)
     before = wait_running_and_checking(agent.address, "vm")
     agent.kill()
-    monkeypatch.setenv("PVMIG_FAULT_AGENT_CRASHES_AT", "unpark")
+    monkeypatch.setenv("PVMIG_FAULT_AGENT_CRASHES_AT", point)
     with pytest.raises(RuntimeError, match="exited with -9"):
         agent.start()
     monkeypatch.delenv("PVMIG_FAULT_AGENT_CRASHES_AT")
     agent.start()
     after = wait_running_and_checking(agent.address, "vm")
-    assert after.guest.resumes == 1 and after.guest.steps > before.guest.steps
+    assert after.guest.resumes == resumes and after.guest.steps > before.guest.steps
     assert after.guest.checks_failed == 0
     assert len(list(mem.glob("*.ram"))) == 1 and not list(mem.glob("*.vcpu"))
 
@@ -355,6 +358,25 @@ def test_a_parked_domain_without_its_ram_is_set_aside(lone_agent, tmp_path):
     assert [p.name for p in parked.iterdir()] == ["vm.broken"]
     assert "parked domain vm not resumed" in agent.log_file.read_text()
     create(agent.address, "vm", ram_mb=8)  # the name is free again
+
+
+def test_a_parked_context_that_does_not_go_with_its_ram_is_set_aside(lone_agent, tmp_path):
+    """A parked record whose context was taken before the RAM last ran is never resumed
+    (the guest would go on from an older vCPU over newer memory): set aside, its RAM
+    kept under its name, which a new domain of the same name does not collide with."""
+    agent, mem = lone_agent
+    create(agent.address, "vm", ram_mb=8)
+    agent.stop()
+    record = tmp_path / "a" / "data" / "parked" / "vm.park"
+    fields = msgpack.unpackb(record.read_bytes())
+    record.write_bytes(msgpack.packb({**fields, "resumes": fields["resumes"] + 1}))
+    agent.start()
+    assert domains(agent.address) == {}
+    assert [p.name for p in record.parent.iterdir()] == ["vm.broken"]
+    assert "no vCPU context goes with its RAM" in agent.log_file.read_text()
+    create(agent.address, "vm", ram_mb=8)
+    wait_running_and_checking(agent.address, "vm")
+    assert len(list(mem.glob("*.ram"))) == 2
 
 
 @pytest.mark.parametrize("args,expected", [
