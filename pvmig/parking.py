@@ -17,10 +17,15 @@ outlives the agent: seeing its channel close, the guest quiesces its frontends a
 leaves its vCPU context beside its RAM (guest/kernel.py, preserve). The next start
 revives each: it waits for the old guest process to end, then resumes it as a parked
 one. A domain whose migration committed at this source is not revived (it belongs to
-the destination); one caught in a migration this source never committed is revived
-and the migration recorded as aborted here, so that the destination's recovery
-discards its copy. Only a host crash (the guests killed too) loses a domain: its
-files are removed at the next start, as there is no vCPU context to resume it from.
+the destination): its copy is held until the migration settles (a rollback resumes
+it; the watchdog asks the destination once a lease). One caught in a migration this
+source never committed is revived and the migration recorded as aborted here, so that
+the destination's recovery discards its copy. Only a host crash (the guests killed
+too) loses a domain: its files are removed at the next start, as there is no vCPU
+context to resume it from.
+
+Kept RAM is never renamed, and every record says at each step what a crash there
+needs (see unpark): a context is used only with the RAM it goes with.
 """
 
 from __future__ import annotations
@@ -167,7 +172,8 @@ def _take_context(path: Path, record: dict) -> dict:
 def remember(host: "Host", dom: "Domain", **migration) -> None:
     """Record a running (or migrating) domain, so that the next start can revive it if
     this agent crashes. `migration`: migration_id and role while one is under way, and
-    at a destination's commit the vCPU context and backend records it resumes from."""
+    at a destination's commit the vCPU context it resumes from (with the RAM's resume
+    count it goes with)."""
     record = {"name": dom.name, "ram": str(dom.mem.path), "ram_bytes": dom.ram_bytes,
               "workload": dom.workload, "devices": dom.devices,
               "backends": dom.pv.backend_records() if dom.pv is not None else {},
@@ -254,7 +260,8 @@ async def _revive(host: "Host", path: Path, record: dict) -> bool:
         # (under the migration's name: the domain's may be taken again meanwhile)
         ram = Path(record["ram"])
         held = ram.with_name(f"{record['migration_id']}.held.ram")
-        _write(_held_path(host, record["migration_id"]), msgpack.packb({**record, "ram": str(held)}))
+        _write(_held_path(host, record["migration_id"]),
+               msgpack.packb({**record, "ram": str(held)}))
         os.rename(ram, held)
         log.warning("domain %s not revived: migration %s committed it to the destination; "
                     "its copy is held until the migration settles", name,
