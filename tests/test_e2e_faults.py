@@ -239,10 +239,7 @@ def test_agent_crash_revives_its_domains(lone_agent, tmp_path):
     next start resumes it from there, its memory, counters and disk intact, the block
     requests in flight at the crash replayed, and its net peer told where it is now."""
     agent, mem = lone_agent
-    r = pvmig("domain", "create", "vm", "--agent", agent.address, "--ram-mb", "16",
-              "--disk", str(tmp_path / "vm.img"), "--disk-blocks", "128",
-              "--disk-io-rate", "200", "--vif")
-    assert r.returncode == 0, r.stderr
+    _create_with_disk_and_nic(agent.address, tmp_path, io_rate=200)
     create(agent.address, "busy", ram_mb=8, dirty_rate=20000)
     before = wait_running_and_checking(agent.address, "vm")
     peer = subprocess.Popen([sys.executable, "-m", "pvmig", "peer", "--guest",
@@ -310,6 +307,14 @@ def test_agent_crashes_again_while_reviving(lone_agent, monkeypatch, point, resu
     assert len(list(mem.glob("*.ram"))) == 1 and not list(mem.glob("*.vcpu"))
 
 
+def _create_with_disk_and_nic(address: str, tmp_path: Path, io_rate: int) -> None:
+    """Domain vm: 16 MiB, a disk at work (`io_rate` requests/s) and a NIC."""
+    r = pvmig("domain", "create", "vm", "--agent", address, "--ram-mb", "16",
+              "--disk", str(tmp_path / "vm.img"), "--disk-blocks", "128",
+              "--disk-io-rate", str(io_rate), "--vif")
+    assert r.returncode == 0, r.stderr
+
+
 def _vbd(address: str):
     (vbd,) = [d for d in query(address, "vm").device_stats if d.kind == "vbd"]
     return vbd
@@ -324,10 +329,7 @@ def test_clean_restart_keeps_idle_domains(lone_agent, tmp_path):
     """SIGTERM parks each idle domain (suspended, its RAM file kept, a record written);
     the next start resumes it where it stopped: its memory, counters and disk intact."""
     agent, mem = lone_agent
-    r = pvmig("domain", "create", "vm", "--agent", agent.address, "--ram-mb", "16",
-              "--disk", str(tmp_path / "vm.img"), "--disk-blocks", "128",
-              "--disk-io-rate", "100", "--vif")
-    assert r.returncode == 0, r.stderr
+    _create_with_disk_and_nic(agent.address, tmp_path, io_rate=100)
     create(agent.address, "quiet", ram_mb=8, dirty_rate=0)
     before = wait_running_and_checking(agent.address, "vm")
     agent.stop()
