@@ -10,7 +10,7 @@ commit   the decision is recorded durably
 resume   hand the vCPU context to the waiting guest
 abort    (any time before commit) discard everything
 expire   the coordinator is gone: with the whole stream in, ask the source for the
-         decision (pvmig.recovery); without it, discard
+         decision (pvmig.migration.recovery); without it, discard
 
 Verification needs the destination's memory as it was at resume. Only the streams
 write it before then, so each frame's hash is taken after its last write: frames
@@ -29,12 +29,26 @@ from typing import AsyncIterator
 import msgpack
 import numpy as np
 
-from pvmig import errors, faults, guestinfo, logdirty, pages, parking, rpc, verify
+from pvmig import errors
+
+from pvmig import faults
+
+from pvmig.pv import guestinfo
+
+from pvmig.hv import logdirty
+
+from pvmig.migration import pages
+
+from pvmig.host import parking
+
+from pvmig.rpc import channel as rpc
+
+from pvmig.migration import verify
 from pvmig._proto import pvmig_pb2 as pb
-from pvmig.client import AgentClient
-from pvmig.domain import INCOMING, Domain
-from pvmig.host import Host, Lease, check_migration_id
-from pvmig.memory import save_image
+from pvmig.rpc.client import AgentClient
+from pvmig.dom0.domain import INCOMING, Domain
+from pvmig.host.host import Host, Lease, check_migration_id
+from pvmig.hv.memory import save_image
 
 log = logging.getLogger(__name__)
 HASH_EVERY_S = 0.02  # keeps each pass, and so the wait at resume, to a few ms
@@ -211,7 +225,7 @@ class RestoreSession:
     def commit(self) -> None:
         self.ready()
         # First what a crash of this agent before the resume needs to resume it anyway
-        # (pvmig.parking), then the decision that makes it count.
+        # (pvmig.host.parking), then the decision that makes it count.
         if self.domain.pv is not None:
             self.domain.pv.restore_backend_records(self.backend_records)
         parking.remember(self.host, self.domain, migration_id=self.migration_id,
@@ -282,7 +296,7 @@ class RestoreSession:
             raise errors.FailedPrecondition(
                 f"migration {self.migration_id}: the coordinator named no source address to "
                 "ask for the decision: run pvmig recover")
-        from pvmig import recovery
+        from pvmig.migration import recovery
         async with AgentClient(self.source_address, "the source agent",
                                self.host.security) as source:
             await source.hello(f"agent {self.host.name}")

@@ -8,7 +8,7 @@ that resumes a migrated one (started during prepare so that resume costs no star
 
 A running guest outlives a crash of its agent (dom0), as Xen's domains do: when the
 channel closes it quiesces and writes its vCPU context to --preserve, and the agent's
-next start resumes it from there (pvmig.parking). A destroyed domain's process is
+next start resumes it from there (pvmig.host.parking). A destroyed domain's process is
 killed; a guest still waiting to be resumed has nothing to keep and just ends.
 """
 
@@ -21,9 +21,9 @@ import sys
 import time
 
 from pvmig.errors import PvmigError
-from pvmig.hypercall import GuestChannel
-from pvmig.logdirty import DirtyLog
-from pvmig.memory import GuestMemory
+from pvmig.hv.hypercall import GuestChannel
+from pvmig.hv.logdirty import DirtyLog
+from pvmig.hv.memory import GuestMemory
 
 from .devices import GuestDevices
 from .kernel import Kernel

@@ -2,7 +2,7 @@
 
 One ring page, one segment per request: a whole 4 KiB block read or written through a
 buffer page of its own (buffer i for ring slot i). The shadow of every request in
-flight lives in guest RAM (pvmig/devlayout.py), so that a fresh guest process on the
+flight lives in guest RAM (pvmig/pv/devlayout.py), so that a fresh guest process on the
 destination finds it there and, as blkif_recover does, re-queues each one on a fresh
 ring with fresh grants. Responses left in the old ring are never consumed: the ring
 page is initialised anew.
@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from pvmig.devlayout import BLK_MAGIC, BLK_SLOTS, FREE, INFLIGHT, MAX_FAILED, BlkArea
-from pvmig.evtchn import GuestEvents
-from pvmig.grant_table import GuestGrants
-from pvmig.ring import (BLKIF, BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_RSP_OKAY, FrontRing,
+from pvmig.pv.devlayout import BLK_MAGIC, BLK_SLOTS, FREE, INFLIGHT, MAX_FAILED, BlkArea
+from pvmig.hv.evtchn import GuestEvents
+from pvmig.hv.grant_table import GuestGrants
+from pvmig.pv.ring import (BLKIF, BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_RSP_OKAY, FrontRing,
                         SECTORS_PER_FRAME, SharedRing)
 
 from .memapi import VcpuMemory

@@ -14,13 +14,13 @@ import select
 
 import numpy as np
 
-from pvmig import guestinfo
-from pvmig.devlayout import BlkArea, NetArea
-from pvmig.evtchn import GuestEvents
-from pvmig.grant_table import GuestGrants
-from pvmig.hypercall import GuestChannel, HypervisorGone
-from pvmig.xenbus import ClientStore, FrontendDevice, Negotiated, RingSetup
-from pvmig.xenstore import XsClient, XsRing
+from pvmig.pv import guestinfo
+from pvmig.pv.devlayout import BlkArea, NetArea
+from pvmig.hv.evtchn import GuestEvents
+from pvmig.hv.grant_table import GuestGrants
+from pvmig.hv.hypercall import GuestChannel, HypervisorGone
+from pvmig.pv.xenbus import ClientStore, FrontendDevice, Negotiated, RingSetup
+from pvmig.pv.xenstore import XsClient, XsRing
 
 from .blkfront import BlkFront, BlockWorkload
 from .memapi import VcpuMemory

@@ -16,11 +16,11 @@ import time
 import msgpack
 import numpy as np
 
-from pvmig import guestinfo
+from pvmig.pv import guestinfo
 from pvmig.errors import PvmigError
-from pvmig.hypercall import GuestChannel
+from pvmig.hv.hypercall import GuestChannel
 
-from pvmig.devlayout import BlkArea, NetArea
+from pvmig.pv.devlayout import BlkArea, NetArea
 
 from .blkfront import format_area
 from .devices import GuestDevices, vbd_config, vif_config

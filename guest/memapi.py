@@ -2,7 +2,7 @@
 
 The data is stored first and the frame marked dirty after. With the save side's
 read-and-clear-then-copy, that order guarantees a write is either in the copy of the
-current round or marked for the next one (see pvmig/logdirty.py).
+current round or marked for the next one (see pvmig/hv/logdirty.py).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Iterator
 
 import numpy as np
 
-from pvmig.logdirty import DirtyLog
-from pvmig.memory import GuestMemory
+from pvmig.hv.logdirty import DirtyLog
+from pvmig.hv.memory import GuestMemory
 
 
 class VcpuMemory:

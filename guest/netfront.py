@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from pvmig import netproto
-from pvmig.devlayout import NET_MAGIC, NET_SEEN_BITS, NET_SLOTS, NetArea
-from pvmig.evtchn import GuestEvents
-from pvmig.grant_table import GuestGrants
-from pvmig.ring import NETIF_RX, NETIF_TX, FrontRing, SharedRing
+from pvmig.pv import netproto
+from pvmig.pv.devlayout import NET_MAGIC, NET_SEEN_BITS, NET_SLOTS, NetArea
+from pvmig.hv.evtchn import GuestEvents
+from pvmig.hv.grant_table import GuestGrants
+from pvmig.pv.ring import NETIF_RX, NETIF_TX, FrontRing, SharedRing
 
 from .memapi import VcpuMemory
 

@@ -22,13 +22,21 @@ from typing import AsyncIterator, Iterator
 import msgpack
 import numpy as np
 
-from pvmig import errors, faults, pages, parking, verify
+from pvmig import errors
+
+from pvmig import faults
+
+from pvmig.migration import pages
+
+from pvmig.host import parking
+
+from pvmig.migration import verify
 from pvmig._proto import pvmig_pb2 as pb
-from pvmig.client import AgentClient
-from pvmig.domain import OUTGOING, RUNNING, SUSPENDED, Domain
-from pvmig.foreign_writes import TORN
-from pvmig.host import Host, Lease, check_migration_id
-from pvmig.memory import PAGE_SIZE, save_image
+from pvmig.rpc.client import AgentClient
+from pvmig.dom0.domain import OUTGOING, RUNNING, SUSPENDED, Domain
+from pvmig.hv.foreign_writes import TORN
+from pvmig.host.host import Host, Lease, check_migration_id
+from pvmig.hv.memory import PAGE_SIZE, save_image
 
 from .ratelimit import RateLimit
 from .stream import PageStream
@@ -134,7 +142,7 @@ class SaveSession:
         try:
             await session._connect()
             # (a crash from here on: the next start revives the guest only if this
-            # source never committed, and records the abort: pvmig.parking)
+            # source never committed, and records the abort: pvmig.host.parking)
             parking.remember(host, dom, migration_id=request.migration_id, role="source",
                              dest=request.dest_address,
                              dest_name=session._dest.hello_reply.agent_name)
@@ -498,12 +506,12 @@ class SaveSession:
 
     async def expire(self) -> None:
         """The lease ran out: no coordinator. Before commit, abort; after it, finish
-        from what the destination holds (pvmig.recovery)."""
+        from what the destination holds (pvmig.migration.recovery)."""
         if not self.committed:
             await self.abort(f"no word from the coordinator for {self.lease.timeout_s:.0f} s "
                              "before commit")
             return
-        from pvmig import recovery
+        from pvmig.migration import recovery
         async with AgentClient(self.dest_address, "the destination agent",
                                self.host.security) as dest:
             outcome = await recovery.settle(_Local(self), recovery.RemoteDest(dest),

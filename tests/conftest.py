@@ -10,8 +10,8 @@ from typing import Callable
 
 import pytest
 
-from pvmig.logdirty import DirtyLog
-from pvmig.memory import GuestMemory
+from pvmig.hv.logdirty import DirtyLog
+from pvmig.hv.memory import GuestMemory
 
 
 # --------------------------------------------------------------------------------------

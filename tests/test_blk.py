@@ -11,13 +11,13 @@ import pytest
 
 from guest.blkfront import BlkFront, BlockWorkload
 from guest.memapi import VcpuMemory
-from pvmig.blkback import BlkBack
-from pvmig.devlayout import INFLIGHT, BlkArea, read_blk_counters
-from pvmig.disk import DiskImage
-from pvmig.evtchn import BackendEvents, EventChannels, GuestEvents
-from pvmig.grant_table import GrantTable, GuestGrants
-from pvmig.logdirty import DirtyLog
-from pvmig.memory import GuestMemory
+from pvmig.dom0.blkback import BlkBack
+from pvmig.pv.devlayout import INFLIGHT, BlkArea, read_blk_counters
+from pvmig.dom0.disk import DiskImage
+from pvmig.hv.evtchn import BackendEvents, EventChannels, GuestEvents
+from pvmig.hv.grant_table import GrantTable, GuestGrants
+from pvmig.hv.logdirty import DirtyLog
+from pvmig.hv.memory import GuestMemory
 
 pytestmark = pytest.mark.timeout(60)
 DOMID = 7

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from pvmig import ceiling
+from pvmig.tools import ceiling
 
 
 @pytest.mark.parametrize("transport", ceiling.TRANSPORTS)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from pvmig.cluster import LocalCluster
-from pvmig.security import Security, init_ca, issue
+from pvmig.tools.cluster import LocalCluster
+from pvmig.rpc.security import Security, init_ca, issue
 from support import migrate, pvmig, query, wait_running_and_checking
 
 pytestmark = pytest.mark.e2e

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pvmig.cluster import LocalCluster
+from pvmig.tools.cluster import LocalCluster
 from support import create, migrate, pvmig
 
 pytestmark = pytest.mark.e2e

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from pvmig.cluster import LocalCluster
+from pvmig.tools.cluster import LocalCluster
 from support import create, migrate, wait_running_and_checking
 
 pytestmark = pytest.mark.e2e

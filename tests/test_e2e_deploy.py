@@ -9,7 +9,7 @@ import pytest
 
 from pvmig._proto import pvmig_pb2 as pb
 from pvmig._proto import pvmig_pb2_grpc as pb_grpc
-from pvmig.cluster import LocalAgent, LocalCluster
+from pvmig.tools.cluster import LocalAgent, LocalCluster
 from support import migrate, pvmig
 
 pytestmark = pytest.mark.e2e

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 
 from guest.blkfront import block_pattern
-from pvmig import guestinfo
-from pvmig.cluster import LocalCluster
-from pvmig.devlayout import INFLIGHT, BlkArea
-from pvmig.disk import DiskImage
-from pvmig.memory import GuestMemory
-from pvmig.ring import BLKIF_OP_WRITE
+from pvmig.pv import guestinfo
+from pvmig.tools.cluster import LocalCluster
+from pvmig.pv.devlayout import INFLIGHT, BlkArea
+from pvmig.dom0.disk import DiskImage
+from pvmig.hv.memory import GuestMemory
+from pvmig.pv.ring import BLKIF_OP_WRITE
 from support import domains, migrate, pvmig, query, wait_running_and_checking
 
 pytestmark = pytest.mark.e2e

@@ -5,7 +5,7 @@ check what is left: the guest running on exactly one host, checking itself, its 
 acknowledged writes intact.
 
 An agent is its host's dom0 and hypervisor shim, and its crash is not the host's: its
-guests outlive it and the restarted agent revives them (pvmig.parking). A source agent
+guests outlive it and the restarted agent revives them (pvmig.host.parking). A source agent
 that crashes before it records the commit finds its guest again and aborts the
 migration; one that crashes after finds the migration committed and leaves the guest to
 the destination; a destination agent that crashes once it resumed the guest revives it.
@@ -25,7 +25,7 @@ import time
 
 import pytest
 
-from pvmig.cluster import LocalCluster
+from pvmig.tools.cluster import LocalCluster
 from support import create, domains, pvmig, query
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from pvmig.cluster import LocalCluster
+from pvmig.tools.cluster import LocalCluster
 from support import migrate, pvmig, query, wait_running_and_checking
 
 pytestmark = pytest.mark.e2e

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from pvmig.cluster import LocalCluster
+from pvmig.tools.cluster import LocalCluster
 from support import create, domains, wait_running_and_checking
 
 pytestmark = pytest.mark.e2e

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pvmig._proto import pvmig_pb2 as pb
-from pvmig.cluster import LocalCluster
+from pvmig.tools.cluster import LocalCluster
 from support import create, domains, wait_running_and_checking
 
 pytestmark = pytest.mark.e2e

@@ -1,4 +1,4 @@
-"""Event channels (pvmig/evtchn.py) between a real guest process and asyncio backends.
+"""Event channels (pvmig/hv/evtchn.py) between a real guest process and asyncio backends.
 
 The guest side runs in a child process that gets its socket end as an fd (pass_fds, as
 the agent starts guests) and obeys one JSON command per line; the backend side runs in
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from pvmig import errors
-from pvmig.evtchn import (FREE, INTERDOMAIN, UNBOUND, BackendEvents, BackendPort,
+from pvmig.hv.evtchn import (FREE, INTERDOMAIN, UNBOUND, BackendEvents, BackendPort,
                           EventChannelError, EventChannels, GuestEvents)
 
 pytestmark = pytest.mark.timeout(20)
@@ -26,7 +26,7 @@ STEP = 5.0  # the most any one exchange may take
 
 GUEST_PROGRAM = r"""
 import json, select, sys, time
-from pvmig.evtchn import GuestEvents
+from pvmig.hv.evtchn import GuestEvents
 
 ev = GuestEvents.open(sys.argv[1], fd=int(sys.argv[2]))
 

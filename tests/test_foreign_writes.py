@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pvmig.foreign_writes import (CAUSES, COPY_RACE, GRANT_MAP, MAPPED, NONE, POST_SUSPEND,
+from pvmig.hv.foreign_writes import (CAUSES, COPY_RACE, GRANT_MAP, MAPPED, NONE, POST_SUSPEND,
                                   TORN, TRACKED, XENSTORE_RING, XENSTORED, ForeignWrites,
                                   explain)
 

@@ -1,4 +1,4 @@
-"""Grant tables (pvmig/grant_table.py): checks, in-use bits, and who marks frames dirty.
+"""Grant tables (pvmig/hv/grant_table.py): checks, in-use bits, and who marks frames dirty.
 
 One test per row of DESIGN.md's dirty-marking table that concerns grants, then every
 refusal (each with its message, and nothing changed), then the guest's side.
@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from pvmig import errors
-from pvmig.grant_table import (GTF_permit_access, GTF_reading, GTF_readonly, GTF_writing,
+from pvmig.hv.grant_table import (GTF_permit_access, GTF_reading, GTF_readonly, GTF_writing,
                                GrantError, GrantTable, GuestGrants)
-from pvmig.logdirty import DirtyLog
-from pvmig.memory import PAGE_SIZE, GuestMemory
+from pvmig.hv.logdirty import DirtyLog
+from pvmig.hv.memory import PAGE_SIZE, GuestMemory
 
 pytestmark = pytest.mark.timeout(30)
 

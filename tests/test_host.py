@@ -10,7 +10,7 @@ import time
 import pytest
 
 from pvmig import errors
-from pvmig.host import Host, Lease, check_migration_id
+from pvmig.host.host import Host, Lease, check_migration_id
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""DirtyLog: the emulated log-dirty bitmap (pvmig/logdirty.py).
+"""DirtyLog: the emulated log-dirty bitmap (pvmig/hv/logdirty.py).
 
 The key property: with writers that store the data first and mark after, and a reader
 that reads-and-clears then copies, no write is ever lost; after the writer stops, one
@@ -13,8 +13,8 @@ import time
 import numpy as np
 import pytest
 
-from pvmig.logdirty import DirtyLog
-from pvmig.memory import GuestMemory
+from pvmig.hv.logdirty import DirtyLog
+from pvmig.hv.memory import GuestMemory
 
 pytestmark = pytest.mark.timeout(30)
 

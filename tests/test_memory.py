@@ -1,4 +1,4 @@
-"""GuestMemory (pvmig/memory.py): the shared RAM file and its frame hashes."""
+"""GuestMemory (pvmig/hv/memory.py): the shared RAM file and its frame hashes."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from pvmig import memory
-from pvmig.memory import PAGE_SIZE, PAGE_WORDS, GuestMemory
+from pvmig.hv import memory
+from pvmig.hv.memory import PAGE_SIZE, PAGE_WORDS, GuestMemory
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -255,7 +255,7 @@ def test_hashes_are_the_same_in_another_process(make_memory):
     _fill_random(mem, seed=3)
     mem.pages[2] = 0
     code = ("import sys, numpy as np\n"
-            "from pvmig.memory import GuestMemory\n"
+            "from pvmig.hv.memory import GuestMemory\n"
             "m = GuestMemory.open(sys.argv[1])\n"
             "print(' '.join(str(int(h)) for h in m.frame_hashes()))\n")
     out = subprocess.run([sys.executable, "-c", code, str(mem.path)], check=True,

@@ -1,4 +1,4 @@
-"""Page batches (pvmig/pages.py): pack on the source, unpack + apply on the destination."""
+"""Page batches (pvmig/migration/pages.py): pack on the source, unpack + apply on the destination."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pvmig import errors, pages
+from pvmig import errors
+
+from pvmig.migration import pages
 from pvmig._proto import pvmig_pb2 as pb
-from pvmig.memory import PAGE_SIZE, GuestMemory
+from pvmig.hv.memory import PAGE_SIZE, GuestMemory
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -1,4 +1,4 @@
-"""When to stop iterating (pvmig/precopy.py)."""
+"""When to stop iterating (pvmig/migration/precopy.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from pvmig.memory import PAGE_SIZE
-from pvmig.precopy import PrecopyPolicy, RoundStats, dirty_estimate, dirty_rate, expected_downtime
+from pvmig.hv.memory import PAGE_SIZE
+from pvmig.migration.precopy import PrecopyPolicy, RoundStats, dirty_estimate, dirty_rate, expected_downtime
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -8,7 +8,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from pvmig import qemu_peer
+from pvmig.tools import qemu_peer
 
 from support import require
 

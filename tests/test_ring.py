@@ -1,4 +1,4 @@
-"""Shared rings (pvmig/ring.py): Xen's io/ring.h over one page."""
+"""Shared rings (pvmig/pv/ring.py): Xen's io/ring.h over one page."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from pvmig.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from pvmig.memory import PAGE_SIZE
-from pvmig.ring import (
+from pvmig.hv.memory import PAGE_SIZE
+from pvmig.pv.ring import (
     BLKIF, BLKIF_OP_DISCARD, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_INDIRECT, BLKIF_OP_READ,
     BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER, BLKIF_REQUEST, BLKIF_REQUEST_DISCARD,
     BLKIF_RESPONSE, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, BLKIF_SEGMENT, FRONT_REQ_PROD_PVT,
@@ -219,8 +219,8 @@ def test_requests_and_responses_cross_one_page_once_and_in_order(layout):
 _PROCESS = r"""
 import sys, time
 import numpy as np
-from pvmig.memory import GuestMemory
-from pvmig.ring import BLKIF, BLKIF_OP_WRITE, BLKIF_RSP_OKAY, BackRing, FrontRing
+from pvmig.hv.memory import GuestMemory
+from pvmig.pv.ring import BLKIF, BLKIF_OP_WRITE, BLKIF_RSP_OKAY, BackRing, FrontRing
 
 path, frame, role, n = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 mem = GuestMemory.open(path)

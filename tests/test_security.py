@@ -12,8 +12,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from pvmig import errors
-from pvmig.cli import AGENT_DEFAULTS, agent_settings
-from pvmig.security import Security, init_ca, issue
+from pvmig.cli.main import AGENT_DEFAULTS, agent_settings
+from pvmig.rpc.security import Security, init_ca, issue
 
 
 @pytest.fixture
@@ -146,7 +146,7 @@ def test_the_shipped_example_config_reads():
 
 
 def test_a_wildcard_listener_advertises_a_name_not_0_0_0_0():
-    from pvmig.agent import advertised
+    from pvmig.agent.server import advertised
     assert not advertised("0.0.0.0", 7000).startswith("0.0.0.0")
     assert advertised("10.0.0.1", 7000) == "10.0.0.1:7000"
     assert advertised("::1", 7000) == "[::1]:7000"

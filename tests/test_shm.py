@@ -7,7 +7,7 @@ import errno
 
 import pytest
 
-from pvmig.shm import SharedFile
+from pvmig.hv.shm import SharedFile
 from support import tmpfs
 
 

@@ -1,4 +1,4 @@
-"""xenbus (pvmig/xenbus.py): the blkif handshake between a backend on dom0's direct
+"""xenbus (pvmig/pv/xenbus.py): the blkif handshake between a backend on dom0's direct
 xenstore connection and a frontend on a guest XsClient over a real ring page."""
 
 from __future__ import annotations
@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pvmig.xenbus import (BackendDevice, ClientStore, FrontendDevice, FrontendInfo,
+from pvmig.pv.xenbus import (BackendDevice, ClientStore, FrontendDevice, FrontendInfo,
                           Negotiated, RingSetup, XenbusError, XenbusState, backend_path,
                           create_device, frontend_path)
-from pvmig.xenstore import XsClient, XsRing
-from pvmig.xenstored import RingServer, Xenstored
+from pvmig.pv.xenstore import XsClient, XsRing
+from pvmig.dom0.xenstored import RingServer, Xenstored
 
 pytestmark = pytest.mark.timeout(30)
 

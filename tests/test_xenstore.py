@@ -1,4 +1,4 @@
-"""The xenstore wire protocol, its ring page and the guest's client (pvmig/xenstore.py).
+"""The xenstore wire protocol, its ring page and the guest's client (pvmig/pv/xenstore.py).
 
 The client is tested here against a hand-driven server end of the ring, so that what
 goes over the wire is pinned byte for byte; tests/test_xenstored.py runs it against the
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from pvmig.errors import InvalidArgument
-from pvmig.xenstore import (REQ_CONS, REQ_PROD, RSP_CONS, RSP_PROD, XENSTORE_PAYLOAD_MAX,
+from pvmig.pv.xenstore import (REQ_CONS, REQ_PROD, RSP_CONS, RSP_PROD, XENSTORE_PAYLOAD_MAX,
                             Decoder, XenstoreError, XsClient, XsMessage, XsRing, XsType,
                             encode, pack_strings)
 

@@ -1,4 +1,4 @@
-"""The xenstore daemon (pvmig/xenstored.py): tree, permissions, watches, transactions,
+"""The xenstore daemon (pvmig/dom0/xenstored.py): tree, permissions, watches, transactions,
 the wire, and a guest's XsClient served through a real ring page."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import msgpack
 import numpy as np
 import pytest
 
-from pvmig.xenstore import (REQ_PROD, Decoder, XenstoreError, XsClient, XsMessage, XsRing,
+from pvmig.pv.xenstore import (REQ_PROD, Decoder, XenstoreError, XsClient, XsMessage, XsRing,
                             XsType, encode)
-from pvmig.xenstored import (MAX_TRANSACTIONS, MAX_WATCHES, OUTBOX_LIMIT, Connection,
+from pvmig.dom0.xenstored import (MAX_TRANSACTIONS, MAX_WATCHES, OUTBOX_LIMIT, Connection,
                              RingServer, Xenstored)
 
 pytestmark = pytest.mark.timeout(30)
@@ -292,7 +292,7 @@ def test_a_failing_callback_is_logged_and_the_daemon_goes_on(dom0, caplog):
     def bad(path: str, token: str) -> None:
         raise RuntimeError("boom")
 
-    with caplog.at_level(logging.ERROR, logger="pvmig.xenstored"):
+    with caplog.at_level(logging.ERROR, logger="pvmig.dom0.xenstored"):
         dom0.watch("/a", bad, token="bad")
         dom0.write("/a", "1")
     assert "watch callback for /a (token bad) failed" in caplog.text

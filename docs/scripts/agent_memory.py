@@ -5,8 +5,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pvmig import bench
-from pvmig.cluster import LocalCluster
+from pvmig.tools import bench
+from pvmig.tools.cluster import LocalCluster
 
 ram, runs = int(sys.argv[1]), int(sys.argv[2])
 dirty = sys.argv[3] if len(sys.argv) > 3 else "idle"

@@ -1,0 +1,445 @@
+"""The coordinator: drives one migration through both agents, top to bottom.
+
+    connect    handshake with both agents, clocks, the two must be different hosts
+    prepare    the destination reserves the domain and starts its guest process, waiting
+    begin      the source connects to the destination and turns log-dirty on
+    precopy    round 0, then rounds until the policy says stop
+    suspend    the guest acknowledges; its last step on the source
+    final      the last dirty set, then the device state; the stream ends
+    ready      the destination confirms it has the whole stream and a live guest
+    -- any failure up to here aborts: the destination discards, the source resumes
+    commit     recorded durably by the source (the point of no return), then the
+               destination
+    resume     the destination's guest takes its first step
+    verify     frame hashes of both memories, the source copy destroyed, then the
+               resumed guest's own checks
+
+Pages never pass through here: the source agent streams them to the destination agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pvmig import errors
+
+from pvmig.migration import recovery
+
+from pvmig.migration import verify
+from pvmig._proto import pvmig_pb2 as pb
+from pvmig.rpc.client import AgentClient
+from pvmig.migration.precopy import AutoConverge, PrecopyPolicy, RoundStats
+from pvmig.coordinator.progress import Reporter
+from pvmig.coordinator.report import Report
+
+# Fault injection (tests/test_e2e_fault_table.py, test_e2e_faults.py): the coordinator
+# is SIGKILLed as it enters this phase (its event in the progress stream is out first),
+# as a crash would ...
+_DIES_AT = os.environ.get("PVMIG_FAULT_COORDINATOR_DIES_AT", "")
+# ... or stalls there this long, its event out first, holding up the whole coordinator
+_STALLS_AT, _, _stall = os.environ.get("PVMIG_FAULT_COORDINATOR_STALLS_AT", "").partition(":")
+_STALL_S = float(_stall or 0)
+
+
+SETTLE_RETRY_S = 20.0  # as the source's page streams wait for the network (RECONNECT_S)
+
+# What the source's Commit answers when it did not commit: anything else may hide one
+_REFUSED = (errors.FailedPrecondition, errors.Aborted, errors.NotFound, errors.InvalidArgument)
+
+
+@dataclass
+class Options:
+    downtime_limit_ms: float = 300.0
+    max_rounds: int = 30
+    no_progress_rounds: int = 5  # 0: never stop for lack of progress
+    batch_pages: int = 0  # 0: the agents' default
+    streams: int = 0      # 0: the agents' default
+    quiesce: str = "none"        # "backend": backends stop and unmap before the final pass
+    backend_log: bool = False    # backends log their writes (vhost's dirty log)
+    xenstore_track: bool = False  # xenstored's writes into the magic page are logged
+    recovery: str = "replay"     # "naive": frontends trust the old ring after resume
+    persistent_grants: str = ""  # "on"/"off"; "": as the domain's disks negotiated them
+    grant_mode: str = ""         # "map"/"copy"; "": as the domain's disks were created
+    compress: str = ""           # "zstd": page data compressed on the wire
+    max_bandwidth_mbps: float = 0.0  # the page streams' cap in all; 0: none
+    auto_converge: bool = False  # throttle the guest's vCPU while rounds do not shrink
+    inject: tuple = ()           # injection points forcing hazards (tests, the matrix)
+    save_images: str = ""        # a directory both agents write: source.ram, dest.ram
+    verify_timeout_s: float = 60.0  # for the resumed guest to sweep its memory once
+
+
+@dataclass
+class Migration:
+    source: AgentClient
+    dest: AgentClient
+    domain: str
+    options: Options
+    reporter: Reporter
+    migration_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    report: Report = field(init=False)
+    _begun: bool = False
+    _prepared: bool = False
+    _committed: bool = False
+    _commit_asked: bool = False
+    _offsets: dict = field(default_factory=dict)
+    _suspended_ns: int = 0
+    _devices: list = field(default_factory=list)
+    _device_stats_before: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.report = Report(migration_id=self.migration_id, domain=self.domain,
+                             source=self.source.address, dest=self.dest.address,
+                             policies={"quiesce": self.options.quiesce,
+                                       "backend-log": self.options.backend_log,
+                                       "xenstore-track": self.options.xenstore_track,
+                                       "recovery": self.options.recovery,
+                                       "inject": list(self.options.inject)},
+                             compression=self.options.compress or "none",
+                             auto_converge=self.options.auto_converge)
+        self.report.policies["max-bandwidth-mbps"] = self.options.max_bandwidth_mbps or None
+        self.policy = PrecopyPolicy(downtime_limit_s=self.options.downtime_limit_ms / 1e3,
+                                    max_rounds=self.options.max_rounds,
+                                    no_progress_rounds=self.options.no_progress_rounds)
+
+    async def run(self) -> Report:
+        t0 = self.report.t0 = time.monotonic()
+        try:
+            try:
+                await self.connect()
+                await self.prepare()
+                await self.begin()
+                self.report.setup_time_s = time.monotonic() - t0
+                await self.precopy()
+                await self.suspend()
+                if self.options.quiesce == "backend":
+                    await self.quiesce()
+                await self.final_pass()
+                await self.commit()
+            except BaseException as e:
+                if not self._committed:
+                    await self.abort(e)
+                raise
+            await self.resume()
+            # As QEMU's total-time: the migration ends when the guest runs there; what
+            # the verification takes after that is reported on its own.
+            self.report.total_time_s = time.monotonic() - t0
+            await self.verify()
+        except (errors.PvmigError, asyncio.CancelledError) as e:
+            if isinstance(e, asyncio.CancelledError):
+                e = errors.Aborted("interrupted")
+            self.report.fail(e, started=self._prepared or self._begun,
+                             committed=self._committed)
+        finally:
+            self.report.committed = self._committed
+            if not self.report.total_time_s:  # failed before resume: until now
+                self.report.total_time_s = time.monotonic() - t0
+            self._phase("done", status=self.report.status)
+        return self.report
+
+    # ---- phases
+
+    async def connect(self) -> None:
+        self._phase("connect", source=self.source.address, dest=self.dest.address,
+                    migration=self.migration_id)
+        src, dst = await asyncio.gather(self.source.hello("coordinator"),
+                                        self.dest.hello("coordinator"))
+        if src.instance_id == dst.instance_id:
+            raise errors.InvalidArgument(
+                f"source {self.source.address} and destination {self.dest.address} are the "
+                f"same agent ({src.agent_name}): a migration needs two hosts")
+        info = await self.source.call(self.source.agent.QueryDomain, pb.DomainRef(name=self.domain))
+        if info.state != "running":
+            raise errors.FailedPrecondition(
+                f"domain {self.domain!r} on {src.agent_name} is {info.state}, not running")
+        self.report.ram_bytes = info.ram_bytes
+        self._devices = self._with_grant_policy(info.devices)
+        self._device_stats_before = list(info.device_stats)
+        self.report.source_agent, self.report.dest_agent = src.agent_name, dst.agent_name
+        for name, client in (("source", self.source), ("dest", self.dest)):
+            self._offsets[name] = await client.clock_offset()
+
+    def _with_grant_policy(self, devices) -> list:
+        """The domain's devices as the destination should serve them: the grant
+        policies of this migration applied (the source's backends apply them at Begin)."""
+        out = []
+        for given in devices:
+            d = pb.DeviceConfig()
+            d.CopyFrom(given)
+            if d.kind == "vbd":
+                if self.options.persistent_grants == "on" and not d.persistent:
+                    raise errors.FailedPrecondition(
+                        f"vbd{d.devid} of domain {self.domain!r} was created without "
+                        "persistent grants, and a frontend negotiates them only when it "
+                        "connects: create the domain with --persistent-grants to study them")
+                if self.options.persistent_grants:
+                    d.persistent = self.options.persistent_grants == "on"
+                d.grant_mode = self.options.grant_mode or d.grant_mode or "map"
+            out.append(d)
+        vbds = [d for d in out if d.kind == "vbd"]
+        if vbds:
+            self.report.policies["persistent-grants"] = vbds[0].persistent
+            self.report.policies["grant-mode"] = vbds[0].grant_mode
+        return out
+
+    async def prepare(self) -> None:
+        self._phase("prepare")
+        await self.dest.call(self.dest.dest.Prepare, pb.PrepareRequest(
+            migration_id=self.migration_id, domain=self.domain,
+            ram_bytes=self.report.ram_bytes, source_agent=self.report.source_agent,
+            source_address=self._source_address(),
+            source_instance=self.source.hello_reply.instance_id,
+            devices=self._devices, save_image=self._image("dest")),
+            timeout=120.0)
+        self._prepared = True
+
+    async def begin(self) -> None:
+        self._phase("begin", migration=self.migration_id)
+        await self.source.call(self.source.source.Begin, pb.BeginRequest(
+            migration_id=self.migration_id, domain=self.domain,
+            dest_address=self.dest.hello_reply.advertise or self.dest.address,
+            batch_pages=self.options.batch_pages, streams=self.options.streams,
+            quiesce=self.options.quiesce, backend_log=self.options.backend_log,
+            xenstore_track=self.options.xenstore_track, recovery=self.options.recovery,
+            inject=list(self.options.inject),
+            save_image=self._image("source"),
+            persistent_grants=self.options.persistent_grants,
+            grant_mode=self.options.grant_mode, compress=self.options.compress,
+            max_bandwidth_mbps=self.options.max_bandwidth_mbps))
+        self._begun = True
+
+    async def precopy(self) -> None:
+        rounds: list[RoundStats] = []
+        converge = AutoConverge() if self.options.auto_converge else None
+        while True:
+            stats = await self._round(len(self.report.rounds), final=False)
+            self.report.rounds[-1]["throttle-percent"] = converge.percent if converge else 0
+            if self.report.rounds[-1].get("interrupted"):
+                # its pages go again in the next round: it says nothing of the guest's
+                # dirty rate or of convergence, and no stop follows it
+                await self._settle_dest()
+                continue
+            rounds.append(stats)
+            # The destination catches up while the guest still runs here: what it
+            # leaves undone it must do before resume, inside the downtime.
+            t = time.monotonic()
+            await self._settle_dest()
+            self.report.rounds[-1]["settle-ms"] = round((time.monotonic() - t) * 1e3, 3)
+            decision = self.policy(rounds, can_throttle=bool(converge and converge.can_throttle))
+            self.report.expected_downtime_s = decision.expected_downtime_s
+            if decision.stop:
+                self.report.stop_reason = decision.reason
+                self.report.converged = decision.converged
+                self._phase("stop-and-copy", reason=decision.reason)
+                return
+            throttle = converge.next(rounds) if converge else None
+            if throttle is not None:
+                await self.source.call(self.source.source.Throttle, pb.ThrottleRequest(
+                    migration_id=self.migration_id, percent=throttle))
+                self.report.max_throttle = throttle
+                self._phase("throttle", percent=throttle)
+
+    async def _settle_dest(self) -> None:
+        """The destination catches up; through a network drop its answer is waited for as
+        long as the source waits for its page streams (the destination's lease)."""
+        deadline = time.monotonic() + SETTLE_RETRY_S
+        while True:
+            try:
+                await self.dest.call(self.dest.dest.Settle, self._ref(), timeout=300.0)
+                return
+            except errors.Unavailable:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(1.0)
+
+    async def suspend(self) -> None:
+        self._phase("suspend")
+        reply = await self.source.call(self.source.source.Suspend, self._ref(), timeout=90.0)
+        self._suspended_ns = reply.suspended_ns
+
+    async def quiesce(self) -> None:
+        self._phase("quiesce")
+        reply = await self.source.call(self.source.source.Quiesce, self._ref(), timeout=60.0)
+        self.report.quiesce = {"duration-ms": round(reply.duration_ns / 1e6, 3),
+                               "finished": reply.finished, "abandoned": reply.abandoned,
+                               "unmapped": reply.unmapped}
+
+    async def final_pass(self) -> None:
+        self._phase("final")
+        await self._round(len(self.report.rounds), final=True)
+
+    async def commit(self) -> None:
+        # As xl's handshake: the destination has said it holds the whole stream and can
+        # resume (the acknowledgement of the stream's end); the source records the
+        # decision, the point of no return; only then does the destination record it,
+        # and at once resume the guest.
+        self._phase("commit")
+        self._commit_asked = True
+        await self.source.call(self.source.source.Commit, self._ref())
+        self._committed = True
+        self._phase("committed")
+
+    async def resume(self) -> None:
+        try:
+            reply = await self.dest.call(self.dest.dest.CommitAndResume, self._ref())
+        except errors.PvmigError as e:
+            # committed at the source: finish it (or undo it, if the destination cannot
+            # commit) as recovery would, not leave the guest suspended nowhere
+            await self.settle(e)
+            raise
+        src_off, src_err = self._offsets["source"]
+        dst_off, dst_err = self._offsets["dest"]
+        self.report.downtime_s = ((reply.resumed_ns - dst_off)
+                                  - (self._suspended_ns - src_off)) / 1e9
+        self.report.downtime_uncertainty_s = (src_err + dst_err) / 1e9
+        self._phase("resumed", downtime_ms=round(self.report.downtime_s * 1e3, 2))
+
+    async def verify(self) -> None:
+        self._phase("verify")
+        try:
+            src, causes = await self._hashes(self.source, self.source.source.FrameHashes)
+            on_source = await self.source.call(self.source.agent.QueryDomain,
+                                               pb.DomainRef(name=self.domain))
+        finally:  # the guest runs on the destination: the source copy goes regardless
+            await self.source.call(self.source.source.Complete, self._ref())
+        dst, _ = await self._hashes(self.dest, self.dest.dest.FrameHashes)
+        self.report.set_memory_verdict(verify.differing(src, dst), on_source.shared_frames,
+                                       causes if len(causes) == len(src) else None)
+        self.report.guest = await self._guest_checks()
+        on_dest = await self.dest.call(self.dest.agent.QueryDomain, pb.DomainRef(name=self.domain))
+        self.report.set_devices(self._device_stats_before, on_source.device_stats,
+                                on_dest.device_stats)
+        self.report.classify()
+
+    async def abort(self, cause: BaseException) -> None:
+        if self._commit_asked and not isinstance(cause, _REFUSED):
+            # The source may have recorded the commit before the answer was lost (or the
+            # wait for it cut short): only it can say. Aborting the destination now
+            # could discard the only copy.
+            await self.settle(cause)
+            return
+        reason = str(cause) or type(cause).__name__
+        self._phase("abort", reason=reason)
+        ref = pb.MigrationRef(migration_id=self.migration_id, reason=reason)
+        if self._begun:
+            await _best_effort(self.source.call(self.source.source.Abort, ref, timeout=90.0),
+                               self.report.abort_errors)
+        if self._prepared:
+            await _best_effort(self.dest.call(self.dest.dest.Abort, ref),
+                               self.report.abort_errors)
+
+    async def settle(self, cause: BaseException) -> None:
+        """The commit's answer lost, or the destination's: settle the migration as
+        recovery does (pvmig.migration.recovery), or say how to once both agents answer."""
+        self._phase("settle", reason=str(cause))
+        try:
+            outcome = await recovery.settle(recovery.RemoteSource(self.source),
+                                            recovery.RemoteDest(self.dest), self.migration_id)
+        except errors.PvmigError as e:
+            self.report.abort_errors.append(
+                f"not settled ({e}): when both agents answer, run pvmig recover "
+                f"--migration {self.migration_id} --source {self.source.address} "
+                f"--dest {self.dest.address}")
+            self.report.unsettled = True
+            return
+        self.report.recovered = outcome.describe()
+        self._committed = outcome.decision == "committed"
+
+    # ---- helpers
+
+    async def _round(self, number: int, final: bool) -> RoundStats:
+        req = pb.RoundRequest(migration_id=self.migration_id, round=number, final=final)
+        started_ms = round((time.monotonic() - self.report.t0) * 1e3, 3)
+        interrupted = ""
+        async for p in self.source.stream(self.source.source.Round, req):
+            self.reporter.round_progress(number, p.done_pages, p.total_pages, p.bytes, final)
+            if p.HasField("stats"):
+                stats = _stats(p.stats)
+                interrupted = p.stats.interrupted
+                if p.stats.injected:
+                    self.report.injected = dict(p.stats.injected)
+        self.report.add_round(stats, final=final)
+        self.report.rounds[-1]["started-ms"] = started_ms
+        if interrupted:  # the streams broke and were made anew: the next round resends
+            self.report.rounds[-1]["interrupted"] = interrupted
+            self._phase("streams-reconnected", round=number)
+        self.reporter.round_done(self.report.rounds[-1])
+        return stats
+
+    async def _hashes(self, client: AgentClient, method) -> tuple[np.ndarray, np.ndarray]:
+        """Frame hashes, and the causes the source gives with them (empty from the
+        destination)."""
+        parts = [(np.frombuffer(c.hashes, dtype="<u8"), np.frombuffer(c.causes, dtype=np.uint8))
+                 async for c in client.stream(method, self._ref(), timeout=300.0)]
+        if not parts:
+            return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.uint8)
+        return (np.concatenate([h for h, _ in parts]), np.concatenate([c for _, c in parts]))
+
+    async def _guest_checks(self) -> dict:
+        deadline = time.monotonic() + self.options.verify_timeout_s
+        while True:
+            info = await self.dest.call(self.dest.agent.QueryDomain,
+                                        pb.DomainRef(name=self.domain))
+            g = info.guest
+            if info.state != "running":
+                raise errors.GuestError(
+                    f"domain {self.domain!r} is {info.state} on {self.dest.address} after resume")
+            if g.sweeps_since_resume >= 1 or time.monotonic() > deadline:
+                return {"run": g.checks_since_resume, "failed": g.failed_since_resume,
+                        "sweeps": g.sweeps_since_resume, "resumes": g.resumes,
+                        "failures": [{"frame": f.frame, "expected": f.expected_generation,
+                                      "found": f.found_generation} for f in g.failures]}
+            await asyncio.sleep(0.1)
+
+    def _image(self, side: str) -> str:
+        if not self.options.save_images:
+            return ""
+        return str(Path(self.options.save_images).resolve() / f"{self.migration_id}.{side}.ram")
+
+    def _phase(self, name: str, **fields) -> None:
+        self.report.mark(name)
+        self.reporter.phase(name, **fields)
+        if name == _DIES_AT:  # the fault suite's coordinator crash, at a phase it names
+            os.kill(os.getpid(), signal.SIGKILL)
+        if name == _STALLS_AT:  # ... or a stall there (a cancel lands in that phase)
+            time.sleep(_STALL_S)
+
+    def _source_address(self) -> str:
+        return self.source.hello_reply.advertise or self.source.address
+
+    def _ref(self) -> pb.MigrationRef:
+        return pb.MigrationRef(migration_id=self.migration_id)
+
+
+def _stats(s: pb.RoundStats) -> RoundStats:
+    return RoundStats(round=s.round, dirty_pages=s.dirty_pages, sent_pages=s.sent_pages,
+                      zero_pages=s.zero_pages, bytes=s.bytes, duration_s=s.duration_ns / 1e9,
+                      dirty_rate=s.dirty_rate, remaining_pages=s.remaining_pages,
+                      interval_s=s.interval_ns / 1e9)
+
+
+async def _best_effort(call, errors_out: list) -> None:
+    try:
+        await call
+    except errors.PvmigError as e:
+        errors_out.append(str(e))
+
+
+async def migrate(source: str, dest: str, domain: str, options: Options,
+                  reporter: Reporter) -> Report:
+    # SIGTERM aborts like Ctrl-C does: the guest must not be left half-migrated.
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
+    try:
+        async with AgentClient(source, "the source agent") as src, \
+                AgentClient(dest, "the destination agent") as dst:
+            return await Migration(src, dst, domain, options, reporter).run()
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)

@@ -1,0 +1,359 @@
+"""A domain's PV world on one host, as dom0 and the toolstack see it.
+
+For each domain the host agent:
+- introduces it to this host's xenstored once the guest names its xenstore event
+  channel, and serves the xenstore ring in the guest's magic page (frame 1). xenstored
+  writes that page as foreign memory: nothing marks it dirty, as in Xen;
+- writes the device entries (the toolstack's job) and runs one backend per device,
+  started at once and waiting in InitWait, on the source at boot and on the
+  destination at prepare, before the guest arrives;
+- asks the guest to suspend by writing control/shutdown = "suspend".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from pvmig import errors
+
+from pvmig.pv import guestinfo
+from pvmig.dom0.blkback import BlkBack
+from pvmig.pv.devlayout import (BlkArea, NetArea, read_blk_counters, read_blk_failures,
+                        read_net_counters)
+from pvmig.dom0.disk import DiskImage
+from pvmig.hv.evtchn import BackendPort
+from pvmig.hv.foreign_writes import XENSTORED
+from pvmig.dom0.netback import NetBack
+from pvmig.pv.xenbus import BackendDevice, FrontendInfo, backend_path, create_device
+from pvmig.pv.xenstore import XsRing
+from pvmig.dom0.xenstored import RingServer, Xenstored
+
+log = logging.getLogger(__name__)
+DOM0 = 0
+
+
+def normalise(config: dict) -> dict:
+    """A device's configuration with its defaults, checked."""
+    if config.get("kind", "vbd") == "vif":
+        return {"kind": "vif", "devid": 0, "disk": "", **config}
+    cfg = {"kind": "vbd", "devid": 0, "disk": "", "blocks": 256, "latency_ms": 0.0,
+           "persistent": False, "grant_mode": "map", "io_rate": 200.0, **config}
+    if cfg["kind"] != "vbd":
+        raise errors.InvalidArgument(f"device kind {cfg['kind']!r}: use 'vbd' or 'vif'")
+    if not cfg["disk"]:
+        raise errors.InvalidArgument("a vbd needs a disk image path")
+    if cfg["grant_mode"] not in ("map", "copy"):
+        raise errors.InvalidArgument(f"grant mode {cfg['grant_mode']!r}: use 'map' or 'copy'")
+    if not 0 < cfg["blocks"] <= 1 << 20:
+        raise errors.InvalidArgument(f"a vbd has 1..{1 << 20} blocks, not {cfg['blocks']}")
+    if cfg["latency_ms"] < 0 or cfg["io_rate"] < 0:
+        raise errors.InvalidArgument("latency and I/O rate must be >= 0")
+    return cfg
+
+
+def disk_path(disk: str, storage_dir: Path | None) -> Path:
+    """A disk named by an absolute path is there on every host; one named by a relative
+    path lives under this host's storage directory."""
+    path = Path(disk)
+    if path.is_absolute():
+        return path
+    if storage_dir is None:
+        raise errors.InvalidArgument(
+            f"disk {disk!r} is a relative path and this agent has no --storage-dir "
+            "to find it under: give the agent one, or the disk an absolute path")
+    return storage_dir / path
+
+
+class DomainDevices:
+    def __init__(self, xenstored: Xenstored, dom, configs: list[dict], *,
+                 fresh_disks: bool, net_bind: str = "127.0.0.1", net_public: str = "",
+                 storage_dir: Path | None = None) -> None:
+        self.net_bind, self.net_public = net_bind, net_public
+        self.netdevs: dict[int, BackendDevice] = {}
+        self.xenstore_track = False
+        self.inject: set[str] = set()
+        self.xenstored = xenstored
+        self.dom0 = xenstored.connect(DOM0)
+        self.dom = dom
+        self.configs = [normalise(c) for c in configs]
+        self.loop = asyncio.get_running_loop()
+        self.server: RingServer | None = None
+        self.xs_port: BackendPort | None = None
+        self.backends: dict[int, tuple[BlkBack, BackendDevice]] = {}
+        self.disks = {c["devid"]: DiskImage(disk_path(c["disk"], storage_dir), c["blocks"],
+                                            fresh=fresh_disks)
+                      for c in self.configs if c["kind"] == "vbd"}
+        self.nets: dict[int, NetBack] = {}
+        self.on_records = None  # backend_records() changed (the host keeps them)
+        dom.on_xenstore = self.introduce
+        dom.request_suspend = self.request_suspend
+
+    @property
+    def home(self) -> str:
+        return f"/local/domain/{self.dom.domid}"
+
+    # ---- xenstore
+
+    def start(self) -> None:
+        """Introduce the domain, write its entries, start its backends waiting (InitWait):
+        at boot on the source, at prepare on the destination, before the guest comes."""
+        self.xenstored.introduce(self.dom.domid, mfn=guestinfo.XENSTORE_FRAME, evtchn=0)
+        self._toolstack_entries()
+
+    def introduce(self, port: int) -> None:
+        """The guest names its xenstore channel (at boot, and after each move)."""
+        events = self.dom.events
+        if self.xs_port is not None:
+            events.unbind(self.xs_port)
+        self.xs_port = events.bind_interdomain(port)
+        conn = self.xenstored.connect(self.dom.domid)
+        # A foreign mapping: untracked, unless the policy xenstore-track says otherwise.
+        ring = XsRing(self.dom.mem.pages[guestinfo.XENSTORE_FRAME],
+                      on_write=self._xenstore_written)
+        handle = self.xs_port
+        self.server = RingServer(conn, ring, lambda: events.notify(handle))
+        conn.on_event = lambda: self.loop.call_soon(self.pump)
+        events.on_event(handle, lambda _port: self.pump())
+
+    def _xenstore_written(self, *_args) -> None:
+        # Policy xenstore-track: log xenstored's writes into the page (Xen never does).
+        if self.xenstore_track:
+            self.dom.log.mark(guestinfo.XENSTORE_FRAME)
+        if self.dom.journal is not None:
+            self.dom.journal.write(guestinfo.XENSTORE_FRAME, XENSTORED)
+
+    def set_policy(self, *, backend_log: bool, xenstore_track: bool,
+                   inject: tuple[str, ...] = ()) -> None:
+        self.dom.grants.backend_log = backend_log
+        self.xenstore_track = xenstore_track
+        self.inject = set(inject)
+
+    async def before_final_read(self) -> dict:
+        """Injection points that act between suspend and the final read of the dirty
+        bitmap. Off unless asked for: they cost nothing then.
+
+        response-before-final: every backend answers what it has in flight now, and the
+        ring page, which holds the responses, is logged (as if the ring were a tracked
+        page), while the data stays behind its grant: with a persistent grant nothing
+        logs it, so the destination gets the response but not the data."""
+        done = {}
+        if "response-before-final" in self.inject:
+            answered = 0
+            for blk, _dev in self.backends.values():
+                answered += await blk.answer_now()
+                if blk.ring_frame is not None:
+                    self.dom.log.mark(blk.ring_frame)
+            done["response-before-final"] = answered
+        return done
+
+    def torn_target(self):
+        """Injection point torn-copy: a read in flight whose buffer frame the final pass
+        will be copying when the backend writes it. (frame, finish) or None."""
+        if "torn-copy" not in self.inject:
+            return None
+        for blk, _dev in self.backends.values():
+            target = blk.answer_read_into()
+            if target is not None:
+                return target
+        return None
+
+    def set_grant_policy(self, *, grant_mode: str = "", persistent: str = "") -> None:
+        """A migration's grant policies on every disk; ("", "") puts them back as the
+        disks were created and negotiated (an aborted migration)."""
+        disks = [(self.backends[c["devid"]][0], c) for c in self.configs
+                 if c["kind"] == "vbd" and c["devid"] in self.backends]
+        for blk, _cfg in disks:  # refuse before changing any
+            blk.check_grant_policy(persistent)
+        for blk, cfg in disks:
+            blk.set_grant_policy(grant_mode=grant_mode or cfg["grant_mode"],
+                                 persistent=persistent)
+
+    def ring_frames(self) -> list[int]:
+        return [blk.ring_frame for blk, _dev in self.backends.values()
+                if blk.ring_frame is not None]
+
+    async def after_final_read(self, keep: frozenset = frozenset()) -> dict:
+        """Injection point write-after-final: once the final pass has read the dirty
+        bitmap (and copied the I/O buffers), every backend finishes what it has in
+        flight (but requests whose buffer is in `keep`): data and responses no read of
+        the bitmap will ever see."""
+        if "write-after-final" not in self.inject:
+            return {}
+        answered = 0
+        for blk, _dev in self.backends.values():
+            answered += await blk.answer_now(keep)
+        return {"write-after-final": answered}
+
+    def after_final_pass(self) -> dict:
+        """Injection point xenstore-after-final: once the final pass has copied its
+        frames, the toolstack touches a node the guest watches, so that xenstored writes
+        a watch event into the guest's ring page: a write no pass will ever send."""
+        if "xenstore-after-final" not in self.inject or self.server is None:
+            return {}
+        before = self.dom.mem.pages[guestinfo.XENSTORE_FRAME].copy()
+        self.dom0.write(f"{self.home}/control/shutdown", "")
+        self.pump()
+        changed = bool((self.dom.mem.pages[guestinfo.XENSTORE_FRAME] != before).any())
+        return {"xenstore-after-final": int(changed)}
+
+    async def quiesce(self) -> dict:
+        """quiesce=backend: every backend stops and unmaps its grants (so that each
+        writable mapping marks its frame before the final pass)."""
+        finished = abandoned = unmapped = 0
+        for blk, _dev in self.backends.values():
+            f, a, u = await blk.quiesce()
+            finished, abandoned, unmapped = finished + f, abandoned + a, unmapped + u
+        for net in self.nets.values():
+            if not net.closed:
+                unmapped += len(net._maps)
+                net.disconnect("quiesced")
+        return {"finished": finished, "abandoned": abandoned, "unmapped": unmapped}
+
+    def unquiesce(self) -> None:
+        """A migration aborted after the quiesce: the guest stays, its backends come
+        back on the same rings and channels (requests left unanswered are served)."""
+        for blk, _dev in self.backends.values():
+            if blk.closed == "quiesced" and blk.connection is not None:
+                ring_ref, port = blk.connection
+                blk.connect(ring_ref=ring_ref, port=port)
+        for net in self.nets.values():
+            if net.closed == "quiesced" and net.connection is not None:
+                net.connect(**net.connection)
+
+    def pump(self) -> None:
+        if self.server is not None and not self.server.broken:
+            self.server.pump()
+
+    def _toolstack_entries(self) -> None:
+        domid = self.dom.domid
+        self.dom0.write(f"{self.home}/name", self.dom.name)
+        self.dom0.write(f"{self.home}/control/shutdown", "")
+        self.dom0.set_perms(f"{self.home}/control/shutdown", [(domid, "n")])
+        for cfg in self.configs:
+            if cfg["kind"] == "vbd":
+                self._start_backend(cfg, self.disks[cfg["devid"]])
+            else:
+                self._start_netback(cfg)
+
+    def request_suspend(self) -> None:
+        self.dom0.write(f"{self.home}/control/shutdown", "suspend")
+
+    # ---- backends
+
+    def _start_backend(self, cfg: dict, disk: DiskImage) -> None:
+        domid, devid = self.dom.domid, cfg["devid"]
+        create_device(self.dom0, domid=domid, devtype="vbd", devid=devid,
+                      backend_keys={"params": cfg["disk"], "sectors": cfg["blocks"] * 8})
+        blk = BlkBack(domid=domid, devid=devid, grants=self.dom.grants, events=self.dom.events,
+                      disk=disk, grant_mode=cfg["grant_mode"],
+                      latency_s=cfg["latency_ms"] / 1e3)
+        blk.on_broken = lambda why: self._device_failed(devid, "vbd", why)
+
+        def connect(info: FrontendInfo) -> dict:
+            blk.persistent = blk.negotiated = info.persistent
+            blk.connect(ring_ref=info.ring_refs[0], port=info.event_channel)
+            return {}
+
+        def disconnect() -> None:
+            blk.detach()  # at once: a reconnect may follow before the loop turns
+
+        dev = BackendDevice(self.dom0, backend_path(domid, "vbd", devid),
+                            features={"feature-persistent": int(cfg["persistent"]),
+                                      "max-ring-page-order": 0},
+                            connect=connect, disconnect=disconnect)
+        dev.start()
+        self.backends[devid] = (blk, dev)
+
+    def _start_netback(self, cfg: dict) -> None:
+        domid, devid = self.dom.domid, cfg["devid"]
+        create_device(self.dom0, domid=domid, devtype="vif", devid=devid)
+        net = NetBack(domid=domid, devid=devid, grants=self.dom.grants, events=self.dom.events,
+                      bind=self.net_bind, public=self.net_public)
+        net.on_broken = lambda why: self._device_failed(devid, "vif", why)
+        net.on_peer = lambda: self.on_records() if self.on_records is not None else None
+        net.open()
+
+        def connect(info: FrontendInfo) -> dict:
+            net.connect(tx_ref=int(info.keys["tx-ring-ref"]), rx_ref=int(info.keys["rx-ring-ref"]),
+                        port=info.event_channel)
+            self.loop.call_soon(net.announce)  # the gratuitous ARP: peers follow the guest
+            return {}
+
+        dev = BackendDevice(self.dom0, backend_path(domid, "vif", devid),
+                            features={"feature-rx-copy": 1}, connect=connect,
+                            disconnect=lambda: net.disconnect())
+        dev.start()
+        self.nets[devid] = net
+        self.netdevs[devid] = dev
+
+    def _device_failed(self, devid: int, kind: str, why: str) -> None:
+        """A backend gave up on its frontend: tell it through xenbus (Closing)."""
+        dev = (self.backends.get(devid, (None, None))[1] if kind == "vbd"
+               else self.netdevs.get(devid))
+        if dev is not None:
+            dev._fatal(why)
+
+    def backend_records(self) -> dict:
+        """What backends hand over with the device state: the peers a vif has learnt."""
+        return {f"vif{d}": {"peers": [list(p) for p in n.peers]} for d, n in self.nets.items()}
+
+    def restore_backend_records(self, records: dict) -> None:
+        for devid, net in self.nets.items():
+            for peer in records.get(f"vif{devid}", {}).get("peers", []):
+                if list(peer) not in [list(p) for p in net.peers]:
+                    net.peers.append(list(peer))
+
+    def stats(self) -> list[dict]:
+        out = []
+        info = self.dom.mem
+        lay = guestinfo.view(info)[0]
+        for cfg in self.configs:
+            if cfg["kind"] == "vif":
+                net = self.nets.get(cfg["devid"])
+                lay = guestinfo.view(info)[0]
+                guest = read_net_counters(info, NetArea.at(int(lay["net_first"]))) \
+                    if int(lay["net_first"]) else {}
+                out.append({"kind": "vif", "devid": cfg["devid"],
+                            "served": net.stats.rx_packets if net else 0,
+                            "refused": net.stats.tx_errors if net else 0,
+                            "address": net.address() if net else "", "guest": guest})
+                continue
+            blk, _ = self.backends.get(cfg["devid"], (None, None))
+            guest, failed = {}, []
+            if int(lay["magic"]) == guestinfo.MAGIC and int(lay["dev_frames"]):
+                area = BlkArea.at(int(lay["dev_first"]), cfg["blocks"])
+                guest, failed = read_blk_counters(info, area), read_blk_failures(info, area)
+            out.append({"kind": "vbd", "devid": cfg["devid"],
+                        "served": blk.stats.served if blk else 0,
+                        "refused": blk.stats.refused if blk else 0,
+                        "in_flight": blk.stats.in_flight if blk else 0, "guest": guest,
+                        "failed_frames": failed})
+        return out
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.conn.on_event = None
+            self.server = None  # its ring views guest RAM: the memory must unmap
+        self.dom.events.release(self.xs_port)
+        self.xs_port = None
+        for blk, dev in self.backends.values():
+            dev.detach()
+            await blk.disconnect("domain destroyed")
+        self.backends.clear()
+        for devid, net in self.nets.items():
+            self.netdevs[devid].detach()
+            net.close()
+        self.nets.clear()
+        if self.xenstored.is_introduced(self.dom.domid):
+            self.xenstored.release(self.dom.domid)
+        for path in (self.home, f"/local/domain/0/backend/vbd/{self.dom.domid}",
+                     f"/local/domain/0/backend/vif/{self.dom.domid}"):
+            try:
+                self.dom0.rm(path)
+            except errors.PvmigError:
+                pass
+        for disk in self.disks.values():
+            disk.close()
+        self.dom0.close()

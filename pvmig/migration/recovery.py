@@ -1,0 +1,169 @@
+"""Recovery: finishing a migration whose coordinator is gone.
+
+The source's commit record is the decision (two-phase commit with the source as the
+decider). Whoever finds a migration without its coordinator (`pvmig recover`, or an
+agent whose session lease ran out) settles it the same way:
+
+    ask the destination what it holds (receiving, ready, committed, resumed, none)
+    ask the source to resolve: committed stays committed; anything else is aborted
+        there and then (its guest resumes), so that no late Commit can land
+    committed      the destination commits and resumes (it holds the whole stream: the
+                   source commits only after that), then the source copy is destroyed;
+                   if the destination never committed and holds no copy any more (its
+                   agent died and took the waiting guest with it), the source rolls
+                   back and resumes its suspended copy, the only one left; if it did
+                   commit, it may have run the guest: the source's copy never runs
+    not committed  the destination discards -- unless the source lost the guest (its
+                   agent restarted since, the domain gone) while the destination holds
+                   the whole stream: then that copy is the only one, and resumes
+
+Every step is idempotent, so both agents' watchdogs and an operator's `pvmig recover`
+may run at once and still leave exactly one running guest. The two sides are reached
+through small adapters: remote agents (AgentClient), or an agent's own session.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pvmig import errors
+from pvmig._proto import pvmig_pb2 as pb
+from pvmig.rpc.client import AgentClient
+
+HAS_COPY = ("ready", "committed")  # what a destination may say (MigrationState.state)
+RUNS_IT = "resumed"
+REASON = "recovered: its coordinator is gone"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    migration_id: str
+    decision: str   # the source's: committed, aborted, rolled-back, unknown, lost
+    runs_on: str    # "source", "destination", or "nowhere" (a host died with it)
+    domain: str = ""
+
+    def describe(self) -> str:
+        where = {"source": "runs on the source", "destination": "runs on the destination",
+                 "nowhere": "is lost: the host that held its only copy died"}[self.runs_on]
+        return f"migration {self.migration_id}: {self.decision}; domain {self.domain or '?'} {where}"
+
+
+async def settle(source, dest, migration_id: str) -> Outcome:
+    """Bring a migration to its one outcome from wherever it stopped."""
+    held = await dest.state(migration_id)
+    if held.source_agent and source.name and held.source_agent != source.name:
+        raise errors.InvalidArgument(
+            f"migration {migration_id} came from agent {held.source_agent!r}, not from "
+            f"{source.name!r} at {source.address}")
+    decision = await source.resolve(migration_id, held.domain, held.source_instance)
+    domain = held.domain or decision.domain
+    if decision.state == "committed":
+        runs_on = await _finish_committed(source, dest, migration_id, held.state,
+                                          decision.holds_copy)
+        state = {"source": "rolled-back", "nowhere": "lost"}.get(runs_on, "committed")
+        return Outcome(migration_id, state, runs_on, domain)
+    if decision.state == "lost" and held.state in HAS_COPY:
+        await dest.commit_and_resume(migration_id)
+        return Outcome(migration_id, "lost", "destination", domain)
+    if held.state in ("receiving", "ready"):
+        await dest.discard(migration_id, f"the source resolved it: {decision.state}")
+    runs_on = "nowhere" if decision.state == "lost" else "source"
+    return Outcome(migration_id, decision.state, runs_on, domain)
+
+
+async def _finish_committed(source, dest, migration_id: str, state: str,
+                            source_holds_copy: bool) -> str:
+    if state in HAS_COPY:
+        try:
+            await dest.commit_and_resume(migration_id)
+            state = RUNS_IT
+        except errors.Unavailable:
+            raise  # no answer: it may have resumed; only asking again can tell
+        except errors.PvmigError as e:
+            state = (await dest.state(migration_id)).state  # another recovery's doing?
+            if state == RUNS_IT:  # resumed there by another recovery meanwhile
+                return await _finish_committed(source, dest, migration_id, state,
+                                               source_holds_copy)
+            if state != "ready":  # committed there but failing to resume: by hand
+                raise
+            if not source_holds_copy:
+                raise errors.FailedPrecondition(
+                    f"migration {migration_id}: the destination holds the only copy and "
+                    f"cannot commit it ({e}): free what it needs and run pvmig recover "
+                    "again") from None
+            # It cannot commit (its disk is full, its waiting guest died) and never ran
+            # the guest: its copy goes first (it refuses if it committed meanwhile),
+            # then the source's resumes.
+            await dest.discard(migration_id, f"cannot commit: {e}")
+            return await _roll_back(source, migration_id,
+                                    f"the destination cannot commit: {e}")
+    if state == RUNS_IT:
+        await source.complete(migration_id)
+        return "destination"
+    if state == "none":  # never committed there, so never run there: the source's copy
+        return await _roll_back(source, migration_id, f"the destination {dest.address} "
+                                                      "never committed it")
+    if state == "lost":
+        # It committed there, so it may have run there (and written to its disk): the
+        # source's older copy must not run. The guest died with the destination's host.
+        await source.complete(migration_id)
+        return "nowhere"
+    # the source commits only after the destination acknowledged the whole stream
+    raise errors.FailedPrecondition(
+        f"migration {migration_id} is committed at the source but the destination says "
+        f"{state!r}: resolve by hand")
+
+
+async def _roll_back(source, migration_id: str, reason: str) -> str:
+    try:
+        await source.rollback(migration_id, reason)
+    except errors.NotFound:
+        # rolled back by another recovery just now, or the source copy is gone
+        again = await source.resolve(migration_id, "", "")
+        return "source" if again.state == "rolled-back" else "nowhere"
+    return "source"
+
+
+class RemoteSource:
+    def __init__(self, agent: AgentClient) -> None:
+        self.agent = agent
+        self.address = agent.address
+        self.name = agent.hello_reply.agent_name if agent.hello_reply else ""
+
+    async def resolve(self, migration_id: str, domain: str, instance: str) -> pb.MigrationState:
+        ref = pb.MigrationRef(migration_id=migration_id, reason=REASON, domain=domain,
+                              source_instance=instance)
+        return await self.agent.call(self.agent.source.Resolve, ref, timeout=120.0)
+
+    async def complete(self, migration_id: str) -> None:
+        try:
+            await self.agent.call(self.agent.source.Complete,
+                                  pb.MigrationRef(migration_id=migration_id), timeout=120.0)
+        except errors.NotFound:  # completed already (by an agent's own recovery)
+            pass
+
+    async def rollback(self, migration_id: str, reason: str) -> None:
+        await self.agent.call(self.agent.source.Rollback,
+                              pb.MigrationRef(migration_id=migration_id, reason=reason),
+                              timeout=120.0)
+
+
+class RemoteDest:
+    def __init__(self, agent: AgentClient) -> None:
+        self.agent = agent
+        self.address = agent.address
+
+    async def state(self, migration_id: str) -> pb.MigrationState:
+        return await self.agent.call(self.agent.dest.State,
+                                     pb.MigrationRef(migration_id=migration_id))
+
+    async def commit_and_resume(self, migration_id: str) -> None:
+        await self.agent.call(self.agent.dest.CommitAndResume,
+                              pb.MigrationRef(migration_id=migration_id), timeout=120.0)
+
+    async def discard(self, migration_id: str, reason: str) -> None:
+        try:
+            await self.agent.call(self.agent.dest.Abort,
+                                  pb.MigrationRef(migration_id=migration_id, reason=reason))
+        except errors.NotFound:  # discarded already
+            pass

@@ -1,0 +1,78 @@
+"""The coordinator's and CLI's side of an agent: one object per agent address.
+
+Every call has a deadline and every failure comes back as an errors.PvmigError whose
+message names the agent.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import AsyncIterator
+
+import grpc
+
+from pvmig import errors
+
+from pvmig.rpc import channel as rpc
+
+from pvmig.rpc import security
+from pvmig._proto import pvmig_pb2 as pb
+from pvmig._proto import pvmig_pb2_grpc as pb_grpc
+
+
+class AgentClient:
+    def __init__(self, address: str, role: str = "agent", sec=None) -> None:
+        self.address = address
+        self.where = f"{role} at {address}"  # how errors name it: "the destination agent at ..."
+        self.security = sec or security.default()
+        self.channel = self._channel = rpc.channel(address, self.security)
+        self.agent = pb_grpc.AgentStub(self._channel)
+        self.source = pb_grpc.MigrationSourceStub(self._channel)
+        self.dest = pb_grpc.MigrationDestStub(self._channel)
+        self.hello_reply: pb.HelloReply | None = None
+
+    async def __aenter__(self) -> "AgentClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def call(self, method, request, timeout: float = rpc.CALL_TIMEOUT_S):
+        try:
+            return await method(request, timeout=timeout)
+        except grpc.RpcError as e:
+            raise self._error(e) from None
+
+    async def stream(self, method, request, timeout: float | None = None) -> AsyncIterator:
+        try:
+            async for item in method(request, timeout=timeout):
+                yield item
+        except grpc.RpcError as e:
+            raise self._error(e) from None
+
+    def _error(self, e: grpc.RpcError) -> errors.PvmigError:
+        err = errors.from_rpc(e, self.where)
+        hint = rpc.transport_hint(e.code(), e.details() or "", self.security)
+        return type(err)(f"{err} ({hint})") if hint else err
+
+    async def hello(self, client: str = "pvmig", timeout: float = 10.0) -> pb.HelloReply:
+        reply = await self.call(self.agent.Hello, pb.HelloRequest(
+            protocol_version=rpc.PROTOCOL_VERSION, client=client), timeout=timeout)
+        rpc.check_hello(reply, self.address)
+        self.hello_reply = reply
+        return reply
+
+    async def clock_offset(self, samples: int = 5) -> tuple[int, int]:
+        """(agent clock - our clock, uncertainty) in ns, from the tightest round trip."""
+        best = None
+        for _ in range(samples):
+            t0 = time.monotonic_ns()
+            reply = await self.call(self.agent.Clock, pb.ClockRequest(), timeout=5.0)
+            t1 = time.monotonic_ns()
+            if best is None or t1 - t0 < best[1]:
+                best = (reply.monotonic_ns - (t0 + t1) // 2, t1 - t0)
+        offset, rtt = best
+        return offset, rtt // 2

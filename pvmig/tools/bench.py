@@ -1,0 +1,384 @@
+"""`pvmig bench`: migrations over a grid, measured against the transport's ceiling and,
+where it is installed, QEMU's own migration of a guest of the same size, in one run.
+
+Per RAM size: two ceilings between two processes moving the same bytes on as many
+streams as pvmig has (pvmig.tools.ceiling): raw TCP, what the machine can move, and a bare
+gRPC stream, what pvmig's transport can move with nothing of pvmig on it; QEMU (`--peer qemu`) migrating a
+paused guest whose RAM holds the same bytes as pvmig's idle guest, single stream and 2
+multifd channels; then, on a fresh pair of agents, each cell of the grid: a guest of
+that size, its dirty rate, its devices idle or busy, a bandwidth cap or none, `runs`
+migrations back and forth. Ratios are the headline: these machines are shared.
+
+Dirty rates: idle (0), moderate (MODERATE pages/s), heavy (above the link: 1.5 times
+what the cap carries, or HEAVY pages/s uncapped; with auto-converge, and without it
+once to show that it does not converge).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import uvloop
+
+from pvmig.tools import ceiling
+from pvmig._proto import pvmig_pb2 as pb
+from pvmig.rpc.client import AgentClient
+from pvmig.tools.cluster import LocalCluster
+from pvmig.coordinator.migrate import Options, migrate
+from pvmig.hv.memory import PAGE_SIZE
+from pvmig.migration.pages import DEFAULT_STREAMS as STREAMS
+from pvmig.coordinator.progress import Reporter
+
+MODERATE = 2000      # pages/s: 8 MB/s of writes
+HEAVY = 60000        # pages/s, uncapped
+BUSY_DISK = {"latency_ms": 2.0, "io_rate": 300.0}
+PEER_RATE = 200.0    # the net peer's requests per second to a busy guest
+
+
+@dataclass(frozen=True)
+class Cell:
+    ram_mb: int
+    dirty: str = "idle"          # idle, moderate, heavy
+    devices: str = "idle"        # idle: none; busy: a disk and a NIC at work, a net peer
+    cap_mbps: float = 0.0        # 0: no bandwidth cap
+    auto_converge: bool = False
+    runs: int = 3
+    downtime_limit_ms: float = 300.0  # QEMU's default
+
+    @property
+    def name(self) -> str:
+        cap = f", {self.cap_mbps:g} Mbit/s cap" if self.cap_mbps else ""
+        ac = ", auto-converge" if self.auto_converge else ""
+        limit = (f", limit {self.downtime_limit_ms:g} ms" if self.downtime_limit_ms != 300.0
+                 else "")
+        return f"{self.ram_mb} MiB, dirty {self.dirty}, devices {self.devices}{cap}{ac}{limit}"
+
+    def dirty_rate(self) -> float:
+        if self.dirty == "idle":
+            return 0.0
+        if self.dirty == "moderate":
+            return float(MODERATE)
+        if self.cap_mbps:
+            return 1.5 * self.cap_mbps * 1e6 / 8 / PAGE_SIZE
+        return float(HEAVY)
+
+
+def grid(quick: bool, runs: int) -> list[Cell]:
+    if quick:
+        return [Cell(256, "idle", runs=runs), Cell(256, "moderate", "busy", runs=runs)]
+    cells = []
+    for ram in (256, 1024):
+        cells += [Cell(ram, "idle", runs=runs), Cell(ram, "moderate", runs=runs),
+                  Cell(ram, "moderate", "busy", runs=runs),
+                  Cell(ram, "moderate", "busy", cap_mbps=1000, runs=runs),
+                  Cell(ram, "heavy", cap_mbps=1000, runs=1),
+                  Cell(ram, "heavy", cap_mbps=1000, auto_converge=True, runs=runs)]
+    # the downtime target's cells: 10 runs, QEMU's default limit and a tight one
+    cells[cells.index(Cell(1024, "moderate", "busy", runs=runs))] = \
+        Cell(1024, "moderate", "busy", runs=max(runs, 10))
+    cells.insert(cells.index(Cell(1024, "moderate", "busy", runs=max(runs, 10))) + 1,
+                 Cell(1024, "moderate", "busy", runs=max(runs, 10), downtime_limit_ms=5.0))
+    cells.append(Cell(4096, "idle", runs=1))
+    return cells
+
+
+class MemorySampler:
+    """The agents' own memory (anonymous pages: heap, buffers, numpy arrays), beyond the
+    guest RAM and bitmaps they map from shared files, sampled while a cell runs."""
+
+    def __init__(self, pids: list[int], every_s: float = 0.05) -> None:
+        self.pids, self.every_s = pids, every_s
+        self.peak_kib = {pid: 0 for pid in pids}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "MemorySampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            for pid in self.pids:
+                self.peak_kib[pid] = max(self.peak_kib[pid], anonymous_kib(pid))
+
+    @property
+    def peak_mib(self) -> float:
+        return round(max(self.peak_kib.values(), default=0) / 1024, 1)
+
+
+def anonymous_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Anonymous:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+@dataclass
+class Result:
+    cell: Cell
+    reports: list = field(default_factory=list)
+    peer: dict | None = None
+    errors: list = field(default_factory=list)
+    content: Path | None = None  # a copy of the idle guest's RAM, for QEMU's guest
+    agent_mib: float | None = None  # the larger agent's peak anonymous memory
+
+    def to_dict(self, ceiling_gib_s: float | None, grpc_gib_s: float | None = None) -> dict:
+        done = [r for r in self.reports if r["status"] == "completed"]
+        down = sorted(r["downtime-ms"] for r in done)
+        tput = [_round0_gib_s(r) for r in done]
+        out = {"cell": self.cell.name, "ram-mb": self.cell.ram_mb, "dirty": self.cell.dirty,
+               "dirty-rate": self.cell.dirty_rate(), "devices": self.cell.devices,
+               "cap-mbps": self.cell.cap_mbps or None,
+               "auto-converge": self.cell.auto_converge,
+               "downtime-limit-ms": self.cell.downtime_limit_ms,
+               "migrations": len(self.reports), "completed": len(done),
+               "verified": sum(r["verification"]["passed"] for r in done),
+               "converged": sum(bool(r["converged"]) for r in done),
+               "downtime-ms-median": _med(down), "downtime-ms-p95": _pct(down, 95),
+               "total-ms-median": _med([r["total-time-ms"] for r in done]),
+               "round0-gib-s-median": _med(tput),
+               "vs-ceiling": _ratio(_med(tput), ceiling_gib_s),
+               "vs-grpc": _ratio(_med(tput), grpc_gib_s),
+               "bytes-per-ram-median": _med([r["transferred-ratio"] for r in done]),
+               "rounds-median": _med([len(r["rounds"]) for r in done]),
+               "max-throttle-percent": max((r["auto-converge"]["max-throttle-percent"]
+                                            for r in done), default=0),
+               "agent-anon-mib-peak": self.agent_mib,
+               "net-peer": self.peer, "errors": self.errors}
+        return out
+
+
+def _round0_gib_s(report: dict) -> float:
+    r0 = report["rounds"][0]
+    return report["ram-bytes"] / (r0["duration-ms"] / 1e3) / (1 << 30)
+
+
+def _ratio(a, b):
+    return round(a / b, 3) if a and b else None
+
+
+def _med(xs):
+    return round(statistics.median(xs), 3) if xs else None
+
+
+def _pct(xs, p):
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return round(xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))], 3)
+
+
+# ---- running
+
+def run_bench(*, quick: bool, runs: int, peer_qemu: bool, json_path: Path | None,
+              md_path: Path | None, plots: Path | None, command: str,
+              ram_sizes: list[int] | None = None) -> dict:
+    from rich.console import Console
+    console = Console(stderr=True)
+    cells = grid(quick, runs)
+    if ram_sizes:
+        cells = [c for c in cells if c.ram_mb in ram_sizes]
+    started = time.monotonic()
+    out = {"command": command, "sizes": []}
+    for ram in sorted({c.ram_mb for c in cells}):
+        with tempfile.TemporaryDirectory(prefix="pvmig-bench-", dir="/dev/shm") as tmp:
+            size = _bench_size(ram, [c for c in cells if c.ram_mb == ram], peer_qemu,
+                               Path(tmp), console)
+        out["sizes"].append(size)
+        _write(out, json_path, md_path)
+    out["seconds"] = round(time.monotonic() - started, 1)
+    _write(out, json_path, md_path)
+    if plots:
+        from pvmig.tools.plot import bench_figures
+        out["plots"] = [str(p) for p in bench_figures(out, plots)]
+        _write(out, json_path, md_path)
+    console.print(markdown(out))
+    return out
+
+
+def _bench_size(ram: int, cells: list[Cell], peer_qemu: bool, tmp: Path, console) -> dict:
+    nbytes = ram << 20
+    size = {"ram-mb": ram, "qemu": [], "cells": []}
+    for transport, key in (("tcp", "ceiling"), ("grpc", "grpc-ceiling")):
+        console.print(f"[bold]{ram} MiB[/]: the {transport} ceiling ...")
+        best = max((ceiling.measure(nbytes, STREAMS, tmp / "ceiling", transport=transport)
+                    for _ in range(2)), key=lambda m: m["gib_per_s"])
+        size[key] = {"gib-s": round(best["gib_per_s"], 3), "streams": best["streams"]}
+    with LocalCluster(tmp / "cluster", ["a", "b"]) as cluster:
+        hosts = [cluster["a"].address, cluster["b"].address]
+        for cell in cells:
+            console.print(f"  {cell.name} ...")
+            keep = peer_qemu and cell.dirty == "idle" and not size["qemu"] and ram <= 1024
+            with MemorySampler([cluster[n].proc.pid for n in ("a", "b")]) as memory:
+                result = _run_cell(cell, hosts, cluster["a"].mem_dir, tmp, keep_content=keep)
+            result.agent_mib = memory.peak_mib
+            size["cells"].append(result.to_dict(size["ceiling"]["gib-s"],
+                                                size["grpc-ceiling"]["gib-s"]))
+            if keep:
+                size["qemu"] = _qemu(nbytes, result.content, tmp, console)
+                if result.content is not None:
+                    result.content.unlink(missing_ok=True)
+    return size
+
+
+def _run_cell(cell: Cell, hosts: list[str], mem_dir: Path, tmp: Path, *,
+              keep_content: bool = False) -> Result:
+    result = Result(cell)
+    name = f"b{abs(hash(cell)) % 10**6}"
+    disk = tmp / f"{name}.img"
+    try:
+        domid, vif = uvloop.run(_create(hosts[0], name, cell, disk))
+    except Exception as e:  # a cell that cannot start is reported; the others go on
+        result.errors.append(f"create: {e}")
+        return result
+    peer, stats = None, tmp / f"{name}.peer.json"
+    if vif:
+        peer = subprocess.Popen([sys.executable, "-m", "pvmig", "peer", "--guest", vif,
+                                 "--rate", str(PEER_RATE), "--duration", "3600",
+                                 "--stats", str(stats)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # the workload and the devices get going
+    if keep_content:  # the idle guest's bytes, before they move: QEMU's guest gets them
+        result.content = tmp / "qemu-content.ram"
+        shutil.copyfile(mem_dir / f"{name}.{domid}.ram", result.content)
+    where = 0
+    try:
+        for _ in range(cell.runs):
+            options = Options(max_bandwidth_mbps=cell.cap_mbps,
+                              downtime_limit_ms=cell.downtime_limit_ms,
+                              auto_converge=cell.auto_converge, verify_timeout_s=60.0,
+                              max_rounds=60 if cell.auto_converge else 30)
+            report = uvloop.run(migrate(hosts[where], hosts[1 - where], name, options,
+                                        Reporter())).to_dict()
+            result.reports.append(report)
+            if report["committed"]:
+                where = 1 - where
+            if report["status"] != "completed":
+                result.errors.append(report["error"])
+                break
+            time.sleep(0.5)
+    finally:
+        if peer is not None:
+            peer.terminate()
+            peer.wait(timeout=30)
+            result.peer = _read_json(stats)
+        uvloop.run(_destroy(hosts[where], name))
+        disk.unlink(missing_ok=True)
+    return result
+
+
+async def _create(address: str, name: str, cell: Cell, disk: Path) -> tuple[int, str]:
+    devices = []
+    if cell.devices == "busy":
+        devices = [pb.DeviceConfig(kind="vbd", devid=0, disk=str(disk), blocks=1024,
+                                   latency_ms=BUSY_DISK["latency_ms"],
+                                   io_rate=BUSY_DISK["io_rate"]),
+                   pb.DeviceConfig(kind="vif", devid=0)]
+    async with AgentClient(address) as agent:
+        info = await agent.call(agent.agent.CreateDomain, pb.CreateDomainRequest(
+            name=name, ram_bytes=cell.ram_mb << 20,
+            workload=pb.WorkloadConfig(dirty_rate=cell.dirty_rate(), fill=0.75,
+                                       hot_fraction=1.0 if cell.dirty == "heavy" else 0.1,
+                                       hot_share=0.9, seed=1),
+            devices=devices), timeout=600.0)
+    return info.domid, next((s.address for s in info.device_stats if s.kind == "vif"), "")
+
+
+async def _destroy(address: str, name: str) -> None:
+    async with AgentClient(address) as agent:
+        try:
+            await agent.call(agent.agent.DestroyDomain, pb.DomainRef(name=name), timeout=60)
+        except Exception:  # already gone with a failed migration: nothing to free
+            pass
+
+
+def _qemu(nbytes: int, content: Path | None, tmp: Path, console) -> list[dict]:
+    """QEMU both ways: RAM allocated before the migration on both sides (as pvmig's
+    agents do: the fair comparison) and QEMU's default (the destination faults its RAM
+    in while receiving: how QEMU is usually run and measured)."""
+    from pvmig.tools import qemu_peer
+    if qemu_peer.available() is None:
+        return [{"error": "qemu-system-x86_64 is not installed"}]
+    out = []
+    for prealloc in (True, False):
+        for channels in (0, 2):
+            console.print(f"  QEMU, {'single stream' if not channels else f'{channels} multifd'}"
+                          f", prealloc {'on' if prealloc else 'off'}")
+            try:
+                out.append(qemu_peer.run(nbytes, content, tmp / "qemu",
+                                         multifd_channels=channels, prealloc=prealloc))
+            except Exception as e:
+                out.append({"multifd-channels": channels, "prealloc": prealloc,
+                            "error": str(e)})
+    return out
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# ---- output
+
+def markdown(out: dict) -> str:
+    lines = [f"`{out['command']}`", ""]
+    for size in out["sizes"]:
+        c, g = size["ceiling"], size.get("grpc-ceiling")
+        lines += [f"### {size['ram-mb']} MiB guest", "",
+                  f"Raw-TCP ceiling, {c['streams']} connections, shared memory to shared "
+                  f"memory: **{c['gib-s']} GiB/s**."]
+        if g:
+            lines.append(f"Bare gRPC ceiling, {g['streams']} streams on one channel, 1 MiB "
+                         f"messages of raw bytes: **{g['gib-s']} GiB/s**.")
+        lines.append("")
+        for q in size["qemu"]:
+            if "error" in q:
+                lines.append(f"- QEMU: {q['error']}")
+                continue
+            streams = ("single stream" if not q["multifd-channels"]
+                       else f"{q['multifd-channels']} multifd channels")
+            lines.append(
+                f"- QEMU {q.get('qemu-version', '')}, {streams}, RAM "
+                f"{'preallocated' if q['prealloc'] else 'faulted in while receiving'}: "
+                f"{q['throughput-gib-s']:.3f} GiB/s, total {q['total-time-ms']} ms, downtime "
+                f"{q['downtime-ms']} ms")
+        lines += ["", "| cell | migrations (verified) | round 0 GiB/s | vs TCP | vs gRPC | "
+                      "downtime ms median / p95 | total ms | bytes / RAM | rounds | "
+                      "converged | throttle % | peer outage ms | agent MiB |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in size["cells"]:
+            peer = (r["net-peer"] or {}).get("longest-outage-ms", "-") if r["net-peer"] else "-"
+            lines.append(
+                f"| {r['cell']} | {r['completed']} ({r['verified']}) | "
+                f"{r['round0-gib-s-median']} | {r['vs-ceiling']} | {r.get('vs-grpc')} | "
+                f"{r['downtime-ms-median']} / {r['downtime-ms-p95']} | {r['total-ms-median']} | "
+                f"{r['bytes-per-ram-median']} | {r['rounds-median']} | "
+                f"{r['converged']} of {r['completed']} | {r['max-throttle-percent']} | {peer} | "
+                f"{r['agent-anon-mib-peak']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _write(out: dict, json_path: Path | None, md_path: Path | None) -> None:
+    if json_path:
+        json_path.write_text(json.dumps(out, indent=1) + "\n")
+    if md_path:
+        md_path.write_text(markdown(out) + "\n")

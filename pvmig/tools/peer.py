@@ -1,0 +1,146 @@
+"""`pvmig peer`: a user of the guest's network service, from outside.
+
+It sends numbered requests at a steady rate to the guest's address (netback's UDP port
+on the guest's host) and counts the answers: a request unanswered after the
+retransmission timeout is sent again, up to a limit, then counted lost; an answer
+seen twice is a duplicate; the longest time between two new answers is the outage
+the migration caused. An ANNOUNCE (the destination netback's gratuitous ARP) moves
+the peer to the guest's new address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pvmig import errors
+
+from pvmig.pv import netproto
+from pvmig.rpc.channel import parse_address
+
+
+@dataclass
+class PeerStats:
+    sent: int = 0
+    answered: int = 0
+    lost: int = 0
+    duplicates: int = 0
+    retransmits: int = 0
+    announcements: int = 0
+    longest_outage_ms: float = 0.0
+    target: str = ""
+
+    def to_dict(self) -> dict:
+        return {"sent": self.sent, "answered": self.answered, "lost": self.lost,
+                "duplicates": self.duplicates, "retransmits": self.retransmits,
+                "announcements": self.announcements,
+                "longest-outage-ms": round(self.longest_outage_ms, 3), "target": self.target}
+
+
+@dataclass
+class Peer(asyncio.DatagramProtocol):
+    target: tuple[str, int]
+    rate: float = 200.0
+    rto_s: float = 0.05
+    max_tries: int = 40  # 2 s of retransmissions before a request counts as lost
+    stats: PeerStats = field(default_factory=PeerStats)
+    _outstanding: dict = field(default_factory=dict)  # seq -> (last send, tries)
+    _answered: set = field(default_factory=set)
+    _last_answer: float | None = None
+    _transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport) -> None:
+        self._transport = transport
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        msg = netproto.decode(data)
+        if msg is None:
+            return
+        kind, seq, _ = msg
+        if kind == netproto.ANNOUNCE:
+            self.target = (addr[0], addr[1])
+            self.stats.announcements += 1
+            return
+        if kind != netproto.RESPONSE:
+            return
+        if seq in self._answered:
+            self.stats.duplicates += 1
+            return
+        self._answered.add(seq)
+        self._outstanding.pop(seq, None)
+        self.stats.answered += 1
+        now = time.monotonic()
+        if self._last_answer is not None:
+            gap_ms = (now - self._last_answer) * 1e3
+            self.stats.longest_outage_ms = max(self.stats.longest_outage_ms, gap_ms)
+        self._last_answer = now
+
+    def _send(self, seq: int) -> None:
+        self._transport.sendto(netproto.encode(netproto.REQUEST, seq), self.target)
+
+    async def run(self, duration_s: float, stats_file: Path | None = None) -> PeerStats:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        seq = 0
+        next_write = 0.0
+        while loop.time() - start < duration_s or self._outstanding:
+            now = loop.time()
+            if now - start < duration_s:
+                while seq < int((now - start) * self.rate) + 1:
+                    seq += 1
+                    self._outstanding[seq] = (now, 1)
+                    self.stats.sent += 1
+                    self._send(seq)
+            self._retransmit(now)
+            if stats_file is not None and now >= next_write:
+                _write(stats_file, self.stats_now())
+                next_write = now + 0.2
+            await asyncio.sleep(0.005)
+        if stats_file is not None:
+            _write(stats_file, self.stats_now())
+        return self.stats
+
+    def _retransmit(self, now: float) -> None:
+        for seq, (last, tries) in list(self._outstanding.items()):
+            if now - last < self.rto_s:
+                continue
+            if tries >= self.max_tries:
+                del self._outstanding[seq]
+                self.stats.lost += 1
+                continue
+            self._outstanding[seq] = (now, tries + 1)
+            self.stats.retransmits += 1
+            self._send(seq)
+
+    def stats_now(self) -> dict:
+        self.stats.target = f"{self.target[0]}:{self.target[1]}"
+        return {**self.stats.to_dict(), "outstanding": len(self._outstanding)}
+
+
+def _write(path: Path, data: dict) -> None:
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+async def run_peer(guest: str, *, rate: float, duration_s: float,
+                   stats_file: Path | None) -> dict:
+    host, port = parse_address(guest)
+    loop = asyncio.get_running_loop()
+    try:  # the vif's address may carry its host's name: datagrams need a number
+        infos = await loop.getaddrinfo(host, port, family=socket.AF_INET, type=socket.SOCK_DGRAM)
+    except socket.gaierror as e:
+        raise errors.InvalidArgument(f"cannot resolve the guest's host {host!r}: {e}") from None
+    host = infos[0][4][0]
+    peer = Peer(target=(host, port), rate=rate)
+    transport, _ = await loop.create_datagram_endpoint(lambda: peer, local_addr=("0.0.0.0", 0))
+    try:
+        await peer.run(duration_s, stats_file)
+    finally:
+        transport.close()
+    return peer.stats_now()
