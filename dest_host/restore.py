@@ -29,26 +29,17 @@ from typing import AsyncIterator
 import msgpack
 import numpy as np
 
-from pvmig import errors
-
-from pvmig import faults
-
-from pvmig.pv import guestinfo
-
-from pvmig.hv import logdirty
-
-from pvmig.migration import pages
-
-from pvmig.host import parking
-
-from pvmig.rpc import channel as rpc
-
-from pvmig.migration import verify
+from pvmig import errors, faults
 from pvmig._proto import pvmig_pb2 as pb
-from pvmig.rpc.client import AgentClient
 from pvmig.dom0.domain import INCOMING, Domain
+from pvmig.host import parking
 from pvmig.host.host import Host, Lease, check_migration_id
+from pvmig.hv import logdirty
 from pvmig.hv.memory import save_image
+from pvmig.migration import pages, verify
+from pvmig.pv import guestinfo
+from pvmig.rpc import channel
+from pvmig.rpc.client import AgentClient
 
 log = logging.getLogger(__name__)
 HASH_EVERY_S = 0.02  # keeps each pass, and so the wait at resume, to a few ms
@@ -112,7 +103,7 @@ class RestoreSession:
         stream = _StreamState()
         with self.lease.hold():
             async for record in records:
-                if isinstance(record, rpc.Malformed):
+                if isinstance(record, channel.Malformed):
                     raise record.error()
                 self._check_open()
                 if record.migration_id != self.migration_id:
@@ -336,7 +327,7 @@ async def receive_stream(host: Host, records: AsyncIterator[pb.StreamRecord]
         first = await anext(records)
     except StopAsyncIteration:
         return
-    if isinstance(first, rpc.Malformed):
+    if isinstance(first, channel.Malformed):
         raise first.error()
     session = host.restore(first.migration_id)
 

@@ -29,6 +29,7 @@ from .devices import GuestDevices
 from .kernel import Kernel
 from .memapi import VcpuMemory
 
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m guest")
     p.add_argument("mode", choices=["boot", "restore"])

@@ -17,11 +17,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from pvmig.pv.devlayout import BLK_MAGIC, BLK_SLOTS, FREE, INFLIGHT, MAX_FAILED, BlkArea
 from pvmig.hv.evtchn import GuestEvents
 from pvmig.hv.grant_table import GuestGrants
-from pvmig.pv.ring import (BLKIF, BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_RSP_OKAY, FrontRing,
-                        SECTORS_PER_FRAME, SharedRing)
+from pvmig.pv.devlayout import BLK_MAGIC, BLK_SLOTS, FREE, INFLIGHT, MAX_FAILED, BlkArea
+from pvmig.pv.ring import (
+    BLKIF,
+    BLKIF_OP_READ,
+    BLKIF_OP_WRITE,
+    BLKIF_RSP_OKAY,
+    SECTORS_PER_FRAME,
+    FrontRing,
+    SharedRing,
+)
 
 from .memapi import VcpuMemory
 from .workload import pattern

@@ -14,11 +14,11 @@ import select
 
 import numpy as np
 
-from pvmig.pv import guestinfo
-from pvmig.pv.devlayout import BlkArea, NetArea
 from pvmig.hv.evtchn import GuestEvents
 from pvmig.hv.grant_table import GuestGrants
 from pvmig.hv.hypercall import GuestChannel, HypervisorGone
+from pvmig.pv import guestinfo
+from pvmig.pv.devlayout import BlkArea, NetArea
 from pvmig.pv.xenbus import ClientStore, FrontendDevice, Negotiated, RingSetup
 from pvmig.pv.xenstore import XsClient, XsRing
 

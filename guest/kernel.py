@@ -16,16 +16,15 @@ import time
 import msgpack
 import numpy as np
 
-from pvmig.pv import guestinfo
 from pvmig.errors import PvmigError
 from pvmig.hv.hypercall import GuestChannel
-
+from pvmig.pv import guestinfo
 from pvmig.pv.devlayout import BlkArea, NetArea
 
 from .blkfront import format_area
 from .devices import GuestDevices, vbd_config, vif_config
-from .netfront import format_net_area
 from .memapi import VcpuMemory
+from .netfront import format_net_area
 from .workload import MemoryWorkload
 
 TICK_S = 0.01

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from pvmig.pv import netproto
-from pvmig.pv.devlayout import NET_MAGIC, NET_SEEN_BITS, NET_SLOTS, NetArea
 from pvmig.hv.evtchn import GuestEvents
 from pvmig.hv.grant_table import GuestGrants
+from pvmig.pv import netproto
+from pvmig.pv.devlayout import NET_MAGIC, NET_SEEN_BITS, NET_SLOTS, NetArea
 from pvmig.pv.ring import NETIF_RX, NETIF_TX, FrontRing, SharedRing
 
 from .memapi import VcpuMemory

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pvmig.pv import guestinfo
 from pvmig.hv.memory import PAGE_SIZE, PAGE_WORDS
+from pvmig.pv import guestinfo
 
 from .memapi import VcpuMemory
 

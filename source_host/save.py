@@ -22,21 +22,15 @@ from typing import AsyncIterator, Iterator
 import msgpack
 import numpy as np
 
-from pvmig import errors
-
-from pvmig import faults
-
-from pvmig.migration import pages
-
-from pvmig.host import parking
-
-from pvmig.migration import verify
+from pvmig import errors, faults
 from pvmig._proto import pvmig_pb2 as pb
-from pvmig.rpc.client import AgentClient
 from pvmig.dom0.domain import OUTGOING, RUNNING, SUSPENDED, Domain
-from pvmig.hv.foreign_writes import TORN
+from pvmig.host import parking
 from pvmig.host.host import Host, Lease, check_migration_id
+from pvmig.hv.foreign_writes import TORN
 from pvmig.hv.memory import PAGE_SIZE, save_image
+from pvmig.migration import pages, verify
+from pvmig.rpc.client import AgentClient
 
 from .ratelimit import RateLimit
 from .stream import PageStream

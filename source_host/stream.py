@@ -14,6 +14,7 @@ import grpc
 from pvmig import errors
 from pvmig._proto import pvmig_pb2 as pb
 from pvmig._proto import pvmig_pb2_grpc as pb_grpc
+from pvmig.rpc import status
 
 END = "end"
 
@@ -108,8 +109,8 @@ class PageStream:
             # ("Internal error from Core"): the network, not the destination's answer
             return errors.Unavailable(f"lost the stream to {where}: {details}")
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, None):
-            return errors.from_status(code, details, where)
-        return errors.from_status(code, f"{where} refused the stream: {details}", where)
+            return status.from_status(code, details, where)
+        return status.from_status(code, f"{where} refused the stream: {details}", where)
 
     def _connection_lost(self) -> bool:
         return self._channel.get_state() in (grpc.ChannelConnectivity.IDLE,

@@ -13,7 +13,6 @@ import pytest
 from pvmig.hv.logdirty import DirtyLog
 from pvmig.hv.memory import GuestMemory
 
-
 # --------------------------------------------------------------------------------------
 # The fault suite: `pytest --faults` runs it whole (and nothing else); without the flag
 # its quick subset runs with everything else.

@@ -12,12 +12,12 @@ import pytest
 from guest.blkfront import BlkFront, BlockWorkload
 from guest.memapi import VcpuMemory
 from pvmig.dom0.blkback import BlkBack
-from pvmig.pv.devlayout import INFLIGHT, BlkArea, read_blk_counters
 from pvmig.dom0.disk import DiskImage
 from pvmig.hv.evtchn import BackendEvents, EventChannels, GuestEvents
 from pvmig.hv.grant_table import GrantTable, GuestGrants
 from pvmig.hv.logdirty import DirtyLog
 from pvmig.hv.memory import GuestMemory
+from pvmig.pv.devlayout import INFLIGHT, BlkArea, read_blk_counters
 
 pytestmark = pytest.mark.timeout(60)
 DOMID = 7

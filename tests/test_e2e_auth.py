@@ -5,10 +5,10 @@ a wrong token is refused with a clear error, and the guest is untouched."""
 from __future__ import annotations
 
 import pytest
-
-from pvmig.tools.cluster import LocalCluster
-from pvmig.rpc.security import Security, init_ca, issue
 from support import migrate, pvmig, query, wait_running_and_checking
+
+from pvmig.rpc.security import Security, init_ca, issue
+from pvmig.tools.cluster import LocalCluster
 
 pytestmark = pytest.mark.e2e
 

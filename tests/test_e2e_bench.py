@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from support import pvmig
 
 pytestmark = pytest.mark.e2e

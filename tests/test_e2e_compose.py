@@ -20,7 +20,6 @@ import subprocess
 import sys
 
 import pytest
-
 from support import ROOT, Via, device, require, run_via
 
 pytestmark = pytest.mark.e2e

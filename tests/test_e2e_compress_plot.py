@@ -4,9 +4,9 @@ timeline of a real migration drawn by `pvmig plot`."""
 from __future__ import annotations
 
 import pytest
+from support import create, migrate, pvmig
 
 from pvmig.tools.cluster import LocalCluster
-from support import create, migrate, pvmig
 
 pytestmark = pytest.mark.e2e
 

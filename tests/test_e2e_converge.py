@@ -6,9 +6,9 @@ downtime limit. (How long either takes is `pvmig bench`'s business, not a test's
 from __future__ import annotations
 
 import pytest
+from support import create, migrate, wait_running_and_checking
 
 from pvmig.tools.cluster import LocalCluster
-from support import create, migrate, wait_running_and_checking
 
 pytestmark = pytest.mark.e2e
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from support import migrate, pvmig
 
 from pvmig._proto import pvmig_pb2 as pb
 from pvmig._proto import pvmig_pb2_grpc as pb_grpc
 from pvmig.tools.cluster import LocalAgent, LocalCluster
-from support import migrate, pvmig
 
 pytestmark = pytest.mark.e2e
 

@@ -12,15 +12,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support import domains, migrate, pvmig, query, wait_running_and_checking
 
 from guest.blkfront import block_pattern
-from pvmig.pv import guestinfo
-from pvmig.tools.cluster import LocalCluster
-from pvmig.pv.devlayout import INFLIGHT, BlkArea
 from pvmig.dom0.disk import DiskImage
 from pvmig.hv.memory import GuestMemory
+from pvmig.pv import guestinfo
+from pvmig.pv.devlayout import INFLIGHT, BlkArea
 from pvmig.pv.ring import BLKIF_OP_WRITE
-from support import domains, migrate, pvmig, query, wait_running_and_checking
+from pvmig.tools.cluster import LocalCluster
 
 pytestmark = pytest.mark.e2e
 BLOCKS = 128

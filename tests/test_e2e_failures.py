@@ -11,12 +11,12 @@ import sys
 import grpc
 import numpy as np
 import pytest
+from support import create, domains, migrate, pvmig, wait_running_and_checking
 
-from pvmig.migration import pages
 from pvmig._proto import pvmig_pb2 as pb
 from pvmig._proto import pvmig_pb2_grpc as pb_grpc
+from pvmig.migration import pages
 from pvmig.tools.cluster import LocalAgent, LocalCluster
-from support import create, domains, migrate, pvmig, wait_running_and_checking
 
 pytestmark = pytest.mark.e2e
 

@@ -24,9 +24,9 @@ import threading
 import time
 
 import pytest
+from support import create, domains, pvmig, query
 
 from pvmig.tools.cluster import LocalCluster
-from support import create, domains, pvmig, query
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 

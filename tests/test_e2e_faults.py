@@ -17,11 +17,11 @@ from pathlib import Path
 import grpc
 import msgpack
 import pytest
+from support import create, domains, migrate, pvmig, query, tmpfs, wait_running_and_checking
 
 from pvmig._proto import pvmig_pb2 as pb
 from pvmig._proto import pvmig_pb2_grpc as pb_grpc
 from pvmig.tools.cluster import LocalAgent, LocalCluster
-from support import create, domains, migrate, pvmig, query, tmpfs, wait_running_and_checking
 
 pytestmark = pytest.mark.e2e
 

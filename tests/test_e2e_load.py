@@ -9,9 +9,9 @@ import subprocess
 import sys
 
 import pytest
+from support import create, domains, wait_running_and_checking
 
 from pvmig.tools.cluster import LocalCluster
-from support import create, domains, wait_running_and_checking
 
 pytestmark = pytest.mark.e2e
 

@@ -9,9 +9,9 @@ import sys
 import time
 
 import pytest
+from support import create, domains, json_lines, migrate, pvmig, query, wait_running_and_checking
 
 from pvmig.tools.cluster import LocalCluster
-from support import create, domains, json_lines, migrate, pvmig, query, wait_running_and_checking
 
 pytestmark = pytest.mark.e2e
 

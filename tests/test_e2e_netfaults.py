@@ -23,7 +23,6 @@ import threading
 import time
 
 import pytest
-
 from support import netns_cluster_up
 
 pytestmark = pytest.mark.e2e

@@ -14,7 +14,6 @@ import json
 import subprocess
 
 import pytest
-
 from support import device, netns_cluster_up
 
 pytestmark = pytest.mark.e2e

@@ -10,10 +10,10 @@ import pytest
 from google.protobuf.descriptor import FieldDescriptor as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import create, domains, wait_running_and_checking
 
 from pvmig._proto import pvmig_pb2 as pb
 from pvmig.tools.cluster import LocalCluster
-from support import create, domains, wait_running_and_checking
 
 pytestmark = pytest.mark.e2e
 

@@ -16,8 +16,16 @@ from pathlib import Path
 import pytest
 
 from pvmig import errors
-from pvmig.hv.evtchn import (FREE, INTERDOMAIN, UNBOUND, BackendEvents, BackendPort,
-                          EventChannelError, EventChannels, GuestEvents)
+from pvmig.hv.evtchn import (
+    FREE,
+    INTERDOMAIN,
+    UNBOUND,
+    BackendEvents,
+    BackendPort,
+    EventChannelError,
+    EventChannels,
+    GuestEvents,
+)
 
 pytestmark = pytest.mark.timeout(20)
 

@@ -4,9 +4,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from pvmig.hv.foreign_writes import (CAUSES, COPY_RACE, GRANT_MAP, MAPPED, NONE, POST_SUSPEND,
-                                  TORN, TRACKED, XENSTORE_RING, XENSTORED, ForeignWrites,
-                                  explain)
+from pvmig.hv.foreign_writes import (
+    CAUSES,
+    COPY_RACE,
+    GRANT_MAP,
+    MAPPED,
+    NONE,
+    POST_SUSPEND,
+    TORN,
+    TRACKED,
+    XENSTORE_RING,
+    XENSTORED,
+    ForeignWrites,
+    explain,
+)
 
 
 def journal_after_round0(n: int = 16) -> ForeignWrites:

@@ -12,8 +12,15 @@ import numpy as np
 import pytest
 
 from pvmig import errors
-from pvmig.hv.grant_table import (GTF_permit_access, GTF_reading, GTF_readonly, GTF_writing,
-                               GrantError, GrantTable, GuestGrants)
+from pvmig.hv.grant_table import (
+    GrantError,
+    GrantTable,
+    GTF_permit_access,
+    GTF_reading,
+    GTF_readonly,
+    GTF_writing,
+    GuestGrants,
+)
 from pvmig.hv.logdirty import DirtyLog
 from pvmig.hv.memory import PAGE_SIZE, GuestMemory
 

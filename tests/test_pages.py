@@ -8,10 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pvmig import errors
-
-from pvmig.migration import pages
 from pvmig._proto import pvmig_pb2 as pb
 from pvmig.hv.memory import PAGE_SIZE, GuestMemory
+from pvmig.migration import pages
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -7,7 +7,13 @@ import math
 import pytest
 
 from pvmig.hv.memory import PAGE_SIZE
-from pvmig.migration.precopy import PrecopyPolicy, RoundStats, dirty_estimate, dirty_rate, expected_downtime
+from pvmig.migration.precopy import (
+    PrecopyPolicy,
+    RoundStats,
+    dirty_estimate,
+    dirty_rate,
+    expected_downtime,
+)
 
 pytestmark = pytest.mark.timeout(30)
 

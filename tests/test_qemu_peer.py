@@ -7,10 +7,9 @@ import subprocess
 
 import numpy as np
 import pytest
+from support import require
 
 from pvmig.tools import qemu_peer
-
-from support import require
 
 MiB = 1 << 20
 

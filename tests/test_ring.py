@@ -13,12 +13,39 @@ import pytest
 from pvmig.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from pvmig.hv.memory import PAGE_SIZE
 from pvmig.pv.ring import (
-    BLKIF, BLKIF_OP_DISCARD, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_INDIRECT, BLKIF_OP_READ,
-    BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER, BLKIF_REQUEST, BLKIF_REQUEST_DISCARD,
-    BLKIF_RESPONSE, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, BLKIF_SEGMENT, FRONT_REQ_PROD_PVT,
-    FRONT_RSP_CONS, HEADER_SIZE, NETIF_RX, NETIF_RX_REQUEST, NETIF_RX_RESPONSE, NETIF_TX,
-    NETIF_TX_REQUEST, NETIF_TX_RESPONSE, REQ_EVENT, REQ_PROD, RSP_EVENT, RSP_PROD,
-    BackRing, FrontRing, RingError, RingLayout, SharedRing, validate_blkif_request)
+    BLKIF,
+    BLKIF_OP_DISCARD,
+    BLKIF_OP_FLUSH_DISKCACHE,
+    BLKIF_OP_INDIRECT,
+    BLKIF_OP_READ,
+    BLKIF_OP_WRITE,
+    BLKIF_OP_WRITE_BARRIER,
+    BLKIF_REQUEST,
+    BLKIF_REQUEST_DISCARD,
+    BLKIF_RESPONSE,
+    BLKIF_RSP_ERROR,
+    BLKIF_RSP_OKAY,
+    BLKIF_SEGMENT,
+    FRONT_REQ_PROD_PVT,
+    FRONT_RSP_CONS,
+    HEADER_SIZE,
+    NETIF_RX,
+    NETIF_RX_REQUEST,
+    NETIF_RX_RESPONSE,
+    NETIF_TX,
+    NETIF_TX_REQUEST,
+    NETIF_TX_RESPONSE,
+    REQ_EVENT,
+    REQ_PROD,
+    RSP_EVENT,
+    RSP_PROD,
+    BackRing,
+    FrontRing,
+    RingError,
+    RingLayout,
+    SharedRing,
+    validate_blkif_request,
+)
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import errno
 
 import pytest
+from support import tmpfs
 
 from pvmig.hv.shm import SharedFile
-from support import tmpfs
 
 
 @pytest.fixture

@@ -6,13 +6,19 @@ import numpy as np
 import pytest
 
 from pvmig import errors
-
-from pvmig.migration import pages
 from pvmig._proto import pvmig_pb2 as pb
 from pvmig.hv.foreign_writes import COPY_RACE, GRANT_MAP, POST_SUSPEND, XENSTORE_RING
 from pvmig.hv.memory import PAGE_SIZE, GuestMemory
-from pvmig.migration.verify import (by_area, chunks, classify, differing, load_causes, place,
-                          save_causes)
+from pvmig.migration import pages
+from pvmig.migration.verify import (
+    by_area,
+    chunks,
+    classify,
+    differing,
+    load_causes,
+    place,
+    save_causes,
+)
 
 AREAS = [("xenstore", 1, 1), ("vbd0-ring", 10, 1), ("vbd0-buffers", 12, 4)]
 

@@ -10,8 +10,8 @@ import guest.kernel as kernel_mod
 from guest.kernel import VCPU_VERSION, Kernel
 from guest.memapi import VcpuMemory
 from guest.workload import pattern
-from pvmig.pv import guestinfo
 from pvmig.hv.memory import PAGE_SIZE
+from pvmig.pv import guestinfo
 
 pytestmark = pytest.mark.timeout(60)
 

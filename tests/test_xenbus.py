@@ -6,11 +6,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pvmig.pv.xenbus import (BackendDevice, ClientStore, FrontendDevice, FrontendInfo,
-                          Negotiated, RingSetup, XenbusError, XenbusState, backend_path,
-                          create_device, frontend_path)
-from pvmig.pv.xenstore import XsClient, XsRing
+from pvmig.dom0.toolstack import create_device
 from pvmig.dom0.xenstored import RingServer, Xenstored
+from pvmig.pv.xenbus import (
+    BackendDevice,
+    ClientStore,
+    FrontendDevice,
+    FrontendInfo,
+    Negotiated,
+    RingSetup,
+    XenbusError,
+    XenbusState,
+    backend_path,
+    frontend_path,
+)
+from pvmig.pv.xenstore import XsClient, XsRing
 
 pytestmark = pytest.mark.timeout(30)
 

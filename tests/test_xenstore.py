@@ -15,9 +15,21 @@ import numpy as np
 import pytest
 
 from pvmig.errors import InvalidArgument
-from pvmig.pv.xenstore import (REQ_CONS, REQ_PROD, RSP_CONS, RSP_PROD, XENSTORE_PAYLOAD_MAX,
-                            Decoder, XenstoreError, XsClient, XsMessage, XsRing, XsType,
-                            encode, pack_strings)
+from pvmig.pv.xenstore import (
+    REQ_CONS,
+    REQ_PROD,
+    RSP_CONS,
+    RSP_PROD,
+    XENSTORE_PAYLOAD_MAX,
+    Decoder,
+    XenstoreError,
+    XsClient,
+    XsMessage,
+    XsRing,
+    XsType,
+    encode,
+    pack_strings,
+)
 
 pytestmark = pytest.mark.timeout(30)
 

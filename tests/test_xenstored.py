@@ -11,10 +11,24 @@ import msgpack
 import numpy as np
 import pytest
 
-from pvmig.pv.xenstore import (REQ_PROD, Decoder, XenstoreError, XsClient, XsMessage, XsRing,
-                            XsType, encode)
-from pvmig.dom0.xenstored import (MAX_TRANSACTIONS, MAX_WATCHES, OUTBOX_LIMIT, Connection,
-                             RingServer, Xenstored)
+from pvmig.dom0.xenstored import (
+    MAX_TRANSACTIONS,
+    MAX_WATCHES,
+    OUTBOX_LIMIT,
+    Connection,
+    RingServer,
+    Xenstored,
+)
+from pvmig.pv.xenstore import (
+    REQ_PROD,
+    Decoder,
+    XenstoreError,
+    XsClient,
+    XsMessage,
+    XsRing,
+    XsType,
+    encode,
+)
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import uvloop
 
-from pvmig.tools import bench
-from pvmig.tools.cluster import LocalCluster
 from pvmig.coordinator.migrate import Options, migrate
 from pvmig.coordinator.progress import Reporter
+from pvmig.tools import bench
+from pvmig.tools.cluster import LocalCluster
 
 runs = int(sys.argv[1]) if len(sys.argv) > 1 else 4
 with tempfile.TemporaryDirectory(prefix="pvmig-down-", dir="/dev/shm") as tmp:

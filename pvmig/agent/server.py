@@ -22,13 +22,11 @@ import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from pvmig import errors
-
-from pvmig.host import parking
-
-from pvmig.rpc import channel as rpc
 from pvmig._proto import pvmig_pb2 as pb
 from pvmig._proto import pvmig_pb2_grpc as pb_grpc
+from pvmig.host import parking
 from pvmig.host.host import Host
+from pvmig.rpc import channel, status
 
 log = logging.getLogger("pvmig.agent.server")
 CAPABILITIES = ["precopy", "zero-pages", "xxh3-batches", "zstd", "auto-converge"]
@@ -40,12 +38,12 @@ def _status(fn):
         @functools.wraps(fn)
         async def stream(self, request, context):
             try:
-                if isinstance(request, rpc.Malformed):
+                if isinstance(request, channel.Malformed):
                     raise request.error()
                 async for item in fn(self, request, context):
                     yield item
             except errors.PvmigError as e:
-                await context.abort(e.code, str(e))
+                await context.abort(status.code_of(e), str(e))
             except Exception as e:  # a bug: say so in one line, keep the trace in the log
                 log.exception("%s failed", fn.__name__)
                 await context.abort(grpc.StatusCode.INTERNAL,
@@ -55,11 +53,11 @@ def _status(fn):
     @functools.wraps(fn)
     async def unary(self, request, context):
         try:
-            if isinstance(request, rpc.Malformed):
+            if isinstance(request, channel.Malformed):
                 raise request.error()
             return await fn(self, request, context)
         except errors.PvmigError as e:
-            await context.abort(e.code, str(e))
+            await context.abort(status.code_of(e), str(e))
         except Exception as e:
             log.exception("%s failed", fn.__name__)
             await context.abort(grpc.StatusCode.INTERNAL,
@@ -101,12 +99,12 @@ class AgentServicer(pb_grpc.AgentServicer):
 
     @_status
     async def Hello(self, request, context):
-        if request.protocol_version != rpc.PROTOCOL_VERSION:
+        if request.protocol_version != channel.PROTOCOL_VERSION:
             raise errors.FailedPrecondition(
                 f"{request.client or 'the caller'} speaks protocol version "
                 f"{request.protocol_version}, agent {self.host.name} speaks "
-                f"{rpc.PROTOCOL_VERSION}: run the same pvmig release on both")
-        return pb.HelloReply(protocol_version=rpc.PROTOCOL_VERSION, agent_name=self.host.name,
+                f"{channel.PROTOCOL_VERSION}: run the same pvmig release on both")
+        return pb.HelloReply(protocol_version=channel.PROTOCOL_VERSION, agent_name=self.host.name,
                              instance_id=self.host.instance_id, capabilities=CAPABILITIES,
                              advertise=self.host.advertise,
                              max_ram_bytes=self.host.max_ram_bytes)
@@ -316,15 +314,15 @@ def advertised(bind_host: str, port: int) -> str:
 
 
 async def serve(host: Host, listen: str, *, ready_file: Path | None = None) -> None:
-    bind_host, _ = rpc.parse_address(listen, listen=True)
-    server = grpc.aio.server(options=rpc.SERVER_OPTIONS,
+    bind_host, _ = channel.parse_address(listen, listen=True)
+    server = grpc.aio.server(options=channel.SERVER_OPTIONS,
                              interceptors=host.security.server_interceptors())
     services = pb.DESCRIPTOR.services_by_name
     server.add_generic_rpc_handlers([
-        rpc.handler(AgentServicer(host), services["Agent"]),
-        rpc.handler(MigrationSourceServicer(host), services["MigrationSource"]),
-        rpc.handler(MigrationDestServicer(host), services["MigrationDest"]),
-        rpc.handler(PageStreamServicer(host), services["PageStream"])])
+        channel.handler(AgentServicer(host), services["Agent"]),
+        channel.handler(MigrationSourceServicer(host), services["MigrationSource"]),
+        channel.handler(MigrationDestServicer(host), services["MigrationDest"]),
+        channel.handler(PageStreamServicer(host), services["PageStream"])])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:

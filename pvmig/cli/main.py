@@ -13,11 +13,10 @@ from pathlib import Path
 import uvloop
 
 from pvmig import errors
-
-from pvmig.rpc import security
 from pvmig._proto import pvmig_pb2 as pb
-from pvmig.rpc.client import AgentClient
 from pvmig.host.host import DEFAULT_WORKLOAD, default_max_ram
+from pvmig.rpc import security
+from pvmig.rpc.client import AgentClient
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 

@@ -30,15 +30,12 @@ from pathlib import Path
 import numpy as np
 
 from pvmig import errors
-
-from pvmig.migration import recovery
-
-from pvmig.migration import verify
 from pvmig._proto import pvmig_pb2 as pb
-from pvmig.rpc.client import AgentClient
-from pvmig.migration.precopy import AutoConverge, PrecopyPolicy, RoundStats
 from pvmig.coordinator.progress import Reporter
 from pvmig.coordinator.report import Report
+from pvmig.migration import recovery, verify
+from pvmig.migration.precopy import AutoConverge, PrecopyPolicy, RoundStats
+from pvmig.rpc.client import AgentClient
 
 # Fault injection (tests/test_e2e_fault_table.py, test_e2e_faults.py): the coordinator
 # is SIGKILLed as it enters this phase (its event in the progress stream is out first),

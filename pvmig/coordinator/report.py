@@ -12,8 +12,8 @@ import numpy as np
 from pvmig import errors
 from pvmig.hv.memory import PAGE_SIZE
 from pvmig.migration.precopy import RoundStats
-from pvmig.pv.devlayout import MAX_FAILED
 from pvmig.migration.verify import by_area, classify
+from pvmig.pv.devlayout import MAX_FAILED
 
 MAX_LISTED_FRAMES = 32
 

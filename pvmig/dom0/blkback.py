@@ -30,9 +30,18 @@ from pvmig import errors
 from pvmig.dom0.disk import BLOCK_SIZE, DiskImage
 from pvmig.hv.evtchn import BackendEvents, BackendPort
 from pvmig.hv.grant_table import GrantTable, Mapping
-from pvmig.pv.ring import (BLKIF, BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_ERROR,
-                   BLKIF_RSP_OKAY, BackRing, RingError, SECTORS_PER_FRAME,
-                   validate_blkif_request)
+from pvmig.pv.ring import (
+    BLKIF,
+    BLKIF_OP_READ,
+    BLKIF_OP_WRITE,
+    BLKIF_RSP_EOPNOTSUPP,
+    BLKIF_RSP_ERROR,
+    BLKIF_RSP_OKAY,
+    SECTORS_PER_FRAME,
+    BackRing,
+    RingError,
+    validate_blkif_request,
+)
 
 log = logging.getLogger(__name__)
 DOM0 = 0

@@ -17,18 +17,23 @@ import logging
 from pathlib import Path
 
 from pvmig import errors
-
-from pvmig.pv import guestinfo
 from pvmig.dom0.blkback import BlkBack
-from pvmig.pv.devlayout import (BlkArea, NetArea, read_blk_counters, read_blk_failures,
-                        read_net_counters)
 from pvmig.dom0.disk import DiskImage
+from pvmig.dom0.netback import NetBack
+from pvmig.dom0.toolstack import create_device
+from pvmig.dom0.xenstored import RingServer, Xenstored
 from pvmig.hv.evtchn import BackendPort
 from pvmig.hv.foreign_writes import XENSTORED
-from pvmig.dom0.netback import NetBack
-from pvmig.pv.xenbus import BackendDevice, FrontendInfo, backend_path, create_device
+from pvmig.pv import guestinfo
+from pvmig.pv.devlayout import (
+    BlkArea,
+    NetArea,
+    read_blk_counters,
+    read_blk_failures,
+    read_net_counters,
+)
+from pvmig.pv.xenbus import BackendDevice, FrontendInfo, backend_path
 from pvmig.pv.xenstore import XsRing
-from pvmig.dom0.xenstored import RingServer, Xenstored
 
 log = logging.getLogger(__name__)
 DOM0 = 0

@@ -20,15 +20,14 @@ from pathlib import Path
 from typing import Callable
 
 from pvmig import errors
-
-from pvmig.pv import guestinfo
-from pvmig.pv.devlayout import shared_areas
 from pvmig.hv.evtchn import BackendEvents, EventChannels
 from pvmig.hv.foreign_writes import ForeignWrites
 from pvmig.hv.grant_table import GrantTable
 from pvmig.hv.hypercall import AgentChannel
 from pvmig.hv.logdirty import DirtyLog
 from pvmig.hv.memory import PAGE_SIZE, GuestMemory
+from pvmig.pv import guestinfo
+from pvmig.pv.devlayout import shared_areas
 
 BOOT_TIMEOUT_S = 300.0  # filling a large guest's memory takes a while
 START_TIMEOUT_S = 60.0

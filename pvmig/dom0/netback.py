@@ -17,12 +17,18 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from pvmig import errors
-
-from pvmig.pv import netproto
 from pvmig.hv.evtchn import BackendEvents, BackendPort
 from pvmig.hv.grant_table import GrantTable
-from pvmig.pv.ring import NETIF_RSP_DROPPED, NETIF_RSP_ERROR, NETIF_RSP_OKAY, NETIF_RX, NETIF_TX, \
-    BackRing, RingError
+from pvmig.pv import netproto
+from pvmig.pv.ring import (
+    NETIF_RSP_DROPPED,
+    NETIF_RSP_ERROR,
+    NETIF_RSP_OKAY,
+    NETIF_RX,
+    NETIF_TX,
+    BackRing,
+    RingError,
+)
 
 log = logging.getLogger(__name__)
 DOM0 = 0

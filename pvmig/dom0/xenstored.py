@@ -51,9 +51,20 @@ from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, TypeVar
 
-from pvmig.pv.xenstore import (XENSTORE_ABS_PATH_MAX, XENSTORE_PAYLOAD_MAX, XENSTORE_REL_PATH_MAX,
-                       XenstoreError, XsMessage, XsRing, XsType, Decoder, encode, pack_strings,
-                       raw, text)
+from pvmig.pv.xenstore import (
+    XENSTORE_ABS_PATH_MAX,
+    XENSTORE_PAYLOAD_MAX,
+    XENSTORE_REL_PATH_MAX,
+    Decoder,
+    XenstoreError,
+    XsMessage,
+    XsRing,
+    XsType,
+    encode,
+    pack_strings,
+    raw,
+    text,
+)
 
 log = logging.getLogger(__name__)
 

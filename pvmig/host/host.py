@@ -21,11 +21,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from pvmig import errors
-
-from pvmig.host import parking
 from pvmig.dom0.devices import DomainDevices, normalise
 from pvmig.dom0.domain import Domain
 from pvmig.dom0.xenstored import Xenstored
+from pvmig.host import parking
 from pvmig.hv.memory import PAGE_SIZE
 from pvmig.rpc.security import Security
 

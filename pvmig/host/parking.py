@@ -41,17 +41,13 @@ from typing import TYPE_CHECKING
 
 import msgpack
 
-from pvmig import errors
-
-from pvmig import faults
-
-from pvmig.pv import guestinfo
-
-from pvmig.migration import recovery
+from pvmig import errors, faults
 from pvmig._proto import pvmig_pb2 as pb
-from pvmig.rpc.client import AgentClient
 from pvmig.dom0.domain import RUNNING
 from pvmig.hv.memory import GuestMemory
+from pvmig.migration import recovery
+from pvmig.pv import guestinfo
+from pvmig.rpc.client import AgentClient
 
 if TYPE_CHECKING:
     from pvmig.dom0.domain import Domain

@@ -14,9 +14,9 @@ import numpy as np
 
 from pvmig import errors
 from pvmig._proto import pvmig_pb2 as pb
-from pvmig.pv.devlayout import shared_areas
 from pvmig.hv.foreign_writes import COPY_RACE, explain
 from pvmig.hv.memory import GuestMemory
+from pvmig.pv.devlayout import shared_areas
 
 CHUNK_FRAMES = 1 << 16  # 512 KiB of hashes per message
 MAX_DETAIL = 32  # differing frames listed one by one

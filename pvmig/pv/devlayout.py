@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pvmig.pv import guestinfo
 from pvmig.hv.memory import PAGE_SIZE, GuestMemory
+from pvmig.pv import guestinfo
 
 BLK_SLOTS = 32  # a one-page blkif ring
 

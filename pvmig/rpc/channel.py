@@ -7,7 +7,6 @@ from google.protobuf.message import DecodeError
 from google.protobuf.message_factory import GetMessageClass
 
 from pvmig import errors
-
 from pvmig.rpc import security
 
 PROTOCOL_VERSION = 2  # 2: page batches carry an xxh3-64 checksum

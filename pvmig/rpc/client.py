@@ -12,12 +12,9 @@ from typing import AsyncIterator
 import grpc
 
 from pvmig import errors
-
-from pvmig.rpc import channel as rpc
-
-from pvmig.rpc import security
 from pvmig._proto import pvmig_pb2 as pb
 from pvmig._proto import pvmig_pb2_grpc as pb_grpc
+from pvmig.rpc import channel, security, status
 
 
 class AgentClient:
@@ -25,7 +22,7 @@ class AgentClient:
         self.address = address
         self.where = f"{role} at {address}"  # how errors name it: "the destination agent at ..."
         self.security = sec or security.default()
-        self.channel = self._channel = rpc.channel(address, self.security)
+        self.channel = self._channel = channel.channel(address, self.security)
         self.agent = pb_grpc.AgentStub(self._channel)
         self.source = pb_grpc.MigrationSourceStub(self._channel)
         self.dest = pb_grpc.MigrationDestStub(self._channel)
@@ -40,7 +37,7 @@ class AgentClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def call(self, method, request, timeout: float = rpc.CALL_TIMEOUT_S):
+    async def call(self, method, request, timeout: float = channel.CALL_TIMEOUT_S):
         try:
             return await method(request, timeout=timeout)
         except grpc.RpcError as e:
@@ -54,14 +51,14 @@ class AgentClient:
             raise self._error(e) from None
 
     def _error(self, e: grpc.RpcError) -> errors.PvmigError:
-        err = errors.from_rpc(e, self.where)
-        hint = rpc.transport_hint(e.code(), e.details() or "", self.security)
+        err = status.from_rpc(e, self.where)
+        hint = channel.transport_hint(e.code(), e.details() or "", self.security)
         return type(err)(f"{err} ({hint})") if hint else err
 
     async def hello(self, client: str = "pvmig", timeout: float = 10.0) -> pb.HelloReply:
         reply = await self.call(self.agent.Hello, pb.HelloRequest(
-            protocol_version=rpc.PROTOCOL_VERSION, client=client), timeout=timeout)
-        rpc.check_hello(reply, self.address)
+            protocol_version=channel.PROTOCOL_VERSION, client=client), timeout=timeout)
+        channel.check_hello(reply, self.address)
         self.hello_reply = reply
         return reply
 

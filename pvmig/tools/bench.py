@@ -29,14 +29,14 @@ from pathlib import Path
 
 import uvloop
 
-from pvmig.tools import ceiling
 from pvmig._proto import pvmig_pb2 as pb
-from pvmig.rpc.client import AgentClient
-from pvmig.tools.cluster import LocalCluster
 from pvmig.coordinator.migrate import Options, migrate
+from pvmig.coordinator.progress import Reporter
 from pvmig.hv.memory import PAGE_SIZE
 from pvmig.migration.pages import DEFAULT_STREAMS as STREAMS
-from pvmig.coordinator.progress import Reporter
+from pvmig.rpc.client import AgentClient
+from pvmig.tools import ceiling
+from pvmig.tools.cluster import LocalCluster
 
 MODERATE = 2000      # pages/s: 8 MB/s of writes
 HEAVY = 60000        # pages/s, uncapped

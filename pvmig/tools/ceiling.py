@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pvmig.rpc import channel as rpc
 from pvmig.hv.shm import SharedFile
+from pvmig.rpc import channel
 
 CHUNK = 1 << 20
 TRANSPORTS = ("tcp", "grpc")
@@ -167,7 +167,7 @@ def _grpc_recv(port_file: str, dst: str, nbytes: int, streams: int) -> None:
         yield b""
 
     async def serve() -> None:
-        server = grpc.aio.server(options=rpc.SERVER_OPTIONS)
+        server = grpc.aio.server(options=channel.SERVER_OPTIONS)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
             "pvmig.Ceiling", {"Transfer": grpc.stream_stream_rpc_method_handler(
                 transfer, request_deserializer=_raw, response_serializer=_raw)}),))
@@ -200,7 +200,7 @@ def _grpc_send(address: str, src: str, streams: int) -> None:
             pass
 
     async def main() -> None:
-        async with grpc.aio.insecure_channel(address, options=rpc.CHANNEL_OPTIONS) as ch:
+        async with grpc.aio.insecure_channel(address, options=channel.CHANNEL_OPTIONS) as ch:
             await asyncio.gather(*(pour(ch, *span) for span in _spans(len(data), streams)))
 
     asyncio.run(main())

@@ -13,11 +13,11 @@ import uvloop
 from rich.console import Console
 
 from pvmig._proto import pvmig_pb2 as pb
-from pvmig.rpc.client import AgentClient
-from pvmig.tools.cluster import LocalCluster
 from pvmig.coordinator.migrate import Options, migrate
 from pvmig.coordinator.progress import for_stream
 from pvmig.coordinator.summary import print_summary
+from pvmig.rpc.client import AgentClient
+from pvmig.tools.cluster import LocalCluster
 
 DISK_BLOCKS = 1024
 

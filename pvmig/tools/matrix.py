@@ -28,10 +28,10 @@ from pathlib import Path
 import uvloop
 
 from pvmig._proto import pvmig_pb2 as pb
-from pvmig.rpc.client import AgentClient
-from pvmig.tools.cluster import LocalCluster
 from pvmig.coordinator.migrate import Options, migrate
 from pvmig.coordinator.progress import Reporter
+from pvmig.rpc.client import AgentClient
+from pvmig.tools.cluster import LocalCluster
 
 QUICK = {"grants": ["map", "persistent"], "recovery": ["replay", "naive"],
          "quiesce": ["none", "backend"]}

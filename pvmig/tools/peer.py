@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pvmig import errors
-
 from pvmig.pv import netproto
 from pvmig.rpc.channel import parse_address
 
