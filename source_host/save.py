@@ -387,6 +387,12 @@ class SaveSession:
 
     async def suspend(self) -> pb.SuspendReply:
         self._own()
+        if self.domain.pv is not None and self.domain.pv.inject:
+            # while the guest still issues: a read held in flight across the suspend,
+            # so that the injection points find one at the final pass every time
+            await self.domain.pv.hold_reads()
+            self._check_not_aborted()  # (an abort while it waited gave the guest back)
+            self._own()
         self.vcpu, t = await self.domain.suspend()
         return pb.SuspendReply(suspended_ns=t, vcpu_bytes=len(self.vcpu))
 

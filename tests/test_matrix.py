@@ -31,6 +31,8 @@ def test_quick_matrix(tmp_path):
             assert "unexplained" not in t["frames-by-cause"], c
         # each forced set made its hazards happen at least once
         assert forced["injected"].get("xenstore-after-final") == 2, c
+        if c["quiesce"] == "none":  # an injection point forces its hazard every time
+            assert forced["injection-fired"] == forced["injection-asked"], c
         if c["recovery"] == "replay":  # blkif_recover: never observed corrupt
             assert chance["observed-corruptions"] == forced["observed-corruptions"] == 0, c
             assert c["trusted-old-ring"] == 0

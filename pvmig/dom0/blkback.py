@@ -77,6 +77,9 @@ class BlkBack:
     connection: tuple[int, int] | None = None  # (ring ref, port): to reconnect after a quiesce
     on_broken: object = None  # called with the reason when the frontend broke the ring
     _inflight: dict = field(default_factory=dict)  # task -> (request, its hurry event)
+    holding: bool = False  # injection points: reads stay in flight until answered
+    _held: set = field(default_factory=set)  # the hurry events of the reads held back
+    _held_read: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def name(self) -> str:
@@ -102,12 +105,35 @@ class BlkBack:
             self._server.cancel()
             await asyncio.gather(self._server, return_exceptions=True)
             self._server = None
+        self.release()  # a quiesced backend finishes what it holds: nothing is left to force
         pending = list(self._tasks)
         done, not_done = await asyncio.wait(pending, timeout=timeout_s) if pending else ((), ())
         self.disk.flush()  # what it wrote is on the shared storage before the handover
         unmapped = len(self._persistent) + (1 if self._ring_map else 0)
         await self.disconnect("quiesced")
         return len(done), len(not_done), unmapped
+
+    def hold(self) -> None:
+        """Injection points: from now on, a read stays in flight (its data unwritten, its
+        response unpublished) until an injection point answers it or release() lets it
+        go. Reads only: their data is what lands in guest memory behind the final pass,
+        and writes going on keep ring slots free for the guest's next reads."""
+        self.holding = True
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
+    async def wait_held(self) -> None:
+        """Until a read is held back (one issued before hold() once its latency is over)."""
+        await self._held_read.wait()
+
+    def release(self) -> None:
+        """The held reads finish, as a backend nobody hurries would."""
+        self.holding = False
+        self._held_read.clear()
+        for hurry in self._held:
+            hurry.set()
 
     async def answer_now(self, keep: frozenset = frozenset()) -> int:
         """Injection point: finish every request in flight at once and publish the
@@ -178,6 +204,9 @@ class BlkBack:
         self._server = None
         self._tasks = set()
         self._inflight.clear()
+        self.holding = False
+        self._held.clear()
+        self._held_read.clear()
         for m in [*self._persistent.values(), *([self._ring_map] if self._ring_map else [])]:
             self.grants.unmap(m.handle)
         self._persistent.clear()
@@ -255,6 +284,13 @@ class BlkBack:
                 await asyncio.wait_for(hurry.wait(), self.latency_s)
             except asyncio.TimeoutError:
                 pass
+        if self.holding and op == BLKIF_OP_READ and not hurry.is_set():
+            self._held.add(hurry)
+            self._held_read.set()
+            try:
+                await hurry.wait()
+            finally:
+                self._held.discard(hurry)
         block = int(req["sector_number"]) // SECTORS_PER_FRAME
         try:
             if op == BLKIF_OP_WRITE:

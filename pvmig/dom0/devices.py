@@ -37,6 +37,10 @@ from pvmig.pv.xenstore import XsRing
 
 log = logging.getLogger(__name__)
 DOM0 = 0
+# Injection points whose hazard needs a read in flight at the final pass: asked for,
+# the backends hold reads back from before the suspend (hold_reads) so that one is.
+HOLD_FOR = {"response-before-final", "write-after-final", "torn-copy"}
+HOLD_WAIT_S = 10.0  # for the guest's first held read; a guest without disk I/O has none
 
 
 def normalise(config: dict) -> dict:
@@ -134,6 +138,36 @@ class DomainDevices:
         self.dom.grants.backend_log = backend_log
         self.xenstore_track = xenstore_track
         self.inject = set(inject)
+        if not self.inject & HOLD_FOR:  # (an aborted migration's held reads go on)
+            self.release_reads()
+
+    async def hold_reads(self) -> int:
+        """Before the suspend, for the injection points that need a read in flight at
+        the final pass: every backend holds reads back from now on, and this waits until
+        one is held (the guest goes on issuing until it suspends). Left to chance, the
+        backends would often have answered everything by the final pass. How many
+        backends hold a read (0: the guest issued none within HOLD_WAIT_S)."""
+        if not self.inject & HOLD_FOR or not self.backends:
+            return 0
+        blks = [blk for blk, _dev in self.backends.values()]
+        for blk in blks:
+            blk.hold()
+        waits = [asyncio.ensure_future(blk.wait_held()) for blk in blks]
+        try:
+            await asyncio.wait(waits, timeout=HOLD_WAIT_S, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        held = sum(1 for blk in blks if blk.held)
+        if not held:
+            log.warning("domain %s: no read in flight after %.0f s: injection points %s "
+                        "have nothing to force", self.dom.name, HOLD_WAIT_S,
+                        sorted(self.inject & HOLD_FOR))
+        return held
+
+    def release_reads(self) -> None:
+        for blk, _dev in self.backends.values():
+            blk.release()
 
     async def before_final_read(self) -> dict:
         """Injection points that act between suspend and the final read of the dirty
@@ -195,6 +229,9 @@ class DomainDevices:
         """Injection point xenstore-after-final: once the final pass has copied its
         frames, the toolstack touches a node the guest watches, so that xenstored writes
         a watch event into the guest's ring page: a write no pass will ever send."""
+        # The frames are copied: the reads the injection points left held finish now,
+        # as they would have in a backend nobody held back.
+        self.release_reads()
         if "xenstore-after-final" not in self.inject or self.server is None:
             return {}
         before = self.dom.mem.pages[guestinfo.XENSTORE_FRAME].copy()

@@ -53,6 +53,8 @@ class Tally:
     causes: Counter = field(default_factory=Counter)   # ... by cause
     observed_causes: Counter = field(default_factory=Counter)
     injected: Counter = field(default_factory=Counter)  # hazards each point made happen
+    asked: Counter = field(default_factory=Counter)     # runs that asked for each point
+    fired: Counter = field(default_factory=Counter)     # ... in which it made its hazard
 
     def to_dict(self) -> dict:
         return {"migrations": self.migrations, "failed": self.failed,
@@ -60,7 +62,8 @@ class Tally:
                 "runs-with-corruption": self.runs_with_corruption,
                 "frames-by-class": dict(self.classes), "frames-by-cause": dict(self.causes),
                 "observed-by-cause": dict(self.observed_causes),
-                "injected": dict(self.injected)}
+                "injected": dict(self.injected), "injection-asked": dict(self.asked),
+                "injection-fired": dict(self.fired)}
 
 
 @dataclass
@@ -156,6 +159,8 @@ def _record(cell: Cell, d: dict, forced: bool) -> None:
     tally = cell.forced if forced else cell.chance
     tally.migrations += 1
     tally.injected.update(d["injected"])
+    tally.asked.update(d["policies"]["inject"])
+    tally.fired.update(k for k, n in d["injected"].items() if n > 0)
     if d["status"] != "completed":
         tally.failed += 1
         cell.errors.append(d["error"])
