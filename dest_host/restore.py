@@ -3,7 +3,7 @@
 prepare  reserve the domain, create its memory, start the guest process that will
          resume it (loaded and idle, so that resume costs no start-up)
 streams  records from the source agent, one handler per record type, on several
-         streams side by side
+         streams side by side (an unknown record type is refused)
 ready    the whole stream is in and the waiting guest is alive: the coordinator asks
          before the source records the commit
 commit   the decision is recorded durably
@@ -15,7 +15,7 @@ expire   the coordinator is gone: with the whole stream in, ask the source for t
 Verification needs the destination's memory as it was at resume. Only the streams
 write it before then, so each frame's hash is taken after its last write: frames
 received are marked unhashed and hashed by a background task while the streams run;
-the coordinator lets it catch up (settle) after each round, and the few frames the
+the coordinator lets it catch up (hash_received) after each round, and the few frames the
 final pass leaves are hashed just before resume.
 """
 
@@ -26,18 +26,27 @@ import logging
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-import msgpack
 import numpy as np
 
 from pvmig import errors, faults
 from pvmig._proto import pvmig_pb2 as pb
-from pvmig.dom0.domain import INCOMING, Domain
-from pvmig.host import parking
-from pvmig.host.host import Host, Lease, check_migration_id
+from pvmig.dom0.domain import Domain, DomainState
+from pvmig.host import domain_records as records
+from pvmig.host.commit_log import Role, check_migration_id
+from pvmig.host.host import Host
+from pvmig.host.sessions import Lease
 from pvmig.hv import logdirty
 from pvmig.hv.memory import save_image
-from pvmig.migration import pages, verify
-from pvmig.pv import guestinfo
+from pvmig.migration import pages, policy, recovery, verify
+from pvmig.migration.device_state import DeviceState
+from pvmig.migration.recovery import SideState, Status
+from pvmig.migration.state import (
+    RESTORE_COMMITTED,
+    RESTORE_TRANSITIONS,
+    RestoreState,
+    advance,
+    require,
+)
 from pvmig.rpc import channel
 from pvmig.rpc.client import AgentClient
 
@@ -54,12 +63,10 @@ class RestoreSession:
     lease: Lease
     source_address: str = ""  # where recovery reaches it
     source_instance: str = ""  # its instance as the migration began
-    committed: bool = False
-    discarded: str = ""  # why, once discarded
-    vcpu: bytes | None = None
-    backend_records: dict = field(default_factory=dict)
+    state: RestoreState = RestoreState.PREPARING
+    why_discarded: str = ""
+    device_state: DeviceState | None = None
     save_image: str = ""
-    ended: bool = False
     ends: int = 0
     hashes: np.ndarray | None = None
     unhashed: np.ndarray | None = None
@@ -68,6 +75,25 @@ class RestoreSession:
     _hash_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _end_event: asyncio.Event = field(default_factory=asyncio.Event)
     _resuming: asyncio.Future | None = None
+
+    def _set_state(self, new: RestoreState) -> None:
+        """The only place the state changes (QEMU's migrate_set_state)."""
+        self.state = advance(self.state, new, RESTORE_TRANSITIONS,
+                             f"incoming migration {self.migration_id}")
+
+    @property
+    def committed(self) -> bool:
+        return self.state in RESTORE_COMMITTED
+
+    @property
+    def ended(self) -> bool:
+        """Every stream ended and the device state is in."""
+        return self.state is RestoreState.READY or self.committed
+
+    @property
+    def decided(self) -> bool:
+        """The whole stream is in: the source may have committed (only it knows)."""
+        return self.ended
 
     # ---- prepare
 
@@ -80,17 +106,18 @@ class RestoreSession:
                            devices=[_device_dict(d) for d in request.devices])
         dom.migration_id = request.migration_id
         session = cls(host, dom, request.migration_id, request.source_agent,
-                      Lease(host.session_timeout_s), source_address=request.source_address,
+                      Lease(host.session_timeout_s, host.clock), source_address=request.source_address,
                       source_instance=request.source_instance)
         session.save_image = request.save_image
         n = dom.mem.nr_frames
         session.hashes = np.zeros(n, dtype=np.uint64)
         session.unhashed = np.zeros(n, dtype=np.uint8)
         session.applied_round = np.zeros(n, dtype=np.uint32)  # round + 1 of each frame's copy
-        host.restores[request.migration_id] = session
+        host.restores.add(session)
         try:
             host.start_devices(dom, fresh_disks=False)  # shared storage: the same disk
             await dom.start_waiting(host.log_path(dom))
+            session._set_state(RestoreState.RECEIVING)
         except BaseException:
             await session.discard("the guest process did not start")
             raise
@@ -139,25 +166,19 @@ class RestoreSession:
         return pb.StreamAck(round=end.round, pages_received=stream.round_pages.pop(end.round, 0))
 
     def on_device_state(self, stream: "_StreamState", state: pb.DeviceState) -> None:
-        if not state.vcpu:
-            raise errors.InvalidArgument("device state without a vCPU context")
-        try:
-            self.backend_records = msgpack.unpackb(state.devices) if state.devices else {}
-        except (ValueError, msgpack.UnpackException) as e:
-            raise errors.InvalidArgument(f"device state: backend records unreadable: {e}") from None
-        self.vcpu = state.vcpu
+        self.device_state = DeviceState.from_pb(state)
 
     def on_end(self, stream: "_StreamState", end: pb.StreamEnd) -> pb.StreamAck:
-        if not 0 < end.streams <= pages.MAX_STREAMS:
+        if not 0 < end.streams <= policy.MAX_STREAMS:
             raise errors.InvalidArgument(f"end of stream announces {end.streams} streams")
         stream.ended = True
         self.ends += 1
         # Whole when every stream has ended and the device state is in: acknowledged
         # ends are what the source waits for before it commits.
         if self.ends >= end.streams:
-            if self.vcpu is None:
+            if self.device_state is None:
                 raise errors.InvalidArgument("every stream ended without the device state")
-            self.ended = True
+            self._set_state(RestoreState.READY)
             self._end_event.set()
             # The last end's acknowledgement is the destination's "ready" (xl's): the
             # source commits only after it, so it must not be given unless this side
@@ -191,7 +212,7 @@ class RestoreSession:
         frames = logdirty.take(self.unhashed)
         self.hashes[frames] = self.domain.mem.frame_hashes(frames)
 
-    async def settle(self) -> None:
+    async def hash_received(self) -> None:
         """Hash what has been received so far (called between rounds, while the guest
         still runs on the source), so that little is left to hash before resume."""
         self._check_open()
@@ -217,19 +238,16 @@ class RestoreSession:
         self.ready()
         # First what a crash of this agent before the resume needs to resume it anyway
         # (pvmig.host.parking), then the decision that makes it count.
+        state = self.device_state
         if self.domain.pv is not None:
-            self.domain.pv.restore_backend_records(self.backend_records)
-        parking.remember(self.host, self.domain, migration_id=self.migration_id,
-                         role="destination", vcpu=self.vcpu, recovery=self._recovery,
-                         resumes=int(guestinfo.view(self.domain.mem)[0]["resumes"]))
-        self.host.record_commit(self.migration_id, "destination", self.domain.name)
+            self.domain.pv.restore_backend_records(state.backends)
+        self.host.records.remember(self.domain, migration_id=self.migration_id,
+                                   role=Role.DESTINATION, vcpu=state.vcpu,
+                                   recovery=state.recovery,
+                                   resumes=records.resumes_of(self.domain.mem))
+        self.host.commits.record(self.migration_id, Role.DESTINATION, self.domain.name)
         faults.point("dest-committed")
-        self.committed = True
-
-    @property
-    def _recovery(self) -> str:
-        # (the guest's recovery policy travels with the backend records)
-        return self.backend_records.get("policy", {}).get("recovery", "replay")
+        self._set_state(RestoreState.COMMITTED)
 
     async def commit_and_resume(self) -> int:
         """The commit recorded, then the guest resumed: one call inside the downtime.
@@ -241,36 +259,40 @@ class RestoreSession:
         return await asyncio.shield(self._resuming)
 
     async def resume(self) -> int:
-        if not self.committed:
-            raise errors.FailedPrecondition("resume comes after commit")
+        require(self.state, RestoreState.COMMITTED, f"incoming migration {self.migration_id}",
+                "resume (after commit)")
+        self._set_state(RestoreState.RESUMING)
         if self._hasher is not None:
             await self._hasher  # ends with the stream: at most one short pass to wait for
         await self._hash_pass()
         if self.save_image:  # asked for: costs a copy of memory inside the downtime
             save_image(self.domain.mem, self.save_image)
-        t = await self.domain.resume(self.vcpu, self._recovery)
+        t = await self.domain.resume(self.device_state.vcpu, self.device_state.recovery)
         self.domain.migration_id = ""
-        parking.refresh(self.host, self.domain)
+        self._set_state(RestoreState.RESUMED)
+        self.host.records.refresh(self.domain)
         return t
 
     async def frame_hashes(self) -> AsyncIterator[pb.HashChunk]:
         """Hashes of this side's memory as it was at resume."""
-        if self.domain.state == INCOMING:
+        if self.domain.state == DomainState.INCOMING:
             raise errors.FailedPrecondition("frame hashes are kept from resume on")
         for chunk in verify.chunks(self.hashes):
             yield chunk
 
     def finish(self) -> None:
         """The session is no longer needed (the domain lives on)."""
-        self.host.restores.pop(self.migration_id, None)
+        self.host.restores.remove(self.migration_id)
+        if self.state is RestoreState.RESUMED:
+            self._set_state(RestoreState.FINISHED)
 
     # ---- recovery: the coordinator is gone (pvmig recover, or this host's watchdog)
 
-    def state(self) -> pb.MigrationState:
-        state = "committed" if self.committed else "ready" if self.ended else "receiving"
-        return pb.MigrationState(state=state, domain=self.domain.name,
-                                 source_agent=self.source_agent,
-                                 source_instance=self.source_instance)
+    def status(self) -> SideState:
+        status = (Status.COMMITTED if self.committed else Status.READY if self.ended
+                  else Status.RECEIVING)
+        return SideState(status, self.domain.name, source_agent=self.source_agent,
+                         source_instance=self.source_instance)
 
     async def expire(self) -> None:
         """The lease ran out. Resumed: the session is done with. The stream not whole:
@@ -287,11 +309,10 @@ class RestoreSession:
             raise errors.FailedPrecondition(
                 f"migration {self.migration_id}: the coordinator named no source address to "
                 "ask for the decision: run pvmig recover")
-        from pvmig.migration import recovery
         async with AgentClient(self.source_address, "the source agent",
                                self.host.security) as source:
             await source.hello(f"agent {self.host.name}")
-            outcome = await recovery.settle(recovery.RemoteSource(source), _Local(self),
+            outcome = await recovery.recover(recovery.RemoteSource(source), _Local(self),
                                             self.migration_id)
         log.warning("%s (the coordinator gone; settled by the destination)", outcome.describe())
 
@@ -305,8 +326,10 @@ class RestoreSession:
         await self.discard(reason)
 
     async def discard(self, reason: str) -> None:
-        self.discarded = reason
-        self.host.restores.pop(self.migration_id, None)
+        if self.state is not RestoreState.DISCARDED:
+            self.why_discarded = reason
+            self._set_state(RestoreState.DISCARDED)
+        self.host.restores.remove(self.migration_id)
         if self._hasher is not None:
             self._hasher.cancel()
         async with self._hash_lock:  # no hashing pass left on the memory
@@ -315,8 +338,9 @@ class RestoreSession:
             await self.host.drop(self.domain.name)
 
     def _check_open(self) -> None:
-        if self.discarded:
-            raise errors.Aborted(f"migration {self.migration_id} was discarded: {self.discarded}")
+        if self.state is RestoreState.DISCARDED:
+            raise errors.Aborted(f"migration {self.migration_id} was discarded: "
+                                 f"{self.why_discarded}")
 
 
 async def receive_stream(host: Host, records: AsyncIterator[pb.StreamRecord]
@@ -329,7 +353,7 @@ async def receive_stream(host: Host, records: AsyncIterator[pb.StreamRecord]
         return
     if isinstance(first, channel.Malformed):
         raise first.error()
-    session = host.restore(first.migration_id)
+    session = host.restores.lookup(first.migration_id)
 
     async def whole():
         yield first
@@ -357,18 +381,18 @@ _HANDLERS = {
 }
 
 
-def incoming_state(host: Host, migration_id: str) -> pb.MigrationState:
+def incoming_state(host: Host, migration_id: str) -> SideState:
     """Recovery's question to the destination: does it hold a copy, run it, or neither?"""
     session = host.restores.get(migration_id)
     if session is not None:
-        return session.state()
-    record = host.commit_record(migration_id, "destination")
+        return session.status()
+    record = host.commits.read(migration_id, Role.DESTINATION)
     if record is None:
-        return pb.MigrationState(state="none")
+        return SideState(Status.NONE)
     # Committed here: the guest may have run here, whatever it does now (runs, moves on,
     # is parked and back): "lost" only when this host has no such domain at all.
-    here = record["domain"] in host.domains
-    return pb.MigrationState(state="resumed" if here else "lost", domain=record["domain"])
+    here = record.domain in host.domains
+    return SideState(Status.RESUMED if here else Status.LOST, record.domain)
 
 
 class _Local:
@@ -379,7 +403,7 @@ class _Local:
     def __init__(self, session: RestoreSession) -> None:
         self.session = session
 
-    async def state(self, migration_id: str) -> pb.MigrationState:
+    async def state(self, migration_id: str) -> SideState:
         return incoming_state(self.session.host, migration_id)
 
     async def commit_and_resume(self, migration_id: str) -> None:

@@ -1,14 +1,19 @@
 """The save side of one migration (Xen's xg_sr_save.c, as asyncio).
 
 Phases, each one call from the coordinator:
-    begin    connect to the destination agent, open the page streams, log-dirty on
-    round    round 0 sends every frame; later rounds the frames dirtied since the last
-             read of the log; the final round, after suspend, the last dirty set, then
-             the device state and the end of the stream
-    suspend  the guest acknowledges and hands over its vCPU context
-    commit   the decision is recorded; from here the destination owns the guest
-    complete the source copy is destroyed
-    abort    (any time before commit) the stream is cut and the guest goes on here
+    begin       connect to the destination agent, open the page streams, log-dirty on
+    send_all    round 0: every frame
+    send_dirty  a later round: the frames dirtied since the last read of the log
+    suspend     the guest acknowledges and hands over its vCPU context
+    quiesce     (quiesce=backend) the backends stop and unmap before the final pass
+    send_final  the last dirty set, then the device state and the end of the stream
+    commit      the decision is recorded; from here the destination owns the guest
+    complete    the source copy is destroyed
+    abort       (any time before commit) the stream is cut and the guest goes on here
+
+The session's state (pvmig.migration.state.SaveState) says which of them may come
+next; it changes only through `_set_state`. The injection points, no-ops unless asked
+for, are one Injector (pvmig.migration.injector) called at their places.
 """
 
 from __future__ import annotations
@@ -19,17 +24,39 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Iterator
 
-import msgpack
 import numpy as np
+import zstandard
 
 from pvmig import errors, faults
 from pvmig._proto import pvmig_pb2 as pb
-from pvmig.dom0.domain import OUTGOING, RUNNING, SUSPENDED, Domain
+from pvmig.dom0.domain import Domain, DomainState
 from pvmig.host import parking
-from pvmig.host.host import Host, Lease, check_migration_id
+from pvmig.host.commit_log import Decision, Role, check_migration_id
+from pvmig.host.host import Host
+from pvmig.host.sessions import Lease
 from pvmig.hv.foreign_writes import TORN
-from pvmig.hv.memory import PAGE_SIZE, save_image
-from pvmig.migration import pages, verify
+from pvmig.hv.memory import save_image
+from pvmig.migration import pages, policy, recovery, verify
+from pvmig.migration.device_state import DeviceState
+from pvmig.migration.injector import Injector
+from pvmig.migration.policy import (
+    Compression,
+    GrantMode,
+    PersistentGrants,
+    Quiesce,
+    Recovery,
+    from_wire,
+)
+from pvmig.migration.recovery import SideState, Status
+from pvmig.migration.state import (
+    SAVE_COMMITTED,
+    SAVE_ENDING,
+    SAVE_TRANSITIONS,
+    SAVE_UNDECIDED,
+    SaveState,
+    advance,
+    require,
+)
 from pvmig.rpc.client import AgentClient
 
 from .ratelimit import RateLimit
@@ -41,9 +68,47 @@ HELLO_TIMEOUT_S = 15.0  # under the coordinator's deadline for Begin, so this er
 RECONNECT_S = 20.0     # page streams lost in pre-copy: made anew for this long at most
 RECONNECT_TRY_S = 2.0  # (and no longer than the session's lease)
 MAX_RECONNECTS = 3     # per migration: a failure that comes back each time is no drop
-INJECTION_POINTS = {"response-before-final", "write-after-final", "torn-copy",
-                    "xenstore-after-final"}
-DEFAULT_STREAMS = pages.DEFAULT_STREAMS
+
+St = SaveState
+
+
+@dataclass
+class Settings:
+    """What Begin asked for, checked."""
+
+    batch_pages: int = policy.BATCH_PAGES
+    streams: int = policy.STREAMS
+    quiesce: Quiesce = Quiesce.NONE
+    recovery: Recovery = Recovery.REPLAY
+    compress: Compression = Compression.NONE
+    persistent_grants: PersistentGrants | None = None
+    grant_mode: GrantMode | None = None
+    max_bandwidth_mbps: float = 0.0
+    backend_log: bool = False
+    xenstore_track: bool = False
+    save_image: str = ""
+
+    @classmethod
+    def of(cls, request: pb.BeginRequest) -> "Settings":
+        if not 0 <= request.streams <= policy.MAX_STREAMS:
+            raise errors.InvalidArgument(
+                f"streams must be within 1..{policy.MAX_STREAMS}, not {request.streams}")
+        if not 0 <= request.batch_pages <= policy.MAX_BATCH_PAGES:
+            raise errors.InvalidArgument(f"batch_pages must be within "
+                                         f"1..{policy.MAX_BATCH_PAGES}, not {request.batch_pages}")
+        if request.max_bandwidth_mbps < 0:
+            raise errors.InvalidArgument(
+                f"max bandwidth must be >= 0 Mbit/s, not {request.max_bandwidth_mbps}")
+        return cls(batch_pages=request.batch_pages or policy.BATCH_PAGES,
+                   streams=request.streams or policy.STREAMS,
+                   quiesce=from_wire(Quiesce, request.quiesce, Quiesce.NONE),
+                   recovery=from_wire(Recovery, request.recovery, Recovery.REPLAY),
+                   compress=from_wire(Compression, request.compress, Compression.NONE),
+                   persistent_grants=from_wire(PersistentGrants, request.persistent_grants),
+                   grant_mode=from_wire(GrantMode, request.grant_mode),
+                   max_bandwidth_mbps=request.max_bandwidth_mbps,
+                   backend_log=request.backend_log, xenstore_track=request.xenstore_track,
+                   save_image=request.save_image)
 
 
 @dataclass
@@ -53,33 +118,43 @@ class SaveSession:
     migration_id: str
     dest_address: str
     lease: Lease
-    batch_pages: int = pages.BATCH_PAGES
-    nr_streams: int = DEFAULT_STREAMS
-    committed: bool = False
-    aborting: str = ""  # why, once an abort has begun: no commit may follow it
-    rolled_back: bool = False
-    delivered: bool = False  # the destination acknowledged the end of every stream
+    settings: Settings = field(default_factory=Settings)
+    inject: Injector = field(default_factory=Injector)
+    state: SaveState = St.SETUP
+    why_ended: str = ""  # why an abort or a rollback began: no commit may follow it
     rounds_done: int = 0
-    quiesce_policy: str = "none"
-    quiesced: bool = False
-    recovery: str = "replay"
-    injected: dict = field(default_factory=dict)
-    save_image: str = ""
-    compress: str = ""  # "" or "zstd": each stream compresses what it sends
-    limit: RateLimit | None = None  # the bandwidth cap, if any
+    reconnects: int = 0
     vcpu: bytes | None = None
+    limit: RateLimit | None = None  # the bandwidth cap, if any
     _dest: AgentClient | None = None
+    _dest_instance: str = ""
     _streams: list[PageStream] = field(default_factory=list)
     _seq: int = 0
     _last_read: float = 0.0
-    _torn: tuple | None = None  # (frame, finish): injection point torn-copy
-    _keep: frozenset = frozenset()  # its frame, which write-after-final leaves alone
-    _ring_last: np.ndarray | None = None  # injection point write-after-final
     _final_acks: list = field(default_factory=list)  # the final pass's round ends
-    _completing: asyncio.Future | None = None
+    _completing: asyncio.Future | None = None  # each runs once, whoever asks
     _releasing: asyncio.Future | None = None
-    _dest_instance: str = ""
-    reconnects: int = 0
+
+    def _set_state(self, new: SaveState) -> None:
+        """The only place the state changes (QEMU's migrate_set_state)."""
+        self.state = advance(self.state, new, SAVE_TRANSITIONS,
+                             f"outgoing migration {self.migration_id}")
+
+    def _require(self, allowed, doing: str) -> None:
+        self._check_not_ended()
+        require(self.state, allowed, f"outgoing migration {self.migration_id}", doing)
+
+    @property
+    def committed(self) -> bool:
+        return self.state in SAVE_COMMITTED
+
+    @property
+    def decided(self) -> bool:
+        return self.committed
+
+    @property
+    def injected(self) -> dict:
+        return self.inject.fired
 
     # ---- begin
 
@@ -89,70 +164,37 @@ class SaveSession:
         dom = host.domain(request.domain)
         if request.migration_id in host.saves:
             raise errors.AlreadyExists(f"migration {request.migration_id} already exists")
-        if not 0 <= request.streams <= pages.MAX_STREAMS:
-            raise errors.InvalidArgument(
-                f"streams must be within 1..{pages.MAX_STREAMS}, not {request.streams}")
-        if not 0 <= request.batch_pages <= pages.MAX_BATCH_PAGES:
-            raise errors.InvalidArgument(
-                f"batch_pages must be within 1..{pages.MAX_BATCH_PAGES}, not {request.batch_pages}")
+        settings = Settings.of(request)
+        inject = Injector(request.inject)
         if dom.migration_id:
             raise errors.FailedPrecondition(
                 f"domain {dom.name!r} is already migrating ({dom.migration_id})")
-        if dom.state != RUNNING:
+        if dom.state != DomainState.RUNNING:
             raise errors.FailedPrecondition(f"domain {dom.name!r} is {dom.state}, not running")
-        if request.quiesce not in ("", "none", "backend"):
-            raise errors.InvalidArgument(
-                f"quiesce policy {request.quiesce!r}: use 'none' or 'backend'")
-        session = cls(host, dom, request.migration_id, request.dest_address,
-                      Lease(host.session_timeout_s),
-                      request.batch_pages or pages.BATCH_PAGES,
-                      request.streams or DEFAULT_STREAMS)
-        session.quiesce_policy = request.quiesce or "none"
-        if request.recovery not in ("", "replay", "naive"):
-            raise errors.InvalidArgument(
-                f"recovery policy {request.recovery!r}: use 'replay' or 'naive'")
-        session.recovery = request.recovery or "replay"
-        session.save_image = request.save_image
-        if request.persistent_grants not in ("", "on", "off"):
-            raise errors.InvalidArgument(
-                f"persistent grants {request.persistent_grants!r}: use 'on' or 'off'")
-        if request.compress not in ("", "none", pages.ZSTD):
-            raise errors.InvalidArgument(
-                f"compression {request.compress!r}: use 'none' or '{pages.ZSTD}'")
-        session.compress = request.compress if request.compress != "none" else ""
-        if request.max_bandwidth_mbps < 0:
-            raise errors.InvalidArgument(
-                f"max bandwidth must be >= 0 Mbit/s, not {request.max_bandwidth_mbps}")
-        if request.max_bandwidth_mbps:
-            session.limit = RateLimit(request.max_bandwidth_mbps)
-        if request.grant_mode not in ("", "map", "copy"):
-            raise errors.InvalidArgument(f"grant mode {request.grant_mode!r}: use 'map' or 'copy'")
         if dom.pv is not None:  # before anything is claimed: a refusal changes nothing
-            dom.pv.set_grant_policy(persistent=request.persistent_grants,
-                                    grant_mode=request.grant_mode)
+            dom.pv.set_grant_policy(persistent=settings.persistent_grants or "",
+                                    grant_mode=settings.grant_mode or "")
+        session = cls(host, dom, request.migration_id, request.dest_address,
+                      Lease(host.session_timeout_s, host.clock), settings, inject)
+        if settings.max_bandwidth_mbps:
+            session.limit = RateLimit(settings.max_bandwidth_mbps)
         # Claim the domain before the first await: a second Begin must find it taken.
-        dom.migration_id, dom.state = request.migration_id, OUTGOING
-        host.saves[request.migration_id] = session
+        dom.migration_id, dom.state = request.migration_id, DomainState.OUTGOING
+        host.saves.add(session)
         try:
             await session._connect()
             # (a crash from here on: the next start revives the guest only if this
-            # source never committed, and records the abort: pvmig.host.parking)
-            parking.remember(host, dom, migration_id=request.migration_id, role="source",
-                             dest=request.dest_address,
-                             dest_name=session._dest.hello_reply.agent_name)
+            # source never committed, and records the abort: pvmig.host.revival)
+            host.records.remember(dom, migration_id=request.migration_id, role=Role.SOURCE,
+                                  dest=request.dest_address,
+                                  dest_name=session._dest.hello_reply.agent_name)
+            session._set_state(St.ACTIVE)
         except BaseException:
             await session._release()
             raise
         if dom.pv is not None:
-            unknown = set(request.inject) - INJECTION_POINTS
-            if unknown:
-                await session._release()
-                raise errors.InvalidArgument(
-                    f"unknown injection point(s) {sorted(unknown)}: "
-                    f"known are {sorted(INJECTION_POINTS)}")
-            dom.pv.set_policy(backend_log=request.backend_log,
-                              xenstore_track=request.xenstore_track,
-                              inject=tuple(request.inject))
+            dom.pv.set_policy(backend_log=settings.backend_log,
+                              xenstore_track=settings.xenstore_track)
         # Log-dirty on: forget what was written before; round 0 sends every frame.
         dom.log.read_and_clear()
         dom.journal.reset()
@@ -172,9 +214,8 @@ class SaveSession:
                 "received is gone")
         self._dest_instance = hello.instance_id
         self._streams = [PageStream(self._dest.channel, self.migration_id, self.dest_address)
-                         for _ in range(self.nr_streams)]
-        if self.compress:
-            import zstandard
+                         for _ in range(self.settings.streams)]
+        if self.settings.compress is Compression.ZSTD:
             for s in self._streams:  # a compressor is not to be shared between streams
                 s.compressor = zstandard.ZstdCompressor(level=1)
 
@@ -190,7 +231,7 @@ class SaveSession:
         await self._close()
         deadline = time.monotonic() + min(RECONNECT_S, self.host.session_timeout_s)
         while True:
-            self._check_not_aborted()
+            self._check_not_ended()
             try:
                 await self._connect(hello_timeout_s=RECONNECT_TRY_S)
             except errors.Unavailable as e:
@@ -199,83 +240,119 @@ class SaveSession:
                     raise errors.Unavailable(f"{cause}; not back within the lease: {e}") from None
                 await asyncio.sleep(RECONNECT_TRY_S / 2)
                 continue
-            if self.aborting:  # aborted while connecting: nobody else will close these
+            if self.state in SAVE_ENDING:  # aborted while connecting: nobody else closes these
                 await self._close()
-                self._check_not_aborted()
+                self._check_not_ended()
             log.warning("migration %s: page streams back", self.migration_id)
             return
 
-    def _check_not_aborted(self) -> None:
-        if self.aborting:
-            raise errors.Aborted(f"migration {self.migration_id} was aborted: {self.aborting}")
+    def _check_not_ended(self) -> None:
+        if self.state in SAVE_ENDING:
+            raise errors.Aborted(f"migration {self.migration_id} was aborted: {self.why_ended}")
 
     def _own(self) -> None:
         if self.domain.migration_id != self.migration_id:
             raise errors.FailedPrecondition(
                 f"domain {self.domain.name!r} no longer belongs to migration {self.migration_id}")
 
-    # ---- rounds
+    # ---- rounds: send_all, send_dirty, send_final
 
     async def round(self, number: int, final: bool) -> AsyncIterator[pb.RoundProgress]:
+        """One round, as the coordinator asks for it: the phase it is, by its place."""
         self._own()
-        if final and (self.domain.state != SUSPENDED or self.rounds_done == 0):
-            raise errors.FailedPrecondition("the final pass comes after round 0 and suspend")
-        if not final and self.domain.state != OUTGOING:
-            raise errors.FailedPrecondition(
-                f"domain {self.domain.name} is {self.domain.state}: pre-copy rounds run "
-                "while it is running")
         if number != self.rounds_done:
             raise errors.InvalidArgument(f"round {number} requested, round {self.rounds_done} is next")
-        started = time.monotonic()
-        if number == 0:
-            frames = np.arange(self.domain.mem.nr_frames, dtype=np.uint32)
-        elif final:
-            frames = await self._final_read()
+        if final:
+            self._require(St.SUSPENDED, "the final pass")
+            if number == 0:
+                raise errors.FailedPrecondition("the final pass comes after round 0 and suspend")
+            phase = self.send_final()
         else:
-            frames = self.domain.log.read_and_clear()
-        since, self._last_read = started - self._last_read, started
-        stats = pb.RoundStats(round=number, dirty_pages=len(frames), started_ns=time.monotonic_ns(),
-                              interval_ns=int(since * 1e9),
-                              dirty_rate=len(frames) / since if number and since > 0 else 0.0)
-        rings, self._ring_last = self._ring_last, None
+            self._require(St.ACTIVE, "a pre-copy round (while the guest runs)")
+            phase = self.send_all() if number == 0 else self.send_dirty(number)
+        async for progress in phase:
+            yield progress
+
+    async def send_all(self) -> AsyncIterator[pb.RoundProgress]:
+        """Round 0: every frame (log-dirty went on at begin)."""
+        started = time.monotonic()
+        frames = np.arange(self.domain.mem.nr_frames, dtype=np.uint32)
+        async for progress in self._precopy_round(0, frames, started):
+            yield progress
+
+    async def send_dirty(self, number: int) -> AsyncIterator[pb.RoundProgress]:
+        """A later round: what the guest dirtied since the last read of the log."""
+        started = time.monotonic()
+        frames = self.domain.log.read_and_clear()
+        async for progress in self._precopy_round(number, frames, started):
+            yield progress
+
+    async def _precopy_round(self, number: int, frames: np.ndarray, started: float
+                             ) -> AsyncIterator[pb.RoundProgress]:
+        stats = self._round_stats(number, frames, started)
+        try:
+            async for progress in self._send(frames, number, stats, len(frames)):
+                yield progress
+        except errors.Unavailable as e:
+            if self.state in SAVE_ENDING:
+                raise
+            # The page streams broke (the network dropped): this round's frames are
+            # dirty again, new streams carry them in the next round.
+            self.domain.log.mark(frames)
+            await self._reconnect(e)
+            stats.interrupted = str(e)
+        yield self._round_done(frames, stats, started)
+
+    async def send_final(self) -> AsyncIterator[pb.RoundProgress]:
+        """After suspend (and quiesce): the last read of the dirty bitmap, the frames it
+        found, the device state, the end of every stream. Delivered once the
+        destination acknowledged every stream's end."""
+        started = time.monotonic()
+        number = self.rounds_done
+        await self.inject.before_final_read(self.domain)
+        self.domain.journal.seal()
+        frames = self.inject.shape_final(self.domain, self.domain.log.read_and_clear())
+        rings = self.inject.rings_last()
+        stats = self._round_stats(number, frames, started)
         total = len(frames) + (len(rings) if rings is not None else 0)
         stats.dirty_pages = total
         try:
-            try:
-                async for progress in self._send(frames, number, stats, total,
-                                                 end=rings is None, final=final):
-                    yield progress
-            except errors.Unavailable as e:
-                if final or self.aborting:
-                    raise
-                # The page streams broke (the network dropped): this round's frames are
-                # dirty again, new streams carry them in the next round.
-                self.domain.log.mark(frames)
-                await self._reconnect(e)
-                stats.interrupted = str(e)
+            async for progress in self._send(frames, number, stats, total,
+                                             end=rings is None, final=True):
+                yield progress
             if rings is not None:
-                # injection point write-after-final: the final pass has copied the I/O
-                # buffers; the backends answer now; the rings, copied last, carry them
-                self.injected.update(await self.domain.pv.after_final_read(self._keep))
+                # write-after-final: the buffers are copied; the backends answer now;
+                # the rings, copied last, carry their responses
+                await self.inject.before_rings(self.domain)
                 async for progress in self._send(rings, number, stats, total, end=True,
-                                                 final=final):
+                                                 final=True):
                     yield progress
-            if final:
-                if self.domain.pv is not None and self.domain.pv.inject:
-                    # after the final pass's pages are on their way: nothing will send it
-                    self.injected.update(self.domain.pv.after_final_pass())
-                await self._end_streams()
+            # after the final pass's pages are on their way: nothing will send it
+            self.inject.after_final_pass(self.domain)
+            await self._end_streams()
         finally:  # a failed final pass leaves no round-end check behind
             for ack in self._final_acks:
                 ack.cancel()
-            self._final_acks, self._torn = [], None
+            self._final_acks = []
+            self.inject.end_pass()
+        self._set_state(St.DELIVERED)
+        yield self._round_done(frames, stats, started)
+
+    def _round_stats(self, number: int, frames: np.ndarray, started: float) -> pb.RoundStats:
+        since, self._last_read = started - self._last_read, started
+        return pb.RoundStats(round=number, dirty_pages=len(frames),
+                             started_ns=time.monotonic_ns(), interval_ns=int(since * 1e9),
+                             dirty_rate=len(frames) / since if number and since > 0 else 0.0)
+
+    def _round_done(self, frames: np.ndarray, stats: pb.RoundStats,
+                    started: float) -> pb.RoundProgress:
         self.rounds_done += 1
         stats.duration_ns = int((time.monotonic() - started) * 1e9)
         stats.remaining_pages = self.domain.log.count()
-        for name, n in self.injected.items():
+        for name, n in self.inject.fired.items():
             stats.injected[name] = n
-        yield pb.RoundProgress(done_pages=len(frames), total_pages=len(frames),
-                               bytes=stats.bytes, stats=stats)
+        return pb.RoundProgress(done_pages=len(frames), total_pages=len(frames),
+                                bytes=stats.bytes, stats=stats)
 
     async def _send(self, frames: np.ndarray, number: int, stats: pb.RoundStats,
                     total: int, end: bool = True, final: bool = False
@@ -295,7 +372,7 @@ class SaveSession:
                     break
                 # A pump waiting for the transport's room is not woken by the call's
                 # cancel (a crawling link): an aborted round ends here, the pumps below.
-                self._check_not_aborted()
+                self._check_not_ended()
                 yield pb.RoundProgress(done_pages=stats.sent_pages + stats.zero_pages,
                                        total_pages=total, bytes=stats.bytes)
         finally:
@@ -303,34 +380,10 @@ class SaveSession:
                 task.cancel()
             await asyncio.gather(*pumps, return_exceptions=True)
 
-    async def _final_read(self) -> np.ndarray:
-        """The last read of the dirty bitmap, and the injection points around it."""
-        pv = self.domain.pv
-        if pv is not None and pv.inject:
-            self.injected.update(await pv.before_final_read())
-        self.domain.journal.seal()
-        frames = self.domain.log.read_and_clear()
-        if pv is None or not pv.inject:
-            return frames
-        self._torn = pv.torn_target()
-        if self._torn is not None:
-            # as though the guest had touched the frame last: the final pass copies it
-            self._keep = frozenset([self._torn[0]])
-            frames = np.union1d(frames, np.array([self._torn[0]], dtype=frames.dtype))
-        if "torn-copy" in pv.inject:
-            self.injected["torn-copy"] = 0  # until the copy reaches the frame
-        if "write-after-final" in pv.inject:
-            # The worst order, forced: buffers copied before the backends write them,
-            # rings copied after they publish the responses (as where a guest's ring
-            # lies above its buffers in its pseudo-physical map).
-            rings = np.array(pv.ring_frames(), dtype=frames.dtype)
-            self._ring_last = rings
-            frames = np.setdiff1d(frames, rings)
-        return frames
-
     def _batches(self, frames: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
-        for lo in range(0, len(frames), self.batch_pages):
-            yield self._seq, frames[lo:lo + self.batch_pages]
+        size = self.settings.batch_pages
+        for lo in range(0, len(frames), size):
+            yield self._seq, frames[lo:lo + size]
             self._seq += 1
 
     async def _pump(self, stream: PageStream, batches, number: int, stats: pb.RoundStats,
@@ -340,7 +393,7 @@ class SaveSession:
         journal = self.domain.journal
         for seq, frames in batches:
             record = stream.record()
-            torn = await self._tear(frames) if self._torn is not None else None
+            torn = await self.inject.tear(self.domain, frames) if self.inject.tearing else None
             packed = pages.pack(self.domain.mem, frames, seq=seq, round=number,
                                 out=record.pages, torn=torn, compressor=stream.compressor)
             journal.copy(frames)
@@ -358,22 +411,10 @@ class SaveSession:
         elif end:
             await stream.end_round(number)
 
-    async def _tear(self, frames: np.ndarray) -> tuple[int, np.ndarray] | None:
-        """Injection point torn-copy: the copy of the target frame has read its first
-        half when the backend finishes the read into it."""
-        frame, finish = self._torn
-        if not (frames == frame).any():
-            return None
-        self._torn = None
-        head = self.domain.mem.pages[frame, :PAGE_SIZE // 2].copy()
-        self.injected["torn-copy"] += await finish()
-        return frame, head
-
     async def _end_streams(self) -> None:
         first, *rest = self._streams
-        records = self.domain.pv.backend_records() if self.domain.pv is not None else {}
-        records["policy"] = {"recovery": self.recovery}
-        device_state = pb.DeviceState(vcpu=self.vcpu, devices=msgpack.packb(records))
+        backends = self.domain.pv.backend_records() if self.domain.pv is not None else {}
+        device_state = DeviceState(self.vcpu, backends, self.settings.recovery).to_pb()
         acks, self._final_acks = self._final_acks, []
         try:
             await asyncio.gather(first.end(len(self._streams), device_state),
@@ -381,37 +422,32 @@ class SaveSession:
         finally:
             for ack in acks:  # a failed end leaves no round check unawaited
                 ack.cancel()
-        self.delivered = True
 
-    # ---- suspend, commit, complete, abort
+    # ---- suspend, quiesce, commit, complete, abort
 
     async def suspend(self) -> pb.SuspendReply:
         self._own()
-        if self.domain.pv is not None and self.domain.pv.inject:
-            # while the guest still issues: a read held in flight across the suspend,
-            # so that the injection points find one at the final pass every time
-            await self.domain.pv.hold_reads()
-            self._check_not_aborted()  # (an abort while it waited gave the guest back)
-            self._own()
+        self._require(St.ACTIVE, "suspend")
+        # while the guest still issues: what the injection points need in flight
+        await self.inject.before_suspend(self.domain)
+        self._check_not_ended()  # (an abort while it waited gave the guest back)
+        self._own()
         self.vcpu, t = await self.domain.suspend()
+        self._check_not_ended()  # (aborted meanwhile: the release resumes the guest)
+        self._set_state(St.SUSPENDED)
         return pb.SuspendReply(suspended_ns=t, vcpu_bytes=len(self.vcpu))
 
     def throttle(self, percent: int) -> None:
         """auto-converge: the hypervisor keeps the guest's vCPU off `percent`% of the time."""
         self._own()
-        if self.domain.state != OUTGOING:
-            raise errors.FailedPrecondition(
-                f"domain {self.domain.name} is {self.domain.state}: only a running guest "
-                "is throttled")
+        self._require(St.ACTIVE, "throttling (only a running guest is throttled)")
         self.domain.set_throttle(percent)
 
     async def quiesce(self) -> pb.QuiesceReply:
         """After suspend, before the final pass: the backends stop and unmap."""
         self._own()
-        if self.domain.state != SUSPENDED:
-            raise errors.FailedPrecondition("backends are quiesced after the guest suspends")
+        self._require(St.SUSPENDED, "quiescing the backends (after the guest suspends)")
         started = time.monotonic()
-        self.quiesced = True
         done = await self.domain.pv.quiesce() if self.domain.pv is not None else {}
         return pb.QuiesceReply(duration_ns=int((time.monotonic() - started) * 1e9), **done)
 
@@ -419,31 +455,33 @@ class SaveSession:
         """The point of no return. No await in here: Resolve (recovery) and Commit see
         each other whole, whichever comes first."""
         self._own()
-        if self.aborting:
+        if self.state in SAVE_ENDING:
             raise errors.Aborted(f"migration {self.migration_id} is being aborted: "
-                                 f"{self.aborting}")
-        if self.domain.state != SUSPENDED or not self.delivered:
+                                 f"{self.why_ended}")
+        if self.state is not St.DELIVERED:
             raise errors.FailedPrecondition(
-                "commit comes after suspend and a final pass the destination acknowledged")
+                f"migration {self.migration_id} is {self.state}: commit comes after suspend "
+                "and a final pass the destination acknowledged")
         faults.point("commit")
-        self.host.record_commit(self.migration_id, "source", self.domain.name)
+        self.host.commits.record(self.migration_id, Role.SOURCE, self.domain.name)
         faults.point("committed")
-        self.committed = True
+        self._set_state(St.COMMITTED)
 
     async def frame_hashes(self) -> AsyncIterator[pb.HashChunk]:
         """Hashes of the source's memory as the final pass left it (the guest is suspended)."""
         self._own()
-        if self.domain.state != SUSPENDED:
+        if self.domain.state != DomainState.SUSPENDED:
             raise errors.FailedPrecondition("frame hashes are taken after the final pass")
-        if self.save_image:  # the image and the hashes are one snapshot
-            hashes = await asyncio.to_thread(save_image, self.domain.mem, self.save_image)
+        image = self.settings.save_image
+        if image:  # the image and the hashes are one snapshot
+            hashes = await asyncio.to_thread(save_image, self.domain.mem, image)
         else:
             hashes = await asyncio.to_thread(self.domain.mem.frame_hashes)
         # After the hashes: backends go on writing while they are taken, and a write
         # the hashes saw must be in the journal the causes come from.
         causes = self.domain.journal.causes()
-        if self.save_image:
-            await asyncio.to_thread(verify.save_causes, causes, self.save_image)
+        if image:
+            await asyncio.to_thread(verify.save_causes, causes, image)
         for chunk in verify.chunks(hashes, causes):
             yield chunk
 
@@ -455,20 +493,24 @@ class SaveSession:
         faults.point("complete")
         if self._completing is None:
             self._own()
+            self._set_state(St.COMPLETING)
             self._completing = asyncio.ensure_future(self._destroy())
         await asyncio.shield(self._completing)
 
     async def _destroy(self) -> None:
         await self._close()
-        self.host.saves.pop(self.migration_id, None)
+        self.host.saves.remove(self.migration_id)
         await self.host.drop(self.domain.name)
+        self._set_state(St.COMPLETED)
 
     async def abort(self, reason: str) -> None:
         if self.committed:
             raise errors.FailedPrecondition(
                 f"migration {self.migration_id} is committed: the guest belongs to the "
                 "destination now")
-        self.aborting = self.aborting or reason
+        if self.state in SAVE_UNDECIDED:
+            self.why_ended = reason
+            self._set_state(St.ABORTING)
         log.warning("migration %s aborted: %s", self.migration_id, reason)
         await self._release()
 
@@ -477,31 +519,32 @@ class SaveSession:
     @property
     def holds_copy(self) -> bool:
         """Its suspended copy is still here (not being destroyed)."""
-        return self._completing is None and self.domain.migration_id == self.migration_id
+        return self.state is St.COMMITTED and self.domain.migration_id == self.migration_id
 
-    async def resolve(self, reason: str) -> str:
+    async def resolve(self, reason: str) -> Status:
         """The decision, made now: committed stays committed; anything else is aborted
         (the guest resumes here) before a late Commit could land."""
         if self.committed:
-            return "committed"
-        if self.rolled_back:
+            return Status.COMMITTED
+        if self.state is St.ROLLED_BACK:
             await self._release()
-            return "rolled-back"
+            return Status.ROLLED_BACK
         await self.abort(reason)
-        return "aborted"
+        return Status.ABORTED
 
     async def rollback(self, reason: str) -> None:
         """Committed, but the destination holds no running copy: the only copy left is
         this suspended one. Recorded first, so that no recovery resumes the other side."""
-        if not self.rolled_back:
-            if not self.committed or self._completing is not None:
+        if self.state is not St.ROLLED_BACK:
+            if self.state is not St.COMMITTED:
                 raise errors.FailedPrecondition(
                     f"migration {self.migration_id}: only a committed migration whose "
                     "source copy is still here is rolled back")
-            self.host.record_commit(self.migration_id, "source", self.domain.name,
-                                    "rolled-back")
+            self.host.commits.record(self.migration_id, Role.SOURCE, self.domain.name,
+                                     Decision.ROLLED_BACK)
             log.warning("migration %s rolled back: %s", self.migration_id, reason)
-            self.rolled_back, self.committed, self.aborting = True, False, reason
+            self.why_ended = reason
+            self._set_state(St.ROLLED_BACK)
         await self._release()  # once, whoever asks
 
     async def expire(self) -> None:
@@ -511,11 +554,10 @@ class SaveSession:
             await self.abort(f"no word from the coordinator for {self.lease.timeout_s:.0f} s "
                              "before commit")
             return
-        from pvmig.migration import recovery
         async with AgentClient(self.dest_address, "the destination agent",
                                self.host.security) as dest:
-            outcome = await recovery.settle(_Local(self), recovery.RemoteDest(dest),
-                                            self.migration_id)
+            outcome = await recovery.recover(_Local(self), recovery.RemoteDest(dest),
+                                             self.migration_id)
         log.warning("%s (the coordinator gone; settled by the source)", outcome.describe())
 
     async def _release(self) -> None:
@@ -531,27 +573,29 @@ class SaveSession:
             await self._close()
             await self._resume_here()
         finally:
-            self.host.saves.pop(self.migration_id, None)
+            self.host.saves.remove(self.migration_id)
+            if self.state is St.ABORTING:
+                self._set_state(St.ABORTED)
 
     async def _resume_here(self) -> None:
         dom = self.domain
         if dom.migration_id != self.migration_id:
             return
         dom.journal.disarm()
-        await dom.settle_suspend()
+        await dom.wait_suspend_outcome()
         dom.set_throttle(0)
         dom.migration_id = ""
+        self.inject.disarm(dom)
         if dom.pv is not None:
             dom.pv.set_policy(backend_log=False, xenstore_track=False)
             dom.pv.set_grant_policy()
-            if self.quiesced:
-                dom.pv.unquiesce()
-        if dom.state == SUSPENDED:
+            dom.pv.unquiesce()  # (a no-op unless quiesce=backend stopped them)
+        if dom.state == DomainState.SUSPENDED:
             await dom.cancel_suspend()
-        elif dom.state == OUTGOING:
-            dom.state = RUNNING
-        if dom.state == RUNNING:
-            parking.refresh(self.host, dom)
+        elif dom.state == DomainState.OUTGOING:
+            dom.state = DomainState.RUNNING
+        if dom.state == DomainState.RUNNING:
+            self.host.records.refresh(dom)
 
     async def _close(self) -> None:
         await asyncio.gather(*(s.close() for s in self._streams))
@@ -561,28 +605,28 @@ class SaveSession:
 
 
 async def resolve(host: Host, migration_id: str, reason: str, domain: str = "",
-                  instance: str = "") -> pb.MigrationState:
+                  instance: str = "") -> SideState:
     """Recovery's question to the source: the decision, made now if need be."""
     session = host.saves.get(migration_id)
     if session is not None:
-        state = await session.resolve(reason)
-        return pb.MigrationState(state=state, domain=session.domain.name,
-                                 holds_copy=state == "committed" and session.holds_copy)
-    record = host.commit_record(migration_id, "source")
+        status = await session.resolve(reason)
+        return SideState(status, session.domain.name,
+                         holds_copy=status is Status.COMMITTED and session.holds_copy)
+    record = host.commits.read(migration_id, Role.SOURCE)
     if record is not None:
-        return pb.MigrationState(state=record["state"], domain=record["domain"],
-                                 holds_copy=parking.holds(host, migration_id))
+        return SideState(Status(record.state.value), record.domain,
+                         holds_copy=parking.holds(host, migration_id))
     if domain and instance and instance != host.instance_id and domain not in host.domains:
         # this agent restarted since the migration began (the domains it parked or a
         # crash left are back before it serves), and the guest died with its host.
         # Said once for good: nothing may revive this copy after the destination's.
-        host.record_commit(migration_id, "source", domain, "lost")
-        return pb.MigrationState(state="lost", domain=domain)
-    return pb.MigrationState(state="unknown", domain=domain)
+        host.commits.record(migration_id, Role.SOURCE, domain, Decision.LOST)
+        return SideState(Status.LOST, domain)
+    return SideState(Status.UNKNOWN, domain)
 
 
 class _Local:
-    """This agent's save half, as recovery.settle drives a source."""
+    """This agent's save half, as recovery.recover drives a source."""
 
     address = "this agent"
 
@@ -590,9 +634,9 @@ class _Local:
         self.session = session
         self.name = session.host.name
 
-    async def resolve(self, migration_id: str, domain: str, instance: str) -> pb.MigrationState:
-        return pb.MigrationState(state=await self.session.resolve("its coordinator is gone"),
-                                 domain=self.session.domain.name)
+    async def resolve(self, migration_id: str, domain: str, instance: str) -> SideState:
+        return SideState(await self.session.resolve("its coordinator is gone"),
+                         self.session.domain.name)
 
     async def complete(self, migration_id: str) -> None:
         await self.session.complete()

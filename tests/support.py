@@ -16,6 +16,7 @@ import pytest
 
 from pvmig._proto import pvmig_pb2 as pb
 from pvmig._proto import pvmig_pb2_grpc as pb_grpc
+from pvmig.tools.cluster import LocalCluster
 
 
 def pvmig(*args: str, timeout: float = 180.0) -> subprocess.CompletedProcess:
@@ -246,3 +247,21 @@ def tmpfs(where: Path, size: str):
     finally:
         subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
+
+
+# ---- agents as processes on this machine
+
+@contextlib.contextmanager
+def local_cluster(base: Path, names=("a", "b"), *, session_timeout_s: float | None = None,
+                  extra_args=None, **agent_kwargs):
+    """Started agents named `names` under `base` (pvmig.tools.cluster), stopped at the end.
+    `session_timeout_s`: their lease (the default is 120 s); `extra_args`: more flags, or
+    a function of an agent's name giving them."""
+    lease = ["--session-timeout", str(session_timeout_s)] if session_timeout_s else []
+    if callable(extra_args):
+        given = extra_args
+        args = lambda name: [*given(name), *lease]  # noqa: E731
+    else:
+        args = [*(extra_args or ()), *lease] or None
+    with LocalCluster(Path(base), list(names), extra_args=args, **agent_kwargs) as c:
+        yield c

@@ -1,10 +1,77 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class Quiesce(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    QUIESCE_DEFAULT: _ClassVar[Quiesce]
+    QUIESCE_NONE: _ClassVar[Quiesce]
+    QUIESCE_BACKEND: _ClassVar[Quiesce]
+
+class Recovery(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RECOVERY_DEFAULT: _ClassVar[Recovery]
+    RECOVERY_REPLAY: _ClassVar[Recovery]
+    RECOVERY_NAIVE: _ClassVar[Recovery]
+
+class PersistentGrants(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PERSISTENT_GRANTS_AS_NEGOTIATED: _ClassVar[PersistentGrants]
+    PERSISTENT_GRANTS_ON: _ClassVar[PersistentGrants]
+    PERSISTENT_GRANTS_OFF: _ClassVar[PersistentGrants]
+
+class GrantMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    GRANT_MODE_AS_CREATED: _ClassVar[GrantMode]
+    GRANT_MODE_MAP: _ClassVar[GrantMode]
+    GRANT_MODE_COPY: _ClassVar[GrantMode]
+
+class Compression(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    COMPRESSION_DEFAULT: _ClassVar[Compression]
+    COMPRESSION_NONE: _ClassVar[Compression]
+    COMPRESSION_ZSTD: _ClassVar[Compression]
+
+class MigrationStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STATUS_UNKNOWN: _ClassVar[MigrationStatus]
+    STATUS_NONE: _ClassVar[MigrationStatus]
+    STATUS_RECEIVING: _ClassVar[MigrationStatus]
+    STATUS_READY: _ClassVar[MigrationStatus]
+    STATUS_COMMITTED: _ClassVar[MigrationStatus]
+    STATUS_RESUMED: _ClassVar[MigrationStatus]
+    STATUS_ABORTED: _ClassVar[MigrationStatus]
+    STATUS_ROLLED_BACK: _ClassVar[MigrationStatus]
+    STATUS_LOST: _ClassVar[MigrationStatus]
+QUIESCE_DEFAULT: Quiesce
+QUIESCE_NONE: Quiesce
+QUIESCE_BACKEND: Quiesce
+RECOVERY_DEFAULT: Recovery
+RECOVERY_REPLAY: Recovery
+RECOVERY_NAIVE: Recovery
+PERSISTENT_GRANTS_AS_NEGOTIATED: PersistentGrants
+PERSISTENT_GRANTS_ON: PersistentGrants
+PERSISTENT_GRANTS_OFF: PersistentGrants
+GRANT_MODE_AS_CREATED: GrantMode
+GRANT_MODE_MAP: GrantMode
+GRANT_MODE_COPY: GrantMode
+COMPRESSION_DEFAULT: Compression
+COMPRESSION_NONE: Compression
+COMPRESSION_ZSTD: Compression
+STATUS_UNKNOWN: MigrationStatus
+STATUS_NONE: MigrationStatus
+STATUS_RECEIVING: MigrationStatus
+STATUS_READY: MigrationStatus
+STATUS_COMMITTED: MigrationStatus
+STATUS_RESUMED: MigrationStatus
+STATUS_ABORTED: MigrationStatus
+STATUS_ROLLED_BACK: MigrationStatus
+STATUS_LOST: MigrationStatus
 
 class HelloRequest(_message.Message):
     __slots__ = ("protocol_version", "client")
@@ -214,38 +281,38 @@ class MigrationRef(_message.Message):
     def __init__(self, migration_id: _Optional[str] = ..., reason: _Optional[str] = ..., domain: _Optional[str] = ..., source_instance: _Optional[str] = ...) -> None: ...
 
 class BeginRequest(_message.Message):
-    __slots__ = ("migration_id", "domain", "dest_address", "batch_pages", "streams", "quiesce", "backend_log", "xenstore_track", "recovery", "inject", "save_image", "persistent_grants", "grant_mode", "compress", "max_bandwidth_mbps")
+    __slots__ = ("migration_id", "domain", "dest_address", "batch_pages", "streams", "backend_log", "xenstore_track", "inject", "save_image", "max_bandwidth_mbps", "quiesce", "recovery", "persistent_grants", "grant_mode", "compress")
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     DOMAIN_FIELD_NUMBER: _ClassVar[int]
     DEST_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     BATCH_PAGES_FIELD_NUMBER: _ClassVar[int]
     STREAMS_FIELD_NUMBER: _ClassVar[int]
-    QUIESCE_FIELD_NUMBER: _ClassVar[int]
     BACKEND_LOG_FIELD_NUMBER: _ClassVar[int]
     XENSTORE_TRACK_FIELD_NUMBER: _ClassVar[int]
-    RECOVERY_FIELD_NUMBER: _ClassVar[int]
     INJECT_FIELD_NUMBER: _ClassVar[int]
     SAVE_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    MAX_BANDWIDTH_MBPS_FIELD_NUMBER: _ClassVar[int]
+    QUIESCE_FIELD_NUMBER: _ClassVar[int]
+    RECOVERY_FIELD_NUMBER: _ClassVar[int]
     PERSISTENT_GRANTS_FIELD_NUMBER: _ClassVar[int]
     GRANT_MODE_FIELD_NUMBER: _ClassVar[int]
     COMPRESS_FIELD_NUMBER: _ClassVar[int]
-    MAX_BANDWIDTH_MBPS_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     domain: str
     dest_address: str
     batch_pages: int
     streams: int
-    quiesce: str
     backend_log: bool
     xenstore_track: bool
-    recovery: str
     inject: _containers.RepeatedScalarFieldContainer[str]
     save_image: str
-    persistent_grants: str
-    grant_mode: str
-    compress: str
     max_bandwidth_mbps: float
-    def __init__(self, migration_id: _Optional[str] = ..., domain: _Optional[str] = ..., dest_address: _Optional[str] = ..., batch_pages: _Optional[int] = ..., streams: _Optional[int] = ..., quiesce: _Optional[str] = ..., backend_log: _Optional[bool] = ..., xenstore_track: _Optional[bool] = ..., recovery: _Optional[str] = ..., inject: _Optional[_Iterable[str]] = ..., save_image: _Optional[str] = ..., persistent_grants: _Optional[str] = ..., grant_mode: _Optional[str] = ..., compress: _Optional[str] = ..., max_bandwidth_mbps: _Optional[float] = ...) -> None: ...
+    quiesce: Quiesce
+    recovery: Recovery
+    persistent_grants: PersistentGrants
+    grant_mode: GrantMode
+    compress: Compression
+    def __init__(self, migration_id: _Optional[str] = ..., domain: _Optional[str] = ..., dest_address: _Optional[str] = ..., batch_pages: _Optional[int] = ..., streams: _Optional[int] = ..., backend_log: _Optional[bool] = ..., xenstore_track: _Optional[bool] = ..., inject: _Optional[_Iterable[str]] = ..., save_image: _Optional[str] = ..., max_bandwidth_mbps: _Optional[float] = ..., quiesce: _Optional[_Union[Quiesce, str]] = ..., recovery: _Optional[_Union[Recovery, str]] = ..., persistent_grants: _Optional[_Union[PersistentGrants, str]] = ..., grant_mode: _Optional[_Union[GrantMode, str]] = ..., compress: _Optional[_Union[Compression, str]] = ...) -> None: ...
 
 class ThrottleRequest(_message.Message):
     __slots__ = ("migration_id", "percent")
@@ -387,18 +454,18 @@ class ResumeReply(_message.Message):
     def __init__(self, resumed_ns: _Optional[int] = ...) -> None: ...
 
 class MigrationState(_message.Message):
-    __slots__ = ("state", "domain", "source_agent", "source_instance", "holds_copy")
-    STATE_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("status", "domain", "source_agent", "source_instance", "holds_copy")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
     DOMAIN_FIELD_NUMBER: _ClassVar[int]
     SOURCE_AGENT_FIELD_NUMBER: _ClassVar[int]
     SOURCE_INSTANCE_FIELD_NUMBER: _ClassVar[int]
     HOLDS_COPY_FIELD_NUMBER: _ClassVar[int]
-    state: str
+    status: MigrationStatus
     domain: str
     source_agent: str
     source_instance: str
     holds_copy: bool
-    def __init__(self, state: _Optional[str] = ..., domain: _Optional[str] = ..., source_agent: _Optional[str] = ..., source_instance: _Optional[str] = ..., holds_copy: _Optional[bool] = ...) -> None: ...
+    def __init__(self, status: _Optional[_Union[MigrationStatus, str]] = ..., domain: _Optional[str] = ..., source_agent: _Optional[str] = ..., source_instance: _Optional[str] = ..., holds_copy: _Optional[bool] = ...) -> None: ...
 
 class PageBatch(_message.Message):
     __slots__ = ("seq", "round", "frames", "zero_frames", "data", "encoding", "checksum")
@@ -427,12 +494,14 @@ class RoundEnd(_message.Message):
     def __init__(self, round: _Optional[int] = ..., pages: _Optional[int] = ...) -> None: ...
 
 class DeviceState(_message.Message):
-    __slots__ = ("vcpu", "devices")
+    __slots__ = ("vcpu", "devices", "recovery")
     VCPU_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
+    RECOVERY_FIELD_NUMBER: _ClassVar[int]
     vcpu: bytes
     devices: bytes
-    def __init__(self, vcpu: _Optional[bytes] = ..., devices: _Optional[bytes] = ...) -> None: ...
+    recovery: Recovery
+    def __init__(self, vcpu: _Optional[bytes] = ..., devices: _Optional[bytes] = ..., recovery: _Optional[_Union[Recovery, str]] = ...) -> None: ...
 
 class StreamEnd(_message.Message):
     __slots__ = ("streams",)

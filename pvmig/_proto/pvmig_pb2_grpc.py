@@ -837,8 +837,8 @@ class MigrationDestStub:
                 request_serializer=pvmig_dot___proto_dot_pvmig__pb2.PrepareRequest.SerializeToString,
                 response_deserializer=pvmig_dot___proto_dot_pvmig__pb2.PrepareReply.FromString,
                 _registered_method=True)
-        self.Settle = channel.unary_unary(
-                '/pvmig.v1.MigrationDest/Settle',
+        self.HashReceived = channel.unary_unary(
+                '/pvmig.v1.MigrationDest/HashReceived',
                 request_serializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
                 response_deserializer=pvmig_dot___proto_dot_pvmig__pb2.DoneReply.FromString,
                 _registered_method=True)
@@ -888,7 +888,7 @@ class MigrationDestServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Settle(self, request, context):
+    def HashReceived(self, request, context):
         """Returns once the destination has caught up with what it received (its hashes of
         the received frames), so that catching up is done before suspend, not in downtime.
         """
@@ -950,8 +950,8 @@ def add_MigrationDestServicer_to_server(servicer, server):
                     request_deserializer=pvmig_dot___proto_dot_pvmig__pb2.PrepareRequest.FromString,
                     response_serializer=pvmig_dot___proto_dot_pvmig__pb2.PrepareReply.SerializeToString,
             ),
-            'Settle': grpc.unary_unary_rpc_method_handler(
-                    servicer.Settle,
+            'HashReceived': grpc.unary_unary_rpc_method_handler(
+                    servicer.HashReceived,
                     request_deserializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.FromString,
                     response_serializer=pvmig_dot___proto_dot_pvmig__pb2.DoneReply.SerializeToString,
             ),
@@ -1029,7 +1029,7 @@ class MigrationDest:
             _registered_method=True)
 
     @staticmethod
-    def Settle(request,
+    def HashReceived(request,
             target,
             options=(),
             channel_credentials=None,
@@ -1042,7 +1042,7 @@ class MigrationDest:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/pvmig.v1.MigrationDest/Settle',
+            '/pvmig.v1.MigrationDest/HashReceived',
             pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
             pvmig_dot___proto_dot_pvmig__pb2.DoneReply.FromString,
             options,

@@ -20,7 +20,6 @@ Pages never pass through here: the source agent streams them to the destination 
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import time
 import uuid
@@ -29,24 +28,23 @@ from pathlib import Path
 
 import numpy as np
 
-from pvmig import errors
+from pvmig import errors, faults
 from pvmig._proto import pvmig_pb2 as pb
 from pvmig.coordinator.progress import Reporter
 from pvmig.coordinator.report import Report
-from pvmig.migration import recovery, verify
+from pvmig.migration import policy, recovery, verify
+from pvmig.migration.policy import (
+    Compression,
+    GrantMode,
+    PersistentGrants,
+    Quiesce,
+    Recovery,
+    to_wire,
+)
 from pvmig.migration.precopy import AutoConverge, PrecopyPolicy, RoundStats
 from pvmig.rpc.client import AgentClient
 
-# Fault injection (tests/test_e2e_fault_table.py, test_e2e_faults.py): the coordinator
-# is SIGKILLed as it enters this phase (its event in the progress stream is out first),
-# as a crash would ...
-_DIES_AT = os.environ.get("PVMIG_FAULT_COORDINATOR_DIES_AT", "")
-# ... or stalls there this long, its event out first, holding up the whole coordinator
-_STALLS_AT, _, _stall = os.environ.get("PVMIG_FAULT_COORDINATOR_STALLS_AT", "").partition(":")
-_STALL_S = float(_stall or 0)
-
-
-SETTLE_RETRY_S = 20.0  # as the source's page streams wait for the network (RECONNECT_S)
+RECOVER_RETRY_S = 20.0  # as the source's page streams wait for the network (RECONNECT_S)
 
 # What the source's Commit answers when it did not commit: anything else may hide one
 _REFUSED = (errors.FailedPrecondition, errors.Aborted, errors.NotFound, errors.InvalidArgument)
@@ -54,23 +52,33 @@ _REFUSED = (errors.FailedPrecondition, errors.Aborted, errors.NotFound, errors.I
 
 @dataclass
 class Options:
-    downtime_limit_ms: float = 300.0
-    max_rounds: int = 30
-    no_progress_rounds: int = 5  # 0: never stop for lack of progress
+    """A migration's settings; the policies and defaults are pvmig.migration.policy's."""
+
+    downtime_limit_ms: float = policy.DOWNTIME_LIMIT_MS
+    max_rounds: int = policy.MAX_ROUNDS
+    no_progress_rounds: int = policy.NO_PROGRESS_ROUNDS  # 0: never stop for lack of progress
     batch_pages: int = 0  # 0: the agents' default
     streams: int = 0      # 0: the agents' default
-    quiesce: str = "none"        # "backend": backends stop and unmap before the final pass
+    quiesce: Quiesce = Quiesce.NONE
     backend_log: bool = False    # backends log their writes (vhost's dirty log)
     xenstore_track: bool = False  # xenstored's writes into the magic page are logged
-    recovery: str = "replay"     # "naive": frontends trust the old ring after resume
-    persistent_grants: str = ""  # "on"/"off"; "": as the domain's disks negotiated them
-    grant_mode: str = ""         # "map"/"copy"; "": as the domain's disks were created
-    compress: str = ""           # "zstd": page data compressed on the wire
+    recovery: Recovery = Recovery.REPLAY
+    persistent_grants: PersistentGrants | None = None  # None: as the disks negotiated them
+    grant_mode: GrantMode | None = None  # None: as the domain's disks were created
+    compress: Compression = Compression.NONE
     max_bandwidth_mbps: float = 0.0  # the page streams' cap in all; 0: none
     auto_converge: bool = False  # throttle the guest's vCPU while rounds do not shrink
     inject: tuple = ()           # injection points forcing hazards (tests, the matrix)
     save_images: str = ""        # a directory both agents write: source.ram, dest.ram
-    verify_timeout_s: float = 60.0  # for the resumed guest to sweep its memory once
+    verify_timeout_s: float = policy.VERIFY_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        # (names given as plain strings, by the CLI or a script, are checked here)
+        self.quiesce, self.recovery = Quiesce(self.quiesce), Recovery(self.recovery)
+        self.compress = Compression(self.compress or Compression.NONE)
+        self.persistent_grants = (PersistentGrants(self.persistent_grants)
+                                  if self.persistent_grants else None)
+        self.grant_mode = GrantMode(self.grant_mode) if self.grant_mode else None
 
 
 @dataclass
@@ -116,7 +124,7 @@ class Migration:
                 self.report.setup_time_s = time.monotonic() - t0
                 await self.precopy()
                 await self.suspend()
-                if self.options.quiesce == "backend":
+                if self.options.quiesce is Quiesce.BACKEND:
                     await self.quiesce()
                 await self.final_pass()
                 await self.commit()
@@ -203,12 +211,13 @@ class Migration:
             migration_id=self.migration_id, domain=self.domain,
             dest_address=self.dest.hello_reply.advertise or self.dest.address,
             batch_pages=self.options.batch_pages, streams=self.options.streams,
-            quiesce=self.options.quiesce, backend_log=self.options.backend_log,
-            xenstore_track=self.options.xenstore_track, recovery=self.options.recovery,
-            inject=list(self.options.inject),
+            quiesce=to_wire(self.options.quiesce), backend_log=self.options.backend_log,
+            xenstore_track=self.options.xenstore_track,
+            recovery=to_wire(self.options.recovery), inject=list(self.options.inject),
             save_image=self._image("source"),
-            persistent_grants=self.options.persistent_grants,
-            grant_mode=self.options.grant_mode, compress=self.options.compress,
+            persistent_grants=to_wire(self.options.persistent_grants, PersistentGrants),
+            grant_mode=to_wire(self.options.grant_mode, GrantMode),
+            compress=to_wire(self.options.compress),
             max_bandwidth_mbps=self.options.max_bandwidth_mbps))
         self._begun = True
 
@@ -221,14 +230,14 @@ class Migration:
             if self.report.rounds[-1].get("interrupted"):
                 # its pages go again in the next round: it says nothing of the guest's
                 # dirty rate or of convergence, and no stop follows it
-                await self._settle_dest()
+                await self._hash_received()
                 continue
             rounds.append(stats)
             # The destination catches up while the guest still runs here: what it
             # leaves undone it must do before resume, inside the downtime.
             t = time.monotonic()
-            await self._settle_dest()
-            self.report.rounds[-1]["settle-ms"] = round((time.monotonic() - t) * 1e3, 3)
+            await self._hash_received()
+            self.report.rounds[-1]["hash-ms"] = round((time.monotonic() - t) * 1e3, 3)
             decision = self.policy(rounds, can_throttle=bool(converge and converge.can_throttle))
             self.report.expected_downtime_s = decision.expected_downtime_s
             if decision.stop:
@@ -243,13 +252,13 @@ class Migration:
                 self.report.max_throttle = throttle
                 self._phase("throttle", percent=throttle)
 
-    async def _settle_dest(self) -> None:
+    async def _hash_received(self) -> None:
         """The destination catches up; through a network drop its answer is waited for as
         long as the source waits for its page streams (the destination's lease)."""
-        deadline = time.monotonic() + SETTLE_RETRY_S
+        deadline = time.monotonic() + RECOVER_RETRY_S
         while True:
             try:
-                await self.dest.call(self.dest.dest.Settle, self._ref(), timeout=300.0)
+                await self.dest.call(self.dest.dest.HashReceived, self._ref(), timeout=300.0)
                 return
             except errors.Unavailable:
                 if time.monotonic() > deadline:
@@ -289,7 +298,7 @@ class Migration:
         except errors.PvmigError as e:
             # committed at the source: finish it (or undo it, if the destination cannot
             # commit) as recovery would, not leave the guest suspended nowhere
-            await self.settle(e)
+            await self.recover(e)
             raise
         src_off, src_err = self._offsets["source"]
         dst_off, dst_err = self._offsets["dest"]
@@ -320,7 +329,7 @@ class Migration:
             # The source may have recorded the commit before the answer was lost (or the
             # wait for it cut short): only it can say. Aborting the destination now
             # could discard the only copy.
-            await self.settle(cause)
+            await self.recover(cause)
             return
         reason = str(cause) or type(cause).__name__
         self._phase("abort", reason=reason)
@@ -332,19 +341,19 @@ class Migration:
             await _best_effort(self.dest.call(self.dest.dest.Abort, ref),
                                self.report.abort_errors)
 
-    async def settle(self, cause: BaseException) -> None:
+    async def recover(self, cause: BaseException) -> None:
         """The commit's answer lost, or the destination's: settle the migration as
         recovery does (pvmig.migration.recovery), or say how to once both agents answer."""
-        self._phase("settle", reason=str(cause))
+        self._phase("recover", reason=str(cause))
         try:
-            outcome = await recovery.settle(recovery.RemoteSource(self.source),
+            outcome = await recovery.recover(recovery.RemoteSource(self.source),
                                             recovery.RemoteDest(self.dest), self.migration_id)
         except errors.PvmigError as e:
             self.report.abort_errors.append(
                 f"not settled ({e}): when both agents answer, run pvmig recover "
                 f"--migration {self.migration_id} --source {self.source.address} "
                 f"--dest {self.dest.address}")
-            self.report.unsettled = True
+            self.report.unrecovered = True
             return
         self.report.recovered = outcome.describe()
         self._committed = outcome.decision == "committed"
@@ -403,10 +412,7 @@ class Migration:
     def _phase(self, name: str, **fields) -> None:
         self.report.mark(name)
         self.reporter.phase(name, **fields)
-        if name == _DIES_AT:  # the fault suite's coordinator crash, at a phase it names
-            os.kill(os.getpid(), signal.SIGKILL)
-        if name == _STALLS_AT:  # ... or a stall there (a cancel lands in that phase)
-            time.sleep(_STALL_S)
+        faults.phase(name)  # the fault suite's coordinator crash or stall, if named
 
     def _source_address(self) -> str:
         return self.source.hello_reply.advertise or self.source.address

@@ -56,7 +56,7 @@ class Report:
     injected: dict = field(default_factory=dict)  # a `pvmig peer`'s figures, when one was named
     abort_errors: list[str] = field(default_factory=list)
     recovered: str = ""   # the commit's answer lost: how it was settled (pvmig.migration.recovery)
-    unsettled: bool = False  # ... or that it could not be: pvmig recover, later
+    unrecovered: bool = False  # ... or that it could not be: pvmig recover, later
     phases: dict[str, float] = field(default_factory=dict)  # ms from the start
     t0: float = 0.0
     _precopy_s: float = 0.0
@@ -157,7 +157,7 @@ class Report:
         self.committed = committed
         if self.recovered:
             where = f"settled: {self.recovered}"
-        elif self.unsettled:
+        elif self.unrecovered:
             where = "not settled: run pvmig recover, as abort-errors says"
         elif committed:
             where = "after commit: the guest belongs to the destination"

@@ -37,10 +37,6 @@ from pvmig.pv.xenstore import XsRing
 
 log = logging.getLogger(__name__)
 DOM0 = 0
-# Injection points whose hazard needs a read in flight at the final pass: asked for,
-# the backends hold reads back from before the suspend (hold_reads) so that one is.
-HOLD_FOR = {"response-before-final", "write-after-final", "torn-copy"}
-HOLD_WAIT_S = 10.0  # for the guest's first held read; a guest without disk I/O has none
 
 
 def normalise(config: dict) -> dict:
@@ -82,7 +78,6 @@ class DomainDevices:
         self.net_bind, self.net_public = net_bind, net_public
         self.netdevs: dict[int, BackendDevice] = {}
         self.xenstore_track = False
-        self.inject: set[str] = set()
         self.xenstored = xenstored
         self.dom0 = xenstored.connect(DOM0)
         self.dom = dom
@@ -133,65 +128,40 @@ class DomainDevices:
         if self.dom.journal is not None:
             self.dom.journal.write(guestinfo.XENSTORE_FRAME, XENSTORED)
 
-    def set_policy(self, *, backend_log: bool, xenstore_track: bool,
-                   inject: tuple[str, ...] = ()) -> None:
+    def set_policy(self, *, backend_log: bool, xenstore_track: bool) -> None:
         self.dom.grants.backend_log = backend_log
         self.xenstore_track = xenstore_track
-        self.inject = set(inject)
-        if not self.inject & HOLD_FOR:  # (an aborted migration's held reads go on)
-            self.release_reads()
 
-    async def hold_reads(self) -> int:
-        """Before the suspend, for the injection points that need a read in flight at
-        the final pass: every backend holds reads back from now on, and this waits until
-        one is held (the guest goes on issuing until it suspends). Left to chance, the
-        backends would often have answered everything by the final pass. How many
-        backends hold a read (0: the guest issued none within HOLD_WAIT_S)."""
-        if not self.inject & HOLD_FOR or not self.backends:
-            return 0
+    # ---- what the injection points (pvmig.migration.injector) do with the backends
+
+    def hold_reads(self) -> list:
+        """Every disk backend holds reads back from now on (BlkBack.hold); the backends."""
         blks = [blk for blk, _dev in self.backends.values()]
         for blk in blks:
             blk.hold()
-        waits = [asyncio.ensure_future(blk.wait_held()) for blk in blks]
-        try:
-            await asyncio.wait(waits, timeout=HOLD_WAIT_S, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waits:
-                w.cancel()
-        held = sum(1 for blk in blks if blk.held)
-        if not held:
-            log.warning("domain %s: no read in flight after %.0f s: injection points %s "
-                        "have nothing to force", self.dom.name, HOLD_WAIT_S,
-                        sorted(self.inject & HOLD_FOR))
-        return held
+        return blks
 
     def release_reads(self) -> None:
+        """The held reads finish, as in backends nobody held back."""
         for blk, _dev in self.backends.values():
             blk.release()
 
-    async def before_final_read(self) -> dict:
-        """Injection points that act between suspend and the final read of the dirty
-        bitmap. Off unless asked for: they cost nothing then.
+    async def answer_in_flight(self, *, keep: frozenset = frozenset(),
+                               log_rings: bool = False) -> int:
+        """Every backend finishes what it has in flight at once (but requests whose
+        buffer is in `keep`) and publishes the responses; with `log_rings`, the ring
+        pages, which hold the responses, are logged (as if they were tracked pages).
+        How many requests."""
+        answered = 0
+        for blk, _dev in self.backends.values():
+            answered += await blk.answer_now(keep)
+            if log_rings and blk.ring_frame is not None:
+                self.dom.log.mark(blk.ring_frame)
+        return answered
 
-        response-before-final: every backend answers what it has in flight now, and the
-        ring page, which holds the responses, is logged (as if the ring were a tracked
-        page), while the data stays behind its grant: with a persistent grant nothing
-        logs it, so the destination gets the response but not the data."""
-        done = {}
-        if "response-before-final" in self.inject:
-            answered = 0
-            for blk, _dev in self.backends.values():
-                answered += await blk.answer_now()
-                if blk.ring_frame is not None:
-                    self.dom.log.mark(blk.ring_frame)
-            done["response-before-final"] = answered
-        return done
-
-    def torn_target(self):
-        """Injection point torn-copy: a read in flight whose buffer frame the final pass
-        will be copying when the backend writes it. (frame, finish) or None."""
-        if "torn-copy" not in self.inject:
-            return None
+    def read_in_flight(self):
+        """A read in flight: (its buffer frame, a callable that finishes it at once), or
+        None."""
         for blk, _dev in self.backends.values():
             target = blk.answer_read_into()
             if target is not None:
@@ -213,32 +183,16 @@ class DomainDevices:
         return [blk.ring_frame for blk, _dev in self.backends.values()
                 if blk.ring_frame is not None]
 
-    async def after_final_read(self, keep: frozenset = frozenset()) -> dict:
-        """Injection point write-after-final: once the final pass has read the dirty
-        bitmap (and copied the I/O buffers), every backend finishes what it has in
-        flight (but requests whose buffer is in `keep`): data and responses no read of
-        the bitmap will ever see."""
-        if "write-after-final" not in self.inject:
-            return {}
-        answered = 0
-        for blk, _dev in self.backends.values():
-            answered += await blk.answer_now(keep)
-        return {"write-after-final": answered}
-
-    def after_final_pass(self) -> dict:
-        """Injection point xenstore-after-final: once the final pass has copied its
-        frames, the toolstack touches a node the guest watches, so that xenstored writes
-        a watch event into the guest's ring page: a write no pass will ever send."""
-        # The frames are copied: the reads the injection points left held finish now,
-        # as they would have in a backend nobody held back.
-        self.release_reads()
-        if "xenstore-after-final" not in self.inject or self.server is None:
-            return {}
+    def touch_watched_node(self) -> bool:
+        """The toolstack touches a node the guest watches (control/shutdown), so that
+        xenstored writes a watch event into the guest's ring page. Whether the page
+        changed."""
+        if self.server is None:
+            return False
         before = self.dom.mem.pages[guestinfo.XENSTORE_FRAME].copy()
         self.dom0.write(f"{self.home}/control/shutdown", "")
         self.pump()
-        changed = bool((self.dom.mem.pages[guestinfo.XENSTORE_FRAME] != before).any())
-        return {"xenstore-after-final": int(changed)}
+        return bool((self.dom.mem.pages[guestinfo.XENSTORE_FRAME] != before).any())
 
     async def quiesce(self) -> dict:
         """quiesce=backend: every backend stops and unmaps its grants (so that each

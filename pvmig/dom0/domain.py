@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Callable
 
@@ -38,8 +39,17 @@ RESUME_TIMEOUT_S = 30.0
 # time off (as QEMU's cpu-throttle: 10 ms slices there).
 THROTTLE_SLICE_S = 0.02
 
-RUNNING, SUSPENDING, SUSPENDED, OUTGOING, INCOMING, CRASHED = (
-    "running", "suspending", "suspended", "outgoing", "incoming", "crashed")
+
+
+class DomainState(StrEnum):
+    """A domain's life on this host (the guest's own, not a migration's)."""
+
+    INCOMING = "incoming"      # a destination's: memory arriving, its guest waiting
+    RUNNING = "running"
+    OUTGOING = "outgoing"      # running, and a migration's source
+    SUSPENDING = "suspending"  # asked to suspend, not yet acknowledged
+    SUSPENDED = "suspended"
+    CRASHED = "crashed"        # its guest died, or did not answer: stopped, not trusted
 
 
 @dataclass
@@ -49,7 +59,7 @@ class Domain:
     mem: GuestMemory
     log: DirtyLog
     workload: dict
-    state: str = INCOMING
+    state: DomainState = DomainState.INCOMING
     migration_id: str = ""
     proc: subprocess.Popen | None = None
     chan: AgentChannel | None = None
@@ -132,7 +142,7 @@ class Domain:
         """Start a fresh guest and wait until it has laid out and filled its memory."""
         await self._spawn("boot", log_path, config={**self.workload, "devices": self.devices})
         await self._unsolicited("booted", BOOT_TIMEOUT_S)
-        self.state = RUNNING
+        self.state = DomainState.RUNNING
 
     async def start_waiting(self, log_path: Path) -> None:
         """Start the guest process that will resume this incoming domain, loaded and idle."""
@@ -184,10 +194,10 @@ class Domain:
 
         The exchange runs on even if the caller gives up (a deadline, a cancel): a guest
         that acknowledged is suspended whatever became of the call, and an abort must
-        know it to resume the guest (settle_suspend)."""
-        self._require(RUNNING, OUTGOING)
+        know it to resume the guest (wait_suspend_outcome)."""
+        self._require(DomainState.RUNNING, DomainState.OUTGOING)
         self.set_throttle(0)  # a stopped vCPU cannot answer
-        before, self.state = self.state, SUSPENDING
+        before, self.state = self.state, DomainState.SUSPENDING
         self._suspending = asyncio.create_task(self._suspend(before))
         return await asyncio.shield(self._suspending)
 
@@ -204,26 +214,26 @@ class Domain:
             # No acknowledgement: the guest is hung or gone, and might suspend at any
             # moment; a guest in an unknown state is stopped, not trusted.
             self._kill()
-            self.state = CRASHED
+            self.state = DomainState.CRASHED
             raise
-        self.state = SUSPENDED
+        self.state = DomainState.SUSPENDED
         return msg["vcpu"], msg["t"]
 
-    async def settle_suspend(self) -> None:
+    async def wait_suspend_outcome(self) -> None:
         """Wait for a suspend still in flight, so that its outcome is known."""
         if self._suspending is not None and not self._suspending.done():
             await asyncio.gather(self._suspending, return_exceptions=True)
 
     async def cancel_suspend(self) -> int:
         """Resume in place after a suspend that will not be followed by a move."""
-        self._require(SUSPENDED)
+        self._require(DomainState.SUSPENDED)
         msg = await self._exchange({"op": "resume-cancelled"}, "resumed", RESUME_TIMEOUT_S)
-        self.state = RUNNING
+        self.state = DomainState.RUNNING
         return msg["t"]
 
     async def resume(self, vcpu: bytes, recovery: str = "replay") -> int:
         """Hand the vCPU context to the waiting guest; return its first step's time."""
-        self._require(INCOMING)
+        self._require(DomainState.INCOMING)
         if not self.guest_alive:
             raise errors.GuestError(
                 f"domain {self.name}: the guest process waiting to resume it is gone "
@@ -234,7 +244,7 @@ class Domain:
         except errors.GuestError:
             self._kill()  # it must not take the vCPU late, after someone gave up on it
             raise
-        self.state = RUNNING
+        self.state = DomainState.RUNNING
         return msg["t"]
 
     async def destroy(self, keep_ram: bool = False) -> None:
@@ -263,9 +273,9 @@ class Domain:
             self.proc.kill()
 
     def info(self) -> dict:
-        stats = guestinfo.read(self.mem) if self.state != INCOMING else {}
+        stats = guestinfo.read(self.mem) if self.state != DomainState.INCOMING else {}
         return {"name": self.name, "domid": self.domid, "ram_bytes": self.ram_bytes,
-                "state": self.state, "migration_id": self.migration_id,
+                "state": self.state.value, "migration_id": self.migration_id,
                 "guest_pid": self.proc.pid if self.proc else 0,
                 "guest": stats, "workload": self.workload, "devices": self.devices,
                 "device_stats": self.pv.stats() if self.pv is not None and stats else [],
@@ -304,8 +314,8 @@ class Domain:
     async def _watch_exit(self) -> None:
         # An incoming domain keeps its state: resume checks that its guest is alive.
         await asyncio.shield(self._exited)
-        if self.state != INCOMING:
-            self.state = CRASHED
+        if self.state != DomainState.INCOMING:
+            self.state = DomainState.CRASHED
 
     async def _exit_status(self) -> str:
         try:
@@ -386,7 +396,7 @@ class Domain:
             reply = {"op": "xenstore-error", "rid": msg.get("rid", 0), "error": str(e)}
         await self._send(reply)
 
-    def _require(self, *states: str) -> None:
+    def _require(self, *states: DomainState) -> None:
         if self.state not in states:
             raise errors.FailedPrecondition(
                 f"domain {self.name} is {self.state}, not {' or '.join(states)}")

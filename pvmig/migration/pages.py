@@ -18,14 +18,7 @@ from pvmig import errors
 from pvmig._proto import pvmig_pb2 as pb
 from pvmig.hv.memory import PAGE_SIZE, GuestMemory, is_run
 
-ZSTD = "zstd"
-BATCH_PAGES = 256  # 1 MiB of page data
-MAX_BATCH_PAGES = 1024  # 4 MiB: well under the 16 MiB message limit
-MAX_STREAMS = 16
-# Several streams keep one packing while another waits on the transport. 1 GiB round 0
-# on 2 cores: 2.4 s (1 stream), 2.1 s (2), 1.3-1.6 s (4), 1.25 s (8) once; since the
-# copies went down, 1-4 are within noise of each other (docs/PERFORMANCE.md).
-DEFAULT_STREAMS = 4
+ZSTD = "zstd"  # a batch's encoding (policy.Compression.ZSTD compresses each batch)
 _FRAME = np.dtype("<u4")
 
 

@@ -2,7 +2,7 @@
 
 The source's commit record is the decision (two-phase commit with the source as the
 decider). Whoever finds a migration without its coordinator (`pvmig recover`, or an
-agent whose session lease ran out) settles it the same way:
+agent whose session lease ran out) recovers it the same way (`recover`):
 
     ask the destination what it holds (receiving, ready, committed, resumed, none)
     ask the source to resolve: committed stays committed; anything else is aborted
@@ -25,20 +25,70 @@ through small adapters: remote agents (AgentClient), or an agent's own session.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
 from pvmig import errors
 from pvmig._proto import pvmig_pb2 as pb
 from pvmig.rpc.client import AgentClient
 
-HAS_COPY = ("ready", "committed")  # what a destination may say (MigrationState.state)
-RUNS_IT = "resumed"
 REASON = "recovered: its coordinator is gone"
+CALL_TIMEOUT_S = 120.0  # a resume, a rollback or a destroy may take a while
+
+
+class Status(StrEnum):
+    """What one side knows of a migration (proto MigrationStatus)."""
+
+    UNKNOWN = "unknown"          # source: no session and no record
+    NONE = "none"                # destination: no session and no record
+    RECEIVING = "receiving"      # destination: the stream is not all in
+    READY = "ready"              # destination: the whole stream in
+    COMMITTED = "committed"
+    RESUMED = "resumed"          # destination: recorded, and the guest runs here
+    ABORTED = "aborted"          # source
+    ROLLED_BACK = "rolled-back"  # source
+    LOST = "lost"
+
+    def to_pb(self) -> int:
+        return pb.MigrationStatus.Value("STATUS_" + self.name)
+
+    @classmethod
+    def from_pb(cls, number: int) -> "Status":
+        try:
+            return cls[pb.MigrationStatus.Name(number).removeprefix("STATUS_")]
+        except (ValueError, KeyError):
+            raise errors.InvalidArgument(f"unknown migration status {number}") from None
+
+
+HAS_COPY = (Status.READY, Status.COMMITTED)  # what a destination may hold
+RUNS_IT = Status.RESUMED
+
+
+@dataclass(frozen=True)
+class SideState:
+    """One side's answer: its status, and what it knows of the domain and the source."""
+
+    status: Status
+    domain: str = ""
+    source_agent: str = ""  # destination: the source agent's name and instance,
+    source_instance: str = ""  # as the migration began
+    holds_copy: bool = False  # source, committed: its suspended copy is still there
+
+    def to_pb(self) -> pb.MigrationState:
+        return pb.MigrationState(status=self.status.to_pb(), domain=self.domain,
+                                 source_agent=self.source_agent,
+                                 source_instance=self.source_instance,
+                                 holds_copy=self.holds_copy)
+
+    @classmethod
+    def from_pb(cls, msg: pb.MigrationState) -> "SideState":
+        return cls(Status.from_pb(msg.status), msg.domain, msg.source_agent,
+                   msg.source_instance, msg.holds_copy)
 
 
 @dataclass(frozen=True)
 class Outcome:
     migration_id: str
-    decision: str   # the source's: committed, aborted, rolled-back, unknown, lost
+    decision: Status  # the source's: committed, aborted, rolled-back, unknown, lost
     runs_on: str    # "source", "destination", or "nowhere" (a host died with it)
     domain: str = ""
 
@@ -48,7 +98,7 @@ class Outcome:
         return f"migration {self.migration_id}: {self.decision}; domain {self.domain or '?'} {where}"
 
 
-async def settle(source, dest, migration_id: str) -> Outcome:
+async def recover(source, dest, migration_id: str) -> Outcome:
     """Bring a migration to its one outcome from wherever it stopped."""
     held = await dest.state(migration_id)
     if held.source_agent and source.name and held.source_agent != source.name:
@@ -57,21 +107,30 @@ async def settle(source, dest, migration_id: str) -> Outcome:
             f"{source.name!r} at {source.address}")
     decision = await source.resolve(migration_id, held.domain, held.source_instance)
     domain = held.domain or decision.domain
-    if decision.state == "committed":
-        runs_on = await _finish_committed(source, dest, migration_id, held.state,
+    if decision.status is Status.COMMITTED:
+        runs_on = await _finish_committed(source, dest, migration_id, held.status,
                                           decision.holds_copy)
-        state = {"source": "rolled-back", "nowhere": "lost"}.get(runs_on, "committed")
-        return Outcome(migration_id, state, runs_on, domain)
-    if decision.state == "lost" and held.state in HAS_COPY:
-        await dest.commit_and_resume(migration_id)
-        return Outcome(migration_id, "lost", "destination", domain)
-    if held.state in ("receiving", "ready"):
-        await dest.discard(migration_id, f"the source resolved it: {decision.state}")
-    runs_on = "nowhere" if decision.state == "lost" else "source"
-    return Outcome(migration_id, decision.state, runs_on, domain)
+        status = {"source": Status.ROLLED_BACK, "nowhere": Status.LOST}.get(
+            runs_on, Status.COMMITTED)
+        return Outcome(migration_id, status, runs_on, domain)
+    if decision.status is Status.LOST:
+        # the source's copy is gone: the destination's, if whole, is the only one
+        if held.status in HAS_COPY:
+            await dest.commit_and_resume(migration_id)
+        if held.status in (*HAS_COPY, RUNS_IT):
+            return Outcome(migration_id, Status.LOST, "destination", domain)
+    elif held.status in (Status.COMMITTED, RUNS_IT, Status.LOST):
+        # a destination commits only after the source did: two stories, changed nothing
+        raise errors.FailedPrecondition(
+            f"migration {migration_id}: the source says {decision.status} but the "
+            f"destination says '{held.status}' (it committed): resolve by hand")
+    if held.status in (Status.RECEIVING, Status.READY):
+        await dest.discard(migration_id, f"the source resolved it: {decision.status}")
+    runs_on = "nowhere" if decision.status is Status.LOST else "source"
+    return Outcome(migration_id, decision.status, runs_on, domain)
 
 
-async def _finish_committed(source, dest, migration_id: str, state: str,
+async def _finish_committed(source, dest, migration_id: str, state: Status,
                             source_holds_copy: bool) -> str:
     if state in HAS_COPY:
         try:
@@ -80,11 +139,11 @@ async def _finish_committed(source, dest, migration_id: str, state: str,
         except errors.Unavailable:
             raise  # no answer: it may have resumed; only asking again can tell
         except errors.PvmigError as e:
-            state = (await dest.state(migration_id)).state  # another recovery's doing?
+            state = (await dest.state(migration_id)).status  # another recovery's doing?
             if state == RUNS_IT:  # resumed there by another recovery meanwhile
                 return await _finish_committed(source, dest, migration_id, state,
                                                source_holds_copy)
-            if state != "ready":  # committed there but failing to resume: by hand
+            if state is not Status.READY:  # committed there but failing to resume: by hand
                 raise
             if not source_holds_copy:
                 raise errors.FailedPrecondition(
@@ -100,10 +159,10 @@ async def _finish_committed(source, dest, migration_id: str, state: str,
     if state == RUNS_IT:
         await source.complete(migration_id)
         return "destination"
-    if state == "none":  # never committed there, so never run there: the source's copy
+    if state is Status.NONE:  # never committed there, so never run there: the source's copy
         return await _roll_back(source, migration_id, f"the destination {dest.address} "
                                                       "never committed it")
-    if state == "lost":
+    if state is Status.LOST:
         # It committed there, so it may have run there (and written to its disk): the
         # source's older copy must not run. The guest died with the destination's host.
         await source.complete(migration_id)
@@ -111,7 +170,7 @@ async def _finish_committed(source, dest, migration_id: str, state: str,
     # the source commits only after the destination acknowledged the whole stream
     raise errors.FailedPrecondition(
         f"migration {migration_id} is committed at the source but the destination says "
-        f"{state!r}: resolve by hand")
+        f"'{state}': resolve by hand")
 
 
 async def _roll_back(source, migration_id: str, reason: str) -> str:
@@ -120,7 +179,7 @@ async def _roll_back(source, migration_id: str, reason: str) -> str:
     except errors.NotFound:
         # rolled back by another recovery just now, or the source copy is gone
         again = await source.resolve(migration_id, "", "")
-        return "source" if again.state == "rolled-back" else "nowhere"
+        return "source" if again.status is Status.ROLLED_BACK else "nowhere"
     return "source"
 
 
@@ -130,22 +189,23 @@ class RemoteSource:
         self.address = agent.address
         self.name = agent.hello_reply.agent_name if agent.hello_reply else ""
 
-    async def resolve(self, migration_id: str, domain: str, instance: str) -> pb.MigrationState:
+    async def resolve(self, migration_id: str, domain: str, instance: str) -> SideState:
         ref = pb.MigrationRef(migration_id=migration_id, reason=REASON, domain=domain,
                               source_instance=instance)
-        return await self.agent.call(self.agent.source.Resolve, ref, timeout=120.0)
+        return SideState.from_pb(await self.agent.call(self.agent.source.Resolve, ref,
+                                                       timeout=CALL_TIMEOUT_S))
 
     async def complete(self, migration_id: str) -> None:
         try:
             await self.agent.call(self.agent.source.Complete,
-                                  pb.MigrationRef(migration_id=migration_id), timeout=120.0)
+                                  pb.MigrationRef(migration_id=migration_id), timeout=CALL_TIMEOUT_S)
         except errors.NotFound:  # completed already (by an agent's own recovery)
             pass
 
     async def rollback(self, migration_id: str, reason: str) -> None:
         await self.agent.call(self.agent.source.Rollback,
                               pb.MigrationRef(migration_id=migration_id, reason=reason),
-                              timeout=120.0)
+                              timeout=CALL_TIMEOUT_S)
 
 
 class RemoteDest:
@@ -153,13 +213,13 @@ class RemoteDest:
         self.agent = agent
         self.address = agent.address
 
-    async def state(self, migration_id: str) -> pb.MigrationState:
-        return await self.agent.call(self.agent.dest.State,
-                                     pb.MigrationRef(migration_id=migration_id))
+    async def state(self, migration_id: str) -> SideState:
+        return SideState.from_pb(await self.agent.call(
+            self.agent.dest.State, pb.MigrationRef(migration_id=migration_id)))
 
     async def commit_and_resume(self, migration_id: str) -> None:
         await self.agent.call(self.agent.dest.CommitAndResume,
-                              pb.MigrationRef(migration_id=migration_id), timeout=120.0)
+                              pb.MigrationRef(migration_id=migration_id), timeout=CALL_TIMEOUT_S)
 
     async def discard(self, migration_id: str, reason: str) -> None:
         try:

@@ -33,10 +33,11 @@ from pvmig._proto import pvmig_pb2 as pb
 from pvmig.coordinator.migrate import Options, migrate
 from pvmig.coordinator.progress import Reporter
 from pvmig.hv.memory import PAGE_SIZE
-from pvmig.migration.pages import DEFAULT_STREAMS as STREAMS
+from pvmig.migration.policy import STREAMS
 from pvmig.rpc.client import AgentClient
-from pvmig.tools import ceiling
+from pvmig.tools import ceiling, qemu_peer
 from pvmig.tools.cluster import LocalCluster
+from pvmig.tools.plot import bench_figures
 
 MODERATE = 2000      # pages/s: 8 MB/s of writes
 HEAVY = 60000        # pages/s, uncapped
@@ -205,7 +206,6 @@ def run_bench(*, quick: bool, runs: int, peer_qemu: bool, json_path: Path | None
     out["seconds"] = round(time.monotonic() - started, 1)
     _write(out, json_path, md_path)
     if plots:
-        from pvmig.tools.plot import bench_figures
         out["plots"] = [str(p) for p in bench_figures(out, plots)]
         _write(out, json_path, md_path)
     console.print(markdown(out))
@@ -312,7 +312,6 @@ def _qemu(nbytes: int, content: Path | None, tmp: Path, console) -> list[dict]:
     """QEMU both ways: RAM allocated before the migration on both sides (as pvmig's
     agents do: the fair comparison) and QEMU's default (the destination faults its RAM
     in while receiving: how QEMU is usually run and measured)."""
-    from pvmig.tools import qemu_peer
     if qemu_peer.available() is None:
         return [{"error": "qemu-system-x86_64 is not installed"}]
     out = []

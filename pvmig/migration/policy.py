@@ -1,0 +1,107 @@
+"""The vocabulary of a migration: its policies, their names, and every default, once.
+
+The CLI's choices and defaults, the coordinator's Options and the agents' checks all
+read them from here; the wire carries the policies as proto enums (`to_wire`,
+`from_wire`), 0 meaning "the default" or "as the domain was set up".
+
+Policies of the experiment (docs/DESIGN.md, "Experiment matrix"):
+    quiesce            none: backends go on after suspend (today's Xen); backend: each
+                       stops, finishes or abandons what is in flight, unmaps every grant
+    recovery           replay: frontends re-queue from their shadow (blkif_recover);
+                       naive: they trust the old ring after resume
+    persistent-grants  on | off; unset: as the domain's disks negotiated them
+    grant-mode         map | copy; unset: as the domain's disks were created
+    compress           none | zstd: page data on the wire
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import TypeVar
+
+from pvmig import errors
+from pvmig._proto import pvmig_pb2 as pb
+
+
+class Quiesce(StrEnum):
+    NONE = "none"
+    BACKEND = "backend"
+
+
+class Recovery(StrEnum):
+    REPLAY = "replay"
+    NAIVE = "naive"
+
+
+class PersistentGrants(StrEnum):
+    ON = "on"
+    OFF = "off"
+
+
+class GrantMode(StrEnum):
+    MAP = "map"
+    COPY = "copy"
+
+
+class Compression(StrEnum):
+    NONE = "none"
+    ZSTD = "zstd"
+
+
+# ---- defaults and limits
+
+DOWNTIME_LIMIT_MS = 300.0  # QEMU's default
+MAX_ROUNDS = 30
+NO_PROGRESS_ROUNDS = 5  # 0: never stop for lack of progress
+BATCH_PAGES = 256  # 1 MiB of page data
+MAX_BATCH_PAGES = 1024  # 4 MiB: well under the 16 MiB message limit
+# Several streams keep one packing while another waits on the transport. 1 GiB round 0
+# on 2 cores: 2.4 s (1 stream), 2.1 s (2), 1.3-1.6 s (4), 1.25 s (8) once; since the
+# copies went down, 1-4 are within noise of each other (docs/PERFORMANCE.md).
+STREAMS = 4
+MAX_STREAMS = 16
+SESSION_TIMEOUT_S = 120.0  # a session's lease: silence this long means no coordinator
+VERIFY_TIMEOUT_S = 60.0  # for the resumed guest to sweep its memory once
+
+
+def choices(policy: type[StrEnum]) -> list[str]:
+    """The names a user may give (argparse's `choices`)."""
+    return [p.value for p in policy]
+
+
+# ---- on the wire
+
+_WIRE = {  # policy -> (its proto enum, the prefix of its value names)
+    Quiesce: (pb.Quiesce, "QUIESCE_"),
+    Recovery: (pb.Recovery, "RECOVERY_"),
+    PersistentGrants: (pb.PersistentGrants, "PERSISTENT_GRANTS_"),
+    GrantMode: (pb.GrantMode, "GRANT_MODE_"),
+    Compression: (pb.Compression, "COMPRESSION_"),
+}
+P = TypeVar("P", bound=StrEnum)
+
+
+def to_wire(value: StrEnum | None, policy: type[StrEnum] | None = None) -> int:
+    """The proto enum number of a policy's value; None (the default) is 0."""
+    if value is None or value == "":
+        return 0
+    policy = policy or type(value)
+    enum, prefix = _WIRE[policy]
+    return enum.Value(prefix + policy(value).name)
+
+
+def from_wire(policy: type[P], number: int, default: P | None = None) -> P | None:
+    """The value a proto enum number stands for; 0 is `default`. A number this release
+    does not know is refused by name, not taken for the default."""
+    if number == 0:
+        return default
+    enum, prefix = _WIRE[policy]
+    try:
+        name = enum.Name(number)
+    except ValueError:
+        name = ""
+    if not name.startswith(prefix) or name[len(prefix):] not in policy.__members__:
+        raise errors.InvalidArgument(
+            f"unknown {policy.__name__} policy number {number}: known are "
+            f"{', '.join(choices(policy))}")
+    return policy[name[len(prefix):]]

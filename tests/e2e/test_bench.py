@@ -1,0 +1,33 @@
+"""End to end: `pvmig bench --quick` runs its grid against the ceiling it measured in
+the same run and writes JSON, Markdown and plots. (The figures themselves are the
+bench's to report, not the test's to judge.)"""
+
+from __future__ import annotations
+
+import json
+
+from support import pvmig
+
+
+def test_quick_bench(tmp_path):
+    r = pvmig("bench", "--quick", "--runs", "1", "--json", str(tmp_path / "b.json"),
+              "--markdown", str(tmp_path / "b.md"), "--plots", str(tmp_path / "plots"),
+              timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads((tmp_path / "b.json").read_text())
+    (size,) = out["sizes"]
+    assert size["ram-mb"] == 256 and size["ceiling"]["gib-s"] > 0
+    assert size["grpc-ceiling"]["gib-s"] > 0 and size["grpc-ceiling"]["streams"] == 4
+    assert [c["devices"] for c in size["cells"]] == ["idle", "busy"]
+    for c in size["cells"]:
+        assert c["completed"] == c["verified"] == 1 and not c["errors"], c
+        assert c["round0-gib-s-median"] > 0 and c["vs-ceiling"] > 0 and c["vs-grpc"] > 0
+        assert c["downtime-ms-median"] > 0 and c["bytes-per-ram-median"] >= 0.5
+        assert c["agent-anon-mib-peak"] > 10  # a Python process with grpc and numpy
+    busy = size["cells"][1]
+    assert busy["net-peer"] is not None and busy["net-peer"]["answered"] > 0
+    md = (tmp_path / "b.md").read_text()
+    assert md.startswith("`pvmig bench --quick --runs 1`") and "Raw-TCP ceiling" in md
+    assert "Bare gRPC ceiling" in md
+    for png in ("bench-throughput.png", "bench-downtime.png"):
+        assert (tmp_path / "plots" / png).read_bytes()[:4] == b"\x89PNG"
