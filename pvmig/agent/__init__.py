@@ -1,0 +1,2 @@
+"""The host agent: its gRPC server, one thin servicer per service, its watchdog.
+"""

@@ -1,0 +1,2 @@
+"""The `pvmig` command: main.py, and one module per command group.
+"""

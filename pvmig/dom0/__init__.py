@@ -1,0 +1,2 @@
+"""dom0 on one host: domains, the toolstack, the backends, disks, xenstored.
+"""

@@ -192,9 +192,15 @@ def _counts(c: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(c.items())) or "-"
 
 
+def _fired(forced: dict) -> str:
+    asked, fired = forced.get("injection-asked", {}), forced.get("injection-fired", {})
+    return ", ".join(f"{p} {fired.get(p, 0)}/{n}" for p, n in sorted(asked.items())) or "-"
+
+
 COLUMNS = ("cell", "chance: observed (runs)", "forced: observed (runs)",
            "differing frames by class", "observed by cause", "in flight / replayed / trusted",
-           "downtime ms", "total ms", "MiB sent", "disk I/O /s", "verdict")
+           "injection points: fired in / asked for (runs)", "downtime ms", "total ms",
+           "MiB sent", "disk I/O /s", "verdict")
 
 
 def row(r: dict) -> list[str]:
@@ -206,7 +212,7 @@ def row(r: dict) -> list[str]:
             f"{fo['observed-corruptions']} ({fo['runs-with-corruption']} of {fo['migrations']})",
             _counts(classes), _counts(causes),
             f"{r['in-flight']} / {r['replayed']} / {r['trusted-old-ring']}",
-            str(r["downtime-ms-median"]), str(r["total-ms-median"]),
+            _fired(fo), str(r["downtime-ms-median"]), str(r["total-ms-median"]),
             str(r["transferred-mib-median"]), str(r["guest-io-per-s-median"]), r["verdict"]]
 
 
