@@ -1,4 +1,4 @@
-"""The xenstore daemon (pvmig/dom0/xenstored.py): tree, permissions, watches, transactions,
+"""The xenstore daemon (pvmig/dom0/xenstored/): tree, permissions, watches, transactions,
 the wire, and a guest's XsClient served through a real ring page."""
 
 from __future__ import annotations
