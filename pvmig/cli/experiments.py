@@ -22,7 +22,11 @@ def register(sub, auth) -> None:
     pe.add_argument("--guest", required=True, metavar="HOST:PORT",
                     help="the guest's address (its vif's, from `pvmig domain show`)")
     pe.add_argument("--rate", type=float, default=200.0, help="requests per second")
-    pe.add_argument("--duration", type=float, default=10.0, metavar="S")
+    pe.add_argument("--duration", type=float, default=10.0, metavar="S",
+                    help="how long to send (0: until SIGINT or SIGTERM); what is "
+                    "outstanding then is still waited for")
+    pe.add_argument("--give-up", type=float, default=2.0, metavar="S",
+                    help="how long a request is retransmitted before it counts as lost")
     pe.add_argument("--stats", type=Path, metavar="FILE",
                     help="keep the running figures here (JSON, rewritten 5 times a second)")
     pe.set_defaults(func=peer)
@@ -76,10 +80,10 @@ def register(sub, auth) -> None:
 
 
 def peer(args) -> int:
-    if not args.rate > 0 or not args.duration > 0:
-        raise errors.InvalidArgument("--rate and --duration must be > 0")
+    if not args.rate > 0 or not args.give_up > 0 or not args.duration >= 0:
+        raise errors.InvalidArgument("--rate and --give-up must be > 0, --duration >= 0")
     stats = run(run_peer(args.guest, rate=args.rate, duration_s=args.duration,
-                          stats_file=args.stats))
+                         stats_file=args.stats, give_up_s=args.give_up))
     print(json.dumps(stats))
     return EXIT_OK if stats["lost"] == 0 else EXIT_FAILED
 

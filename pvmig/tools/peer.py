@@ -2,10 +2,11 @@
 
 It sends numbered requests at a steady rate to the guest's address (netback's UDP port
 on the guest's host) and counts the answers: a request unanswered after the
-retransmission timeout is sent again, up to a limit, then counted lost; an answer
-seen twice is a duplicate; the longest time between two new answers is the outage
-the migration caused. An ANNOUNCE (the destination netback's gratuitous ARP) moves
-the peer to the guest's new address.
+retransmission timeout is sent again, for up to `give_up_s` of tries, then counted
+lost; an answer seen twice is a duplicate; the longest time between two new answers
+is the outage the migration caused. An ANNOUNCE (the destination netback's gratuitous
+ARP) moves the peer to the guest's new address. It sends for its duration, or (duration
+0) until SIGINT or SIGTERM; either way it then waits for what is outstanding.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import socket
 import time
 from dataclasses import dataclass, field
@@ -48,6 +50,7 @@ class Peer(asyncio.DatagramProtocol):
     rto_s: float = 0.05
     max_tries: int = 40  # 2 s of retransmissions before a request counts as lost
     stats: PeerStats = field(default_factory=PeerStats)
+    stopped: bool = False  # no new requests: what is outstanding is still waited for
     _outstanding: dict = field(default_factory=dict)  # seq -> (last send, tries)
     _answered: set = field(default_factory=set)
     _last_answer: float | None = None
@@ -87,9 +90,12 @@ class Peer(asyncio.DatagramProtocol):
         start = loop.time()
         seq = 0
         next_write = 0.0
-        while loop.time() - start < duration_s or self._outstanding:
+        while True:
             now = loop.time()
-            if now - start < duration_s:
+            sending = not self.stopped and (not duration_s or now - start < duration_s)
+            if not sending and not self._outstanding:
+                break
+            if sending:
                 while seq < int((now - start) * self.rate) + 1:
                     seq += 1
                     self._outstanding[seq] = (now, 1)
@@ -103,6 +109,9 @@ class Peer(asyncio.DatagramProtocol):
         if stats_file is not None:
             _write(stats_file, self.stats_now())
         return self.stats
+
+    def stop(self) -> None:
+        self.stopped = True
 
     def _retransmit(self, now: float) -> None:
         for seq, (last, tries) in list(self._outstanding.items()):
@@ -128,7 +137,7 @@ def _write(path: Path, data: dict) -> None:
 
 
 async def run_peer(guest: str, *, rate: float, duration_s: float,
-                   stats_file: Path | None) -> dict:
+                   stats_file: Path | None, give_up_s: float = 2.0) -> dict:
     host, port = parse_address(guest)
     loop = asyncio.get_running_loop()
     try:  # the vif's address may carry its host's name: datagrams need a number
@@ -137,6 +146,9 @@ async def run_peer(guest: str, *, rate: float, duration_s: float,
         raise errors.InvalidArgument(f"cannot resolve the guest's host {host!r}: {e}") from None
     host = infos[0][4][0]
     peer = Peer(target=(host, port), rate=rate)
+    peer.max_tries = max(1, round(give_up_s / peer.rto_s))
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, peer.stop)
     transport, _ = await loop.create_datagram_endpoint(lambda: peer, local_addr=("0.0.0.0", 0))
     try:
         await peer.run(duration_s, stats_file)

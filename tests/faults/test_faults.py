@@ -252,15 +252,26 @@ def test_agent_crash_revives_its_domains(lone_agent, tmp_path):
     _create_with_disk_and_nic(agent.address, tmp_path, io_rate=200)
     create(agent.address, "busy", ram_mb=8, dirty_rate=20000)
     before = wait_running_and_checking(agent.address, "vm")
+    # The peer sends until told to stop, and retransmits each request for as long as a
+    # revival can take: however slow the machine, it loses only what the guest does.
+    stats = tmp_path / "peer.json"
     peer = subprocess.Popen([sys.executable, "-m", "pvmig", "peer", "--guest",
-                             _vif(agent.address).address, "--rate", "100", "--duration", "6"],
+                             _vif(agent.address).address, "--rate", "100", "--duration", "0",
+                             "--give-up", "30", "--stats", str(stats)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(1.5)
+        # answered: netback has learnt the peer, and the revival has it to announce to
+        _eventually(lambda: _peer_stats(stats).get("answered", 0) >= 100, what="the peer answered")
+        at_kill = _peer_stats(stats)["answered"]
         agent.kill()
         _eventually(lambda: len(list(mem.glob("*.vcpu"))) == 2, what="both guests preserved")
         agent.start()
         after = wait_running_and_checking(agent.address, "vm")
+        address = _vif(agent.address).address
+        _eventually(lambda: _peer_stats(stats).get("target") == address
+                    and _peer_stats(stats)["answered"] >= at_kill + 100,
+                    what="the peer answered at the guest's new address")
+        peer.send_signal(signal.SIGTERM)  # it stops sending and waits for what is outstanding
         out, err = peer.communicate(timeout=60)
     finally:
         if peer.poll() is None:
@@ -323,6 +334,14 @@ def _create_with_disk_and_nic(address: str, tmp_path: Path, io_rate: int) -> Non
               "--disk", str(tmp_path / "vm.img"), "--disk-blocks", "128",
               "--disk-io-rate", str(io_rate), "--vif")
     assert r.returncode == 0, r.stderr
+
+
+def _peer_stats(path: Path) -> dict:
+    """A running `pvmig peer --stats`'s figures ({} until it has written any)."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
 
 
 def _vbd(address: str):
