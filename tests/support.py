@@ -77,6 +77,35 @@ def migrate(source: str, dest: str, domain: str, report: Path, *extra: str,
     return r, data
 
 
+def eventually(cond, timeout: float = 30.0, what: str = "") -> None:
+    """Wait for a condition the test cannot be told of otherwise (polled, 5 times a second)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:.0f} s: {what}")
+        time.sleep(0.2)
+
+
+def start_peer(guest: str, stats: Path, *extra: str, via: list[str] | None = None,
+               rate: int = 100) -> subprocess.Popen:
+    """`pvmig peer` against `guest`, keeping its figures in `stats`. It sends until it has
+    followed the guest as many times as `--until-announced` says (or until SIGTERM with
+    `--duration 0`), retransmits each request for 30 s (however slow the machine, it loses
+    only what the guest does), then waits for what is outstanding and ends."""
+    argv = [*(via or [sys.executable, "-m", "pvmig"]), "peer", "--guest", guest,
+            "--rate", str(rate), "--give-up", "30", "--stats", str(stats), *extra]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL)
+
+
+def peer_stats(path: Path) -> dict:
+    """A running `pvmig peer --stats`'s figures ({} until it has written any)."""
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
 def json_lines(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 

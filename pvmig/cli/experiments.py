@@ -27,6 +27,9 @@ def register(sub, auth) -> None:
                     "outstanding then is still waited for")
     pe.add_argument("--give-up", type=float, default=2.0, metavar="S",
                     help="how long a request is retransmitted before it counts as lost")
+    pe.add_argument("--until-announced", type=int, default=0, metavar="N",
+                    help="stop sending once answered after N announcements (the guest "
+                    "moved N times and the peer followed); 0: never")
     pe.add_argument("--stats", type=Path, metavar="FILE",
                     help="keep the running figures here (JSON, rewritten 5 times a second)")
     pe.set_defaults(func=peer)
@@ -82,8 +85,11 @@ def register(sub, auth) -> None:
 def peer(args) -> int:
     if not args.rate > 0 or not args.give_up > 0 or not args.duration >= 0:
         raise errors.InvalidArgument("--rate and --give-up must be > 0, --duration >= 0")
+    if args.until_announced < 0:
+        raise errors.InvalidArgument("--until-announced must be >= 0")
     stats = run(run_peer(args.guest, rate=args.rate, duration_s=args.duration,
-                         stats_file=args.stats, give_up_s=args.give_up))
+                         stats_file=args.stats, give_up_s=args.give_up,
+                         until_announced=args.until_announced))
     print(json.dumps(stats))
     return EXIT_OK if stats["lost"] == 0 else EXIT_FAILED
 

@@ -6,7 +6,9 @@ retransmission timeout is sent again, for up to `give_up_s` of tries, then count
 lost; an answer seen twice is a duplicate; the longest time between two new answers
 is the outage the migration caused. An ANNOUNCE (the destination netback's gratuitous
 ARP) moves the peer to the guest's new address. It sends for its duration, or (duration
-0) until SIGINT or SIGTERM; either way it then waits for what is outstanding.
+0) until SIGINT or SIGTERM, or until it has been answered after `until_announced`
+announcements (it followed the guest there and back, say); then it waits for what is
+outstanding.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class Peer(asyncio.DatagramProtocol):
     max_tries: int = 40  # 2 s of retransmissions before a request counts as lost
     stats: PeerStats = field(default_factory=PeerStats)
     stopped: bool = False  # no new requests: what is outstanding is still waited for
+    until_announced: int = 0  # stop once answered after this many announcements (0: never)
     _outstanding: dict = field(default_factory=dict)  # seq -> (last send, tries)
     _answered: set = field(default_factory=set)
     _last_answer: float | None = None
@@ -76,6 +79,8 @@ class Peer(asyncio.DatagramProtocol):
         self._answered.add(seq)
         self._outstanding.pop(seq, None)
         self.stats.answered += 1
+        if self.until_announced and self.stats.announcements >= self.until_announced:
+            self.stop()  # followed the guest that many times, and answered there
         now = time.monotonic()
         if self._last_answer is not None:
             gap_ms = (now - self._last_answer) * 1e3
@@ -137,7 +142,8 @@ def _write(path: Path, data: dict) -> None:
 
 
 async def run_peer(guest: str, *, rate: float, duration_s: float,
-                   stats_file: Path | None, give_up_s: float = 2.0) -> dict:
+                   stats_file: Path | None, give_up_s: float = 2.0,
+                   until_announced: int = 0) -> dict:
     host, port = parse_address(guest)
     loop = asyncio.get_running_loop()
     try:  # the vif's address may carry its host's name: datagrams need a number
@@ -145,7 +151,7 @@ async def run_peer(guest: str, *, rate: float, duration_s: float,
     except socket.gaierror as e:
         raise errors.InvalidArgument(f"cannot resolve the guest's host {host!r}: {e}") from None
     host = infos[0][4][0]
-    peer = Peer(target=(host, port), rate=rate)
+    peer = Peer(target=(host, port), rate=rate, until_announced=until_announced)
     peer.max_tries = max(1, round(give_up_s / peer.rto_s))
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, peer.stop)

@@ -26,7 +26,6 @@ BUILD = ROOT / "deploy" / "build-image.sh"
 COMPOSE_FILE = ROOT / "deploy" / "docker-compose.yml"
 IMAGE = "pvmig:e2e"  # not the user's pvmig:dev
 RAM_MB = 64
-PEER_SECONDS = 15
 A, B = "a:7000", "b:7000"
 
 
@@ -122,9 +121,11 @@ def test_compose_cluster_migrates_both_ways(compose):
     guest_on_a = device(booted, "vif")["address"]
     assert guest_on_a.startswith("a:"), guest_on_a
 
-    # The net peer runs in its own container; `exec` ends when it does (its --duration).
+    # The net peer runs in its own container; `exec` ends when it does: once it has
+    # followed the guest to b and home again (--until-announced 2).
     talk = subprocess.Popen(peer.argv("peer", "--guest", numeric(peer, guest_on_a), "--rate", "100",
-                                      "--duration", str(PEER_SECONDS)),
+                                      "--duration", "0",
+                                      "--until-announced", "2", "--give-up", "30"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             stdin=subprocess.DEVNULL)
     try:
@@ -136,7 +137,7 @@ def test_compose_cluster_migrates_both_ways(compose):
         peer.wait_checking(B, "vm")
         back = migrate(peer, B, A, "/shared/back.json")
         assert peer.domains(B) == []
-        out, err = talk.communicate(timeout=PEER_SECONDS + 60)
+        out, err = talk.communicate(timeout=180)
     finally:
         if talk.poll() is None:
             talk.kill()

@@ -5,12 +5,17 @@ retransmissions cover what netfront dropped, nothing is lost."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
 
 import pytest
-from support import migrate, pvmig, query, wait_running_and_checking
+from support import (
+    eventually,
+    migrate,
+    peer_stats,
+    pvmig,
+    query,
+    start_peer,
+    wait_running_and_checking,
+)
 
 
 def _vif_address(address: str) -> str:
@@ -27,11 +32,12 @@ def test_disk_and_nic_busy_there_and_back(cluster, tmp_path):
     assert r.returncode == 0, r.stderr
     wait_running_and_checking(a, "vm")
     stats = tmp_path / "peer.json"
-    peer = subprocess.Popen([sys.executable, "-m", "pvmig", "peer", "--guest", _vif_address(a),
-                             "--rate", "200", "--duration", "8", "--stats", str(stats)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # The peer ends by itself once it has followed the guest there and home again.
+    peer = start_peer(_vif_address(a), stats, "--duration", "0", "--until-announced", "2",
+                      rate=200)
     try:
-        time.sleep(1.5)
+        eventually(lambda: peer_stats(stats).get("answered", 0) >= 100,
+                   what="the guest answering the peer (its netback has learnt it)")
         r, there = migrate(a, b, "vm", tmp_path / "there.json",
                            "--net-peer-stats", str(stats), "--net-peer-wait", "1")
         assert r.returncode == 0, r.stderr
@@ -44,17 +50,19 @@ def test_disk_and_nic_busy_there_and_back(cluster, tmp_path):
         assert there["net-peer"]["announcements"] >= 1
         assert there["net-peer"]["target"] == _vif_address(b)  # the peer followed the guest
 
-        time.sleep(1)
+        answered_there = peer_stats(stats)["answered"]
+        eventually(lambda: peer_stats(stats)["answered"] >= answered_there + 100,
+                   what="the guest answering the peer on b")
         r, back = migrate(b, a, "vm", tmp_path / "back.json")
         assert r.returncode == 0, r.stderr
         assert back["verification"]["passed"] is True
-        out, err = peer.communicate(timeout=60)
+        out, err = peer.communicate(timeout=120)
     finally:
         if peer.poll() is None:
             peer.kill()
     final = json.loads(out)
     assert peer.returncode == 0, (out, err)
-    assert final["sent"] > 1000 and final["lost"] == 0 and final["outstanding"] == 0
+    assert final["sent"] > 200 and final["lost"] == 0 and final["outstanding"] == 0
     assert final["answered"] == final["sent"]
     assert final["announcements"] >= 2 and final["target"] == _vif_address(a)
     assert final["longest-outage-ms"] > 0

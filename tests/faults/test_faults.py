@@ -20,10 +20,13 @@ import pytest
 from support import (
     create,
     domains,
+    eventually,
     local_cluster,
     migrate,
+    peer_stats,
     pvmig,
     query,
+    start_peer,
     tmpfs,
     wait_running_and_checking,
 )
@@ -64,14 +67,6 @@ def _wait_round(proc: subprocess.Popen, n: int) -> None:
         if event["event"] == "round" and event["round"] >= n:
             return
     raise AssertionError(f"migration ended before round {n}: {proc.stderr.read()}")
-
-
-def _eventually(cond, timeout: float = 30.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:.0f} s: {what}")
-        time.sleep(0.2)
 
 
 def _drain(proc: subprocess.Popen) -> None:
@@ -137,7 +132,7 @@ def test_destination_guest_and_coordinator_die(cluster, tmp_path):
     os.kill(query(b, "vm").guest_pid, signal.SIGKILL)
     proc.kill()
     proc.wait()
-    _eventually(lambda: "vm" not in domains(b), what="the destination discards")
+    eventually(lambda: "vm" not in domains(b), what="the destination discards")
     _only_on(a, b, "vm")
     r, data = migrate(a, b, "vm", tmp_path / "r2.json")
     assert r.returncode == 0, r.stderr
@@ -214,7 +209,7 @@ def test_coordinator_killed_before_commit(cluster, tmp_path, sig):
         assert code == 1
         assert json.loads((tmp_path / "r.json").read_text())["error"].startswith("interrupted")
     else:
-        _eventually(lambda: "vm" not in domains(b), what="the destination discards")
+        eventually(lambda: "vm" not in domains(b), what="the destination discards")
     _only_on(a, b, "vm")
 
 
@@ -255,21 +250,18 @@ def test_agent_crash_revives_its_domains(lone_agent, tmp_path):
     # The peer sends until told to stop, and retransmits each request for as long as a
     # revival can take: however slow the machine, it loses only what the guest does.
     stats = tmp_path / "peer.json"
-    peer = subprocess.Popen([sys.executable, "-m", "pvmig", "peer", "--guest",
-                             _vif(agent.address).address, "--rate", "100", "--duration", "0",
-                             "--give-up", "30", "--stats", str(stats)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peer = start_peer(_vif(agent.address).address, stats, "--duration", "0")
     try:
         # answered: netback has learnt the peer, and the revival has it to announce to
-        _eventually(lambda: _peer_stats(stats).get("answered", 0) >= 100, what="the peer answered")
-        at_kill = _peer_stats(stats)["answered"]
+        eventually(lambda: peer_stats(stats).get("answered", 0) >= 100, what="the peer answered")
+        at_kill = peer_stats(stats)["answered"]
         agent.kill()
-        _eventually(lambda: len(list(mem.glob("*.vcpu"))) == 2, what="both guests preserved")
+        eventually(lambda: len(list(mem.glob("*.vcpu"))) == 2, what="both guests preserved")
         agent.start()
         after = wait_running_and_checking(agent.address, "vm")
         address = _vif(agent.address).address
-        _eventually(lambda: _peer_stats(stats).get("target") == address
-                    and _peer_stats(stats)["answered"] >= at_kill + 100,
+        eventually(lambda: peer_stats(stats).get("target") == address
+                   and peer_stats(stats)["answered"] >= at_kill + 100,
                     what="the peer answered at the guest's new address")
         peer.send_signal(signal.SIGTERM)  # it stops sending and waits for what is outstanding
         out, err = peer.communicate(timeout=60)
@@ -279,7 +271,7 @@ def test_agent_crash_revives_its_domains(lone_agent, tmp_path):
     assert after.guest.steps > before.guest.steps  # went on, not booted afresh
     assert after.guest.resumes == before.guest.resumes + 1
     assert after.guest.checks_failed == 0 and after.guest.pages_written >= before.guest.pages_written
-    _eventually(lambda: _vbd(agent.address).served > 0, what="the disk served again")
+    eventually(lambda: _vbd(agent.address).served > 0, what="the disk served again")
     _disk_intact(query(agent.address, "vm"))
     final = json.loads(out)
     assert peer.returncode == 0, (out, err)
@@ -334,14 +326,6 @@ def _create_with_disk_and_nic(address: str, tmp_path: Path, io_rate: int) -> Non
               "--disk", str(tmp_path / "vm.img"), "--disk-blocks", "128",
               "--disk-io-rate", str(io_rate), "--vif")
     assert r.returncode == 0, r.stderr
-
-
-def _peer_stats(path: Path) -> dict:
-    """A running `pvmig peer --stats`'s figures ({} until it has written any)."""
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
 
 
 def _vbd(address: str):
@@ -461,7 +445,7 @@ def test_coordinator_dies_after_commit_the_agents_finish_it(cluster, tmp_path):
     create(a, "vm", ram_mb=32)
     mid = _migrate_dying_at(a, b, "vm", "committed", tmp_path)
     assert query(a, "vm").state == "suspended"  # committed: it will not run here again
-    _eventually(lambda: "vm" not in domains(a), what="the source copy is destroyed")
+    eventually(lambda: "vm" not in domains(a), what="the source copy is destroyed")
     _only_on(b, a, "vm")
     assert _record(cluster["a"], mid)["state"] == "committed"
     assert _record(cluster["b"], mid)["role"] == "destination"
@@ -639,7 +623,7 @@ def test_source_agent_crashes_on_complete_its_held_copy_goes_by_itself(tmp_path,
         c["a"].start()
         assert "its copy is held until the migration settles" in c["a"].log_file.read_text()
         parked = Path(c["a"].dir) / "data" / "parked"
-        _eventually(lambda: not list(parked.glob("*.held")), what="the held copy freed")
+        eventually(lambda: not list(parked.glob("*.held")), what="the held copy freed")
         _only_on(c["b"].address, c["a"].address, "vm")
         assert not list(c["a"].mem_dir.glob("*.ram"))
         assert "settled by the source" in c["a"].log_file.read_text()
