@@ -106,7 +106,8 @@ class RestoreSession:
                            devices=[_device_dict(d) for d in request.devices])
         dom.migration_id = request.migration_id
         session = cls(host, dom, request.migration_id, request.source_agent,
-                      Lease(host.session_timeout_s, host.clock), source_address=request.source_address,
+                      Lease(host.session_timeout_s, host.clock),
+                      source_address=request.source_address,
                       source_instance=request.source_instance)
         session.save_image = request.save_image
         n = dom.mem.nr_frames

@@ -24,6 +24,7 @@ from pvmig.errors import PvmigError
 from pvmig.hv.hypercall import GuestChannel
 from pvmig.hv.logdirty import DirtyLog
 from pvmig.hv.memory import GuestMemory
+from pvmig.pv.recovery import Recovery
 
 from .devices import GuestDevices
 from .kernel import Kernel
@@ -78,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             chan.send({"op": "resumed", "id": rid, "t": time.monotonic_ns()})
             kernel.devices = devices(kernel.rng)
-            kernel.devices.connect(moved=True, recovery=msg.get("recovery", "replay"))
+            recovery = Recovery(msg.get("recovery", Recovery.REPLAY))
+            kernel.devices.connect(moved=True, recovery=recovery)
         except (OSError, RuntimeError, TimeoutError, PvmigError):
             if not chan.closed():
                 raise

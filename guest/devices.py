@@ -19,6 +19,7 @@ from pvmig.hv.grant_table import GuestGrants
 from pvmig.hv.hypercall import GuestChannel, HypervisorGone
 from pvmig.pv import guestinfo
 from pvmig.pv.devlayout import BlkArea, NetArea
+from pvmig.pv.recovery import Recovery
 from pvmig.pv.xenbus import ClientStore, FrontendDevice, Negotiated, RingSetup
 from pvmig.pv.xenstore import XsClient, XsRing
 
@@ -58,7 +59,7 @@ class GuestDevices:
 
     # ---- bring-up: at boot, and on the new host after a move
 
-    def connect(self, *, moved: bool, recovery: str = "replay") -> None:
+    def connect(self, *, moved: bool, recovery: Recovery = Recovery.REPLAY) -> None:
         self._connect_xenstore()
         self.store.watch("control/shutdown", self._on_shutdown)
         if self.net is not None:
@@ -72,7 +73,7 @@ class GuestDevices:
             self.netdev.resume() if moved else self.netdev.start()
         if self.front is None:
             return
-        if moved and recovery == "naive":
+        if moved and recovery is Recovery.NAIVE:
             self.front.trust_old_ring(self.work.complete)
         if moved:
             self.front.forget_connection()

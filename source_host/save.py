@@ -261,7 +261,8 @@ class SaveSession:
         """One round, as the coordinator asks for it: the phase it is, by its place."""
         self._own()
         if number != self.rounds_done:
-            raise errors.InvalidArgument(f"round {number} requested, round {self.rounds_done} is next")
+            raise errors.InvalidArgument(
+                f"round {number} requested, round {self.rounds_done} is next")
         if final:
             self._require(St.SUSPENDED, "the final pass")
             if number == 0:

@@ -136,7 +136,8 @@ async def _end_migrations(host: Host) -> None:
 
 def run(*, listen: str, name: str, data_dir: Path, mem_dir: Path, max_ram_bytes: int,
         advertise: str = "", ready_file: Path | None = None,
-        session_timeout_s: float = policy.SESSION_TIMEOUT_S, security=None, storage_dir: Path | None = None) -> None:
+        session_timeout_s: float = policy.SESSION_TIMEOUT_S, security=None,
+        storage_dir: Path | None = None) -> None:
     host = Host(name=name, data_dir=data_dir, mem_dir=mem_dir, max_ram_bytes=max_ram_bytes,
                 advertise=advertise, session_timeout_s=session_timeout_s, security=security,
                 storage_dir=storage_dir)

@@ -245,7 +245,8 @@ class MigrationDestServicer(pb_grpc.MigrationDestServicer):
 
     @_status
     async def Resume(self, request, context):
-        return pb.ResumeReply(resumed_ns=await self.host.restores.lookup(request.migration_id).resume())
+        session = self.host.restores.lookup(request.migration_id)
+        return pb.ResumeReply(resumed_ns=await session.resume())
 
     @_status
     async def CommitAndResume(self, request, context):

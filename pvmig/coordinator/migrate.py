@@ -186,7 +186,7 @@ class Migration:
                         "connects: create the domain with --persistent-grants to study them")
                 if self.options.persistent_grants:
                     d.persistent = self.options.persistent_grants == "on"
-                d.grant_mode = self.options.grant_mode or d.grant_mode or "map"
+                d.grant_mode = self.options.grant_mode or d.grant_mode or GrantMode.MAP
             out.append(d)
         vbds = [d for d in out if d.kind == "vbd"]
         if vbds:

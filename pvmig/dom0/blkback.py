@@ -29,7 +29,7 @@ import numpy as np
 from pvmig import errors
 from pvmig.dom0.disk import BLOCK_SIZE, DiskImage
 from pvmig.hv.evtchn import BackendEvents, BackendPort
-from pvmig.hv.grant_table import GrantTable, Mapping
+from pvmig.hv.grant_table import GrantMode, GrantTable, Mapping
 from pvmig.pv.ring import (
     BLKIF,
     BLKIF_OP_READ,
@@ -61,7 +61,7 @@ class BlkBack:
     grants: GrantTable
     events: BackendEvents
     disk: DiskImage
-    grant_mode: str = "map"          # "map" or "copy"
+    grant_mode: GrantMode = GrantMode.MAP
     persistent: bool = False         # keeps its mappings (feature-persistent, unless purged)
     negotiated: bool = False         # feature-persistent, as the frontend connected
     latency_s: float = 0.0
@@ -180,7 +180,7 @@ class BlkBack:
         needs the feature negotiated when the frontend connected."""
         self.check_grant_policy(persistent)
         if grant_mode:
-            self.grant_mode = grant_mode
+            self.grant_mode = GrantMode(grant_mode)
         if persistent == "off" and self.persistent:
             self.persistent = False
             for m in self._persistent.values():
@@ -307,7 +307,7 @@ class BlkBack:
         return BLKIF_RSP_OKAY
 
     def _read_guest(self, gref: int) -> bytes:
-        if self.grant_mode == "copy":
+        if self.grant_mode == GrantMode.COPY:
             return self.grants.copy_from_guest(gref, 0, BLOCK_SIZE, copier=DOM0)
         m = self._mapping(gref, writable=False)
         data = m.page.tobytes()
@@ -315,7 +315,7 @@ class BlkBack:
         return data
 
     def _write_guest(self, gref: int, data: bytes) -> None:
-        if self.grant_mode == "copy":
+        if self.grant_mode == GrantMode.COPY:
             self.grants.copy_to_guest(gref, 0, data, copier=DOM0)  # marked at the copy
             return
         m = self._mapping(gref, writable=True)

@@ -24,6 +24,7 @@ from pvmig.dom0.toolstack import create_device
 from pvmig.dom0.xenstored import RingServer, Xenstored
 from pvmig.hv.evtchn import BackendPort
 from pvmig.hv.foreign_writes import XENSTORED
+from pvmig.hv.grant_table import GrantMode
 from pvmig.pv import guestinfo
 from pvmig.pv.devlayout import (
     BlkArea,
@@ -44,13 +45,15 @@ def normalise(config: dict) -> dict:
     if config.get("kind", "vbd") == "vif":
         return {"kind": "vif", "devid": 0, "disk": "", **config}
     cfg = {"kind": "vbd", "devid": 0, "disk": "", "blocks": 256, "latency_ms": 0.0,
-           "persistent": False, "grant_mode": "map", "io_rate": 200.0, **config}
+           "persistent": False, "grant_mode": GrantMode.MAP.value, "io_rate": 200.0,
+           **config}
     if cfg["kind"] != "vbd":
         raise errors.InvalidArgument(f"device kind {cfg['kind']!r}: use 'vbd' or 'vif'")
     if not cfg["disk"]:
         raise errors.InvalidArgument("a vbd needs a disk image path")
-    if cfg["grant_mode"] not in ("map", "copy"):
-        raise errors.InvalidArgument(f"grant mode {cfg['grant_mode']!r}: use 'map' or 'copy'")
+    if cfg["grant_mode"] not in set(GrantMode):
+        raise errors.InvalidArgument(f"grant mode {cfg['grant_mode']!r}: use "
+                                     + " or ".join(repr(m.value) for m in GrantMode))
     if not 0 < cfg["blocks"] <= 1 << 20:
         raise errors.InvalidArgument(f"a vbd has 1..{1 << 20} blocks, not {cfg['blocks']}")
     if cfg["latency_ms"] < 0 or cfg["io_rate"] < 0:

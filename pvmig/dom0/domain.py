@@ -29,6 +29,7 @@ from pvmig.hv.logdirty import DirtyLog
 from pvmig.hv.memory import PAGE_SIZE, GuestMemory
 from pvmig.pv import guestinfo
 from pvmig.pv.devlayout import shared_areas
+from pvmig.pv.recovery import Recovery
 
 BOOT_TIMEOUT_S = 300.0  # filling a large guest's memory takes a while
 START_TIMEOUT_S = 60.0
@@ -231,7 +232,7 @@ class Domain:
         self.state = DomainState.RUNNING
         return msg["t"]
 
-    async def resume(self, vcpu: bytes, recovery: str = "replay") -> int:
+    async def resume(self, vcpu: bytes, recovery: Recovery = Recovery.REPLAY) -> int:
         """Hand the vCPU context to the waiting guest; return its first step's time."""
         self._require(DomainState.INCOMING)
         if not self.guest_alive:

@@ -28,6 +28,7 @@ from pvmig.dom0.domain import Domain
 from pvmig.host.commit_log import check_migration_id
 from pvmig.hv.memory import GuestMemory
 from pvmig.pv import guestinfo
+from pvmig.pv.recovery import Recovery
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class DomainRecord:
     dest_name: str = ""
     vcpu: bytes | None = None  # a context to resume from, if the RAM has not run since
     resumes: int | None = None  # the RAM's resume count when `vcpu` was taken
-    recovery: str = "replay"  # how the frontends come back
+    recovery: str = Recovery.REPLAY.value  # how the frontends come back
 
     @classmethod
     def unpack(cls, data: bytes) -> "DomainRecord":

@@ -47,6 +47,7 @@ import os
 import threading
 from collections import deque
 from dataclasses import dataclass
+from enum import StrEnum
 
 import numpy as np
 
@@ -78,6 +79,13 @@ FRAME_MAX = 0xFFFFFFFF
 
 _TYPE_NAMES = {GTF_invalid: "invalid", GTF_permit_access: "permit_access",
                GTF_accept_transfer: "accept_transfer", GTF_transitive: "transitive"}
+
+
+class GrantMode(StrEnum):
+    """The two ways a backend reaches a granted frame (GNTTABOP_map_grant_ref, _copy)."""
+
+    MAP = "map"    # a mapping: the writes through it are logged only at the unmap
+    COPY = "copy"  # a copy: logged at the copy
 
 
 class GrantError(InvalidArgument):

@@ -1,4 +1,6 @@
 """The vocabulary of a migration: its policies, their names, and every default, once.
+(Recovery and GrantMode are defined in the layers that act on them, pvmig.pv.recovery and
+pvmig.hv.grant_table, and named here with the rest.)
 
 The CLI's choices and defaults, the coordinator's Options and the agents' checks all
 read them from here; the wire carries the policies as proto enums (`to_wire`,
@@ -21,6 +23,11 @@ from typing import TypeVar
 
 from pvmig import errors
 from pvmig._proto import pvmig_pb2 as pb
+from pvmig.hv.grant_table import GrantMode
+from pvmig.pv.recovery import Recovery
+
+__all__ = ["Quiesce", "Recovery", "PersistentGrants", "GrantMode", "Compression",
+           "choices", "to_wire", "from_wire"]  # (Recovery and GrantMode: their layers')
 
 
 class Quiesce(StrEnum):
@@ -28,19 +35,9 @@ class Quiesce(StrEnum):
     BACKEND = "backend"
 
 
-class Recovery(StrEnum):
-    REPLAY = "replay"
-    NAIVE = "naive"
-
-
 class PersistentGrants(StrEnum):
     ON = "on"
     OFF = "off"
-
-
-class GrantMode(StrEnum):
-    MAP = "map"
-    COPY = "copy"
 
 
 class Compression(StrEnum):

@@ -198,7 +198,8 @@ class RemoteSource:
     async def complete(self, migration_id: str) -> None:
         try:
             await self.agent.call(self.agent.source.Complete,
-                                  pb.MigrationRef(migration_id=migration_id), timeout=CALL_TIMEOUT_S)
+                                  pb.MigrationRef(migration_id=migration_id),
+                                  timeout=CALL_TIMEOUT_S)
         except errors.NotFound:  # completed already (by an agent's own recovery)
             pass
 

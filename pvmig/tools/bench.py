@@ -33,6 +33,7 @@ from pvmig._proto import pvmig_pb2 as pb
 from pvmig.coordinator.migrate import Options, migrate
 from pvmig.coordinator.progress import Reporter
 from pvmig.hv.memory import PAGE_SIZE
+from pvmig.migration import policy
 from pvmig.migration.policy import STREAMS
 from pvmig.rpc.client import AgentClient
 from pvmig.tools import ceiling, qemu_peer
@@ -53,13 +54,14 @@ class Cell:
     cap_mbps: float = 0.0        # 0: no bandwidth cap
     auto_converge: bool = False
     runs: int = 3
-    downtime_limit_ms: float = 300.0  # QEMU's default
+    downtime_limit_ms: float = policy.DOWNTIME_LIMIT_MS
 
     @property
     def name(self) -> str:
         cap = f", {self.cap_mbps:g} Mbit/s cap" if self.cap_mbps else ""
         ac = ", auto-converge" if self.auto_converge else ""
-        limit = (f", limit {self.downtime_limit_ms:g} ms" if self.downtime_limit_ms != 300.0
+        default = self.downtime_limit_ms == policy.DOWNTIME_LIMIT_MS
+        limit = (f", limit {self.downtime_limit_ms:g} ms" if not default
                  else "")
         return f"{self.ram_mb} MiB, dirty {self.dirty}, devices {self.devices}{cap}{ac}{limit}"
 
@@ -263,7 +265,7 @@ def _run_cell(cell: Cell, hosts: list[str], mem_dir: Path, tmp: Path, *,
             options = Options(max_bandwidth_mbps=cell.cap_mbps,
                               downtime_limit_ms=cell.downtime_limit_ms,
                               auto_converge=cell.auto_converge, verify_timeout_s=60.0,
-                              max_rounds=60 if cell.auto_converge else 30)
+                              max_rounds=(2 if cell.auto_converge else 1) * policy.MAX_ROUNDS)
             report = uvloop.run(migrate(hosts[where], hosts[1 - where], name, options,
                                         Reporter())).to_dict()
             result.reports.append(report)
