@@ -44,3 +44,4 @@ def test_quick_matrix(tmp_path):
     md = (tmp_path / "m.md").read_text()
     assert md.startswith("`pvmig matrix --runs 2`") and md.count("\n| ") >= 9
     assert "forced: observed" in md and "observed by cause" in md
+    assert "write-after-final 2/2" in md  # fired in every run that asked for it
