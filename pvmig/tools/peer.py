@@ -32,6 +32,7 @@ class PeerStats:
     sent: int = 0
     answered: int = 0
     lost: int = 0
+    late: int = 0  # answered after it was counted lost (not counted answered too)
     duplicates: int = 0
     retransmits: int = 0
     announcements: int = 0
@@ -40,8 +41,8 @@ class PeerStats:
 
     def to_dict(self) -> dict:
         return {"sent": self.sent, "answered": self.answered, "lost": self.lost,
-                "duplicates": self.duplicates, "retransmits": self.retransmits,
-                "announcements": self.announcements,
+                "late": self.late, "duplicates": self.duplicates,
+                "retransmits": self.retransmits, "announcements": self.announcements,
                 "longest-outage-ms": round(self.longest_outage_ms, 3), "target": self.target}
 
 
@@ -56,6 +57,7 @@ class Peer(asyncio.DatagramProtocol):
     until_announced: int = 0  # stop once answered after this many announcements (0: never)
     _outstanding: dict = field(default_factory=dict)  # seq -> (last send, tries)
     _answered: set = field(default_factory=set)
+    _lost: set = field(default_factory=set)
     _last_answer: float | None = None
     _transport: asyncio.DatagramTransport | None = None
 
@@ -75,6 +77,10 @@ class Peer(asyncio.DatagramProtocol):
             return
         if seq in self._answered:
             self.stats.duplicates += 1
+            return
+        if seq in self._lost:  # given up on already: sent = answered + lost holds
+            self._lost.discard(seq)
+            self.stats.late += 1
             return
         self._answered.add(seq)
         self._outstanding.pop(seq, None)
@@ -124,6 +130,7 @@ class Peer(asyncio.DatagramProtocol):
                 continue
             if tries >= self.max_tries:
                 del self._outstanding[seq]
+                self._lost.add(seq)
                 self.stats.lost += 1
                 continue
             self._outstanding[seq] = (now, tries + 1)
