@@ -236,6 +236,8 @@ class RestoreSession:
                 f"(see {self.domain.log_path})")
 
     def commit(self) -> None:
+        if self.committed:  # (a repeated Commit: recorded already, and may have run since)
+            return
         self.ready()
         # First what a crash of this agent before the resume needs to resume it anyway
         # (pvmig.host.parking), then the decision that makes it count.
@@ -253,15 +255,19 @@ class RestoreSession:
     async def commit_and_resume(self) -> int:
         """The commit recorded, then the guest resumed: one call inside the downtime.
         Once: the coordinator and recovery may both ask."""
-        if self._resuming is None:
-            if not self.committed:
-                self.commit()
-            self._resuming = asyncio.ensure_future(self.resume())
-        return await asyncio.shield(self._resuming)
+        self.commit()
+        return await self.resume()
 
     async def resume(self) -> int:
-        require(self.state, RestoreState.COMMITTED, f"incoming migration {self.migration_id}",
-                "resume (after commit)")
+        """Hand the vCPU context to the waiting guest; its first step's time. Once,
+        whoever asks (the coordinator, recovery, a Resume)."""
+        if self._resuming is None:
+            require(self.state, RestoreState.COMMITTED,
+                    f"incoming migration {self.migration_id}", "resume (after commit)")
+            self._resuming = asyncio.ensure_future(self._resume())
+        return await asyncio.shield(self._resuming)
+
+    async def _resume(self) -> int:
         self._set_state(RestoreState.RESUMING)
         if self._hasher is not None:
             await self._hasher  # ends with the stream: at most one short pass to wait for

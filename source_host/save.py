@@ -183,6 +183,7 @@ class SaveSession:
         host.saves.add(session)
         try:
             await session._connect()
+            session._check_not_ended()  # (aborted while connecting: given back already)
             # (a crash from here on: the next start revives the guest only if this
             # source never committed, and records the abort: pvmig.host.revival)
             host.records.remember(dom, migration_id=request.migration_id, role=Role.SOURCE,
@@ -265,11 +266,17 @@ class SaveSession:
                 f"round {number} requested, round {self.rounds_done} is next")
         if final:
             self._require(St.SUSPENDED, "the final pass")
-            if number == 0:
-                raise errors.FailedPrecondition("the final pass comes after round 0 and suspend")
+            if number == 0 or self.domain.state != DomainState.SUSPENDED:
+                raise errors.FailedPrecondition(
+                    f"domain {self.domain.name} is {self.domain.state}: the final pass comes "
+                    "after round 0 and suspend")
             phase = self.send_final()
         else:
             self._require(St.ACTIVE, "a pre-copy round (while the guest runs)")
+            if self.domain.state != DomainState.OUTGOING:
+                raise errors.FailedPrecondition(
+                    f"domain {self.domain.name} is {self.domain.state}: pre-copy rounds run "
+                    "while it is running")
             phase = self.send_all() if number == 0 else self.send_dirty(number)
         async for progress in phase:
             yield progress
@@ -336,6 +343,7 @@ class SaveSession:
                 ack.cancel()
             self._final_acks = []
             self.inject.end_pass()
+        self._check_not_ended()  # (aborted as the ends came back: no commit may follow)
         self._set_state(St.DELIVERED)
         yield self._round_done(frames, stats, started)
 
@@ -459,10 +467,10 @@ class SaveSession:
         if self.state in SAVE_ENDING:
             raise errors.Aborted(f"migration {self.migration_id} is being aborted: "
                                  f"{self.why_ended}")
-        if self.state is not St.DELIVERED:
+        if self.state is not St.DELIVERED or self.domain.state != DomainState.SUSPENDED:
             raise errors.FailedPrecondition(
-                f"migration {self.migration_id} is {self.state}: commit comes after suspend "
-                "and a final pass the destination acknowledged")
+                f"migration {self.migration_id} is {self.state} (domain {self.domain.state}): "
+                "commit comes after suspend and a final pass the destination acknowledged")
         faults.point("commit")
         self.host.commits.record(self.migration_id, Role.SOURCE, self.domain.name)
         faults.point("committed")
@@ -557,6 +565,7 @@ class SaveSession:
             return
         async with AgentClient(self.dest_address, "the destination agent",
                                self.host.security) as dest:
+            await dest.hello(f"agent {self.host.name}")  # (the same protocol, or a clear no)
             outcome = await recovery.recover(_Local(self), recovery.RemoteDest(dest),
                                              self.migration_id)
         log.warning("%s (the coordinator gone; settled by the source)", outcome.describe())
@@ -636,8 +645,9 @@ class _Local:
         self.name = session.host.name
 
     async def resolve(self, migration_id: str, domain: str, instance: str) -> SideState:
-        return SideState(await self.session.resolve("its coordinator is gone"),
-                         self.session.domain.name)
+        status = await self.session.resolve("its coordinator is gone")
+        return SideState(status, self.session.domain.name,
+                         holds_copy=status is Status.COMMITTED and self.session.holds_copy)
 
     async def complete(self, migration_id: str) -> None:
         await self.session.complete()

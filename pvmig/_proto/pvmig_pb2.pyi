@@ -39,6 +39,7 @@ class Compression(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 
 class MigrationStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
+    STATUS_UNSPECIFIED: _ClassVar[MigrationStatus]
     STATUS_UNKNOWN: _ClassVar[MigrationStatus]
     STATUS_NONE: _ClassVar[MigrationStatus]
     STATUS_RECEIVING: _ClassVar[MigrationStatus]
@@ -63,6 +64,7 @@ GRANT_MODE_COPY: GrantMode
 COMPRESSION_DEFAULT: Compression
 COMPRESSION_NONE: Compression
 COMPRESSION_ZSTD: Compression
+STATUS_UNSPECIFIED: MigrationStatus
 STATUS_UNKNOWN: MigrationStatus
 STATUS_NONE: MigrationStatus
 STATUS_RECEIVING: MigrationStatus

@@ -55,7 +55,7 @@ class Status(StrEnum):
     def from_pb(cls, number: int) -> "Status":
         try:
             return cls[pb.MigrationStatus.Name(number).removeprefix("STATUS_")]
-        except (ValueError, KeyError):
+        except (ValueError, KeyError):  # (UNSPECIFIED: an answer that says nothing)
             raise errors.InvalidArgument(f"unknown migration status {number}") from None
 
 

@@ -135,3 +135,5 @@ def test_statuses_cross_the_wire_and_back():
     assert SideState.from_pb(state.to_pb()) == state
     with pytest.raises(errors.InvalidArgument, match="unknown migration status 99"):
         Status.from_pb(99)
+    with pytest.raises(errors.InvalidArgument, match="unknown migration status 0"):
+        Status.from_pb(0)  # an answer without a status says nothing: never "unknown"
