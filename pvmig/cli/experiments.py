@@ -75,11 +75,11 @@ def register(sub, auth) -> None:
     pl.add_argument("-o", "--output", type=Path, help="the PNG (default: REPORT.png)")
     pl.set_defaults(func=plot)
 
-    demo = sub.add_parser("demo", help="two agents on loopback, a busy guest, a migration")
-    demo.add_argument("--ram-mb", type=int, default=256)
-    demo.add_argument("--dirty-rate", type=float, default=5000.0)
-    demo.add_argument("--report", type=Path, metavar="FILE")
-    demo.set_defaults(func=demo)
+    dm = sub.add_parser("demo", help="two agents on loopback, a busy guest, a migration")
+    dm.add_argument("--ram-mb", type=int, default=256)
+    dm.add_argument("--dirty-rate", type=float, default=5000.0)
+    dm.add_argument("--report", type=Path, metavar="FILE")
+    dm.set_defaults(func=demo)
 
 
 def peer(args) -> int:
