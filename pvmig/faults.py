@@ -47,7 +47,6 @@ COORDINATOR_DIES_AT = Fault("PVMIG_FAULT_COORDINATOR_DIES_AT", "coordinator",
                             "the coordinator is SIGKILLed as it enters the phase")
 COORDINATOR_STALLS_AT = Fault("PVMIG_FAULT_COORDINATOR_STALLS_AT", "coordinator",
                               "the coordinator stalls in the phase (PHASE:SECONDS)")
-FAULTS = (AGENT_DIES_AT, AGENT_CRASHES_AT, COORDINATOR_DIES_AT, COORDINATOR_STALLS_AT)
 
 AGENT_POINTS = ("commit", "committed", "dest-committed", "complete", "unpark", "unparked")
 # the coordinator's phases, the events of its progress stream (pvmig.coordinator.migrate):

@@ -86,13 +86,12 @@ def eventually(cond, timeout: float = 30.0, what: str = "") -> None:
         time.sleep(0.2)
 
 
-def start_peer(guest: str, stats: Path, *extra: str, via: list[str] | None = None,
-               rate: int = 100) -> subprocess.Popen:
+def start_peer(guest: str, stats: Path, *extra: str, rate: int = 100) -> subprocess.Popen:
     """`pvmig peer` against `guest`, keeping its figures in `stats`. It sends until it has
     followed the guest as many times as `--until-announced` says (or until SIGTERM with
     `--duration 0`), retransmits each request for 30 s (however slow the machine, it loses
     only what the guest does), then waits for what is outstanding and ends."""
-    argv = [*(via or [sys.executable, "-m", "pvmig"]), "peer", "--guest", guest,
+    argv = [sys.executable, "-m", "pvmig", "peer", "--guest", guest,
             "--rate", str(rate), "--give-up", "30", "--stats", str(stats), *extra]
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             stdin=subprocess.DEVNULL)

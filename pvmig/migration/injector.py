@@ -78,9 +78,6 @@ class Injector:
     def __bool__(self) -> bool:
         return bool(self.points)
 
-    def __contains__(self, point: str) -> bool:
-        return point in self.points
-
     # ---- the hooks, in the order the save side reaches them
 
     async def before_suspend(self, dom: Domain) -> None:
@@ -165,6 +162,3 @@ class Injector:
         """The migration ends here (an abort): held reads go on."""
         if dom.pv is not None and self.points & NEEDS_A_READ_IN_FLIGHT:
             dom.pv.release_reads()
-
-
-NO_INJECTION = Injector()
