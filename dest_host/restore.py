@@ -50,6 +50,8 @@ from pvmig.migration.state import (
 from pvmig.rpc import channel
 from pvmig.rpc.client import AgentClient
 
+from .channels import DataChannels
+
 log = logging.getLogger(__name__)
 HASH_EVERY_S = 0.02  # keeps each pass, and so the wait at resume, to a few ms
 
@@ -72,6 +74,8 @@ class RestoreSession:
     unhashed: np.ndarray | None = None
     applied_round: np.ndarray | None = None
     _hasher: asyncio.Task | None = None
+    data: DataChannels | None = None  # transport tcp: the data channels, by epoch
+    _loop: asyncio.AbstractEventLoop | None = None
     _hash_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _end_event: asyncio.Event = field(default_factory=asyncio.Event)
     _resuming: asyncio.Future | None = None
@@ -114,6 +118,8 @@ class RestoreSession:
         session.hashes = np.zeros(n, dtype=np.uint64)
         session.unhashed = np.zeros(n, dtype=np.uint8)
         session.applied_round = np.zeros(n, dtype=np.uint32)  # round + 1 of each frame's copy
+        session._loop = asyncio.get_running_loop()
+        session.data = DataChannels(session, session._loop)
         host.restores.add(session)
         try:
             host.start_devices(dom, fresh_disks=False)  # shared storage: the same disk
@@ -163,6 +169,17 @@ class RestoreSession:
         if self._hasher is None:
             self._hasher = asyncio.create_task(self._hash_in_background())
 
+    def received(self, frames: np.ndarray) -> None:
+        """Frames a data channel's thread wrote (transport tcp), to hash."""
+        self.unhashed[frames] = 1
+        if self._hasher is None:
+            self._hasher = False  # (asked for once: the loop makes it)
+            self._loop.call_soon_threadsafe(self._start_hasher)
+
+    def _start_hasher(self) -> None:
+        if not self._hasher and not self.ended and self.state is RestoreState.RECEIVING:
+            self._hasher = asyncio.create_task(self._hash_in_background())
+
     def on_round_end(self, stream: "_StreamState", end: pb.RoundEnd) -> pb.StreamAck:
         return pb.StreamAck(round=end.round, pages_received=stream.round_pages.pop(end.round, 0))
 
@@ -170,13 +187,21 @@ class RestoreSession:
         self.device_state = DeviceState.from_pb(state)
 
     def on_end(self, stream: "_StreamState", end: pb.StreamEnd) -> pb.StreamAck:
-        if not 0 < end.streams <= policy.MAX_STREAMS:
-            raise errors.InvalidArgument(f"end of stream announces {end.streams} streams")
+        self.end_stream(end.streams)
         stream.ended = True
+        return pb.StreamAck(end=True)
+
+    def end_stream(self, streams: int) -> None:
+        """One stream (or data connection) ended; `streams` is how many there are."""
+        self._check_open()
+        if not 0 < streams <= policy.MAX_STREAMS:
+            raise errors.InvalidArgument(f"end of stream announces {streams} streams")
+        if self.ended:
+            raise errors.InvalidArgument("record after the end of the stream")
         self.ends += 1
         # Whole when every stream has ended and the device state is in: acknowledged
         # ends are what the source waits for before it commits.
-        if self.ends >= end.streams:
+        if self.ends >= streams:
             if self.device_state is None:
                 raise errors.InvalidArgument("every stream ended without the device state")
             self._set_state(RestoreState.READY)
@@ -185,7 +210,20 @@ class RestoreSession:
             # source commits only after it, so it must not be given unless this side
             # can resume the guest.
             self.ready()
-        return pb.StreamAck(end=True)
+
+    async def open_data(self) -> pb.DataChannels:
+        """A new epoch of data channels (transport tcp); the old ones closed first."""
+        self._check_open()
+        if self.ended or self.state is not RestoreState.RECEIVING:
+            raise errors.FailedPrecondition(
+                f"migration {self.migration_id} is {self.state}: data channels are opened "
+                "while it receives")
+        if self.host.data_endpoint is None:
+            raise errors.FailedPrecondition(
+                f"agent {self.host.name} has no data listener (--data-listen off): migrate "
+                "with --transport grpc")
+        with self.lease.hold():
+            return await self.data.open(self.host.data_endpoint)
 
     # ---- hashing what was received
 
@@ -269,7 +307,7 @@ class RestoreSession:
 
     async def _resume(self) -> int:
         self._set_state(RestoreState.RESUMING)
-        if self._hasher is not None:
+        if self._hasher:
             await self._hasher  # ends with the stream: at most one short pass to wait for
         await self._hash_pass()
         if self.save_image:  # asked for: costs a copy of memory inside the downtime
@@ -337,7 +375,9 @@ class RestoreSession:
             self.why_discarded = reason
             self._set_state(RestoreState.DISCARDED)
         self.host.restores.remove(self.migration_id)
-        if self._hasher is not None:
+        if self.data is not None:  # no data channel's thread left on the memory
+            await self.data.close()
+        if self._hasher:
             self._hasher.cancel()
         async with self._hash_lock:  # no hashing pass left on the memory
             pass

@@ -45,6 +45,10 @@ class Aborted(PvmigError):
     code = "ABORTED"
 
 
+class Unauthenticated(PvmigError):
+    code = "UNAUTHENTICATED"
+
+
 class GuestError(PvmigError):
     """The guest process did not do what the hypervisor asked (crashed, no reply)."""
 
@@ -53,4 +57,4 @@ class GuestError(PvmigError):
 
 BY_CODE = {cls.code: cls for cls in (NotFound, AlreadyExists, InvalidArgument,
                                      FailedPrecondition, ResourceExhausted, DataLoss,
-                                     Unavailable, Aborted, GuestError)}
+                                     Unavailable, Aborted, Unauthenticated, GuestError)}

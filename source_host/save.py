@@ -22,7 +22,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Iterator
+from typing import AsyncIterator
 
 import numpy as np
 import zstandard
@@ -35,7 +35,7 @@ from pvmig.host.commit_log import Decision, Role, check_migration_id
 from pvmig.host.host import Host
 from pvmig.host.sessions import Lease
 from pvmig.hv.foreign_writes import TORN
-from pvmig.hv.memory import save_image
+from pvmig.hv.memory import PAGE_SIZE, save_image
 from pvmig.migration import pages, policy, recovery, verify
 from pvmig.migration.device_state import DeviceState
 from pvmig.migration.injector import Injector
@@ -45,6 +45,7 @@ from pvmig.migration.policy import (
     PersistentGrants,
     Quiesce,
     Recovery,
+    Transport,
     from_wire,
 )
 from pvmig.migration.recovery import SideState, Status
@@ -57,8 +58,10 @@ from pvmig.migration.state import (
     advance,
     require,
 )
+from pvmig.rpc import channel, data_channel
 from pvmig.rpc.client import AgentClient
 
+from .channels import Batches, DataStream, Mismatch, Source, Tally
 from .ratelimit import RateLimit
 from .stream import PageStream
 
@@ -81,6 +84,7 @@ class Settings:
     quiesce: Quiesce = Quiesce.NONE
     recovery: Recovery = Recovery.REPLAY
     compress: Compression = Compression.NONE
+    transport: Transport | None = None  # None: the agent's own setting
     persistent_grants: PersistentGrants | None = None
     grant_mode: GrantMode | None = None
     max_bandwidth_mbps: float = 0.0
@@ -104,6 +108,7 @@ class Settings:
                    quiesce=from_wire(Quiesce, request.quiesce, Quiesce.NONE),
                    recovery=from_wire(Recovery, request.recovery, Recovery.REPLAY),
                    compress=from_wire(Compression, request.compress, Compression.NONE),
+                   transport=from_wire(Transport, request.transport),
                    persistent_grants=from_wire(PersistentGrants, request.persistent_grants),
                    grant_mode=from_wire(GrantMode, request.grant_mode),
                    max_bandwidth_mbps=request.max_bandwidth_mbps,
@@ -126,9 +131,12 @@ class SaveSession:
     reconnects: int = 0
     vcpu: bytes | None = None
     limit: RateLimit | None = None  # the bandwidth cap, if any
+    transport: Transport = Transport.TCP
+    corrupt_seq: int | None = None  # (an injection point: this batch goes out damaged)
     _dest: AgentClient | None = None
     _dest_instance: str = ""
-    _streams: list[PageStream] = field(default_factory=list)
+    _streams: list[PageStream | DataStream] = field(default_factory=list)
+    _tls: object = None  # the data channels' TLS context, made once
     _seq: int = 0
     _last_read: float = 0.0
     _final_acks: list = field(default_factory=list)  # the final pass's round ends
@@ -175,7 +183,9 @@ class SaveSession:
             dom.pv.set_grant_policy(persistent=settings.persistent_grants or "",
                                     grant_mode=settings.grant_mode or "")
         session = cls(host, dom, request.migration_id, request.dest_address,
-                      Lease(host.session_timeout_s, host.clock), settings, inject)
+                      Lease(host.session_timeout_s, host.clock), settings, inject,
+                      transport=settings.transport or host.transport)
+        session.corrupt_seq = inject.corrupt_seq
         if settings.max_bandwidth_mbps:
             session.limit = RateLimit(settings.max_bandwidth_mbps)
         # Claim the domain before the first await: a second Begin must find it taken.
@@ -214,11 +224,42 @@ class SaveSession:
                 f"the destination agent at {self.dest_address} restarted: what it had "
                 "received is gone")
         self._dest_instance = hello.instance_id
-        self._streams = [PageStream(self._dest.channel, self.migration_id, self.dest_address)
-                         for _ in range(self.settings.streams)]
+        if self.transport is Transport.TCP:
+            await self._open_data_channels()
+        else:
+            self._streams = [PageStream(self._dest.channel, self.migration_id,
+                                        self.dest_address)
+                             for _ in range(self.settings.streams)]
         if self.settings.compress is Compression.ZSTD:
             for s in self._streams:  # a compressor is not to be shared between streams
                 s.compressor = zstandard.ZstdCompressor(level=1)
+
+    async def _open_data_channels(self) -> None:
+        """A new epoch of data channels: the destination's endpoint and key, then one
+        proven connection per stream."""
+        chans = await self._dest.call(self._dest.dest.OpenData,
+                                      pb.MigrationRef(migration_id=self.migration_id))
+        if self.settings.batch_pages * PAGE_SIZE > chans.max_batch_bytes:
+            raise errors.InvalidArgument(
+                f"batches of {self.settings.batch_pages} pages are larger than the "
+                f"destination takes ({chans.max_batch_bytes // PAGE_SIZE} pages)")
+        if chans.tls and self._tls is None:
+            if not self.host.security.tls:
+                raise errors.FailedPrecondition(
+                    "the destination's data channels are TLS, and this agent has no "
+                    "certificate: give both agents --tls-* or neither")
+            self._tls = data_channel.client_context(self.host.security)
+        host = chans.host or channel.parse_address(self.dest_address)[0]
+        opened = await asyncio.gather(*(
+            DataStream.open(host, chans.port, migration_id=self.migration_id,
+                            epoch=chans.epoch, index=i, key=chans.key,
+                            tls=self._tls if chans.tls else None,
+                            batch_pages=self.settings.batch_pages)
+            for i in range(self.settings.streams)), return_exceptions=True)
+        self._streams = [s for s in opened if isinstance(s, DataStream)]
+        failed = [e for e in opened if isinstance(e, BaseException)]
+        if failed:
+            raise failed[0]
 
     async def _reconnect(self, cause: errors.PvmigError) -> None:
         """New page streams to the destination, tried until its lease would have run
@@ -368,8 +409,9 @@ class SaveSession:
                     ) -> AsyncIterator[pb.RoundProgress]:
         """Send frames on every stream; with `end`, each stream then ends the round
         with the count of what it sent in it."""
-        batches = self._batches(frames)
-        pumps = [asyncio.create_task(self._pump(s, batches, number, stats, end, final))
+        batches = Batches(frames, self.settings.batch_pages, self._seq)
+        tally = Tally()
+        pumps = [asyncio.create_task(self._pump(s, batches, number, tally, end, final))
                  for s in self._streams]
         try:
             while True:
@@ -382,29 +424,37 @@ class SaveSession:
                 # A pump waiting for the transport's room is not woken by the call's
                 # cancel (a crawling link): an aborted round ends here, the pumps below.
                 self._check_not_ended()
-                yield pb.RoundProgress(done_pages=stats.sent_pages + stats.zero_pages,
-                                       total_pages=total, bytes=stats.bytes)
+                yield pb.RoundProgress(
+                    done_pages=stats.sent_pages + stats.zero_pages + tally.normal + tally.zero,
+                    total_pages=total, bytes=stats.bytes + tally.bytes)
         finally:
             for task in pumps:
                 task.cancel()
             await asyncio.gather(*pumps, return_exceptions=True)
+            self._seq = batches.next_seq
+            stats.sent_pages += tally.normal
+            stats.zero_pages += tally.zero
+            stats.bytes += tally.bytes
 
-    def _batches(self, frames: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
-        size = self.settings.batch_pages
-        for lo in range(0, len(frames), size):
-            yield self._seq, frames[lo:lo + size]
-            self._seq += 1
-
-    async def _pump(self, stream: PageStream, batches, number: int, stats: pb.RoundStats,
-                    end: bool, final: bool = False) -> None:
+    async def _pump(self, stream: PageStream | DataStream, batches: Batches, number: int,
+                    tally: Tally, end: bool, final: bool = False) -> None:
         """Send batches until there are none left, then (`end`) this stream's round end.
-        The streams share one iterator: each batch goes on exactly one stream."""
+        The streams share one list: each batch goes on exactly one stream."""
+        if isinstance(stream, DataStream):
+            src = Source(self.domain.mem, self.domain.journal, self.inject, self.domain,
+                         asyncio.get_running_loop(), self.limit, self.corrupt_seq, tally)
+            await stream.send(src, batches, number)
+            if end:
+                self._settle(await stream.end_round(number, wait=not final), final=False)
+            return
         journal = self.domain.journal
         for seq, frames in batches:
             record = stream.record()
             torn = await self.inject.tear(self.domain, frames) if self.inject.tearing else None
             packed = pages.pack(self.domain.mem, frames, seq=seq, round=number,
                                 out=record.pages, torn=torn, compressor=stream.compressor)
+            if seq == self.corrupt_seq:
+                record.pages.checksum ^= 1
             journal.copy(frames)
             if torn is not None:
                 journal.write(torn[0], TORN)
@@ -412,18 +462,45 @@ class SaveSession:
                 await self.limit.take(packed.wire_bytes)
             await stream.write(record)
             stream.sent_in_round += len(frames)
-            stats.sent_pages += packed.normal
-            stats.zero_pages += packed.zero
-            stats.bytes += packed.wire_bytes
+            tally.add(packed.normal, packed.zero, packed.wire_bytes)
         if end and final:  # its acknowledgement is awaited with the stream's end
             self._final_acks.append(await stream.end_round(number, wait=False))
         elif end:
             await stream.end_round(number)
 
+    def _settle(self, mismatched: list[Mismatch], final: bool) -> None:
+        """Batches whose checksum failed after they landed at the destination. The guest
+        runs while its pages are sent from its RAM, so a batch may change on its way
+        out: if anything wrote its frames since they were copied (the guest: the dirty
+        log; dom0: the journal), every frame of it goes again in the next round (in the
+        final pass, the journal explains what dom0 wrote, as the verifier reports it).
+        If nothing did, the batch was damaged on the way: the migration aborts, and the
+        destination's copy never runs."""
+        log_map = self.domain.log.map
+        for m in mismatched:
+            written = self.domain.journal.written_since(m.frames, m.tick) or (
+                not final and bool(log_map[m.frames].any()))
+            if not written:
+                raise errors.DataLoss(
+                    f"batch {m.seq}: checksum mismatch at the destination, and nothing "
+                    "wrote its frames since they were sent: the data was damaged on the "
+                    "way (the destination's copy will not run)")
+            if not final:
+                self.domain.log.mark(m.frames)
+        if mismatched:
+            log.info("migration %s: %d batch(es) changed while sent: %s", self.migration_id,
+                     len(mismatched), "sent again" if not final else "explained by dom0")
+
     async def _end_streams(self) -> None:
         first, *rest = self._streams
         backends = self.domain.pv.backend_records() if self.domain.pv is not None else {}
         device_state = DeviceState(self.vcpu, backends, self.settings.recovery).to_pb()
+        if isinstance(first, DataStream):
+            answers = await asyncio.gather(
+                first.end(len(self._streams), device_state.SerializeToString()),
+                *(s.end(len(self._streams)) for s in rest))
+            self._settle([m for found in answers for m in found], final=True)
+            return
         acks, self._final_acks = self._final_acks, []
         try:
             await asyncio.gather(first.end(len(self._streams), device_state),

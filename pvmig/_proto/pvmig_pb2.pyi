@@ -37,6 +37,12 @@ class Compression(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     COMPRESSION_NONE: _ClassVar[Compression]
     COMPRESSION_ZSTD: _ClassVar[Compression]
 
+class Transport(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TRANSPORT_DEFAULT: _ClassVar[Transport]
+    TRANSPORT_TCP: _ClassVar[Transport]
+    TRANSPORT_GRPC: _ClassVar[Transport]
+
 class MigrationStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     STATUS_UNSPECIFIED: _ClassVar[MigrationStatus]
@@ -64,6 +70,9 @@ GRANT_MODE_COPY: GrantMode
 COMPRESSION_DEFAULT: Compression
 COMPRESSION_NONE: Compression
 COMPRESSION_ZSTD: Compression
+TRANSPORT_DEFAULT: Transport
+TRANSPORT_TCP: Transport
+TRANSPORT_GRPC: Transport
 STATUS_UNSPECIFIED: MigrationStatus
 STATUS_UNKNOWN: MigrationStatus
 STATUS_NONE: MigrationStatus
@@ -283,7 +292,7 @@ class MigrationRef(_message.Message):
     def __init__(self, migration_id: _Optional[str] = ..., reason: _Optional[str] = ..., domain: _Optional[str] = ..., source_instance: _Optional[str] = ...) -> None: ...
 
 class BeginRequest(_message.Message):
-    __slots__ = ("migration_id", "domain", "dest_address", "batch_pages", "streams", "backend_log", "xenstore_track", "inject", "save_image", "max_bandwidth_mbps", "quiesce", "recovery", "persistent_grants", "grant_mode", "compress")
+    __slots__ = ("migration_id", "domain", "dest_address", "batch_pages", "streams", "backend_log", "xenstore_track", "inject", "save_image", "max_bandwidth_mbps", "quiesce", "recovery", "persistent_grants", "grant_mode", "compress", "transport")
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     DOMAIN_FIELD_NUMBER: _ClassVar[int]
     DEST_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -299,6 +308,7 @@ class BeginRequest(_message.Message):
     PERSISTENT_GRANTS_FIELD_NUMBER: _ClassVar[int]
     GRANT_MODE_FIELD_NUMBER: _ClassVar[int]
     COMPRESS_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     domain: str
     dest_address: str
@@ -314,7 +324,8 @@ class BeginRequest(_message.Message):
     persistent_grants: PersistentGrants
     grant_mode: GrantMode
     compress: Compression
-    def __init__(self, migration_id: _Optional[str] = ..., domain: _Optional[str] = ..., dest_address: _Optional[str] = ..., batch_pages: _Optional[int] = ..., streams: _Optional[int] = ..., backend_log: _Optional[bool] = ..., xenstore_track: _Optional[bool] = ..., inject: _Optional[_Iterable[str]] = ..., save_image: _Optional[str] = ..., max_bandwidth_mbps: _Optional[float] = ..., quiesce: _Optional[_Union[Quiesce, str]] = ..., recovery: _Optional[_Union[Recovery, str]] = ..., persistent_grants: _Optional[_Union[PersistentGrants, str]] = ..., grant_mode: _Optional[_Union[GrantMode, str]] = ..., compress: _Optional[_Union[Compression, str]] = ...) -> None: ...
+    transport: Transport
+    def __init__(self, migration_id: _Optional[str] = ..., domain: _Optional[str] = ..., dest_address: _Optional[str] = ..., batch_pages: _Optional[int] = ..., streams: _Optional[int] = ..., backend_log: _Optional[bool] = ..., xenstore_track: _Optional[bool] = ..., inject: _Optional[_Iterable[str]] = ..., save_image: _Optional[str] = ..., max_bandwidth_mbps: _Optional[float] = ..., quiesce: _Optional[_Union[Quiesce, str]] = ..., recovery: _Optional[_Union[Recovery, str]] = ..., persistent_grants: _Optional[_Union[PersistentGrants, str]] = ..., grant_mode: _Optional[_Union[GrantMode, str]] = ..., compress: _Optional[_Union[Compression, str]] = ..., transport: _Optional[_Union[Transport, str]] = ...) -> None: ...
 
 class ThrottleRequest(_message.Message):
     __slots__ = ("migration_id", "percent")
@@ -337,12 +348,14 @@ class QuiesceReply(_message.Message):
     def __init__(self, duration_ns: _Optional[int] = ..., finished: _Optional[int] = ..., abandoned: _Optional[int] = ..., unmapped: _Optional[int] = ...) -> None: ...
 
 class BeginReply(_message.Message):
-    __slots__ = ("ram_bytes", "nr_frames")
+    __slots__ = ("ram_bytes", "nr_frames", "transport")
     RAM_BYTES_FIELD_NUMBER: _ClassVar[int]
     NR_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     ram_bytes: int
     nr_frames: int
-    def __init__(self, ram_bytes: _Optional[int] = ..., nr_frames: _Optional[int] = ...) -> None: ...
+    transport: Transport
+    def __init__(self, ram_bytes: _Optional[int] = ..., nr_frames: _Optional[int] = ..., transport: _Optional[_Union[Transport, str]] = ...) -> None: ...
 
 class RoundRequest(_message.Message):
     __slots__ = ("migration_id", "round", "final")
@@ -448,6 +461,22 @@ class PrepareReply(_message.Message):
     GUEST_PID_FIELD_NUMBER: _ClassVar[int]
     guest_pid: int
     def __init__(self, guest_pid: _Optional[int] = ...) -> None: ...
+
+class DataChannels(_message.Message):
+    __slots__ = ("host", "port", "key", "epoch", "tls", "max_batch_bytes")
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    TLS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_BYTES_FIELD_NUMBER: _ClassVar[int]
+    host: str
+    port: int
+    key: bytes
+    epoch: int
+    tls: bool
+    max_batch_bytes: int
+    def __init__(self, host: _Optional[str] = ..., port: _Optional[int] = ..., key: _Optional[bytes] = ..., epoch: _Optional[int] = ..., tls: _Optional[bool] = ..., max_batch_bytes: _Optional[int] = ...) -> None: ...
 
 class ResumeReply(_message.Message):
     __slots__ = ("resumed_ns",)

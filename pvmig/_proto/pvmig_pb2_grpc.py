@@ -842,6 +842,11 @@ class MigrationDestStub:
                 request_serializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
                 response_deserializer=pvmig_dot___proto_dot_pvmig__pb2.DoneReply.FromString,
                 _registered_method=True)
+        self.OpenData = channel.unary_unary(
+                '/pvmig.v1.MigrationDest/OpenData',
+                request_serializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
+                response_deserializer=pvmig_dot___proto_dot_pvmig__pb2.DataChannels.FromString,
+                _registered_method=True)
         self.Ready = channel.unary_unary(
                 '/pvmig.v1.MigrationDest/Ready',
                 request_serializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
@@ -891,6 +896,15 @@ class MigrationDestServicer:
     def HashReceived(self, request, context):
         """Returns once the destination has caught up with what it received (its hashes of
         the received frames), so that catching up is done before suspend, not in downtime.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OpenData(self, request, context):
+        """A new set of data channels for the migration (transport tcp): where to connect and
+        the one-time key each connection proves. Each call starts a new epoch: the
+        connections of earlier ones are closed, and their keys refused, before it returns.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -954,6 +968,11 @@ def add_MigrationDestServicer_to_server(servicer, server):
                     servicer.HashReceived,
                     request_deserializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.FromString,
                     response_serializer=pvmig_dot___proto_dot_pvmig__pb2.DoneReply.SerializeToString,
+            ),
+            'OpenData': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenData,
+                    request_deserializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.FromString,
+                    response_serializer=pvmig_dot___proto_dot_pvmig__pb2.DataChannels.SerializeToString,
             ),
             'Ready': grpc.unary_unary_rpc_method_handler(
                     servicer.Ready,
@@ -1045,6 +1064,33 @@ class MigrationDest:
             '/pvmig.v1.MigrationDest/HashReceived',
             pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
             pvmig_dot___proto_dot_pvmig__pb2.DoneReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenData(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pvmig.v1.MigrationDest/OpenData',
+            pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
+            pvmig_dot___proto_dot_pvmig__pb2.DataChannels.FromString,
             options,
             channel_credentials,
             insecure,

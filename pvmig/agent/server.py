@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from pvmig import errors
 from pvmig._proto import pvmig_pb2 as pb
+from pvmig.agent.data_server import OFF, DataServer
 from pvmig.agent.servicers import (
     AgentServicer,
     MigrationDestServicer,
@@ -45,7 +46,8 @@ def advertised(bind_host: str, port: int) -> str:
     return f"{bind_host}:{port}" if ":" not in bind_host else f"[{bind_host}]:{port}"
 
 
-async def serve(host: Host, listen: str, *, ready_file: Path | None = None) -> None:
+async def serve(host: Host, listen: str, *, ready_file: Path | None = None,
+                data_listen: str = "") -> None:
     bind_host, _ = channel.parse_address(listen, listen=True)
     server = grpc.aio.server(options=channel.SERVER_OPTIONS,
                              interceptors=host.security.server_interceptors())
@@ -66,6 +68,11 @@ async def serve(host: Host, listen: str, *, ready_file: Path | None = None) -> N
             f"cannot listen on {listen}: {e} (is the port in use, or the address not "
             "one of this host's?)") from None
     bound = f"{bind_host}:{port}" if ":" not in bind_host else f"[{bind_host}]:{port}"
+    data = None
+    if data_listen != OFF:
+        host_part = bind_host if ":" not in bind_host else f"[{bind_host}]"
+        data = DataServer(host, data_listen or f"{host_part}:0", asyncio.get_running_loop())
+        host.data_endpoint = data.endpoint
     host.listen_host = bind_host
     if not host.advertise or host.advertise.endswith(":0"):
         host.advertise = advertised(bind_host, port)
@@ -83,18 +90,22 @@ async def serve(host: Host, listen: str, *, ready_file: Path | None = None) -> N
     if resumed:
         log.info("resumed parked domains: %s", ", ".join(resumed))
     await server.start()
+    if data is not None:
+        data.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("pvmig.v1.Agent", health_pb2.HealthCheckResponse.SERVING)
-    log.info("agent %s listening on %s (advertised as %s), guest RAM under %s; callers "
-             "need %s", host.name, bound, host.advertise, host.mem_dir,
-             host.security.describe())
+    log.info("agent %s listening on %s (advertised as %s), data channels on %s, guest RAM "
+             "under %s; callers need %s", host.name, bound, host.advertise,
+             f"port {data.port}" + (" (TLS)" if data.tls else "") if data else "none (off)",
+             host.mem_dir, host.security.describe())
     if not host.security.tls and not host.security.token:
         log.warning("this agent accepts any caller, in plain text: keep it on loopback or a "
                     "private network, or give it --tls-* or --token-file")
     watchdog = asyncio.create_task(Watchdog(host).run())
     if ready_file is not None:
         tmp = Path(f"{ready_file}.tmp")
-        tmp.write_text(json.dumps({"address": bound, "pid": os.getpid()}))
+        tmp.write_text(json.dumps({"address": bound, "pid": os.getpid(),
+                                   "data_port": data.port if data else None}))
         tmp.replace(ready_file)
     try:
         await stop.wait()
@@ -103,6 +114,8 @@ async def serve(host: Host, listen: str, *, ready_file: Path | None = None) -> N
         await health_servicer.enter_graceful_shutdown()
         await server.stop(grace=2.0)
         await _end_migrations(host)
+        if data is not None:
+            data.stop()
         await parking.park_all(host)
         for name in list(host.domains):
             session = host.restores.get(host.domains[name].migration_id)
@@ -137,8 +150,9 @@ async def _end_migrations(host: Host) -> None:
 def run(*, listen: str, name: str, data_dir: Path, mem_dir: Path, max_ram_bytes: int,
         advertise: str = "", ready_file: Path | None = None,
         session_timeout_s: float = policy.SESSION_TIMEOUT_S, security=None,
-        storage_dir: Path | None = None) -> None:
+        storage_dir: Path | None = None, data_listen: str = "",
+        transport: policy.Transport = policy.TRANSPORT) -> None:
     host = Host(name=name, data_dir=data_dir, mem_dir=mem_dir, max_ram_bytes=max_ram_bytes,
                 advertise=advertise, session_timeout_s=session_timeout_s, security=security,
-                storage_dir=storage_dir)
-    uvloop.run(serve(host, listen, ready_file=ready_file))
+                storage_dir=storage_dir, transport=transport)
+    uvloop.run(serve(host, listen, ready_file=ready_file, data_listen=data_listen))

@@ -19,6 +19,7 @@ from pvmig._proto import pvmig_pb2_grpc as pb_grpc
 from pvmig.host import parking
 from pvmig.host.commit_log import Role
 from pvmig.host.host import Host
+from pvmig.migration import policy
 from pvmig.rpc import channel, status
 from source_host.save import SaveSession, resolve
 
@@ -139,7 +140,8 @@ class MigrationSourceServicer(pb_grpc.MigrationSourceServicer):
     async def Begin(self, request, context):
         session = await SaveSession.begin(self.host, request)
         mem = session.domain.mem
-        return pb.BeginReply(ram_bytes=mem.ram_bytes, nr_frames=mem.nr_frames)
+        return pb.BeginReply(ram_bytes=mem.ram_bytes, nr_frames=mem.nr_frames,
+                             transport=policy.to_wire(session.transport))
 
     @_status
     async def Round(self, request, context):
@@ -228,6 +230,10 @@ class MigrationDestServicer(pb_grpc.MigrationDestServicer):
     async def HashReceived(self, request, context):
         await self.host.restores.lookup(request.migration_id).hash_received()
         return pb.DoneReply()
+
+    @_status
+    async def OpenData(self, request, context):
+        return await self.host.restores.lookup(request.migration_id).open_data()
 
     @_status
     async def Ready(self, request, context):

@@ -11,12 +11,13 @@ from pvmig.agent.server import run as run_agent
 from pvmig.cli.common import EXIT_OK, security_of
 from pvmig.host.host import default_max_ram
 from pvmig.migration import policy
+from pvmig.rpc.channel import parse_address
 from pvmig.rpc.security import init_ca, issue
 
 AGENT_DEFAULTS = {"listen": None, "name": None, "data_dir": None, "mem_dir": None,
                   "storage_dir": None, "max_ram_mb": None, "advertise": "",
                   "ready_file": None, "session_timeout": policy.SESSION_TIMEOUT_S,
-                  "log_level": "info",
+                  "log_level": "info", "data_listen": "", "transport": policy.TRANSPORT.value,
                   "tls_ca": None, "tls_cert": None, "tls_key": None, "token_file": None}
 PATHS = ("data_dir", "mem_dir", "storage_dir", "ready_file")
 
@@ -43,6 +44,14 @@ def register(sub, auth) -> None:
     a.add_argument("--session-timeout", type=float, metavar="S",
                    help="abort a migration whose coordinator is silent this long before "
                    f"commit (default {policy.SESSION_TIMEOUT_S:g})")
+    a.add_argument("--data-listen", metavar="HOST:PORT|off",
+                   help="address the data channels (transport tcp) arrive at, for firewalls "
+                   "(port 0: pick one; default: --listen's host, port 0; off: no data "
+                   "listener, only transport grpc reaches this agent)")
+    a.add_argument("--transport", choices=policy.choices(policy.Transport),
+                   help="how pages travel in migrations this agent sends, unless pvmig "
+                   "migrate says: tcp, data channels beside gRPC (default), or grpc, the "
+                   "agent's port only")
     a.add_argument("--log-level")
     a.set_defaults(func=agent)
 
@@ -79,6 +88,12 @@ def agent_settings(args) -> dict:
             out[key] = Path(out[key])
     if out["max_ram_mb"] is not None and out["max_ram_mb"] <= 0:
         raise errors.InvalidArgument(f"--max-ram-mb must be > 0, not {out['max_ram_mb']}")
+    if out["data_listen"] and out["data_listen"] != "off":
+        parse_address(out["data_listen"], listen=True)
+    if out["transport"] not in policy.choices(policy.Transport):
+        raise errors.InvalidArgument(f"transport must be one of "
+                                     f"{policy.choices(policy.Transport)}, not "
+                                     f"{out['transport']!r}")
     if not out["session_timeout"] > 0:
         raise errors.InvalidArgument(
             f"--session-timeout must be > 0 s, not {out['session_timeout']}")
@@ -113,7 +128,8 @@ def agent(args) -> int:
     run_agent(listen=cfg["listen"], name=cfg["name"], data_dir=cfg["data_dir"],
               mem_dir=mem_dir, max_ram_bytes=max_ram, advertise=cfg["advertise"],
               ready_file=cfg["ready_file"], session_timeout_s=cfg["session_timeout"],
-              security=sec, storage_dir=cfg["storage_dir"])
+              security=sec, storage_dir=cfg["storage_dir"], data_listen=cfg["data_listen"],
+              transport=policy.Transport(cfg["transport"]))
     return EXIT_OK
 
 

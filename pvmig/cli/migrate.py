@@ -24,6 +24,7 @@ from pvmig.migration.policy import (
     PersistentGrants,
     Quiesce,
     Recovery,
+    Transport,
     choices,
 )
 from pvmig.rpc.client import AgentClient
@@ -52,6 +53,11 @@ def register(sub, auth) -> None:
     m.add_argument("--auto-converge", action="store_true",
                    help="when rounds stop shrinking, throttle the guest's vCPU (20%%, then "
                    "+10%% each time, up to 99%%) until what is left fits the downtime limit")
+    m.add_argument("--transport", choices=choices(Transport), default=None,
+                   help="how pages travel: tcp, data channels the agents open beside gRPC "
+                   "(binary records, from and into guest RAM), or grpc, the PageStream "
+                   "service on the agent's port only; default: the source agent's "
+                   f"setting ({policy.TRANSPORT})")
     m.add_argument("--compress", choices=choices(Compression), default=Compression.NONE.value,
                    help="zstd: page batches travel compressed where that makes them smaller "
                    "(pays on a slow link, costs CPU on a fast one)")
@@ -124,7 +130,7 @@ def migrate(args) -> int:
                       xenstore_track=args.xenstore_track == "on", recovery=args.recovery,
                       inject=tuple(args.inject),
                       persistent_grants=args.persistent_grants, grant_mode=args.grant_mode,
-                      compress=args.compress,
+                      compress=args.compress, transport=args.transport,
                       max_bandwidth_mbps=args.max_bandwidth, auto_converge=args.auto_converge,
                       save_images=str(args.save_images or ""),
                       batch_pages=args.batch_pages, streams=args.streams,

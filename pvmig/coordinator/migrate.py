@@ -39,6 +39,8 @@ from pvmig.migration.policy import (
     PersistentGrants,
     Quiesce,
     Recovery,
+    Transport,
+    from_wire,
     to_wire,
 )
 from pvmig.migration.precopy import AutoConverge, PrecopyPolicy, RoundStats
@@ -66,6 +68,7 @@ class Options:
     persistent_grants: PersistentGrants | None = None  # None: as the disks negotiated them
     grant_mode: GrantMode | None = None  # None: as the domain's disks were created
     compress: Compression = Compression.NONE
+    transport: Transport | None = None  # None: the source agent's own setting (tcp)
     max_bandwidth_mbps: float = 0.0  # the page streams' cap in all; 0: none
     auto_converge: bool = False  # throttle the guest's vCPU while rounds do not shrink
     inject: tuple = ()           # injection points forcing hazards (tests, the matrix)
@@ -76,6 +79,7 @@ class Options:
         # (names given as plain strings, by the CLI or a script, are checked here)
         self.quiesce, self.recovery = Quiesce(self.quiesce), Recovery(self.recovery)
         self.compress = Compression(self.compress or Compression.NONE)
+        self.transport = Transport(self.transport) if self.transport else None
         self.persistent_grants = (PersistentGrants(self.persistent_grants)
                                   if self.persistent_grants else None)
         self.grant_mode = GrantMode(self.grant_mode) if self.grant_mode else None
@@ -207,7 +211,7 @@ class Migration:
 
     async def begin(self) -> None:
         self._phase("begin", migration=self.migration_id)
-        await self.source.call(self.source.source.Begin, pb.BeginRequest(
+        reply = await self.source.call(self.source.source.Begin, pb.BeginRequest(
             migration_id=self.migration_id, domain=self.domain,
             dest_address=self.dest.hello_reply.advertise or self.dest.address,
             batch_pages=self.options.batch_pages, streams=self.options.streams,
@@ -218,8 +222,10 @@ class Migration:
             persistent_grants=to_wire(self.options.persistent_grants, PersistentGrants),
             grant_mode=to_wire(self.options.grant_mode, GrantMode),
             compress=to_wire(self.options.compress),
+            transport=to_wire(self.options.transport, Transport),
             max_bandwidth_mbps=self.options.max_bandwidth_mbps))
         self._begun = True
+        self.report.transport = from_wire(Transport, reply.transport) or ""
 
     async def precopy(self) -> None:
         rounds: list[RoundStats] = []

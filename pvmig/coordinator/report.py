@@ -50,6 +50,7 @@ class Report:
     policies: dict = field(default_factory=dict)
     quiesce: dict | None = None
     compression: str = "none"
+    transport: str = ""  # tcp or grpc: what the source agent used
     converged: bool | None = None  # stopped iterating because the rest fit the limit
     auto_converge: bool = False
     max_throttle: int = 0          # the highest vCPU throttle auto-converge applied, %
@@ -215,6 +216,7 @@ class Report:
             "normal-bytes": sum(r["normal-pages"] for r in self.rounds) * PAGE_SIZE,
             "dirty-sync-count": len(self.rounds),
             "compression": self.compression,
+            "transport": self.transport or None,
             "mbps": round(transferred * 8 / 1e6 / self._precopy_s, 1) if self._precopy_s else 0.0,
             "rounds": self.rounds,
             "phases-ms": self.phases,

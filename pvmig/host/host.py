@@ -45,8 +45,14 @@ class Host:
     def __init__(self, *, name: str, data_dir: Path, mem_dir: Path, max_ram_bytes: int,
                  advertise: str, session_timeout_s: float = policy.SESSION_TIMEOUT_S,
                  security: Security | None = None, storage_dir: Path | None = None,
-                 clock: Clock = time.monotonic) -> None:
+                 clock: Clock = time.monotonic,
+                 transport: policy.Transport = policy.TRANSPORT) -> None:
         self.name = name
+        # the transport this agent's migrations take unless one is asked for
+        self.transport = policy.Transport(transport)
+        # (host, port, tls) of the data listener once it runs (pvmig.agent.data_server);
+        # None: none here (--data-listen off), only transport grpc reaches this agent
+        self.data_endpoint: tuple[str, int, bool] | None = None
         self.security = security or Security()
         # where a disk named by a relative path lives on this host (shared storage may be
         # mounted at a different place on each)

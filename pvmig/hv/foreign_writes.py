@@ -23,6 +23,8 @@ while a migration of the domain is under way (reset arms it, disarm ends it).
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 # how a foreign write was made
@@ -41,7 +43,9 @@ class ForeignWrites:
     def reset(self) -> None:
         """A migration begins: what came before it is round 0's to copy."""
         self.armed = True
-        self.clock = 0
+        # Ticks from next(): atomic under the GIL, so the save side's sending threads and
+        # the backends on the event loop never share a tick (a += could lose one).
+        self._ticks = itertools.count(1)
         self.final_read = 0  # the clock when the final pass read the bitmap; 0: not yet
         self.written = np.zeros(self.nr_frames, np.uint64)
         self.how = np.zeros(self.nr_frames, np.uint8)
@@ -54,18 +58,22 @@ class ForeignWrites:
     def write(self, frame: int, how: int) -> None:
         if not self.armed:
             return
-        self.clock += 1
-        self.written[frame] = self.clock
+        self.written[frame] = next(self._ticks)
         self.how[frame] = how
 
-    def copy(self, frames: np.ndarray) -> None:
-        self.clock += 1
-        self.copied[frames] = self.clock
+    def copy(self, frames: np.ndarray) -> int:
+        """The save side copies frames now (call before it reads them); its tick."""
+        tick = next(self._ticks)
+        self.copied[frames] = tick
+        return tick
+
+    def written_since(self, frames: np.ndarray, tick: int) -> bool:
+        """Whether a foreign write reached any of frames after the copy of that tick."""
+        return self.armed and len(frames) > 0 and int(self.written[frames].max()) > tick
 
     def seal(self) -> None:
         """The final read of the dirty bitmap: whatever is written from now on stays."""
-        self.clock += 1
-        self.final_read = self.clock
+        self.final_read = next(self._ticks)
 
     def causes(self) -> np.ndarray:
         """One cause code per frame (CAUSES); NONE for a frame nothing foreign wrote

@@ -17,6 +17,9 @@ test or a cell of `pvmig matrix` sees it, not a lucky run:
     xenstore-after-final   once the final pass has copied its frames, the toolstack
                            touches a node the guest watches: xenstored writes the event
                            into the guest's ring page, a write no pass sends
+    corrupt-batch          round 0's second batch leaves with its checksum one off, as a
+                           batch damaged on the way: nothing wrote its frames, so the
+                           migration aborts before the destination's copy runs
 
 The first three need a block request in flight at the final pass. Left to chance, the
 backends have usually answered everything by then (the disk is faster than the time
@@ -50,6 +53,7 @@ class InjectionPoint(StrEnum):
     WRITE_AFTER_FINAL = "write-after-final"
     TORN_COPY = "torn-copy"
     XENSTORE_AFTER_FINAL = "xenstore-after-final"
+    CORRUPT_BATCH = "corrupt-batch"
 
 
 P = InjectionPoint
@@ -77,6 +81,14 @@ class Injector:
 
     def __bool__(self) -> bool:
         return bool(self.points)
+
+    @property
+    def corrupt_seq(self) -> int | None:
+        """corrupt-batch: the sequence number of the batch to damage (round 0's second)."""
+        if P.CORRUPT_BATCH not in self.points:
+            return None
+        self.fired[P.CORRUPT_BATCH] = 1
+        return 1
 
     # ---- the hooks, in the order the save side reaches them
 

@@ -26,7 +26,7 @@ from pvmig._proto import pvmig_pb2 as pb
 from pvmig.hv.grant_table import GrantMode
 from pvmig.pv.recovery import Recovery
 
-__all__ = ["Quiesce", "Recovery", "PersistentGrants", "GrantMode", "Compression",
+__all__ = ["Quiesce", "Recovery", "PersistentGrants", "GrantMode", "Compression", "Transport",
            "choices", "to_wire", "from_wire"]  # (Recovery and GrantMode: their layers')
 
 
@@ -45,6 +45,11 @@ class Compression(StrEnum):
     ZSTD = "zstd"
 
 
+class Transport(StrEnum):
+    TCP = "tcp"  # data channels: binary records on plain (or TLS) connections
+    GRPC = "grpc"  # the PageStream service: for networks where only the agent's port is open
+
+
 # ---- defaults and limits
 
 DOWNTIME_LIMIT_MS = 300.0  # QEMU's default
@@ -57,6 +62,7 @@ MAX_BATCH_PAGES = 1024  # 4 MiB: well under the 16 MiB message limit
 # copies went down, 1-4 are within noise of each other (docs/PERFORMANCE.md).
 STREAMS = 4
 MAX_STREAMS = 16
+TRANSPORT = Transport.TCP
 SESSION_TIMEOUT_S = 120.0  # a session's lease: silence this long means no coordinator
 VERIFY_TIMEOUT_S = 60.0  # for the resumed guest to sweep its memory once
 
@@ -74,6 +80,7 @@ _WIRE = {  # policy -> (its proto enum, the prefix of its value names)
     PersistentGrants: (pb.PersistentGrants, "PERSISTENT_GRANTS_"),
     GrantMode: (pb.GrantMode, "GRANT_MODE_"),
     Compression: (pb.Compression, "COMPRESSION_"),
+    Transport: (pb.Transport, "TRANSPORT_"),
 }
 P = TypeVar("P", bound=StrEnum)
 

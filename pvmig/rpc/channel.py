@@ -9,7 +9,7 @@ from google.protobuf.message_factory import GetMessageClass
 from pvmig import errors
 from pvmig.rpc import security
 
-PROTOCOL_VERSION = 3  # 3: policies and migration states as proto enums (2: xxh3-64 batches)
+PROTOCOL_VERSION = 4  # 4: data channels; 3: policies and states as proto enums
 MAX_MESSAGE = 16 << 20
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE),

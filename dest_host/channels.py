@@ -1,0 +1,144 @@
+"""The restore side of the data channels (transport tcp).
+
+A migration's data channels come in epochs. OpenData starts one: a new key, every
+connection of the earlier epochs closed and its thread off guest RAM before the answer
+goes back, so that nothing a broken connection still carried can land over what the new
+ones send (the gRPC streams need a generation per frame for that: pages.newer).
+
+Each connection, once it proved the key, is read by its own thread (the data server's,
+pvmig.agent.data_server) until the source closes it: page records land in guest RAM
+there and then (pvmig.migration.wire.Receiver); the rest (device state, end) are the
+session's, run on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+from dataclasses import dataclass, field
+
+from pvmig import errors
+from pvmig._proto import pvmig_pb2 as pb
+from pvmig.hv.memory import PAGE_SIZE
+from pvmig.migration import policy, wire
+from pvmig.rpc import data_channel
+
+log = logging.getLogger(__name__)
+LOOP_WAIT_S = 30.0  # for the event loop to take a control record (it is never that busy)
+MAX_BATCH_PAGES = policy.MAX_BATCH_PAGES
+
+
+@dataclass
+class Epoch:
+    number: int = 0
+    key: bytes | None = None
+    claimed: set = field(default_factory=set)
+    # index -> (connection, done: set when its thread is off the memory)
+    conns: dict = field(default_factory=dict)
+
+
+class DataChannels:
+    """One incoming migration's data channels (RestoreSession.data)."""
+
+    def __init__(self, session, loop: asyncio.AbstractEventLoop) -> None:
+        self.session = session
+        self.loop = loop
+        self.epoch = Epoch()
+        self._old: list[tuple[data_channel.Connection, concurrent.futures.Future]] = []
+
+    # ---- on the event loop
+
+    async def open(self, endpoint: tuple[str, int, bool]) -> pb.DataChannels:
+        host, port, tls = endpoint
+        await self.close()
+        self.epoch = Epoch(self.epoch.number + 1, data_channel.new_key())
+        return pb.DataChannels(host=host, port=port, key=self.epoch.key,
+                               epoch=self.epoch.number, tls=tls,
+                               max_batch_bytes=MAX_BATCH_PAGES * PAGE_SIZE)
+
+    async def close(self) -> None:
+        """Every connection closed and its thread done with guest RAM; the key void."""
+        old = list(self.epoch.conns.values())
+        self.epoch = Epoch(self.epoch.number)
+        for conn, _ in old:
+            conn.shutdown()
+        if old:
+            await asyncio.gather(*(asyncio.wrap_future(done) for _, done in old))
+
+    def claim(self, hello: data_channel.Hello, conn: data_channel.Connection
+              ) -> concurrent.futures.Future:
+        """A connection's claim to a slot of the current epoch, checked."""
+        ep = self.epoch
+        if ep.key is None or hello.epoch != ep.number:
+            raise errors.FailedPrecondition(
+                f"epoch {hello.epoch} of migration {hello.migration_id} is over (its data "
+                f"channels are at epoch {ep.number}): a new OpenData gives a new key")
+        if not hello.proves(ep.key):
+            raise errors.Unauthenticated(f"wrong key for migration {hello.migration_id}")
+        if hello.index >= policy.MAX_STREAMS or hello.index in ep.claimed:
+            raise errors.InvalidArgument(f"data connection {hello.index} of epoch {ep.number} "
+                                         "is taken, or out of range")
+        ep.claimed.add(hello.index)
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        ep.conns[hello.index] = (conn, done)
+        return done
+
+    # ---- in a connection's thread
+
+    def _on_loop(self, fn, *args):
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run():
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as e:  # handed to the thread that asked
+                fut.set_exception(e)
+        self.loop.call_soon_threadsafe(run)
+        return fut.result(LOOP_WAIT_S)
+
+    def receive(self, conn: data_channel.Connection) -> None:
+        """Read records until the source closes the connection. A bad record raises
+        (the data server answers it with an error record and closes)."""
+        s = self.session
+        mem = s.domain.mem
+        receiver = wire.Receiver(mem, MAX_BATCH_PAGES)
+        round_pages: dict[int, int] = {}
+        damaged: dict[int, list[int]] = {}
+        ended = False
+        while True:
+            try:
+                h = wire.read_header(conn)
+            except data_channel.Closed:
+                if not ended:
+                    log.info("migration %s: a data connection closed before its end",
+                             s.migration_id)
+                return
+            s._check_open()
+            if ended:
+                raise errors.InvalidArgument("record after the end of the stream")
+            if h.type == wire.PAGES:
+                got = receiver.receive(conn, h)
+                round_pages[h.round] = round_pages.get(h.round, 0) + got.pages
+                if not got.ok:
+                    damaged.setdefault(h.round, []).append(h.seq)
+                s.received(got.landed)
+            elif h.type == wire.ROUND_END:
+                wire.read_control_body(conn, h)
+                wire.send_ack(conn, h.round, round_pages.pop(h.round, 0),
+                              damaged.pop(h.round, []))
+            elif h.type == wire.DEVICE_STATE:
+                state = pb.DeviceState()
+                try:
+                    state.ParseFromString(wire.read_control_body(conn, h))
+                except Exception as e:  # protobuf's DecodeError, by any name
+                    raise errors.InvalidArgument(f"device state unreadable: {e}") from None
+                self._on_loop(s.on_device_state, None, state)
+            elif h.type == wire.END:
+                wire.read_control_body(conn, h)
+                self._on_loop(s.end_stream, h.n_frames)
+                ended = True
+                wire.send_control(conn, wire.END_ACK)
+            else:
+                raise errors.InvalidArgument(f"unknown record type {h.type}")
+

@@ -1,0 +1,296 @@
+"""Records on a data channel (transport tcp): a fixed 36-byte header, then its body.
+
+    type u8 | encoding u8 | reserved u16 | round u32 | seq u64 |
+    n_frames u32 | n_zero u32 | data_len u32 | checksum u64
+
+PAGES          n_frames u32 frame numbers, n_zero u32 zero-page numbers (nothing else
+               is sent for those), then data_len bytes of page data (encoding 0: the
+               pages; 1: them zstd-compressed). checksum: xxh3-64 over the header (its
+               checksum field 0) and the body.
+ROUND_END      n_frames: the pages this connection carried in the round.
+DEVICE_STATE   data_len bytes of msgpack (migration.device_state).
+END            n_frames: how many connections the migration has.
+ACK (back)     a round end's answer: n_frames pages received, n_zero seqs of batches
+               whose checksum failed after they landed, as u64 in the body.
+END_ACK (back) the end is in.
+ERROR (back)   data_len bytes: "CODE: message"; the connection closes after it.
+
+The same meaning as PageStream's records (pvmig.migration.pages), with no protobuf
+between guest RAM and the socket: a run of frames goes from the source's mapping to
+the socket (sendmsg over views of guest RAM; scattered frames are gathered once), and
+from the socket into the destination's guest RAM (recv_into a view; scattered frames
+into one reusable buffer, then scattered). Frame numbers are checked against the
+domain before a byte of data is read.
+
+The source's pages may change while they are sent (the guest runs): a checksum taken
+over guest RAM then need not match what left. The destination reports such batches
+instead of failing on them, and the source decides (pvmig source_host.channels): frames
+written since they were copied go again; a batch nothing wrote is corrupt, and the
+migration aborts before anything at the destination runs.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+import xxhash
+
+from pvmig import errors
+from pvmig.hv.memory import PAGE_SIZE, GuestMemory, is_run
+from pvmig.rpc.data_channel import Closed, Connection
+
+HEADER = struct.Struct("<BBHIQIIIQ")
+PAGES, ROUND_END, DEVICE_STATE, END, ACK, END_ACK, ERROR = range(1, 8)
+NAMES = {PAGES: "pages", ROUND_END: "round end", DEVICE_STATE: "device state", END: "end",
+         ACK: "ack", END_ACK: "end ack", ERROR: "error"}
+RAW, ZSTD = 0, 1
+MAX_PARTS = 32  # runs sent as views of guest RAM at most; more are gathered
+MAX_CONTROL = 16 << 20  # a device state or an error message
+_U32 = np.dtype("<u4")
+_U64 = np.dtype("<u8")
+
+
+@dataclass
+class Header:
+    type: int
+    encoding: int = RAW
+    round: int = 0
+    seq: int = 0
+    n_frames: int = 0
+    n_zero: int = 0
+    data_len: int = 0
+    checksum: int = 0
+
+    def pack(self, checksum: int | None = None) -> bytes:
+        return HEADER.pack(self.type, self.encoding, 0, self.round, self.seq, self.n_frames,
+                           self.n_zero, self.data_len,
+                           self.checksum if checksum is None else checksum)
+
+    @classmethod
+    def unpack(cls, raw) -> "Header":
+        t, enc, _, rnd, seq, n, z, length, csum = HEADER.unpack(raw)
+        return cls(t, enc, rnd, seq, n, z, length, csum)
+
+
+def checksum(header: Header, parts) -> int:
+    h = xxhash.xxh3_64(header.pack(checksum=0))
+    for part in parts:
+        h.update(part)
+    return h.intdigest()
+
+
+# ---- the source's side
+
+@dataclass
+class Sent:
+    normal: int
+    zero: int
+    wire_bytes: int
+
+
+@dataclass
+class Scratch:
+    """A connection's reusable buffers: batch_pages rows each, made once."""
+
+    batch_pages: int
+    gather: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.gather = np.empty((self.batch_pages, PAGE_SIZE), np.uint8)
+
+
+def _runs(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(first frame, length) of each ascending run in frames."""
+    breaks = np.flatnonzero(np.diff(frames.astype(np.int64)) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    lengths = np.diff(np.concatenate((starts, [len(frames)])))
+    return frames[starts], lengths
+
+
+def send_pages(conn: Connection, mem: GuestMemory, frames: np.ndarray, *, seq: int,
+               round: int, scratch: Scratch, compressor=None,
+               torn: tuple[int, np.ndarray] | None = None, corrupt: bool = False) -> Sent:
+    """One PAGES record of `frames` (at most scratch.batch_pages), straight from guest RAM.
+
+    torn (an injection point): (frame, head) as in pages.pack. corrupt (an injection
+    point): the checksum sent is off by one, as a batch damaged on the way."""
+    pages = mem.pages
+    n = len(frames)
+    if is_run(frames):
+        first = int(frames[0])
+        rows, gathered = pages[first:first + n], False
+    else:
+        rows, gathered = np.take(pages, frames, axis=0, out=scratch.gather[:n]), True
+    if torn is not None:
+        frame, head = torn
+        if not gathered:
+            rows, gathered = np.copyto(scratch.gather[:n], rows) or scratch.gather[:n], True
+        rows[frames == frame, :len(head)] = head
+    zero = ~rows.view(np.uint64).any(axis=1)
+    if zero.any():
+        keep = ~zero
+        zero_frames, frames = frames[zero], frames[keep]
+        if gathered:
+            parts = [rows[keep]] if len(frames) else []
+        else:
+            parts = _views(pages, frames, scratch)
+    else:
+        zero_frames = frames[:0]
+        parts = [rows]
+    fbytes = frames.astype(_U32).tobytes()
+    zbytes = zero_frames.astype(_U32).tobytes()
+    encoding = RAW
+    if compressor is not None and parts:
+        packed = compressor.compress(parts[0] if len(parts) == 1 else b"".join(
+            memoryview(p).cast("B") for p in parts))
+        if len(packed) < len(frames) * PAGE_SIZE:
+            parts, encoding = [packed], ZSTD
+    data_len = sum(memoryview(p).nbytes for p in parts)
+    header = Header(PAGES, encoding, round, seq, len(frames), len(zero_frames), data_len)
+    body = [fbytes, zbytes, *parts]
+    csum = checksum(header, body)
+    header.checksum = csum ^ 1 if corrupt else csum
+    conn.send([header.pack(), *body])
+    return Sent(len(frames), len(zero_frames), HEADER.size + len(fbytes) + len(zbytes) + data_len)
+
+
+def _views(pages: np.ndarray, frames: np.ndarray, scratch: Scratch) -> list:
+    """The rows of `frames`: a view per run while there are few runs, else one gather."""
+    if not len(frames):
+        return []
+    starts, lengths = _runs(frames)
+    if len(starts) <= MAX_PARTS:
+        return [pages[s:s + n] for s, n in zip(starts.tolist(), lengths.tolist())]
+    return [np.take(pages, frames, axis=0, out=scratch.gather[:len(frames)])]
+
+
+def send_control(conn: Connection, type: int, *, round: int = 0, n_frames: int = 0,
+                 data: bytes = b"") -> None:
+    header = Header(type, round=round, n_frames=n_frames, data_len=len(data))
+    header.checksum = checksum(header, [data])
+    conn.send([header.pack(), data] if data else [header.pack()])
+
+
+def send_ack(conn: Connection, round: int, pages: int, mismatched: list[int]) -> None:
+    body = np.asarray(mismatched, _U64).tobytes()
+    header = Header(ACK, round=round, n_frames=pages, n_zero=len(mismatched),
+                    data_len=len(body))
+    header.checksum = checksum(header, [body])
+    conn.send([header.pack(), body])
+
+
+def send_error(conn: Connection, error: errors.PvmigError) -> None:
+    send_control(conn, ERROR, data=f"{error.code}: {error}".encode()[:MAX_CONTROL])
+
+
+def read_header(conn: Connection, deadline: float | None = None) -> Header:
+    raw = bytearray(HEADER.size)
+    conn.recv_into(raw, deadline)
+    return Header.unpack(raw)
+
+
+def read_control_body(conn: Connection, header: Header) -> bytes:
+    if header.data_len > MAX_CONTROL:
+        raise errors.InvalidArgument(f"{NAMES.get(header.type, header.type)} record of "
+                                     f"{header.data_len} bytes (at most {MAX_CONTROL})")
+    data = bytearray(header.data_len)
+    conn.recv_into(data)
+    if checksum(header, [data]) != header.checksum:
+        raise errors.DataLoss(f"{NAMES.get(header.type, header.type)} record: checksum mismatch")
+    return bytes(data)
+
+
+def error_of(data: bytes) -> errors.PvmigError:
+    code, _, message = data.decode(errors="replace").partition(": ")
+    return errors.BY_CODE.get(code, errors.Unavailable)(message)
+
+
+# ---- the destination's side
+
+@dataclass
+class Received:
+    pages: int  # normal and zero
+    landed: np.ndarray  # frames written (normal and zero)
+    ok: bool  # the checksum matched
+
+
+class Receiver:
+    """One connection's reading of PAGES records into a domain's memory."""
+
+    def __init__(self, mem: GuestMemory, batch_pages: int) -> None:
+        self.mem = mem
+        self.batch_pages = batch_pages
+        self.buf = np.empty((batch_pages, PAGE_SIZE), np.uint8)
+        self._decompressor = None
+
+    def check(self, h: Header) -> None:
+        """Before anything of the body is read."""
+        if h.n_frames + h.n_zero > self.batch_pages:
+            raise errors.InvalidArgument(
+                f"batch {h.seq}: {h.n_frames + h.n_zero} pages, more than the batch limit "
+                f"of {self.batch_pages}")
+        if h.encoding == RAW:
+            if h.data_len != h.n_frames * PAGE_SIZE:
+                raise errors.InvalidArgument(
+                    f"batch {h.seq}: {h.data_len} bytes of data for {h.n_frames} frames")
+        elif h.encoding == ZSTD:
+            if not 0 < h.data_len <= self.batch_pages * PAGE_SIZE or not h.n_frames:
+                raise errors.InvalidArgument(
+                    f"batch {h.seq}: {h.data_len} bytes of zstd data for {h.n_frames} frames")
+        else:
+            raise errors.InvalidArgument(f"batch {h.seq}: unknown encoding {h.encoding} "
+                                         f"(this agent reads {RAW}: raw and {ZSTD}: zstd)")
+
+    def receive(self, conn: Connection, h: Header) -> Received:
+        self.check(h)
+        lists = np.empty(h.n_frames + h.n_zero, _U32)
+        conn.recv_into(lists)
+        frames, zero = lists[:h.n_frames], lists[h.n_frames:]
+        nr = self.mem.nr_frames
+        if len(lists) and int(lists.max()) >= nr:
+            raise errors.InvalidArgument(
+                f"batch {h.seq}: frame {int(lists.max())} is outside the domain ({nr} frames)")
+        pages = self.mem.pages
+        n = len(frames)
+        if h.encoding == RAW and is_run(frames):  # straight into place
+            first = int(frames[0])
+            target = pages[first:first + n]
+            conn.recv_into(target)
+            ok = checksum(h, [frames, zero, target]) == h.checksum
+        elif h.encoding == RAW:
+            target = self.buf[:n]
+            conn.recv_into(target)
+            ok = checksum(h, [frames, zero, target]) == h.checksum
+            pages[frames] = target
+        else:
+            raw = self.buf.reshape(-1)[:h.data_len]
+            conn.recv_into(raw)
+            ok = checksum(h, [frames, zero, raw]) == h.checksum
+            if not ok:  # nothing decoded from a damaged batch; it landed nowhere
+                return Received(n + len(zero), lists[:0], False)
+            data = self._decompress(h, bytes(raw), n)
+            pages[frames] = np.frombuffer(data, np.uint8).reshape(n, PAGE_SIZE)
+        pages[zero] = 0
+        return Received(n + len(zero), lists, ok)
+
+    def _decompress(self, h: Header, data: bytes, n: int) -> bytes:
+        import zstandard  # (only with migrate --compress zstd)
+        size = n * PAGE_SIZE
+        try:
+            claimed = zstandard.frame_content_size(data)
+            if claimed > size:
+                raise errors.InvalidArgument(f"batch {h.seq}: zstd data claims {claimed} "
+                                             f"bytes for {n} frames")
+            out = zstandard.ZstdDecompressor().decompress(data, max_output_size=size)
+        except zstandard.ZstdError as e:
+            raise errors.InvalidArgument(f"batch {h.seq}: bad zstd data: {e}") from None
+        if len(out) != size:
+            raise errors.InvalidArgument(
+                f"batch {h.seq}: {len(out)} bytes of data for {n} frames")
+        return out
+
+
+__all__ = ["Closed", "Header", "Receiver", "Scratch", "Sent", "send_pages", "send_control",
+           "send_ack", "send_error", "read_header", "read_control_body", "error_of"]
