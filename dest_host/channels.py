@@ -82,6 +82,12 @@ class DataChannels:
         ep.claimed.add(hello.index)
         done: concurrent.futures.Future = concurrent.futures.Future()
         ep.conns[hello.index] = (conn, done)
+        # An open connection holds the session, as an open gRPC stream does: a long
+        # round with no call from the coordinator is no lost coordinator.
+        hold = self.session.lease.hold()
+        hold.__enter__()
+        done.add_done_callback(
+            lambda _: self.loop.call_soon_threadsafe(hold.__exit__, None, None, None))
         return done
 
     # ---- in a connection's thread

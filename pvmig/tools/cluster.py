@@ -47,6 +47,7 @@ class LocalAgent:
         self.security = security
         self.proc: subprocess.Popen | None = None
         self.address = ""
+        self.data_port: int | None = None
 
     @property
     def ready_file(self) -> Path:
@@ -78,7 +79,9 @@ class LocalAgent:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"agent {self.name} not ready in {timeout:.0f} s")
             time.sleep(0.02)
-        self.address = json.loads(self.ready_file.read_text())["address"]
+        ready = json.loads(self.ready_file.read_text())
+        self.address = ready["address"]
+        self.data_port = ready.get("data_port")  # None: --data-listen off
         creds = self.security.channel_credentials() if self.security is not None else None
         with (grpc.secure_channel(self.address, creds) if creds is not None
               else grpc.insecure_channel(self.address)) as ch:
