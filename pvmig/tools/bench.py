@@ -1,13 +1,16 @@
 """`pvmig bench`: migrations over a grid, measured against the transport's ceiling and,
 where it is installed, QEMU's own migration of a guest of the same size, in one run.
 
-Per RAM size: two ceilings between two processes moving the same bytes on as many
-streams as pvmig has (pvmig.tools.ceiling): raw TCP, what the machine can move, and a bare
-gRPC stream, what pvmig's transport can move with nothing of pvmig on it; QEMU (`--peer qemu`) migrating a
-paused guest whose RAM holds the same bytes as pvmig's idle guest, single stream and 2
-multifd channels; then, on a fresh pair of agents, each cell of the grid: a guest of
-that size, its dirty rate, its devices idle or busy, a bandwidth cap or none, `runs`
-migrations back and forth. Ratios are the headline: these machines are shared.
+Per RAM size: three ceilings between two processes moving the same bytes on as many
+streams as pvmig has (pvmig.tools.ceiling): raw TCP, what the machine can move; a bare
+Python TLS stream, what encrypted data channels can move; and a bare gRPC stream, what
+the grpc transport can move with nothing of pvmig on it. QEMU (`--peer qemu`) migrating a
+paused guest whose RAM holds the same bytes as pvmig's idle all-written guest, single
+stream and 2 multifd channels. Then, on a fresh pair of agents (and a pair under mutual
+TLS for the TLS cells), each cell of the grid: a guest of that size, all of its RAM
+written or a quarter of it zero pages, its dirty rate, its devices idle or busy, a
+bandwidth cap or none, the transport, `runs` migrations back and forth. Ratios are the
+headline: these machines are shared.
 
 Dirty rates: idle (0), moderate (MODERATE pages/s), heavy (above the link: 1.5 times
 what the cap carries, or HEAVY pages/s uncapped; with auto-converge, and without it
@@ -35,7 +38,9 @@ from pvmig.coordinator.progress import Reporter
 from pvmig.hv.memory import PAGE_SIZE
 from pvmig.migration import policy
 from pvmig.migration.policy import STREAMS
+from pvmig.rpc import security
 from pvmig.rpc.client import AgentClient
+from pvmig.rpc.security import Security, init_ca, issue
 from pvmig.tools import ceiling, qemu_peer
 from pvmig.tools.cluster import LocalCluster
 from pvmig.tools.plot import bench_figures
@@ -55,6 +60,9 @@ class Cell:
     auto_converge: bool = False
     runs: int = 3
     downtime_limit_ms: float = policy.DOWNTIME_LIMIT_MS
+    fill: float = 0.75  # 1.0: every page written (no zero page flatters anyone)
+    transport: str = policy.TRANSPORT.value
+    tls: bool = False  # the agents under mutual TLS
 
     @property
     def name(self) -> str:
@@ -63,7 +71,10 @@ class Cell:
         default = self.downtime_limit_ms == policy.DOWNTIME_LIMIT_MS
         limit = (f", limit {self.downtime_limit_ms:g} ms" if not default
                  else "")
-        return f"{self.ram_mb} MiB, dirty {self.dirty}, devices {self.devices}{cap}{ac}{limit}"
+        written = ", all written" if self.fill >= 1.0 else ""
+        how = self.transport + (" + mutual TLS" if self.tls else "")
+        return (f"{self.ram_mb} MiB{written}, dirty {self.dirty}, devices {self.devices}"
+                f"{cap}{ac}{limit}, {how}")
 
     def dirty_rate(self) -> float:
         if self.dirty == "idle":
@@ -77,10 +88,15 @@ class Cell:
 
 def grid(quick: bool, runs: int) -> list[Cell]:
     if quick:
-        return [Cell(256, "idle", runs=runs), Cell(256, "moderate", "busy", runs=runs)]
+        return [Cell(256, "idle", runs=runs, fill=1.0),
+                Cell(256, "idle", runs=runs, fill=1.0, transport="grpc"),
+                Cell(256, "moderate", "busy", runs=runs)]
     cells = []
     for ram in (256, 1024):
-        cells += [Cell(ram, "idle", runs=runs), Cell(ram, "moderate", runs=runs),
+        cells += [Cell(ram, "idle", runs=runs, fill=1.0),
+                  Cell(ram, "idle", runs=runs, fill=1.0, transport="grpc"),
+                  Cell(ram, "idle", runs=runs, fill=1.0, tls=True),
+                  Cell(ram, "idle", runs=runs), Cell(ram, "moderate", runs=runs),
                   Cell(ram, "moderate", "busy", runs=runs),
                   Cell(ram, "moderate", "busy", cap_mbps=1000, runs=runs),
                   Cell(ram, "heavy", cap_mbps=1000, runs=1),
@@ -90,7 +106,7 @@ def grid(quick: bool, runs: int) -> list[Cell]:
         Cell(1024, "moderate", "busy", runs=max(runs, 10))
     cells.insert(cells.index(Cell(1024, "moderate", "busy", runs=max(runs, 10))) + 1,
                  Cell(1024, "moderate", "busy", runs=max(runs, 10), downtime_limit_ms=5.0))
-    cells.append(Cell(4096, "idle", runs=1))
+    cells.append(Cell(4096, "idle", runs=1, fill=1.0))
     return cells
 
 
@@ -141,11 +157,13 @@ class Result:
     content: Path | None = None  # a copy of the idle guest's RAM, for QEMU's guest
     agent_mib: float | None = None  # the larger agent's peak anonymous memory
 
-    def to_dict(self, ceiling_gib_s: float | None, grpc_gib_s: float | None = None) -> dict:
+    def to_dict(self, ceiling_gib_s: float | None, grpc_gib_s: float | None = None,
+                tls_gib_s: float | None = None) -> dict:
         done = [r for r in self.reports if r["status"] == "completed"]
         down = sorted(r["downtime-ms"] for r in done)
         tput = [_round0_gib_s(r) for r in done]
         out = {"cell": self.cell.name, "ram-mb": self.cell.ram_mb, "dirty": self.cell.dirty,
+               "fill": self.cell.fill, "transport": self.cell.transport, "tls": self.cell.tls,
                "dirty-rate": self.cell.dirty_rate(), "devices": self.cell.devices,
                "cap-mbps": self.cell.cap_mbps or None,
                "auto-converge": self.cell.auto_converge,
@@ -158,6 +176,7 @@ class Result:
                "round0-gib-s-median": _med(tput),
                "vs-ceiling": _ratio(_med(tput), ceiling_gib_s),
                "vs-grpc": _ratio(_med(tput), grpc_gib_s),
+               "vs-tls": _ratio(_med(tput), tls_gib_s) if self.cell.tls else None,
                "bytes-per-ram-median": _med([r["transferred-ratio"] for r in done]),
                "rounds-median": _med([len(r["rounds"]) for r in done]),
                "max-throttle-percent": max((r["auto-converge"]["max-throttle-percent"]
@@ -217,26 +236,71 @@ def run_bench(*, quick: bool, runs: int, peer_qemu: bool, json_path: Path | None
 def _bench_size(ram: int, cells: list[Cell], peer_qemu: bool, tmp: Path, console) -> dict:
     nbytes = ram << 20
     size = {"ram-mb": ram, "qemu": [], "cells": []}
-    for transport, key in (("tcp", "ceiling"), ("grpc", "grpc-ceiling")):
+    for transport, key in (("tcp", "ceiling"), ("tls", "tls-ceiling"),
+                           ("grpc", "grpc-ceiling")):
         console.print(f"[bold]{ram} MiB[/]: the {transport} ceiling ...")
         best = max((ceiling.measure(nbytes, STREAMS, tmp / "ceiling", transport=transport)
                     for _ in range(2)), key=lambda m: m["gib_per_s"])
         size[key] = {"gib-s": round(best["gib_per_s"], 3), "streams": best["streams"]}
-    with LocalCluster(tmp / "cluster", ["a", "b"]) as cluster:
-        hosts = [cluster["a"].address, cluster["b"].address]
-        for cell in cells:
-            console.print(f"  {cell.name} ...")
-            keep = peer_qemu and cell.dirty == "idle" and not size["qemu"] and ram <= 1024
-            with MemorySampler([cluster[n].proc.pid for n in ("a", "b")]) as memory:
-                result = _run_cell(cell, hosts, cluster["a"].mem_dir, tmp, keep_content=keep)
-            result.agent_mib = memory.peak_mib
-            size["cells"].append(result.to_dict(size["ceiling"]["gib-s"],
-                                                size["grpc-ceiling"]["gib-s"]))
-            if keep:
-                size["qemu"] = _qemu(nbytes, result.content, tmp, console)
-                if result.content is not None:
-                    result.content.unlink(missing_ok=True)
+    for tls in (False, True):
+        mine = [c for c in cells if c.tls == tls]
+        if not mine:
+            continue
+        with _cluster(tmp, tls) as cluster:
+            hosts = [cluster["a"].address, cluster["b"].address]
+            for cell in mine:
+                console.print(f"  {cell.name} ...")
+                keep = (peer_qemu and cell.dirty == "idle" and cell.fill >= 1.0
+                        and not size["qemu"] and ram <= 1024)
+                with MemorySampler([cluster[n].proc.pid for n in ("a", "b")]) as memory:
+                    result = _run_cell(cell, hosts, cluster["a"].mem_dir, tmp,
+                                       keep_content=keep)
+                result.agent_mib = memory.peak_mib
+                size["cells"].append(result.to_dict(size["ceiling"]["gib-s"],
+                                                    size["grpc-ceiling"]["gib-s"],
+                                                    size["tls-ceiling"]["gib-s"]))
+                if keep:
+                    size["qemu"] = _qemu(nbytes, result.content, tmp, console)
+                    if result.content is not None:
+                        result.content.unlink(missing_ok=True)
     return size
+
+
+class _cluster:
+    """A pair of agents; with tls, under mutual TLS from a throwaway CA, this process's
+    calls presenting a certificate of its own for as long as it runs."""
+
+    def __init__(self, tmp: Path, tls: bool) -> None:
+        self.tls, self.certs = tls, tmp / "certs"
+        if tls:
+            init_ca(self.certs)
+            for name in ("a", "b", "bench"):
+                issue(self.certs, name, ["127.0.0.1"])
+        self._before = security.default()
+        self._sec = self._load("bench") if tls else None
+        self.cluster = LocalCluster(tmp / ("cluster-tls" if tls else "cluster"), ["a", "b"],
+                                    extra_args=self._flags if tls else None,
+                                    security=self._sec)
+
+    def _flags(self, name: str) -> list[str]:
+        return ["--tls-ca", str(self.certs / "ca.pem"),
+                "--tls-cert", str(self.certs / f"{name}.pem"),
+                "--tls-key", str(self.certs / f"{name}-key.pem")]
+
+    def _load(self, name: str) -> Security:
+        return Security.load(ca=self.certs / "ca.pem", cert=self.certs / f"{name}.pem",
+                             key=self.certs / f"{name}-key.pem")
+
+    def __enter__(self) -> LocalCluster:
+        if self._sec is not None:
+            security.set_default(self._sec)
+        return self.cluster.__enter__()
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.cluster.__exit__(*exc)
+        finally:
+            security.set_default(self._before)
 
 
 def _run_cell(cell: Cell, hosts: list[str], mem_dir: Path, tmp: Path, *,
@@ -262,7 +326,7 @@ def _run_cell(cell: Cell, hosts: list[str], mem_dir: Path, tmp: Path, *,
     where = 0
     try:
         for _ in range(cell.runs):
-            options = Options(max_bandwidth_mbps=cell.cap_mbps,
+            options = Options(max_bandwidth_mbps=cell.cap_mbps, transport=cell.transport,
                               downtime_limit_ms=cell.downtime_limit_ms,
                               auto_converge=cell.auto_converge, verify_timeout_s=60.0,
                               max_rounds=(2 if cell.auto_converge else 1) * policy.MAX_ROUNDS)
@@ -295,7 +359,7 @@ async def _create(address: str, name: str, cell: Cell, disk: Path) -> tuple[int,
     async with AgentClient(address) as agent:
         info = await agent.call(agent.agent.CreateDomain, pb.CreateDomainRequest(
             name=name, ram_bytes=cell.ram_mb << 20,
-            workload=pb.WorkloadConfig(dirty_rate=cell.dirty_rate(), fill=0.75,
+            workload=pb.WorkloadConfig(dirty_rate=cell.dirty_rate(), fill=cell.fill,
                                        hot_fraction=1.0 if cell.dirty == "heavy" else 0.1,
                                        hot_share=0.9, seed=1),
             devices=devices), timeout=600.0)
@@ -342,10 +406,13 @@ def _read_json(path: Path) -> dict | None:
 def markdown(out: dict) -> str:
     lines = [f"`{out['command']}`", ""]
     for size in out["sizes"]:
-        c, g = size["ceiling"], size.get("grpc-ceiling")
+        c, g, t = size["ceiling"], size.get("grpc-ceiling"), size.get("tls-ceiling")
         lines += [f"### {size['ram-mb']} MiB guest", "",
                   f"Raw-TCP ceiling, {c['streams']} connections, shared memory to shared "
                   f"memory: **{c['gib-s']} GiB/s**."]
+        if t:
+            lines.append(f"Bare Python TLS ceiling, {t['streams']} connections, 1 MiB sends: "
+                         f"**{t['gib-s']} GiB/s**.")
         if g:
             lines.append(f"Bare gRPC ceiling, {g['streams']} streams on one channel, 1 MiB "
                          f"messages of raw bytes: **{g['gib-s']} GiB/s**.")
@@ -361,15 +428,16 @@ def markdown(out: dict) -> str:
                 f"{'preallocated' if q['prealloc'] else 'faulted in while receiving'}: "
                 f"{q['throughput-gib-s']:.3f} GiB/s, total {q['total-time-ms']} ms, downtime "
                 f"{q['downtime-ms']} ms")
-        lines += ["", "| cell | migrations (verified) | round 0 GiB/s | vs TCP | vs gRPC | "
-                      "downtime ms median / p95 | total ms | bytes / RAM | rounds | "
+        lines += ["", "| cell | migrations (verified) | round 0 GiB/s | vs TCP | vs TLS | "
+                      "vs gRPC | downtime ms median / p95 | total ms | bytes / RAM | rounds | "
                       "converged | throttle % | peer outage ms | agent MiB |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in size["cells"]:
             peer = (r["net-peer"] or {}).get("longest-outage-ms", "-") if r["net-peer"] else "-"
             lines.append(
                 f"| {r['cell']} | {r['completed']} ({r['verified']}) | "
-                f"{r['round0-gib-s-median']} | {r['vs-ceiling']} | {r.get('vs-grpc')} | "
+                f"{r['round0-gib-s-median']} | {r['vs-ceiling']} | {r.get('vs-tls') or '-'} | "
+                f"{r.get('vs-grpc')} | "
                 f"{r['downtime-ms-median']} / {r['downtime-ms-p95']} | {r['total-ms-median']} | "
                 f"{r['bytes-per-ram-median']} | {r['rounds-median']} | "
                 f"{r['converged']} of {r['completed']} | {r['max-throttle-percent']} | {peer} | "

@@ -6,14 +6,16 @@ receives them straight into a shared-memory file of its own; nothing else is don
 them (no checksums, hashing or page bookkeeping). Two transports:
 
 - tcp: raw TCP, N connections, 1 MiB sends and recv_into: what the machine can move.
+- tls: the same over TLS (Python's ssl, OpenSSL), certificates from a throwaway CA as
+  the agents' under mutual TLS: what the data channels can move when encrypted.
 - grpc: what pvmig's own transport can move, a bare gRPC (grpc.aio, HTTP/2) page stream
   with the agents' channel options: N bidirectional streams on one channel, 1 MiB
   messages of raw bytes (no protobuf), each copied into place on arrival, as pvmig's are.
 
 The sender is this process's child, the receiver another: two processes, as two agents.
 
-    python -m pvmig.tools.ceiling recv TRANSPORT PORT_FILE DEST_FILE NBYTES STREAMS
-    python -m pvmig.tools.ceiling send TRANSPORT HOST:PORT SRC_FILE STREAMS
+    python -m pvmig.tools.ceiling recv TRANSPORT PORT_FILE DEST_FILE NBYTES STREAMS [CERTS]
+    python -m pvmig.tools.ceiling send TRANSPORT HOST:PORT SRC_FILE STREAMS [CERTS]
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -30,10 +33,11 @@ from pathlib import Path
 import numpy as np
 
 from pvmig.hv.shm import SharedFile
-from pvmig.rpc import channel
+from pvmig.rpc import channel, data_channel
+from pvmig.rpc.security import Security, init_ca, issue
 
 CHUNK = 1 << 20
-TRANSPORTS = ("tcp", "grpc")
+TRANSPORTS = ("tcp", "tls", "grpc")
 _OFFSET = 8  # a gRPC chunk starts with its offset, u64 little-endian
 
 
@@ -52,8 +56,15 @@ def measure(nbytes: int, streams: int, workdir: Path, *, host: str = "127.0.0.1"
     finally:
         fill.close()
     port_file.unlink(missing_ok=True)
-    recv = subprocess.Popen([sys.executable, "-m", "pvmig.tools.ceiling", "recv", transport, str(port_file),
-                             str(dst), str(nbytes), str(streams)], stdout=subprocess.PIPE)
+    certs = []
+    if transport == "tls":
+        certs = [str(workdir / "certs")]
+        if not (workdir / "certs" / "ceiling.pem").exists():
+            init_ca(workdir / "certs")
+            issue(workdir / "certs", "ceiling", ["127.0.0.1"])
+    recv = subprocess.Popen([sys.executable, "-m", "pvmig.tools.ceiling", "recv", transport,
+                             str(port_file), str(dst), str(nbytes), str(streams), *certs],
+                            stdout=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 30
         while not port_file.exists():
@@ -62,7 +73,7 @@ def measure(nbytes: int, streams: int, workdir: Path, *, host: str = "127.0.0.1"
             time.sleep(0.01)
         port = int(port_file.read_text())
         send = subprocess.run([sys.executable, "-m", "pvmig.tools.ceiling", "send", transport,
-                               f"{host}:{port}", str(src), str(streams)], timeout=600)
+                               f"{host}:{port}", str(src), str(streams), *certs], timeout=600)
         out, _ = recv.communicate(timeout=600)
         if send.returncode or recv.returncode:
             raise RuntimeError(f"the ceiling's sender or receiver failed "
@@ -98,14 +109,26 @@ def _spans(nbytes: int, streams: int) -> list[tuple[int, int]]:
     return [(lo, min(lo + step, nbytes)) for lo in range(0, nbytes, step)]
 
 
-def _recv(port_file: str, dst: str, nbytes: int, streams: int) -> None:
+def _tls(certs: str | None, side: int) -> ssl.SSLContext | None:
+    if not certs:
+        return None
+    d = Path(certs)
+    sec = Security.load(ca=d / "ca.pem", cert=d / "ceiling.pem", key=d / "ceiling-key.pem")
+    return (data_channel.server_context(sec) if side == ssl.PROTOCOL_TLS_SERVER
+            else data_channel.client_context(sec))
+
+
+def _recv(port_file: str, dst: str, nbytes: int, streams: int, certs: str | None = None) -> None:
     mem = SharedFile.create(dst, nbytes)
     view = memoryview(mem.bytes)
     srv = socket.create_server(("127.0.0.1", 0))
     srv.listen(streams)
     Path(port_file).write_text(str(srv.getsockname()[1]))
+    tls = _tls(certs, ssl.PROTOCOL_TLS_SERVER)
     conns = [srv.accept()[0] for _ in range(len(_spans(nbytes, streams)))]
     started = time.monotonic()
+    if tls is not None:  # (the handshakes count: a migration's connections make them too)
+        conns = [tls.wrap_socket(c, server_side=True) for c in conns]
 
     def drain(conn: socket.socket, lo: int, hi: int) -> None:
         while lo < hi:
@@ -123,12 +146,15 @@ def _recv(port_file: str, dst: str, nbytes: int, streams: int) -> None:
     print(json.dumps({"seconds": time.monotonic() - started, "bytes": nbytes}))
 
 
-def _send(address: str, src: str, streams: int) -> None:
+def _send(address: str, src: str, streams: int, certs: str | None = None) -> None:
     mem = SharedFile.open(src)
     data = memoryview(mem.bytes)
     host, _, port = address.rpartition(":")
     spans = _spans(len(data), streams)
     conns = [socket.create_connection((host, int(port))) for _ in spans]
+    tls = _tls(certs, ssl.PROTOCOL_TLS_CLIENT)
+    if tls is not None:
+        conns = [tls.wrap_socket(c, server_hostname=host) for c in conns]
 
     def pour(conn: socket.socket, lo: int, hi: int) -> None:
         for at in range(lo, hi, CHUNK):
@@ -209,8 +235,11 @@ def _grpc_send(address: str, src: str, streams: int) -> None:
 if __name__ == "__main__":
     mode, transport, *rest = sys.argv[1:]
     if mode == "recv":
-        recv = _grpc_recv if transport == "grpc" else _recv
-        recv(rest[0], rest[1], int(rest[2]), int(rest[3]))
+        if transport == "grpc":
+            _grpc_recv(rest[0], rest[1], int(rest[2]), int(rest[3]))
+        else:
+            _recv(rest[0], rest[1], int(rest[2]), int(rest[3]), *rest[4:])
+    elif transport == "grpc":
+        _grpc_send(rest[0], rest[1], int(rest[2]))
     else:
-        send = _grpc_send if transport == "grpc" else _send
-        send(rest[0], rest[1], int(rest[2]))
+        _send(rest[0], rest[1], int(rest[2]), *rest[3:])
