@@ -29,6 +29,20 @@ LOOP_WAIT_S = 30.0  # for the event loop to take a control record (it is never t
 MAX_BATCH_PAGES = policy.MAX_BATCH_PAGES
 
 
+def on_loop(loop: asyncio.AbstractEventLoop, fn, *args):
+    """fn(*args) run on the event loop, from a data connection's thread: its result, or
+    its exception raised here."""
+    fut: concurrent.futures.Future = concurrent.futures.Future()
+
+    def run():
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as e:  # handed to the thread that asked
+            fut.set_exception(e)
+    loop.call_soon_threadsafe(run)
+    return fut.result(LOOP_WAIT_S)
+
+
 @dataclass
 class Epoch:
     number: int = 0
@@ -92,17 +106,6 @@ class DataChannels:
 
     # ---- in a connection's thread
 
-    def _on_loop(self, fn, *args):
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-
-        def run():
-            try:
-                fut.set_result(fn(*args))
-            except BaseException as e:  # handed to the thread that asked
-                fut.set_exception(e)
-        self.loop.call_soon_threadsafe(run)
-        return fut.result(LOOP_WAIT_S)
-
     def receive(self, conn: data_channel.Connection) -> None:
         """Read records until the source closes the connection. A bad record raises
         (the data server answers it with an error record and closes)."""
@@ -139,10 +142,10 @@ class DataChannels:
                     state.ParseFromString(wire.read_control_body(conn, h))
                 except Exception as e:  # protobuf's DecodeError, by any name
                     raise errors.InvalidArgument(f"device state unreadable: {e}") from None
-                self._on_loop(s.on_device_state, None, state)
+                on_loop(self.loop, s.on_device_state, None, state)
             elif h.type == wire.END:
                 wire.read_control_body(conn, h)
-                self._on_loop(s.end_stream, h.n_frames)
+                on_loop(self.loop, s.end_stream, h.n_frames)
                 ended = True
                 wire.send_control(conn, wire.END_ACK)
             else:

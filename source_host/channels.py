@@ -122,6 +122,8 @@ class DataStream:
     def _send(self, src: Source, batches: Batches, number: int) -> None:
         with self._failures():
             for seq, frames in batches:
+                if self.conn.has_input():  # the destination's error, said early
+                    self._expect(wire.ERROR)
                 torn = None
                 if src.inject.tearing:
                     torn = asyncio.run_coroutine_threadsafe(
@@ -189,6 +191,7 @@ class DataStream:
         return mismatched
 
     def _expect(self, kind: int) -> wire.Header:
+        """The next record, of that kind; the destination's error raised as itself."""
         h = wire.read_header(self.conn)
         if h.type == wire.ERROR:
             raise wire.error_of(wire.read_control_body(self.conn, h))

@@ -11,7 +11,6 @@ can still read one, and a closed connection; no byte of it reaches a domain's me
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import socket
 import ssl
@@ -19,7 +18,7 @@ import struct
 import threading
 import time
 
-from dest_host.channels import LOOP_WAIT_S
+from dest_host.channels import on_loop
 from pvmig import errors
 from pvmig.host.host import Host
 from pvmig.migration import wire
@@ -119,15 +118,7 @@ class DataServer:
                 raise errors.NotFound(f"no incoming migration {hello.migration_id!r} on "
                                       f"agent {self.host.name} (it ended, or never began)")
             return session, session.data.claim(hello, conn)
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-
-        def run():
-            try:
-                fut.set_result(claim())
-            except BaseException as e:
-                fut.set_exception(e)
-        self.loop.call_soon_threadsafe(run)
-        return fut.result(LOOP_WAIT_S)
+        return on_loop(self.loop, claim)
 
     @staticmethod
     def _error(conn: data_channel.Connection, e: errors.PvmigError) -> None:

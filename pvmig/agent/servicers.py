@@ -24,7 +24,8 @@ from pvmig.rpc import channel, status
 from source_host.save import SaveSession, resolve
 
 log = logging.getLogger("pvmig.agent.server")
-CAPABILITIES = ["precopy", "zero-pages", "xxh3-batches", "zstd", "auto-converge"]
+CAPABILITIES = ["precopy", "zero-pages", "xxh3-batches", "zstd", "auto-converge",
+                "data-channels"]
 
 
 def _status(fn):
@@ -295,7 +296,11 @@ class PageStreamServicer(pb_grpc.PageStreamServicer):
 
     @_status
     async def Transfer(self, request_iterator, context):
-        async for ack in receive_stream(self.host, request_iterator):
-            yield ack
+        try:
+            async for ack in receive_stream(self.host, request_iterator):
+                yield ack
+        except errors.PvmigError as e:  # bad input is the agent's to say, not only the peer's
+            log.error("page stream refused: %s", e)
+            raise
 
 

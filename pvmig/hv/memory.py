@@ -115,6 +115,18 @@ def frame_hashes(words: np.ndarray, frames: np.ndarray | None = None) -> np.ndar
     return out
 
 
+def zero_rows(rows: np.ndarray) -> np.ndarray:
+    """Which rows of (n, 4096) u8 pages are all zero. A page whose first word is not zero
+    is not a zero page: only the others are read whole (a written guest costs a word a
+    page, 10 times less than reading every page)."""
+    words = rows.view(np.uint64)
+    zero = words[:, 0] == 0
+    if zero.any():
+        maybe = np.flatnonzero(zero)
+        zero[maybe] = ~words[maybe].any(axis=1)
+    return zero
+
+
 def is_run(frames: np.ndarray) -> bool:
     """Whether the frames are one ascending run (round 0's batches are): their rows are
     then a slice, a view, where any other selection is a gather, a copy."""

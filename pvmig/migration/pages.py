@@ -16,7 +16,7 @@ import xxhash
 
 from pvmig import errors
 from pvmig._proto import pvmig_pb2 as pb
-from pvmig.hv.memory import PAGE_SIZE, GuestMemory, is_run
+from pvmig.hv.memory import PAGE_SIZE, GuestMemory, is_run, zero_rows
 
 ZSTD = "zstd"  # a batch's encoding (policy.Compression.ZSTD compresses each batch)
 _FRAME = np.dtype("<u4")
@@ -59,7 +59,7 @@ def pack(mem: GuestMemory, frames: np.ndarray, *, seq: int, round: int,
         frame, head = torn
         block = block.copy()  # never into guest memory itself
         block[frames == frame, :len(head)] = head
-    zero = ~block.view(np.uint64).any(axis=1)
+    zero = zero_rows(block)
     if zero.any():
         zero_frames, frames, block = frames[zero], frames[~zero], block[~zero]
     else:

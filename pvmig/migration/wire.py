@@ -38,7 +38,7 @@ import numpy as np
 import xxhash
 
 from pvmig import errors
-from pvmig.hv.memory import PAGE_SIZE, GuestMemory, is_run
+from pvmig.hv.memory import PAGE_SIZE, GuestMemory, is_run, zero_rows
 from pvmig.rpc.data_channel import Closed, Connection
 
 HEADER = struct.Struct("<BBHIQIIIQ")
@@ -128,7 +128,7 @@ def send_pages(conn: Connection, mem: GuestMemory, frames: np.ndarray, *, seq: i
         if not gathered:
             rows, gathered = np.copyto(scratch.gather[:n], rows) or scratch.gather[:n], True
         rows[frames == frame, :len(head)] = head
-    zero = ~rows.view(np.uint64).any(axis=1)
+    zero = zero_rows(rows)
     if zero.any():
         keep = ~zero
         zero_frames, frames = frames[zero], frames[keep]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import select
 import socket
 import ssl
 import struct
@@ -127,6 +128,11 @@ class Connection:
         buf = bytearray(size)
         self.recv_into(buf, deadline)
         return bytes(buf)
+
+    def has_input(self) -> bool:
+        """Whether the peer sent something (a destination sends nothing mid-round but
+        an error: the source looks between batches, before its sends stall on it)."""
+        return bool(select.select([self.sock], [], [], 0)[0])
 
     def shutdown(self) -> None:
         """Wake any thread blocked on the connection (it gets an error or EOF)."""

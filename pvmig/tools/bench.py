@@ -90,7 +90,8 @@ def grid(quick: bool, runs: int) -> list[Cell]:
     if quick:
         return [Cell(256, "idle", runs=runs, fill=1.0),
                 Cell(256, "idle", runs=runs, fill=1.0, transport="grpc"),
-                Cell(256, "moderate", "busy", runs=runs)]
+                Cell(256, "moderate", "busy", runs=runs),
+                Cell(256, "idle", runs=runs, fill=1.0, tls=True)]
     cells = []
     for ram in (256, 1024):
         cells += [Cell(ram, "idle", runs=runs, fill=1.0),

@@ -18,16 +18,24 @@ def test_quick_bench(tmp_path):
     (size,) = out["sizes"]
     assert size["ram-mb"] == 256 and size["ceiling"]["gib-s"] > 0
     assert size["grpc-ceiling"]["gib-s"] > 0 and size["grpc-ceiling"]["streams"] == 4
-    assert [c["devices"] for c in size["cells"]] == ["idle", "busy"]
-    for c in size["cells"]:
+    assert size["tls-ceiling"]["gib-s"] > 0
+    cells = size["cells"]
+    assert [(c["devices"], c["transport"], c["tls"], c["fill"]) for c in cells] == [
+        ("idle", "tcp", False, 1.0), ("idle", "grpc", False, 1.0), ("busy", "tcp", False, 0.75),
+        ("idle", "tcp", True, 1.0)]
+    for c in cells:
         assert c["completed"] == c["verified"] == 1 and not c["errors"], c
         assert c["round0-gib-s-median"] > 0 and c["vs-ceiling"] > 0 and c["vs-grpc"] > 0
         assert c["downtime-ms-median"] > 0 and c["bytes-per-ram-median"] >= 0.5
         assert c["agent-anon-mib-peak"] > 10  # a Python process with grpc and numpy
-    busy = size["cells"][1]
+    # an all-written guest sends every page whole: no zero page flatters it
+    assert cells[0]["bytes-per-ram-median"] >= 1.0
+    assert cells[3]["vs-tls"] > 0 and cells[0]["vs-tls"] is None
+    busy = cells[2]
     assert busy["net-peer"] is not None and busy["net-peer"]["answered"] > 0
     md = (tmp_path / "b.md").read_text()
     assert md.startswith("`pvmig bench --quick --runs 1`") and "Raw-TCP ceiling" in md
-    assert "Bare gRPC ceiling" in md
+    assert "Bare gRPC ceiling" in md and "Bare Python TLS ceiling" in md
+    assert "256 MiB, all written, dirty idle, devices idle, tcp + mutual TLS" in md
     for png in ("bench-throughput.png", "bench-downtime.png"):
         assert (tmp_path / "plots" / png).read_bytes()[:4] == b"\x89PNG"

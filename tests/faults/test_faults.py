@@ -73,11 +73,20 @@ def _drain(proc: subprocess.Popen) -> None:
     threading.Thread(target=proc.stdout.read, daemon=True).start()
 
 
+def _prepare(dest: str, mid: str, domain: str) -> None:
+    with grpc.insecure_channel(dest) as ch:
+        pb_grpc.MigrationDestStub(ch).Prepare(pb.PrepareRequest(
+            migration_id=mid, domain=domain, ram_bytes=16 << 20, source_agent="a"),
+            timeout=60)
+
+
 def test_two_migrations_of_one_domain_at_once(cluster):
     """Two Begins race for one domain: exactly one gets it."""
     a, b = cluster["a"].address, cluster["b"].address
     create(a, "vm", ram_mb=16)
     results = {}
+    for mid in ("m1", "m2"):  # (each prepared at the destination, as a coordinator does)
+        _prepare(b, mid, f"vm-{mid}")
 
     def begin(mid):
         with grpc.insecure_channel(a) as ch:
@@ -107,6 +116,7 @@ def test_a_slow_suspend_is_resumed_by_abort(cluster):
     a, b = cluster["a"].address, cluster["b"].address
     create(a, "vm", ram_mb=16)
     pid = query(a, "vm").guest_pid
+    _prepare(b, "m", "vm-in")  # (prepared at the destination, as a coordinator does)
     with grpc.insecure_channel(a) as ch:
         src = pb_grpc.MigrationSourceStub(ch)
         src.Begin(pb.BeginRequest(migration_id="m", domain="vm", dest_address=b), timeout=30)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pvmig.hv import memory
-from pvmig.hv.memory import PAGE_SIZE, PAGE_WORDS, GuestMemory
+from pvmig.hv.memory import PAGE_SIZE, PAGE_WORDS, GuestMemory, zero_rows
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -261,3 +261,17 @@ def test_hashes_are_the_same_in_another_process(make_memory):
     out = subprocess.run([sys.executable, "-c", code, str(mem.path)], check=True,
                          capture_output=True, text=True, timeout=60).stdout.split()
     assert [int(x) for x in out] == mem.frame_hashes().tolist()
+
+
+def test_zero_rows_reads_past_a_zero_first_word(make_memory):
+    """A page is zero only if every word is: one whose first word is zero and whose last
+    byte is not is a normal page (the shortcut reads those whole)."""
+    mem = make_memory(6)
+    _fill_random(mem, seed=3)
+    mem.pages[1] = 0
+    mem.pages[2] = 0
+    mem.pages[2, PAGE_SIZE - 1] = 1
+    mem.pages[3, :8] = 0  # first word zero, the rest random
+    mem.pages[5] = 0
+    assert zero_rows(mem.pages).tolist() == [False, True, False, False, False, True]
+    assert zero_rows(mem.pages[[5, 2, 1]]).tolist() == [True, False, True]

@@ -150,3 +150,25 @@ def test_a_wildcard_listener_advertises_a_name_not_0_0_0_0():
     assert not advertised("0.0.0.0", 7000).startswith("0.0.0.0")
     assert advertised("10.0.0.1", 7000) == "10.0.0.1:7000"
     assert advertised("::1", 7000) == "[::1]:7000"
+
+
+def test_data_listener_and_transport_settings(tmp_path, capsys):
+    cfg = tmp_path / "a.toml"
+    cfg.write_text('listen = "0.0.0.0:7000"\nname = "a"\ndata_dir = "/d"\n'
+                   'data_listen = "0.0.0.0:7001"\ntransport = "grpc"\n')
+    s = agent_settings(args(config=cfg))
+    assert s["data_listen"] == "0.0.0.0:7001" and s["transport"] == "grpc"
+    s = agent_settings(args(config=cfg, data_listen="off", transport="tcp"))  # flags win
+    assert s["data_listen"] == "off" and s["transport"] == "tcp"
+    base = dict(listen="x:1", name="a", data_dir=tmp_path)
+    assert agent_settings(args(**base))["transport"] == "tcp"  # the default
+    with pytest.raises(errors.InvalidArgument, match="bad address 'nowhere': expected HOST:PORT"):
+        agent_settings(args(**base, data_listen="nowhere"))
+    with pytest.raises(errors.InvalidArgument, match=r"transport must be one of \['tcp', 'grpc'\]"):
+        agent_settings(args(**base, transport="udp"))
+    from pvmig.cli import main
+    with pytest.raises(SystemExit):
+        main.main(["agent", "--help"])
+    usage = " ".join(capsys.readouterr().out.split())
+    assert "--data-listen HOST:PORT|off" in usage and "for firewalls" in usage
+    assert "--transport {tcp,grpc}" in usage
