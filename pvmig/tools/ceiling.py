@@ -159,6 +159,14 @@ def _send(address: str, src: str, streams: int, certs: str | None = None) -> Non
     def pour(conn: socket.socket, lo: int, hi: int) -> None:
         for at in range(lo, hi, CHUNK):
             conn.sendall(data[at:min(hi, at + CHUNK)])
+        if tls is not None:
+            # TLS 1.3's session tickets sit unread here: closing now would reset the
+            # connection and drop what the receiver has not read yet. Wait for its close.
+            try:
+                while conn.recv(1 << 16):
+                    pass
+            except OSError:  # (ssl.SSLError too: an end without close_notify)
+                pass
         conn.close()
 
     threads = [threading.Thread(target=pour, args=(c, *span)) for c, span in zip(conns, spans)]

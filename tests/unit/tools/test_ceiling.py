@@ -1,4 +1,4 @@
-"""The ceilings pvmig bench measures against (ceiling.py): raw TCP and a bare gRPC
+"""The ceilings pvmig bench measures against (ceiling.py): raw TCP, TLS and a bare gRPC
 stream, two real processes, real sockets, shared memory on both sides, every byte
 checked."""
 
