@@ -79,7 +79,7 @@ St = SaveState
 class Settings:
     """What Begin asked for, checked."""
 
-    batch_pages: int = policy.BATCH_PAGES
+    batch_pages: int = 0  # 0: the transport's default
     streams: int = policy.STREAMS
     quiesce: Quiesce = Quiesce.NONE
     recovery: Recovery = Recovery.REPLAY
@@ -103,7 +103,7 @@ class Settings:
         if request.max_bandwidth_mbps < 0:
             raise errors.InvalidArgument(
                 f"max bandwidth must be >= 0 Mbit/s, not {request.max_bandwidth_mbps}")
-        return cls(batch_pages=request.batch_pages or policy.BATCH_PAGES,
+        return cls(batch_pages=request.batch_pages,
                    streams=request.streams or policy.STREAMS,
                    quiesce=from_wire(Quiesce, request.quiesce, Quiesce.NONE),
                    recovery=from_wire(Recovery, request.recovery, Recovery.REPLAY),
@@ -186,6 +186,7 @@ class SaveSession:
                       Lease(host.session_timeout_s, host.clock), settings, inject,
                       transport=settings.transport or host.transport)
         session.corrupt_seq = inject.corrupt_seq
+        settings.batch_pages = settings.batch_pages or policy.batch_pages(session.transport)
         if settings.max_bandwidth_mbps:
             session.limit = RateLimit(settings.max_bandwidth_mbps)
         # Claim the domain before the first await: a second Begin must find it taken.

@@ -44,7 +44,8 @@ def register(sub, auth) -> None:
     m.add_argument("--streams", type=int, default=0, metavar="N",
                    help=f"parallel page streams between the agents (default {policy.STREAMS})")
     m.add_argument("--batch-pages", type=int, default=0, metavar="N",
-                   help=f"pages per batch on the stream (default {policy.BATCH_PAGES})")
+                   help=f"pages per batch (default {policy.DATA_BATCH_PAGES} on data channels, "
+                   f"{policy.BATCH_PAGES} over gRPC)")
     m.add_argument("--verify-timeout", type=float, default=policy.VERIFY_TIMEOUT_S, metavar="S",
                    help="how long the resumed guest may take to check all its memory")
     m.add_argument("--report", type=Path, metavar="FILE", help="write the JSON report here")
