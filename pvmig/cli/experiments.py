@@ -56,11 +56,15 @@ def register(sub, auth) -> None:
     be = sub.add_parser("bench", help="migrations over a grid (RAM, dirty rate, devices, "
                         "bandwidth cap), against the raw-TCP ceiling and QEMU, in one run")
     be.add_argument("--quick", action="store_true",
-                    help="a 256 MiB guest, idle and busy, only (about a minute)")
+                    help="256 MiB only: all written over each transport and under TLS, "
+                    "and busy (about a minute)")
     be.add_argument("--runs", type=int, default=3, metavar="N",
                     help="migrations per cell (the 1 GiB busy cell runs at least 10)")
     be.add_argument("--ram-mb", type=int, action="append", metavar="MIB",
                     help="only these RAM sizes of the grid (repeat)")
+    be.add_argument("--cell", action="append", metavar="TEXT",
+                    help="only the cells whose name holds TEXT, e.g. \"all written\" or "
+                    "\"limit 5 ms\" (repeat: any of them)")
     be.add_argument("--peer", choices=["none", "qemu"], default="none",
                     help="qemu: QEMU's own migration of a paused guest of the same size "
                     "and content, beside pvmig's")
@@ -136,10 +140,11 @@ def bench(args) -> int:
     logging.getLogger().setLevel(logging.WARNING)
     command = "pvmig bench" + (" --quick" if args.quick else "") + f" --runs {args.runs}" + \
         "".join(f" --ram-mb {m}" for m in args.ram_mb or []) + \
+        "".join(f" --cell '{c}'" for c in args.cell or []) + \
         (" --peer qemu" if args.peer == "qemu" else "")
     out = run_bench(quick=args.quick, runs=args.runs, peer_qemu=args.peer == "qemu",
                     json_path=args.json, md_path=args.markdown, plots=args.plots,
-                    command=command, ram_sizes=args.ram_mb)
+                    command=command, ram_sizes=args.ram_mb, only=args.cell)
     failed = [c for s in out["sizes"] for c in s["cells"] if c["errors"]]
     return EXIT_FAILED if failed else EXIT_OK
 
