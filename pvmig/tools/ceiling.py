@@ -104,6 +104,13 @@ def _same(a: Path, b: Path) -> bool:
         y.close()
 
 
+def _announce(port_file: str, port: int) -> None:
+    """The port, written whole before the file appears (the parent reads it at once)."""
+    tmp = Path(f"{port_file}.tmp")
+    tmp.write_text(str(port))
+    tmp.replace(port_file)
+
+
 def _spans(nbytes: int, streams: int) -> list[tuple[int, int]]:
     step = -(-nbytes // streams)
     return [(lo, min(lo + step, nbytes)) for lo in range(0, nbytes, step)]
@@ -123,7 +130,7 @@ def _recv(port_file: str, dst: str, nbytes: int, streams: int, certs: str | None
     view = memoryview(mem.bytes)
     srv = socket.create_server(("127.0.0.1", 0))
     srv.listen(streams)
-    Path(port_file).write_text(str(srv.getsockname()[1]))
+    _announce(port_file, srv.getsockname()[1])
     tls = _tls(certs, ssl.PROTOCOL_TLS_SERVER)
     conns = [srv.accept()[0] for _ in range(len(_spans(nbytes, streams)))]
     started = time.monotonic()
@@ -207,7 +214,7 @@ def _grpc_recv(port_file: str, dst: str, nbytes: int, streams: int) -> None:
                 transfer, request_deserializer=_raw, response_serializer=_raw)}),))
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
-        Path(port_file).write_text(str(port))
+        _announce(port_file, port)
         while clock.get("received", 0) < len(_spans(nbytes, streams)):
             await asyncio.sleep(0.001)
         seconds = time.monotonic() - clock["started"]
