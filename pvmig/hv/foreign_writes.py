@@ -67,9 +67,11 @@ class ForeignWrites:
         self.copied[frames] = tick
         return tick
 
-    def written_since(self, frames: np.ndarray, tick: int) -> bool:
-        """Whether a foreign write reached any of frames after the copy of that tick."""
-        return self.armed and len(frames) > 0 and int(self.written[frames].max()) > tick
+    def written_since(self, frames: np.ndarray, tick: int) -> np.ndarray:
+        """Which of frames a foreign write reached after the copy of that tick."""
+        if not self.armed:
+            return np.zeros(len(frames), bool)
+        return self.written[frames] > tick
 
     def seal(self) -> None:
         """The final read of the dirty bitmap: whatever is written from now on stays."""
