@@ -59,7 +59,6 @@ class DataChannels:
         self.session = session
         self.loop = loop
         self.epoch = Epoch()
-        self._old: list[tuple[data_channel.Connection, concurrent.futures.Future]] = []
 
     # ---- on the event loop
 

@@ -75,7 +75,6 @@ class RestoreSession:
     applied_round: np.ndarray | None = None
     _hasher: asyncio.Task | None = None
     data: DataChannels | None = None  # transport tcp: the data channels, by epoch
-    _loop: asyncio.AbstractEventLoop | None = None
     _hash_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _end_event: asyncio.Event = field(default_factory=asyncio.Event)
     _resuming: asyncio.Future | None = None
@@ -118,8 +117,7 @@ class RestoreSession:
         session.hashes = np.zeros(n, dtype=np.uint64)
         session.unhashed = np.zeros(n, dtype=np.uint8)
         session.applied_round = np.zeros(n, dtype=np.uint32)  # round + 1 of each frame's copy
-        session._loop = asyncio.get_running_loop()
-        session.data = DataChannels(session, session._loop)
+        session.data = DataChannels(session, asyncio.get_running_loop())
         host.restores.add(session)
         try:
             host.start_devices(dom, fresh_disks=False)  # shared storage: the same disk
@@ -174,7 +172,7 @@ class RestoreSession:
         self.unhashed[frames] = 1
         if self._hasher is None:
             self._hasher = False  # (asked for once: the loop makes it)
-            self._loop.call_soon_threadsafe(self._start_hasher)
+            self.data.loop.call_soon_threadsafe(self._start_hasher)
 
     def _start_hasher(self) -> None:
         if not self._hasher and not self.ended and self.state is RestoreState.RECEIVING:

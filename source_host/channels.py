@@ -13,6 +13,7 @@ A batch whose checksum failed at the destination comes back with the round's ans
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -79,10 +80,8 @@ class Mismatch:
 class Source:
     """What a stream's thread reads and calls: the session's, handed over once a round."""
 
-    mem: object  # GuestMemory
-    journal: object  # ForeignWrites
+    domain: object  # its memory and dom0's journal of writes into it
     inject: object  # Injector
-    domain: object
     loop: asyncio.AbstractEventLoop
     limit: object | None = None  # RateLimit
     corrupt_seq: int | None = None  # an injection point: this batch goes out damaged
@@ -130,10 +129,10 @@ class DataStream:
                         src.inject.tear(src.domain, frames), src.loop).result()
                 # Before the frames are read: a foreign write during the send is later
                 # than the copy, whichever version of the page went out.
-                tick = src.journal.copy(frames)
+                tick = src.domain.journal.copy(frames)
                 if torn is not None:
-                    src.journal.write(torn[0], TORN)
-                sent = wire.send_pages(self.conn, src.mem, frames, seq=seq, round=number,
+                    src.domain.journal.write(torn[0], TORN)
+                sent = wire.send_pages(self.conn, src.domain.mem, frames, seq=seq, round=number,
                                        scratch=self._scratch, compressor=self.compressor,
                                        torn=torn, corrupt=seq == src.corrupt_seq)
                 self._in_round[seq] = (frames, tick)
@@ -201,21 +200,13 @@ class DataStream:
                                          f"{wire.NAMES[kind]}")
         return h
 
-    class _Failures:
-        def __init__(self, stream: "DataStream") -> None:
-            self.stream = stream
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, kind, exc, tb):
-            if exc is None or not isinstance(exc, OSError):
-                return False
-            raise self.stream._cause(exc) from None
-
-    def _failures(self) -> "DataStream._Failures":
+    @contextlib.contextmanager
+    def _failures(self):
         """A broken connection, as the destination's own reason where it sent one."""
-        return DataStream._Failures(self)
+        try:
+            yield
+        except OSError as e:
+            raise self._cause(e) from None
 
     def _cause(self, e: OSError) -> errors.PvmigError:
         try:

@@ -442,8 +442,8 @@ class SaveSession:
         """Send batches until there are none left, then (`end`) this stream's round end.
         The streams share one list: each batch goes on exactly one stream."""
         if isinstance(stream, DataStream):
-            src = Source(self.domain.mem, self.domain.journal, self.inject, self.domain,
-                         asyncio.get_running_loop(), self.limit, self.corrupt_seq, tally)
+            src = Source(self.domain, self.inject, asyncio.get_running_loop(), self.limit,
+                         self.corrupt_seq, tally)
             await stream.send(src, batches, number)
             if end:
                 self._settle(await stream.end_round(number, wait=not final), final=False)

@@ -7,6 +7,7 @@ import tomllib
 from pathlib import Path
 
 from pvmig import errors
+from pvmig.agent.data_server import OFF
 from pvmig.agent.server import run as run_agent
 from pvmig.cli.common import EXIT_OK, security_of
 from pvmig.host.host import default_max_ram
@@ -88,7 +89,7 @@ def agent_settings(args) -> dict:
             out[key] = Path(out[key])
     if out["max_ram_mb"] is not None and out["max_ram_mb"] <= 0:
         raise errors.InvalidArgument(f"--max-ram-mb must be > 0, not {out['max_ram_mb']}")
-    if out["data_listen"] and out["data_listen"] != "off":
+    if out["data_listen"] and out["data_listen"] != OFF:
         parse_address(out["data_listen"], listen=True)
     if out["transport"] not in policy.choices(policy.Transport):
         raise errors.InvalidArgument(f"transport must be one of "

@@ -119,17 +119,22 @@ def _decode(batch: pb.PageBatch, data: bytes, size: int) -> bytes:
         raise errors.InvalidArgument(
             f"batch {batch.seq}: unknown encoding {batch.encoding!r} (this agent reads "
             f"'' and {ZSTD!r})")
-    import zstandard
+    return zstd_decode(batch.seq, data, size)
+
+
+def zstd_decode(seq: int, data: bytes, size: int) -> bytes:
+    """A batch's zstd data, at most `size` bytes of pages (both transports)."""
+    import zstandard  # (only with migrate --compress zstd)
     try:
         # max_output_size holds only for frames that do not state their size: a frame
         # that claims more than the batch can hold is refused before anything is made
         claimed = zstandard.frame_content_size(data)
         if claimed > size:
-            raise errors.InvalidArgument(f"batch {batch.seq}: zstd data claims {claimed} "
+            raise errors.InvalidArgument(f"batch {seq}: zstd data claims {claimed} "
                                          f"bytes for {size // PAGE_SIZE} frames")
         return zstandard.ZstdDecompressor().decompress(data, max_output_size=size)
     except zstandard.ZstdError as e:
-        raise errors.InvalidArgument(f"batch {batch.seq}: bad zstd data: {e}") from None
+        raise errors.InvalidArgument(f"batch {seq}: bad zstd data: {e}") from None
 
 
 def newer(batch: Unpacked, applied: np.ndarray, generation: int) -> Unpacked:

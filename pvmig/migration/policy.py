@@ -67,13 +67,13 @@ MAX_BATCH_PAGES = 1024  # 4 MiB: well under the 16 MiB message limit
 STREAMS = 4
 MAX_STREAMS = 16
 TRANSPORT = Transport.TCP
+SESSION_TIMEOUT_S = 120.0  # a session's lease: silence this long means no coordinator
+VERIFY_TIMEOUT_S = 60.0  # for the resumed guest to sweep its memory once
 
 
 def batch_pages(transport: Transport) -> int:
     """A transport's default batch."""
     return DATA_BATCH_PAGES if transport is Transport.TCP else BATCH_PAGES
-SESSION_TIMEOUT_S = 120.0  # a session's lease: silence this long means no coordinator
-VERIFY_TIMEOUT_S = 60.0  # for the resumed guest to sweep its memory once
 
 
 def choices(policy: type[StrEnum]) -> list[str]:

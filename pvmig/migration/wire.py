@@ -8,7 +8,7 @@ PAGES          n_frames u32 frame numbers, n_zero u32 zero-page numbers (nothing
                pages; 1: them zstd-compressed). checksum: xxh3-64 over the header (its
                checksum field 0) and the body.
 ROUND_END      n_frames: the pages this connection carried in the round.
-DEVICE_STATE   data_len bytes of msgpack (migration.device_state).
+DEVICE_STATE   data_len bytes: the DeviceState message (proto, as on the gRPC stream).
 END            n_frames: how many connections the migration has.
 ACK (back)     a round end's answer: n_frames pages received, n_zero seqs of batches
                whose checksum failed after they landed, as u64 in the body.
@@ -24,7 +24,7 @@ domain before a byte of data is read.
 
 The source's pages may change while they are sent (the guest runs): a checksum taken
 over guest RAM then need not match what left. The destination reports such batches
-instead of failing on them, and the source decides (pvmig source_host.channels): frames
+instead of failing on them, and the source decides (source_host.save: _settle): frames
 written since they were copied go again; a batch nothing wrote is corrupt, and the
 migration aborts before anything at the destination runs.
 """
@@ -39,6 +39,7 @@ import xxhash
 
 from pvmig import errors
 from pvmig.hv.memory import PAGE_SIZE, GuestMemory, is_run, zero_rows
+from pvmig.migration.pages import zstd_decode
 from pvmig.rpc.data_channel import Closed, Connection
 
 HEADER = struct.Struct("<BBHIQIIIQ")
@@ -223,7 +224,6 @@ class Receiver:
         self.mem = mem
         self.batch_pages = batch_pages
         self.buf = np.empty((batch_pages, PAGE_SIZE), np.uint8)
-        self._decompressor = None
 
     def check(self, h: Header) -> None:
         """Before anything of the body is read."""
@@ -276,16 +276,8 @@ class Receiver:
         return Received(n + len(zero), lists, ok)
 
     def _decompress(self, h: Header, data: bytes, n: int) -> bytes:
-        import zstandard  # (only with migrate --compress zstd)
         size = n * PAGE_SIZE
-        try:
-            claimed = zstandard.frame_content_size(data)
-            if claimed > size:
-                raise errors.InvalidArgument(f"batch {h.seq}: zstd data claims {claimed} "
-                                             f"bytes for {n} frames")
-            out = zstandard.ZstdDecompressor().decompress(data, max_output_size=size)
-        except zstandard.ZstdError as e:
-            raise errors.InvalidArgument(f"batch {h.seq}: bad zstd data: {e}") from None
+        out = zstd_decode(h.seq, data, size)
         if len(out) != size:
             raise errors.InvalidArgument(
                 f"batch {h.seq}: {len(out)} bytes of data for {n} frames")
