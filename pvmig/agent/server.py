@@ -21,6 +21,7 @@ from pvmig import errors
 from pvmig._proto import pvmig_pb2 as pb
 from pvmig.agent.data_server import OFF, DataServer
 from pvmig.agent.servicers import (
+    IN_FLIGHT,
     AgentServicer,
     MigrationDestServicer,
     MigrationSourceServicer,
@@ -44,6 +45,32 @@ def advertised(bind_host: str, port: int) -> str:
                     "give --advertise if they cannot reach that name", name, port)
         return f"{name}:{port}"
     return f"{bind_host}:{port}" if ":" not in bind_host else f"[{bind_host}]:{port}"
+
+
+def dump_tasks() -> None:
+    """SIGUSR1: where each of the agent's tasks and calls waits, into its log (an agent
+    that seems stuck says on what; py-spy sees only an idle event loop)."""
+    tasks = asyncio.all_tasks()
+    log.warning("SIGUSR1: %d task(s), %d call(s) being served", len(tasks), len(IN_FLIGHT))
+    for task in tasks:
+        log.warning("%s\n%s", task.get_name(), "\n".join(_awaiting(task.get_coro())))
+    for work, method in list(IN_FLIGHT.items()):
+        log.warning("call %s\n%s", method, "\n".join(_awaiting(work)))
+
+
+def _awaiting(coro) -> list[str]:
+    """The chain of awaits down from a coroutine, one line a frame. Followed by hand:
+    Task.get_stack stops at grpc's compiled frames, above the servicer's."""
+    lines = []
+    while coro is not None and len(lines) < 64:
+        frame = next((getattr(coro, a) for a in ("cr_frame", "ag_frame", "gi_frame")
+                      if getattr(coro, a, None) is not None), None)
+        if frame is not None:
+            lines.append(f"  {frame.f_code.co_filename}:{frame.f_lineno} "
+                         f"in {frame.f_code.co_name}")
+        coro = next((getattr(coro, a) for a in ("cr_await", "ag_await", "gi_yieldfrom")
+                     if getattr(coro, a, None) is not None), None)
+    return lines or ["  (no frame)"]
 
 
 async def serve(host: Host, listen: str, *, ready_file: Path | None = None,
@@ -81,6 +108,7 @@ async def serve(host: Host, listen: str, *, ready_file: Path | None = None,
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
     # Domains a crash left and parked ones are back before anyone can ask: a recovery
     # must not be told a domain is lost while it is being resumed here.
     revived = await revival.revive_all(host)

@@ -5,6 +5,8 @@ message (pvmig.rpc.status); the work lives there.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import inspect
 import logging
@@ -28,37 +30,68 @@ CAPABILITIES = ["precopy", "zero-pages", "xxh3-batches", "zstd", "auto-converge"
                 "data-channels"]
 
 
+IN_FLIGHT: dict[object, str] = {}
+"""The work of each call being served (its coroutine or async generator) and the
+method's name: where a stuck call waits is read from here (agent.server.dump_tasks;
+grpc's compiled frames hide it from the task's own stack)."""
+
+
 def _status(fn):
     """Turn a PvmigError raised by the work into a precise status with its message."""
     if inspect.isasyncgenfunction(fn):
         @functools.wraps(fn)
         async def stream(self, request, context):
-            try:
+            async with _answered(fn.__name__, context):
                 if isinstance(request, channel.Malformed):
                     raise request.error()
-                async for item in fn(self, request, context):
+                async for item in _in_flight(fn(self, request, context), fn.__name__):
                     yield item
-            except errors.PvmigError as e:
-                await context.abort(status.code_of(e), str(e))
-            except Exception as e:  # a bug: say so in one line, keep the trace in the log
-                log.exception("%s failed", fn.__name__)
-                await context.abort(grpc.StatusCode.INTERNAL,
-                                    f"internal error in {fn.__name__}: {type(e).__name__}: {e}")
         return stream
 
     @functools.wraps(fn)
     async def unary(self, request, context):
-        try:
+        async with _answered(fn.__name__, context):
             if isinstance(request, channel.Malformed):
                 raise request.error()
-            return await fn(self, request, context)
-        except errors.PvmigError as e:
-            await context.abort(status.code_of(e), str(e))
-        except Exception as e:
-            log.exception("%s failed", fn.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL,
-                                f"internal error in {fn.__name__}: {type(e).__name__}: {e}")
+            work = fn(self, request, context)
+            IN_FLIGHT[work] = fn.__name__
+            try:
+                return await work
+            finally:
+                del IN_FLIGHT[work]
     return unary
+
+
+async def _in_flight(work, name: str):
+    IN_FLIGHT[work] = name
+    try:
+        async for item in work:
+            yield item
+    finally:
+        del IN_FLIGHT[work]
+
+
+@contextlib.asynccontextmanager
+async def _answered(name: str, context):
+    """Whatever the work raises, the caller gets a status: a PvmigError's own, a bug's
+    INTERNAL (its trace in the log), never a call left open."""
+    try:
+        yield
+    except errors.PvmigError as e:
+        await context.abort(status.code_of(e), str(e))
+    except asyncio.CancelledError:
+        if status.own_cancel():
+            raise
+        # Something inside was cancelled under the work (a call whose channel was
+        # closed): ended silently, the handler would send no status, and its caller
+        # would wait for ever.
+        log.error("%s: cancelled from within", name, exc_info=True)
+        await context.abort(grpc.StatusCode.INTERNAL,
+                            f"internal error in {name}: cancelled from within")
+    except Exception as e:  # a bug: said in one line, the trace kept in the log
+        log.exception("%s failed", name)
+        await context.abort(grpc.StatusCode.INTERNAL,
+                            f"internal error in {name}: {type(e).__name__}: {e}")
 
 
 def _workload_msg(w: dict) -> pb.WorkloadConfig:

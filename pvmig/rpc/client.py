@@ -6,6 +6,7 @@ message names the agent.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import AsyncIterator
 
@@ -42,6 +43,10 @@ class AgentClient:
             return await method(request, timeout=timeout)
         except grpc.RpcError as e:
             raise self._error(e) from None
+        except asyncio.CancelledError:
+            if status.own_cancel():
+                raise
+            raise self._closed_under() from None
 
     async def stream(self, method, request, timeout: float | None = None) -> AsyncIterator:
         try:
@@ -49,6 +54,18 @@ class AgentClient:
                 yield item
         except grpc.RpcError as e:
             raise self._error(e) from None
+        except asyncio.CancelledError:
+            if status.own_cancel():
+                raise
+            raise self._closed_under() from None
+
+    def _closed_under(self) -> errors.PvmigError:
+        """A call whose channel was closed while it waited ends in CancelledError, as
+        if the caller were cancelled: that is an error of the call, not a cancel (taken
+        for one, it ended an agent's handler with no status, and its caller waited for
+        ever)."""
+        return errors.Unavailable(f"the connection to the {self.where} was closed during "
+                                  "the call")
 
     def _error(self, e: grpc.RpcError) -> errors.PvmigError:
         err = status.from_rpc(e, self.where)

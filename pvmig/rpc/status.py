@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 
 from pvmig import errors
@@ -30,3 +32,11 @@ def from_status(code: grpc.StatusCode | None, details: str | None,
     elif code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
         details = f"{where} failed: {details}"
     return errors.BY_CODE.get(code.name, errors.PvmigError)(details)
+
+
+def own_cancel() -> bool:
+    """The running task is being cancelled. grpc.aio also raises CancelledError in a
+    call whose channel was closed under it: that one is a failure of the call, and
+    must not pass for a cancel (see AgentClient.call, agent.servicers)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
