@@ -41,14 +41,20 @@ class GuestMemory:
         self.words = self.pages.view(np.uint64)
 
     @classmethod
-    def create(cls, path: str | os.PathLike, nr_frames: int) -> "GuestMemory":
+    def create(cls, path: str | os.PathLike, nr_frames: int, populate: bool = True
+               ) -> "GuestMemory":
         if nr_frames <= 0:
             raise ValueError(f"a domain needs at least one frame, not {nr_frames}")
-        return cls(SharedFile.create(path, nr_frames * PAGE_SIZE))
+        return cls(SharedFile.create(path, nr_frames * PAGE_SIZE, populate))
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "GuestMemory":
-        return cls(SharedFile.open(path))
+    def open(cls, path: str | os.PathLike, populate: bool = True) -> "GuestMemory":
+        return cls(SharedFile.open(path, populate))
+
+    @property
+    def mapping(self):
+        """The mmap itself (userfaultfd registers it: pvmig.hv.userfault)."""
+        return self._shared.mapping
 
     @property
     def ram_bytes(self) -> int:
@@ -133,6 +139,16 @@ def is_run(frames: np.ndarray) -> bool:
     n = len(frames)
     return n > 0 and int(frames[-1]) - int(frames[0]) == n - 1 and bool(
         (np.diff(frames.astype(np.int64)) == 1).all())
+
+
+def runs(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(first frame, length) of each ascending run in frames."""
+    if not len(frames):
+        return frames[:0], np.empty(0, np.int64)
+    breaks = np.flatnonzero(np.diff(frames.astype(np.int64)) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    lengths = np.diff(np.concatenate((starts, [len(frames)])))
+    return frames[starts], lengths
 
 
 def save_image(mem: GuestMemory, path: str | os.PathLike) -> np.ndarray:

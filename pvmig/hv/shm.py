@@ -30,14 +30,18 @@ class SharedFile:
         self.bytes = np.frombuffer(mapping, dtype=np.uint8, count=size)
 
     @classmethod
-    def create(cls, path: str | os.PathLike, size: int) -> "SharedFile":
+    def create(cls, path: str | os.PathLike, size: int, populate: bool = True
+               ) -> "SharedFile":
+        """populate=False: the file stays sparse, its pages allocated as they are first
+        written (a post-copy destination's RAM: a page not in the file is one that has
+        not arrived, pvmig.hv.userfault)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         # O_EXCL: two domains must never share a file by accident.
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.ftruncate(fd, size)
-            return cls(path, _map(fd, size), size)
+            return cls(path, _map(fd, size) if populate else mmap.mmap(fd, size), size)
         except BaseException:
             os.unlink(path)
             raise
@@ -45,12 +49,12 @@ class SharedFile:
             os.close(fd)
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "SharedFile":
+    def open(cls, path: str | os.PathLike, populate: bool = True) -> "SharedFile":
         path = Path(path)
         fd = os.open(path, os.O_RDWR)
         try:
             size = os.fstat(fd).st_size
-            return cls(path, _map(fd, size), size)
+            return cls(path, _map(fd, size) if populate else mmap.mmap(fd, size), size)
         finally:
             os.close(fd)
 
@@ -62,6 +66,10 @@ class SharedFile:
             self._mmap.close()
         except BufferError:
             pass
+
+    @property
+    def mapping(self) -> mmap.mmap:
+        return self._mmap
 
     def unlink(self) -> None:
         self.path.unlink(missing_ok=True)

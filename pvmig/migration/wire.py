@@ -38,7 +38,7 @@ import numpy as np
 import xxhash
 
 from pvmig import errors
-from pvmig.hv.memory import PAGE_SIZE, GuestMemory, is_run, zero_rows
+from pvmig.hv.memory import PAGE_SIZE, GuestMemory, is_run, runs, zero_rows
 from pvmig.migration.pages import zstd_decode
 from pvmig.rpc.data_channel import Closed, Connection
 
@@ -102,14 +102,6 @@ class Scratch:
         self.gather = np.empty((self.batch_pages, PAGE_SIZE), np.uint8)
 
 
-def _runs(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(first frame, length) of each ascending run in frames."""
-    breaks = np.flatnonzero(np.diff(frames.astype(np.int64)) != 1) + 1
-    starts = np.concatenate(([0], breaks))
-    lengths = np.diff(np.concatenate((starts, [len(frames)])))
-    return frames[starts], lengths
-
-
 def send_pages(conn: Connection, mem: GuestMemory, frames: np.ndarray, *, seq: int,
                round: int, scratch: Scratch, compressor=None,
                torn: tuple[int, np.ndarray] | None = None, corrupt: bool = False) -> Sent:
@@ -161,7 +153,7 @@ def _views(pages: np.ndarray, frames: np.ndarray, scratch: Scratch) -> list:
     """The rows of `frames`: a view per run while there are few runs, else one gather."""
     if not len(frames):
         return []
-    starts, lengths = _runs(frames)
+    starts, lengths = runs(frames)
     if len(starts) <= MAX_PARTS:
         return [pages[s:s + n] for s, n in zip(starts.tolist(), lengths.tolist())]
     return [np.take(pages, frames, axis=0, out=scratch.gather[:len(frames)])]
