@@ -18,6 +18,8 @@ import concurrent.futures
 import logging
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from pvmig import errors
 from pvmig._proto import pvmig_pb2 as pb
 from pvmig.hv.memory import PAGE_SIZE
@@ -47,6 +49,7 @@ def on_loop(loop: asyncio.AbstractEventLoop, fn, *args):
 class Epoch:
     number: int = 0
     key: bytes | None = None
+    postcopy: bool = False  # after the switch: connection 0 is the urgent lane
     claimed: set = field(default_factory=set)
     # index -> (connection, done: set when its thread is off the memory)
     conns: dict = field(default_factory=dict)
@@ -62,10 +65,11 @@ class DataChannels:
 
     # ---- on the event loop
 
-    async def open(self, endpoint: tuple[str, int, bool]) -> pb.DataChannels:
+    async def open(self, endpoint: tuple[str, int, bool], postcopy: bool = False
+                   ) -> pb.DataChannels:
         host, port, tls = endpoint
         await self.close()
-        self.epoch = Epoch(self.epoch.number + 1, data_channel.new_key())
+        self.epoch = Epoch(self.epoch.number + 1, data_channel.new_key(), postcopy)
         return pb.DataChannels(host=host, port=port, key=self.epoch.key,
                                epoch=self.epoch.number, tls=tls,
                                max_batch_bytes=MAX_BATCH_PAGES * PAGE_SIZE)
@@ -105,11 +109,13 @@ class DataChannels:
 
     # ---- in a connection's thread
 
-    def receive(self, conn: data_channel.Connection) -> None:
+    def receive(self, conn: data_channel.Connection, index: int) -> None:
         """Read records until the source closes the connection. A bad record raises
         (the data server answers it with an error record and closes)."""
         s = self.session
         mem = s.domain.mem
+        if self.epoch.postcopy:
+            return self._receive_postcopy(conn, index)
         receiver = wire.Receiver(mem, MAX_BATCH_PAGES)
         round_pages: dict[int, int] = {}
         damaged: dict[int, list[int]] = {}
@@ -142,6 +148,10 @@ class DataChannels:
                 except Exception as e:  # protobuf's DecodeError, by any name
                     raise errors.InvalidArgument(f"device state unreadable: {e}") from None
                 on_loop(self.loop, s.on_device_state, None, state)
+            elif h.type == wire.DISCARD:
+                frames = wire.read_frames(conn, h, mem.nr_frames)
+                asyncio.run_coroutine_threadsafe(s.on_discard(frames), self.loop
+                                                 ).result(LOOP_WAIT_S)
             elif h.type == wire.END:
                 wire.read_control_body(conn, h)
                 on_loop(self.loop, s.end_stream, h.n_frames)
@@ -149,4 +159,30 @@ class DataChannels:
                 wire.send_control(conn, wire.END_ACK)
             else:
                 raise errors.InvalidArgument(f"unknown record type {h.type}")
+
+    def _receive_postcopy(self, conn: data_channel.Connection, index: int) -> None:
+        """After the switch: pages placed as they come (the guest runs); connection 0
+        is the urgent lane, on which the faults' requests go back. Each connection's
+        END is answered once every frame is here (the source then completes)."""
+        s = self.session
+        paging = s.paging
+        receiver = wire.Receiver(s.domain.mem, MAX_BATCH_PAGES, place=paging.place)
+        if index == 0:
+            paging.set_lane(conn)
+        while True:
+            try:
+                h = wire.read_header(conn)
+            except data_channel.Closed:
+                return
+            s._check_open()
+            if h.type == wire.PAGES:
+                receiver.receive(conn, h)
+            elif h.type == wire.END:
+                wire.read_control_body(conn, h)
+                paging.wait_for(np.flatnonzero(paging.missing), policy.POSTCOPY_END_S,
+                                ask=False)
+                wire.send_control(conn, wire.END_ACK)
+            else:
+                raise errors.InvalidArgument(f"{wire.NAMES.get(h.type, h.type)} record on a "
+                                             "post-copy data connection")
 

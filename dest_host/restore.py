@@ -51,6 +51,7 @@ from pvmig.rpc import channel
 from pvmig.rpc.client import AgentClient
 
 from .channels import DataChannels
+from .postcopy import Paging
 
 log = logging.getLogger(__name__)
 HASH_EVERY_S = 0.02  # keeps each pass, and so the wait at resume, to a few ms
@@ -75,6 +76,7 @@ class RestoreSession:
     applied_round: np.ndarray | None = None
     _hasher: asyncio.Task | None = None
     data: DataChannels | None = None  # transport tcp: the data channels, by epoch
+    paging: Paging | None = None  # may switch to post-copy: its frames still to come
     _hash_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _end_event: asyncio.Event = field(default_factory=asyncio.Event)
     _resuming: asyncio.Future | None = None
@@ -105,8 +107,12 @@ class RestoreSession:
         check_migration_id(request.migration_id)
         if request.migration_id in host.restores:
             raise errors.AlreadyExists(f"migration {request.migration_id} already exists")
+        if request.postcopy and request.save_image:
+            raise errors.InvalidArgument("--save-images reads every frame at resume: not "
+                                         "with post-copy, whose frames come after it")
         dom = host.reserve(request.domain, request.ram_bytes, workload={},
-                           devices=[_device_dict(d) for d in request.devices])
+                           devices=[_device_dict(d) for d in request.devices],
+                           lazy=request.postcopy)
         dom.migration_id = request.migration_id
         session = cls(host, dom, request.migration_id, request.source_agent,
                       Lease(host.session_timeout_s, host.clock),
@@ -121,7 +127,10 @@ class RestoreSession:
         host.restores.add(session)
         try:
             host.start_devices(dom, fresh_disks=False)  # shared storage: the same disk
-            await dom.start_waiting(host.log_path(dom))
+            await dom.start_waiting(host.log_path(dom), lazy=request.postcopy)
+            if request.postcopy:
+                session.paging = Paging(session, dom.userfault)
+                dom.missing = session.paging.missing
             session._set_state(RestoreState.RECEIVING)
         except BaseException:
             await session.discard("the guest process did not start")
@@ -178,6 +187,18 @@ class RestoreSession:
         if not self._hasher and not self.ended and self.state is RestoreState.RECEIVING:
             self._hasher = asyncio.create_task(self._hash_in_background())
 
+    async def on_discard(self, frames: np.ndarray) -> None:
+        """The switch to post-copy: these frames come later, after resume."""
+        self._check_open()
+        if self.paging is None:
+            raise errors.FailedPrecondition(
+                f"migration {self.migration_id} was not prepared for post-copy")
+        if self.ended:
+            raise errors.InvalidArgument("post-copy's frames after the end of the stream")
+        async with self._hash_lock:  # no hashing pass on them while they go
+            self.unhashed[frames] = 0
+            self.paging.discard(self.domain.mem, frames)
+
     def on_round_end(self, stream: "_StreamState", end: pb.RoundEnd) -> pb.StreamAck:
         return pb.StreamAck(round=end.round, pages_received=stream.round_pages.pop(end.round, 0))
 
@@ -210,9 +231,12 @@ class RestoreSession:
             self.ready()
 
     async def open_data(self) -> pb.DataChannels:
-        """A new epoch of data channels (transport tcp); the old ones closed first."""
+        """A new epoch of data channels (transport tcp); the old ones closed first. After
+        a post-copy switch: post-copy's (connection 0 the urgent lane), opened before
+        the resume so that the guest's first fault is served at once."""
         self._check_open()
-        if self.ended or self.state is not RestoreState.RECEIVING:
+        postcopy = self.paging is not None and self.ended and self.paging.total > 0
+        if not postcopy and (self.ended or self.state is not RestoreState.RECEIVING):
             raise errors.FailedPrecondition(
                 f"migration {self.migration_id} is {self.state}: data channels are opened "
                 "while it receives")
@@ -221,7 +245,7 @@ class RestoreSession:
                 f"agent {self.host.name} has no data listener (--data-listen off): migrate "
                 "with --transport grpc")
         with self.lease.hold():
-            return await self.data.open(self.host.data_endpoint)
+            return await self.data.open(self.host.data_endpoint, postcopy=postcopy)
 
     # ---- hashing what was received
 
@@ -283,10 +307,17 @@ class RestoreSession:
         self.host.records.remember(self.domain, migration_id=self.migration_id,
                                    role=Role.DESTINATION, vcpu=state.vcpu,
                                    recovery=state.recovery,
-                                   resumes=records.resumes_of(self.domain.mem))
+                                   resumes=self._resumes())
         self.host.commits.record(self.migration_id, Role.DESTINATION, self.domain.name)
         faults.point("dest-committed")
         self._set_state(RestoreState.COMMITTED)
+
+    def _resumes(self) -> int:
+        """The RAM's resume count, for a revival after a crash; -1 (never matches) while
+        post-copy's info page is still to come: such a crash loses the guest anyway."""
+        if self.paging is not None and self.paging.missing[0]:
+            return -1
+        return records.resumes_of(self.domain.mem)
 
     async def commit_and_resume(self) -> int:
         """The commit recorded, then the guest resumed: one call inside the downtime.
@@ -310,16 +341,36 @@ class RestoreSession:
         await self._hash_pass()
         if self.save_image:  # asked for: costs a copy of memory inside the downtime
             save_image(self.domain.mem, self.save_image)
+        postcopy = self.paging is not None and self.paging.total > 0
+        if postcopy:
+            self.paging.start()  # before the guest runs: its first read may fault
         t = await self.domain.resume(self.device_state.vcpu, self.device_state.recovery)
         self.domain.migration_id = ""
         self._set_state(RestoreState.RESUMED)
-        self.host.records.refresh(self.domain)
+        if not postcopy:  # (post-copy's: once every frame is here, postcopy_state)
+            self.host.records.refresh(self.domain)
         return t
+
+    def postcopy_state(self) -> pb.PostcopyStatus:
+        if self.paging is None:
+            raise errors.FailedPrecondition(
+                f"migration {self.migration_id} was not prepared for post-copy")
+        status = self.paging.status()
+        if self.paging.complete and self.state is RestoreState.RESUMED and self.paging.total:
+            if self.domain.missing is not None:
+                self.domain.missing = None
+                self.paging.stop()
+                self.host.records.refresh(self.domain)
+        return status
 
     async def frame_hashes(self) -> AsyncIterator[pb.HashChunk]:
         """Hashes of this side's memory as it was at resume."""
         if self.domain.state == DomainState.INCOMING:
             raise errors.FailedPrecondition("frame hashes are kept from resume on")
+        if self.paging is not None and not self.paging.complete:
+            raise errors.FailedPrecondition(
+                f"post-copy of migration {self.migration_id}: "
+                f"{int(self.paging.missing.sum())} frame(s) have not arrived")
         for chunk in verify.chunks(self.hashes):
             yield chunk
 
@@ -375,6 +426,8 @@ class RestoreSession:
         self.host.restores.remove(self.migration_id)
         if self.data is not None:  # no data channel's thread left on the memory
             await self.data.close()
+        if self.paging is not None:
+            await asyncio.to_thread(self.paging.stop)
         if self._hasher:
             self._hasher.cancel()
         async with self._hash_lock:  # no hashing pass left on the memory

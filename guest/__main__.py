@@ -1,10 +1,12 @@
 """python -m guest: the guest process, started by its host agent.
 
     python -m guest boot    --ram PATH --dirty PATH --fd N --config JSON
-    python -m guest restore --ram PATH --dirty PATH --fd N
+    python -m guest restore --ram PATH --dirty PATH --fd N [--lazy]
 
 `boot` lays out a fresh domain; `restore` waits, already loaded, for the vCPU context
 that resumes a migrated one (started during prepare so that resume costs no start-up).
+With --lazy (post-copy) its memory arrives after it resumes: it registers its RAM with
+userfaultfd and hands the descriptor to its agent, which places each page it blocks on.
 
 A running guest outlives a crash of its agent (dom0), as Xen's domains do: when the
 channel closes it quiesces and writes its vCPU context to --preserve, and the agent's
@@ -21,6 +23,7 @@ import sys
 import time
 
 from pvmig.errors import PvmigError
+from pvmig.hv import userfault
 from pvmig.hv.hypercall import GuestChannel
 from pvmig.hv.logdirty import DirtyLog
 from pvmig.hv.memory import GuestMemory
@@ -43,9 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--domid", type=int, required=True, help="this domain's id on this host")
     p.add_argument("--config", default="{}")
     p.add_argument("--preserve", help="where the vCPU context goes if the agent dies")
+    p.add_argument("--lazy", action="store_true",
+                   help="restore: memory arrives after resume (post-copy); a frame not "
+                        "yet here blocks whoever reads it until the agent places it")
     args = p.parse_args(argv)
     chan = GuestChannel(socket.socket(fileno=args.fd))
-    vm = VcpuMemory(GuestMemory.open(args.ram), DirtyLog.open(args.dirty))
+    vm = VcpuMemory(GuestMemory.open(args.ram, populate=not args.lazy),
+                    DirtyLog.open(args.dirty))
     devices = lambda rng: GuestDevices(vm, chan, gnttab=args.gnttab, evtchn=args.evtchn,  # noqa: E731
                                        evfd=args.evfd, domid=args.domid, rng=rng)
     if args.mode == "boot":
@@ -60,7 +67,17 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             raise
     else:
-        chan.send({"op": "waiting"})
+        if args.lazy:
+            # Before anything reads guest RAM: from here a frame not in the file faults
+            # to the agent, which places it when it arrives.
+            try:
+                reg = userfault.register(vm.mem.mapping, vm.mem.ram_bytes)
+            except userfault.Unsupported as e:
+                chan.send({"op": "error", "error": f"post-copy: {e}"})
+                return 1
+            chan.send_fd({"op": "waiting", "base": reg.base}, reg.fd)
+        else:
+            chan.send({"op": "waiting"})
         msg = chan.recv()
         if msg is None:
             return 0

@@ -53,7 +53,8 @@ AGENT_POINTS = ("commit", "committed", "dest-committed", "complete", "unpark", "
 # in order, then those of a throttle, a reconnect, a failure and a lost commit answer
 COORDINATOR_PHASES = ("connect", "prepare", "begin", "stop-and-copy", "suspend", "quiesce",
                       "final", "commit", "committed", "resumed", "verify", "done",
-                      "throttle", "streams-reconnected", "abort", "recover")
+                      "throttle", "streams-reconnected", "abort", "recover", "switch",
+                      "postcopy-active", "postcopy-done")
 
 _host_dies_at = os.environ.get(AGENT_DIES_AT.env, "")
 _agent_crashes_at = os.environ.get(AGENT_CRASHES_AT.env, "")

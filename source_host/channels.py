@@ -29,6 +29,7 @@ from pvmig.rpc import data_channel
 
 log = logging.getLogger(__name__)
 ERROR_WAIT_S = 1.0  # after a failed send: how long to wait for the destination's reason
+LANE_POLL_S = 0.02  # the urgent lane looks this often whether the push has finished
 
 
 class Batches:
@@ -171,13 +172,18 @@ class DataStream:
             raise errors.DataLoss(f"round {number}: the destination names batch {e}, "
                                   "which this stream did not send in it") from None
 
-    async def end(self, streams: int, device_state: bytes | None = None) -> list[Mismatch]:
+    async def end(self, streams: int, device_state: bytes | None = None,
+                  discard: np.ndarray | None = None) -> list[Mismatch]:
         """The device state (on the stream that carries it), the end of the stream, and
-        the answers: the final round's, then the end's."""
-        return await self._run(self._end, streams, device_state)
+        the answers: the final round's, then the end's. discard (a switch to post-copy):
+        the frames still to come, first."""
+        return await self._run(self._end, streams, device_state, discard)
 
-    def _end(self, streams: int, device_state: bytes | None) -> list[Mismatch]:
+    def _end(self, streams: int, device_state: bytes | None,
+             discard: np.ndarray | None = None) -> list[Mismatch]:
         with self._failures():
+            if discard is not None:
+                wire.send_frames(self.conn, wire.DISCARD, discard)
             if device_state is not None:
                 wire.send_control(self.conn, wire.DEVICE_STATE, data=device_state)
             wire.send_control(self.conn, wire.END, n_frames=streams)
@@ -188,6 +194,56 @@ class DataStream:
         with self._failures():
             self._expect(wire.END_ACK)
         return mismatched
+
+    # ---- post-copy (source_host.postcopy)
+
+    async def push(self, t) -> None:
+        """Send the transfer's frames until none are left, then end; the destination
+        answers the end once it has them all."""
+        await self._run(self._push, t)
+
+    def _push(self, t) -> None:
+        with self._failures():
+            while (frames := t.next_batch()) is not None:
+                if self.conn.has_input():  # the destination's error, said early
+                    self._expect(wire.ERROR)
+                sent = wire.send_pages(self.conn, t.mem, frames, seq=t.seq(), round=0,
+                                       scratch=self._scratch)
+                t.count_bytes(sent.wire_bytes)
+            wire.send_control(self.conn, wire.END)
+            self._expect(wire.END_ACK)
+
+    async def serve_requests(self, t) -> None:
+        """The urgent lane: the destination's requests answered first, until it has
+        every frame (its answer to this lane's end, sent once the push is done)."""
+        await self._run(self._serve_requests, t)
+
+    def _serve_requests(self, t) -> None:
+        nr = t.mem.nr_frames
+        ended = False
+        with self._failures():
+            while True:
+                if not ended and t.all_sent:
+                    wire.send_control(self.conn, wire.END)
+                    ended = True
+                if not self.conn.has_input(LANE_POLL_S):
+                    continue
+                h = wire.read_header(self.conn)
+                if h.type == wire.END_ACK:
+                    wire.read_control_body(self.conn, h)
+                    return
+                if h.type == wire.ERROR:
+                    raise wire.error_of(wire.read_control_body(self.conn, h))
+                if h.type != wire.REQUEST:
+                    raise errors.InvalidArgument(
+                        f"the destination sent a {wire.NAMES.get(h.type, h.type)} record on "
+                        "the urgent lane")
+                frames = t.take_requested(wire.read_frames(self.conn, h, nr))
+                for lo in range(0, len(frames), self._scratch.batch_pages):
+                    batch = frames[lo:lo + self._scratch.batch_pages]
+                    sent = wire.send_pages(self.conn, t.mem, batch, seq=t.seq(), round=0,
+                                           scratch=self._scratch)
+                    t.count_bytes(sent.wire_bytes)
 
     def _expect(self, kind: int) -> wire.Header:
         """The next record, of that kind; the destination's error raised as itself."""

@@ -62,11 +62,13 @@ from pvmig.rpc import channel, data_channel
 from pvmig.rpc.client import AgentClient
 
 from .channels import Batches, DataStream, Mismatch, Source, Tally
+from .postcopy import Transfer
 from .ratelimit import RateLimit
 from .stream import PageStream
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 0.1
+POSTCOPY_PROGRESS_S = 0.5
 HELLO_TIMEOUT_S = 15.0  # under the coordinator's deadline for Begin, so this error wins
 RECONNECT_S = 20.0     # page streams lost in pre-copy: made anew for this long at most
 RECONNECT_TRY_S = 2.0  # (and no longer than the session's lease)
@@ -140,6 +142,9 @@ class SaveSession:
     _seq: int = 0
     _last_read: float = 0.0
     _final_acks: list = field(default_factory=list)  # the final pass's round ends
+    postcopy_frames: np.ndarray | None = None  # a switch to post-copy: the frames to come
+    _transfer: Transfer | None = None  # post-copy under way (or done)
+    _push_after_fault: bool = False  # (an injection point)
     _completing: asyncio.Future | None = None  # each runs once, whoever asks
     _releasing: asyncio.Future | None = None
 
@@ -235,9 +240,9 @@ class SaveSession:
             for s in self._streams:  # a compressor is not to be shared between streams
                 s.compressor = zstandard.ZstdCompressor(level=1)
 
-    async def _open_data_channels(self) -> None:
+    async def _open_data_channels(self, extra: int = 0) -> None:
         """A new epoch of data channels: the destination's endpoint and key, then one
-        proven connection per stream."""
+        proven connection per stream (and `extra` more: post-copy's urgent lane)."""
         chans = await self._dest.call(self._dest.dest.OpenData,
                                       pb.MigrationRef(migration_id=self.migration_id))
         if self.settings.batch_pages * PAGE_SIZE > chans.max_batch_bytes:
@@ -256,7 +261,7 @@ class SaveSession:
                             epoch=chans.epoch, index=i, key=chans.key,
                             tls=self._tls if chans.tls else None,
                             batch_pages=self.settings.batch_pages)
-            for i in range(self.settings.streams)), return_exceptions=True)
+            for i in range(self.settings.streams + extra)), return_exceptions=True)
         self._streams = [s for s in opened if isinstance(s, DataStream)]
         failed = [e for e in opened if isinstance(e, BaseException)]
         if failed:
@@ -300,19 +305,24 @@ class SaveSession:
 
     # ---- rounds: send_all, send_dirty, send_final
 
-    async def round(self, number: int, final: bool) -> AsyncIterator[pb.RoundProgress]:
-        """One round, as the coordinator asks for it: the phase it is, by its place."""
+    async def round(self, number: int, final: bool, postcopy: bool = False
+                    ) -> AsyncIterator[pb.RoundProgress]:
+        """One round, as the coordinator asks for it: the phase it is, by its place.
+        postcopy: the final pass is the switch (no pages; they follow, see postcopy)."""
         self._own()
         if number != self.rounds_done:
             raise errors.InvalidArgument(
                 f"round {number} requested, round {self.rounds_done} is next")
         if final:
             self._require(St.SUSPENDED, "the final pass")
-            if number == 0 or self.domain.state != DomainState.SUSPENDED:
+            if (number == 0 and not postcopy) or self.domain.state != DomainState.SUSPENDED:
                 raise errors.FailedPrecondition(
                     f"domain {self.domain.name} is {self.domain.state}: the final pass comes "
                     "after round 0 and suspend")
-            phase = self.send_final()
+            if postcopy and self.transport is not Transport.TCP:
+                raise errors.InvalidArgument("post-copy runs over the data channels: "
+                                             "migrate with --transport tcp")
+            phase = self.switch_to_postcopy() if postcopy else self.send_final()
         else:
             self._require(St.ACTIVE, "a pre-copy round (while the guest runs)")
             if self.domain.state != DomainState.OUTGOING:
@@ -388,6 +398,68 @@ class SaveSession:
         self._check_not_ended()  # (aborted as the ends came back: no commit may follow)
         self._set_state(St.DELIVERED)
         yield self._round_done(frames, stats, started)
+
+    async def switch_to_postcopy(self) -> AsyncIterator[pb.RoundProgress]:
+        """After suspend: the device state and the frames still to come (every one if no
+        round ran; else what the guest dirtied since it was sent), no pages. Delivered
+        once the destination acknowledged; the pages follow the commit (postcopy)."""
+        started = time.monotonic()
+        number = self.rounds_done
+        self.domain.journal.seal()
+        frames = (np.arange(self.domain.mem.nr_frames, dtype=np.uint32) if number == 0
+                  else self.domain.log.read_and_clear())
+        stats = self._round_stats(number, frames, started)
+        self.postcopy_frames = frames
+        self._push_after_fault = self.inject.push_after_fault
+        for name, n in self.inject.fired.items():
+            stats.injected[name] = n
+        await self._end_streams(discard=frames)
+        self._check_not_ended()
+        self._set_state(St.DELIVERED)
+        self.rounds_done += 1
+        stats.duration_ns = int((time.monotonic() - started) * 1e9)
+        stats.remaining_pages = len(frames)
+        yield pb.RoundProgress(done_pages=0, total_pages=0, bytes=0, stats=stats)
+
+    async def postcopy(self) -> AsyncIterator[pb.PostcopyProgress]:
+        """After the commit of a switch: every frame still to come, pushed in order and
+        the destination's requests first, on a new epoch of data channels (connection
+        0 the urgent lane). Done when the destination has them all."""
+        self._own()
+        if self.postcopy_frames is None or self.state is not St.COMMITTED:
+            raise errors.FailedPrecondition(
+                f"migration {self.migration_id} is {self.state}: post-copy follows the "
+                "commit of a switch to it")
+        self._set_state(St.POSTCOPY)
+        started = time.monotonic()
+        self._transfer = t = Transfer(self.domain.mem, self.postcopy_frames,
+                                      self.settings.batch_pages,
+                                      push_after_fault=self._push_after_fault)
+        await self._close()
+        self._dest = AgentClient(self.dest_address, "the destination agent", self.host.security)
+        await self._open_data_channels(extra=1)
+        lane, *push = self._streams
+        tasks = [asyncio.create_task(lane.serve_requests(t)),
+                 *(asyncio.create_task(s.push(t)) for s in push)]
+        yield t.progress(started)  # the lanes are up: the guest may resume
+        try:
+            while True:
+                done, pending = await asyncio.wait(tasks, timeout=POSTCOPY_PROGRESS_S,
+                                                   return_when=asyncio.FIRST_EXCEPTION)
+                for task in done:
+                    task.result()
+                if not pending:
+                    break
+                yield t.progress(started)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        t.finished = True
+        await self._close()
+        log.info("migration %s: post-copy done: %d frames, %d pushed, %d asked for",
+                 self.migration_id, len(t.frames), t.pushed, t.requested)
+        yield t.progress(started, done=True)
 
     def _round_stats(self, number: int, frames: np.ndarray, started: float) -> pb.RoundStats:
         since, self._last_read = started - self._last_read, started
@@ -498,13 +570,13 @@ class SaveSession:
                      len(mismatched), "their written frames go again" if not final
                      else "explained by dom0")
 
-    async def _end_streams(self) -> None:
+    async def _end_streams(self, discard: np.ndarray | None = None) -> None:
         first, *rest = self._streams
         backends = self.domain.pv.backend_records() if self.domain.pv is not None else {}
         device_state = DeviceState(self.vcpu, backends, self.settings.recovery).to_pb()
         if isinstance(first, DataStream):
             answers = await asyncio.gather(
-                first.end(len(self._streams), device_state.SerializeToString()),
+                first.end(len(self._streams), device_state.SerializeToString(), discard),
                 *(s.end(len(self._streams)) for s in rest))
             self._settle([m for found in answers for m in found], final=True)
             return
@@ -583,6 +655,10 @@ class SaveSession:
         both ask at the same time)."""
         if not self.committed:
             raise errors.FailedPrecondition("the source copy is destroyed only after commit")
+        if self.state is St.POSTCOPY and not (self._transfer and self._transfer.finished):
+            raise errors.FailedPrecondition(
+                f"migration {self.migration_id}: post-copy has not delivered every frame, "
+                "and this host holds the only copy of the rest")
         faults.point("complete")
         if self._completing is None:
             self._own()

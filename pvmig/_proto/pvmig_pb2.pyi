@@ -358,14 +358,56 @@ class BeginReply(_message.Message):
     def __init__(self, ram_bytes: _Optional[int] = ..., nr_frames: _Optional[int] = ..., transport: _Optional[_Union[Transport, str]] = ...) -> None: ...
 
 class RoundRequest(_message.Message):
-    __slots__ = ("migration_id", "round", "final")
+    __slots__ = ("migration_id", "round", "final", "postcopy")
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
+    POSTCOPY_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     round: int
     final: bool
-    def __init__(self, migration_id: _Optional[str] = ..., round: _Optional[int] = ..., final: _Optional[bool] = ...) -> None: ...
+    postcopy: bool
+    def __init__(self, migration_id: _Optional[str] = ..., round: _Optional[int] = ..., final: _Optional[bool] = ..., postcopy: _Optional[bool] = ...) -> None: ...
+
+class PostcopyProgress(_message.Message):
+    __slots__ = ("total_pages", "pushed_pages", "requested_pages", "bytes", "done", "duration_ns")
+    TOTAL_PAGES_FIELD_NUMBER: _ClassVar[int]
+    PUSHED_PAGES_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_PAGES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    DURATION_NS_FIELD_NUMBER: _ClassVar[int]
+    total_pages: int
+    pushed_pages: int
+    requested_pages: int
+    bytes: int
+    done: bool
+    duration_ns: int
+    def __init__(self, total_pages: _Optional[int] = ..., pushed_pages: _Optional[int] = ..., requested_pages: _Optional[int] = ..., bytes: _Optional[int] = ..., done: _Optional[bool] = ..., duration_ns: _Optional[int] = ...) -> None: ...
+
+class PostcopyStatus(_message.Message):
+    __slots__ = ("total_pages", "missing_pages", "faults", "requests", "blocktime_ns", "latency_p50_ns", "latency_p99_ns", "latency_max_ns", "taken_pages", "paused")
+    TOTAL_PAGES_FIELD_NUMBER: _ClassVar[int]
+    MISSING_PAGES_FIELD_NUMBER: _ClassVar[int]
+    FAULTS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    BLOCKTIME_NS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_P50_NS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_P99_NS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MAX_NS_FIELD_NUMBER: _ClassVar[int]
+    TAKEN_PAGES_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
+    total_pages: int
+    missing_pages: int
+    faults: int
+    requests: int
+    blocktime_ns: int
+    latency_p50_ns: int
+    latency_p99_ns: int
+    latency_max_ns: int
+    taken_pages: int
+    paused: bool
+    def __init__(self, total_pages: _Optional[int] = ..., missing_pages: _Optional[int] = ..., faults: _Optional[int] = ..., requests: _Optional[int] = ..., blocktime_ns: _Optional[int] = ..., latency_p50_ns: _Optional[int] = ..., latency_p99_ns: _Optional[int] = ..., latency_max_ns: _Optional[int] = ..., taken_pages: _Optional[int] = ..., paused: _Optional[bool] = ...) -> None: ...
 
 class RoundStats(_message.Message):
     __slots__ = ("round", "dirty_pages", "sent_pages", "zero_pages", "bytes", "duration_ns", "dirty_rate", "started_ns", "remaining_pages", "interval_ns", "injected", "interrupted")
@@ -437,7 +479,7 @@ class DoneReply(_message.Message):
     def __init__(self) -> None: ...
 
 class PrepareRequest(_message.Message):
-    __slots__ = ("migration_id", "domain", "ram_bytes", "source_agent", "devices", "save_image", "source_address", "source_instance")
+    __slots__ = ("migration_id", "domain", "ram_bytes", "source_agent", "devices", "save_image", "source_address", "source_instance", "postcopy")
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     DOMAIN_FIELD_NUMBER: _ClassVar[int]
     RAM_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -446,6 +488,7 @@ class PrepareRequest(_message.Message):
     SAVE_IMAGE_FIELD_NUMBER: _ClassVar[int]
     SOURCE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     SOURCE_INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    POSTCOPY_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     domain: str
     ram_bytes: int
@@ -454,7 +497,8 @@ class PrepareRequest(_message.Message):
     save_image: str
     source_address: str
     source_instance: str
-    def __init__(self, migration_id: _Optional[str] = ..., domain: _Optional[str] = ..., ram_bytes: _Optional[int] = ..., source_agent: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[DeviceConfig, _Mapping]]] = ..., save_image: _Optional[str] = ..., source_address: _Optional[str] = ..., source_instance: _Optional[str] = ...) -> None: ...
+    postcopy: bool
+    def __init__(self, migration_id: _Optional[str] = ..., domain: _Optional[str] = ..., ram_bytes: _Optional[int] = ..., source_agent: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[DeviceConfig, _Mapping]]] = ..., save_image: _Optional[str] = ..., source_address: _Optional[str] = ..., source_instance: _Optional[str] = ..., postcopy: _Optional[bool] = ...) -> None: ...
 
 class PrepareReply(_message.Message):
     __slots__ = ("guest_pid",)

@@ -351,6 +351,11 @@ class MigrationSourceStub:
                 request_serializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
                 response_deserializer=pvmig_dot___proto_dot_pvmig__pb2.DoneReply.FromString,
                 _registered_method=True)
+        self.Postcopy = channel.unary_stream(
+                '/pvmig.v1.MigrationSource/Postcopy',
+                request_serializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
+                response_deserializer=pvmig_dot___proto_dot_pvmig__pb2.PostcopyProgress.FromString,
+                _registered_method=True)
         self.FrameHashes = channel.unary_stream(
                 '/pvmig.v1.MigrationSource/FrameHashes',
                 request_serializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
@@ -416,6 +421,14 @@ class MigrationSourceServicer:
 
     def Commit(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Postcopy(self, request, context):
+        """After Commit of a post-copy switch: push every frame still to come, serving the
+        destination's requests first, until it has them all.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -488,6 +501,11 @@ def add_MigrationSourceServicer_to_server(servicer, server):
                     servicer.Commit,
                     request_deserializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.FromString,
                     response_serializer=pvmig_dot___proto_dot_pvmig__pb2.DoneReply.SerializeToString,
+            ),
+            'Postcopy': grpc.unary_stream_rpc_method_handler(
+                    servicer.Postcopy,
+                    request_deserializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.FromString,
+                    response_serializer=pvmig_dot___proto_dot_pvmig__pb2.PostcopyProgress.SerializeToString,
             ),
             'FrameHashes': grpc.unary_stream_rpc_method_handler(
                     servicer.FrameHashes,
@@ -688,6 +706,33 @@ class MigrationSource:
             _registered_method=True)
 
     @staticmethod
+    def Postcopy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pvmig.v1.MigrationSource/Postcopy',
+            pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
+            pvmig_dot___proto_dot_pvmig__pb2.PostcopyProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def FrameHashes(request,
             target,
             options=(),
@@ -872,6 +917,11 @@ class MigrationDestStub:
                 request_serializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
                 response_deserializer=pvmig_dot___proto_dot_pvmig__pb2.HashChunk.FromString,
                 _registered_method=True)
+        self.PostcopyState = channel.unary_unary(
+                '/pvmig.v1.MigrationDest/PostcopyState',
+                request_serializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
+                response_deserializer=pvmig_dot___proto_dot_pvmig__pb2.PostcopyStatus.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/pvmig.v1.MigrationDest/Abort',
                 request_serializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
@@ -943,6 +993,12 @@ class MigrationDestServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PostcopyState(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Abort(self, request, context):
         """discard everything received
         """
@@ -998,6 +1054,11 @@ def add_MigrationDestServicer_to_server(servicer, server):
                     servicer.FrameHashes,
                     request_deserializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.FromString,
                     response_serializer=pvmig_dot___proto_dot_pvmig__pb2.HashChunk.SerializeToString,
+            ),
+            'PostcopyState': grpc.unary_unary_rpc_method_handler(
+                    servicer.PostcopyState,
+                    request_deserializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.FromString,
+                    response_serializer=pvmig_dot___proto_dot_pvmig__pb2.PostcopyStatus.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -1226,6 +1287,33 @@ class MigrationDest:
             '/pvmig.v1.MigrationDest/FrameHashes',
             pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
             pvmig_dot___proto_dot_pvmig__pb2.HashChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PostcopyState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pvmig.v1.MigrationDest/PostcopyState',
+            pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
+            pvmig_dot___proto_dot_pvmig__pb2.PostcopyStatus.FromString,
             options,
             channel_credentials,
             insecure,

@@ -97,7 +97,7 @@ class DataServer:
             data_channel.accept(conn)
             log.info("migration %s: data connection %d (epoch %d) from %s", hello.migration_id,
                      hello.index, hello.epoch, peer)
-            session.data.receive(conn)
+            session.data.receive(conn, hello.index)
         except errors.PvmigError as e:
             log.error("data connection from %s closed: %s", peer, e)
             if conn is not None:

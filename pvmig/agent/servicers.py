@@ -181,7 +181,15 @@ class MigrationSourceServicer(pb_grpc.MigrationSourceServicer):
     async def Round(self, request, context):
         session = self.host.saves.lookup(request.migration_id)
         with session.lease.hold():
-            async for progress in session.round(request.round, request.final):
+            async for progress in session.round(request.round, request.final,
+                                                request.postcopy):
+                yield progress
+
+    @_status
+    async def Postcopy(self, request, context):
+        session = self.host.saves.lookup(request.migration_id)
+        with session.lease.hold():
+            async for progress in session.postcopy():
                 yield progress
 
     @_status
@@ -287,6 +295,12 @@ class MigrationDestServicer(pb_grpc.MigrationDestServicer):
     async def Resume(self, request, context):
         session = self.host.restores.lookup(request.migration_id)
         return pb.ResumeReply(resumed_ns=await session.resume())
+
+    @_status
+    async def PostcopyState(self, request, context):
+        session = self.host.restores.lookup(request.migration_id)
+        with session.lease.hold():
+            return session.postcopy_state()
 
     @_status
     async def CommitAndResume(self, request, context):

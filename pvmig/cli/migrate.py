@@ -54,6 +54,12 @@ def register(sub, auth) -> None:
     m.add_argument("--auto-converge", action="store_true",
                    help="when rounds stop shrinking, throttle the guest's vCPU (20%%, then "
                    "+10%% each time, up to 99%%) until what is left fits the downtime limit")
+    m.add_argument("--postcopy", action="store_true",
+                   help="post-copy: suspend after setup, resume the guest at the "
+                   "destination at once, and send its memory after it (each page once; a "
+                   "page the guest touches first is asked for and sent ahead). Until every "
+                   "page is there neither host holds the whole guest: a crash of either "
+                   "loses it")
     m.add_argument("--transport", choices=choices(Transport), default=None,
                    help="how pages travel: tcp, data channels the agents open beside gRPC "
                    "(binary records, from and into guest RAM), or grpc, the PageStream "
@@ -135,7 +141,7 @@ def migrate(args) -> int:
                       max_bandwidth_mbps=args.max_bandwidth, auto_converge=args.auto_converge,
                       save_images=str(args.save_images or ""),
                       batch_pages=args.batch_pages, streams=args.streams,
-                      verify_timeout_s=args.verify_timeout)
+                      verify_timeout_s=args.verify_timeout, postcopy=args.postcopy)
     if options.downtime_limit_ms <= 0 or options.max_rounds < 1:
         raise errors.InvalidArgument("--downtime-limit must be > 0 ms and --max-rounds >= 1")
     if options.max_bandwidth_mbps < 0:
@@ -144,8 +150,15 @@ def migrate(args) -> int:
         raise errors.InvalidArgument(f"--streams must be within 1..{policy.MAX_STREAMS}")
     if not 0 <= options.batch_pages <= policy.MAX_BATCH_PAGES:
         raise errors.InvalidArgument(f"--batch-pages must be within 1..{policy.MAX_BATCH_PAGES}")
+    if options.postcopy and options.transport is Transport.GRPC:
+        raise errors.InvalidArgument("--postcopy runs over the data channels: not with "
+                                     "--transport grpc")
     if args.report:
         check_writable(args.report)
+    if options.postcopy:
+        print("warning: post-copy: once the guest resumes at the destination and until "
+              "every page has arrived, neither host holds the whole guest; a crash of "
+              "either agent, or of either host, loses it", file=sys.stderr)
     reporter = for_stream(sys.stdout)
     try:
         report = run(coordinator.migrate(args.source, args.dest, args.domain, options, reporter))

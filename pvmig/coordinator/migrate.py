@@ -74,6 +74,7 @@ class Options:
     inject: tuple = ()           # injection points forcing hazards (tests, the matrix)
     save_images: str = ""        # a directory both agents write: source.ram, dest.ram
     verify_timeout_s: float = policy.VERIFY_TIMEOUT_S
+    postcopy: bool = False  # resume at the destination after setup; memory follows
 
     def __post_init__(self) -> None:
         # (names given as plain strings, by the CLI or a script, are checked here)
@@ -126,17 +127,24 @@ class Migration:
                 await self.prepare()
                 await self.begin()
                 self.report.setup_time_s = time.monotonic() - t0
-                await self.precopy()
+                if not self.options.postcopy:
+                    await self.precopy()
                 await self.suspend()
                 if self.options.quiesce is Quiesce.BACKEND:
                     await self.quiesce()
-                await self.final_pass()
+                if self.options.postcopy:
+                    await self.switch_to_postcopy()
+                else:
+                    await self.final_pass()
                 await self.commit()
             except BaseException as e:
                 if not self._committed:
                     await self.abort(e)
                 raise
-            await self.resume()
+            if self.options.postcopy:
+                await self.postcopy()
+            else:
+                await self.resume()
             # As QEMU's total-time: the migration ends when the guest runs there; what
             # the verification takes after that is reported on its own.
             self.report.total_time_s = time.monotonic() - t0
@@ -205,7 +213,8 @@ class Migration:
             ram_bytes=self.report.ram_bytes, source_agent=self.report.source_agent,
             source_address=self._source_address(),
             source_instance=self.source.hello_reply.instance_id,
-            devices=self._devices, save_image=self._image("dest")),
+            devices=self._devices, save_image=self._image("dest"),
+            postcopy=self.options.postcopy),
             timeout=120.0)
         self._prepared = True
 
@@ -287,6 +296,42 @@ class Migration:
         self._phase("final")
         await self._round(len(self.report.rounds), final=True)
 
+    async def switch_to_postcopy(self) -> None:
+        """The final pass of a post-copy migration: the device state and the frames still
+        to come, no pages (the destination drops what it holds of those)."""
+        self._phase("switch", rounds=len(self.report.rounds))
+        await self._round(len(self.report.rounds), final=True, postcopy=True)
+
+    async def postcopy(self) -> None:
+        """After the commit: the source opens its lanes and pushes; the guest resumes at
+        the destination as soon as they are up, and runs while its memory follows."""
+        progress = aiter(self.source.stream(self.source.source.Postcopy, self._ref()))
+        try:
+            last = await anext(progress)  # the lanes are up: a fault is served at once
+            await self.resume()
+            self._phase("postcopy-active", pages=last.total_pages)
+            async for last in progress:
+                self.reporter.phase("postcopy", pushed=last.pushed_pages,
+                                    requested=last.requested_pages, total=last.total_pages)
+        except errors.PvmigError as e:
+            raise errors.Unavailable(
+                f"post-copy broke ({e}): the guest runs at the destination and the frames "
+                "it lacks are only at the source") from None
+        state = await self.dest.call(self.dest.dest.PostcopyState, self._ref())
+        self.report.postcopy = {
+            "total-pages": last.total_pages, "pushed-pages": last.pushed_pages,
+            "requested-pages": last.requested_pages, "bytes": last.bytes,
+            "time-ms": round(last.duration_ns / 1e6, 3), "requests": state.requests,
+            "faults": state.faults, "blocktime-ms": round(state.blocktime_ns / 1e6, 3),
+            "latency-ms": {"p50": round(state.latency_p50_ns / 1e6, 3),
+                           "p99": round(state.latency_p99_ns / 1e6, 3),
+                           "max": round(state.latency_max_ns / 1e6, 3)},
+            "dom0-taken-pages": state.taken_pages}
+        self._phase("postcopy-done", missing=state.missing_pages)
+        if state.missing_pages:
+            raise errors.DataLoss(f"post-copy ended with {state.missing_pages} frame(s) "
+                                  "missing at the destination")
+
     async def commit(self) -> None:
         # As xl's handshake: the destination has said it holds the whole stream and can
         # resume (the acknowledgement of the stream's end); the source records the
@@ -366,8 +411,9 @@ class Migration:
 
     # ---- helpers
 
-    async def _round(self, number: int, final: bool) -> RoundStats:
-        req = pb.RoundRequest(migration_id=self.migration_id, round=number, final=final)
+    async def _round(self, number: int, final: bool, postcopy: bool = False) -> RoundStats:
+        req = pb.RoundRequest(migration_id=self.migration_id, round=number, final=final,
+                              postcopy=postcopy)
         started_ms = round((time.monotonic() - self.report.t0) * 1e3, 3)
         interrupted = ""
         async for p in self.source.stream(self.source.source.Round, req):

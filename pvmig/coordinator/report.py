@@ -58,6 +58,7 @@ class Report:
     abort_errors: list[str] = field(default_factory=list)
     recovered: str = ""   # the commit's answer lost: how it was settled (pvmig.migration.recovery)
     unrecovered: bool = False  # ... or that it could not be: pvmig recover, later
+    postcopy: dict | None = None  # the post-copy phase, when the migration switched to it
     phases: dict[str, float] = field(default_factory=dict)  # ms from the start
     t0: float = 0.0
     _precopy_s: float = 0.0
@@ -184,7 +185,7 @@ class Report:
 
     @property
     def transferred_bytes(self) -> int:
-        return sum(r["bytes"] for r in self.rounds)
+        return sum(r["bytes"] for r in self.rounds) + (self.postcopy or {}).get("bytes", 0)
 
     def to_dict(self) -> dict:
         transferred = self.transferred_bytes
@@ -238,6 +239,10 @@ class Report:
             "net-peer": self.net_peer,
             "abort-errors": self.abort_errors,
             "recovered": self.recovered or None,
+            # QEMU's names: postcopy-requests, postcopy-blocktime (ms, summed over faults)
+            "postcopy-requests": (self.postcopy or {}).get("requests"),
+            "postcopy-blocktime": (self.postcopy or {}).get("blocktime-ms"),
+            "postcopy": self.postcopy,
         }
 
     def write(self, path: str) -> None:

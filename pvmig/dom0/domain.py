@@ -20,13 +20,16 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from pvmig import errors
 from pvmig.hv.evtchn import BackendEvents, EventChannels
 from pvmig.hv.foreign_writes import ForeignWrites
 from pvmig.hv.grant_table import GrantTable
-from pvmig.hv.hypercall import AgentChannel
+from pvmig.hv.hypercall import AgentChannel, read_first
 from pvmig.hv.logdirty import DirtyLog
 from pvmig.hv.memory import PAGE_SIZE, GuestMemory
+from pvmig.hv.userfault import UserFault
 from pvmig.pv import guestinfo
 from pvmig.pv.devlayout import shared_areas
 from pvmig.pv.recovery import Recovery
@@ -72,6 +75,8 @@ class Domain:
     journal: ForeignWrites | None = None  # dom0's writes into guest RAM, for the verifier
     pv: object = None  # pvmig.dom0.devices.DomainDevices: its xenstore and backends here
     recorded: dict | None = None  # what its live record adds (pvmig.host.parking); None: no record
+    userfault: UserFault | None = None  # post-copy: the guest's faults, and page placement
+    missing: np.ndarray | None = None  # post-copy: frames not here yet (bool per frame)
     _watch: asyncio.Task | None = field(default=None, repr=False)
     _exited: asyncio.Future | None = field(default=None, repr=False)
     _suspending: asyncio.Task | None = field(default=None, repr=False)
@@ -97,22 +102,28 @@ class Domain:
         return self.mem.path.with_suffix(".vcpu")
 
     @property
+    def frames_missing(self) -> bool:
+        return self.missing is not None and bool(self.missing.any())
+
+    @property
     def guest_alive(self) -> bool:
         return self._exited is not None and not self._exited.done()
 
     @classmethod
     def allocate(cls, *, name: str, domid: int, ram_bytes: int, mem_dir: Path,
-                 workload: dict, ram_from: Path | None = None) -> "Domain":
+                 workload: dict, ram_from: Path | None = None, lazy: bool = False
+                 ) -> "Domain":
         """New hypervisor files for a domain; its RAM new too, or `ram_from`, a RAM file
         kept from before (a parked or crashed agent's domain: pvmig.host.parking), taken over
         where it is: never renamed, so that a crash at any moment finds it where its
-        record says."""
+        record says. lazy: the RAM file stays sparse (a post-copy destination's)."""
         base = mem_dir / f"{name}.{domid}"
         try:
             if ram_from is not None:
                 mem = GuestMemory.open(ram_from)
             else:
-                mem = GuestMemory.create(f"{base}.ram", ram_bytes // PAGE_SIZE)
+                mem = GuestMemory.create(f"{base}.ram", ram_bytes // PAGE_SIZE,
+                                         populate=not lazy)
         except OSError as e:
             raise errors.ResourceExhausted(f"cannot create the RAM of domain {name}: {e}") from None
         made: list = [mem]
@@ -145,10 +156,15 @@ class Domain:
         await self._unsolicited("booted", BOOT_TIMEOUT_S)
         self.state = DomainState.RUNNING
 
-    async def start_waiting(self, log_path: Path) -> None:
-        """Start the guest process that will resume this incoming domain, loaded and idle."""
-        await self._spawn("restore", log_path)
-        await self._unsolicited("waiting", START_TIMEOUT_S)
+    async def start_waiting(self, log_path: Path, lazy: bool = False) -> None:
+        """Start the guest process that will resume this incoming domain, loaded and idle.
+        lazy (post-copy): it registers its RAM with userfaultfd and hands the descriptor
+        over with its first message; its faults are this agent's from then on."""
+        await self._spawn("restore", log_path, lazy=lazy)
+        msg = await self._unsolicited("waiting", START_TIMEOUT_S)
+        if lazy and self.userfault is None:
+            raise errors.GuestError(f"domain {self.name}: the guest handed over no "
+                                    f"userfaultfd ({msg})")
 
     def set_throttle(self, percent: int) -> None:
         """Keep the vCPU off `percent`% of the time, as a hypervisor's scheduler caps a
@@ -263,6 +279,8 @@ class Domain:
         if self.pv is not None:
             await self.pv.close()
         self.events.close()
+        if self.userfault is not None:
+            self.userfault.close()
         for f in (self.grants, self.channels, self.mem, self.log):
             f.close()
             if not (keep_ram and f is self.mem):
@@ -274,7 +292,10 @@ class Domain:
             self.proc.kill()
 
     def info(self) -> dict:
-        stats = guestinfo.read(self.mem) if self.state != DomainState.INCOMING else {}
+        # (not while post-copy frames are missing: a read through this agent's mapping
+        # would hand the guest a zero page, pvmig.hv.userfault)
+        stats = (guestinfo.read(self.mem) if self.state != DomainState.INCOMING
+                 and not self.frames_missing else {})
         return {"name": self.name, "domid": self.domid, "ram_bytes": self.ram_bytes,
                 "state": self.state.value, "migration_id": self.migration_id,
                 "guest_pid": self.proc.pid if self.proc else 0,
@@ -284,7 +305,8 @@ class Domain:
 
     # ---- internals
 
-    async def _spawn(self, mode: str, log_path: Path, config: dict | None = None) -> None:
+    async def _spawn(self, mode: str, log_path: Path, config: dict | None = None,
+                     lazy: bool = False) -> None:
         ours, theirs = socket.socketpair()
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -295,6 +317,8 @@ class Domain:
                 "--domid", str(self.domid), "--preserve", str(self.preserved)]
         if config is not None:
             argv += ["--config", json.dumps(config)]
+        if lazy:
+            argv.append("--lazy")
         # subprocess, not the event loop's spawn: it uses vfork, which runs no atfork
         # handlers. A plain fork() of this multi-threaded gRPC process runs gRPC's in
         # the child, which crashed guests with SIGSEGV before exec under load.
@@ -308,9 +332,28 @@ class Domain:
         self.events.start()
         self._exited = asyncio.get_running_loop().create_future()
         _on_exit(self.proc, self._exited)
+        if lazy:
+            await self._take_userfault(ours)
         self.chan = await AgentChannel.open(ours)
         self._watch = asyncio.create_task(self._watch_exit())
         self._reader = asyncio.create_task(self._read_channel())
+
+    async def _take_userfault(self, sock: socket.socket) -> None:
+        """The lazy guest's first message carries its userfaultfd: read before the
+        channel's stream takes the socket (it would drop the descriptor)."""
+        try:
+            msg, fds = await asyncio.to_thread(read_first, sock, START_TIMEOUT_S)
+        except (OSError, EOFError) as e:
+            raise errors.GuestError(f"domain {self.name}: the guest process did not start "
+                                    f"for post-copy ({e}; see {self.log_path})") from None
+        if msg.get("op") == "waiting" and len(fds) == 1:
+            self.userfault = UserFault(fds[0], int(msg["base"]), self.mem.nr_frames)
+        else:
+            for fd in fds:
+                os.close(fd)
+            if msg.get("op") == "error":
+                raise errors.FailedPrecondition(f"domain {self.name}: {msg.get('error')}")
+        self._inbox.put_nowait(msg)
 
     async def _watch_exit(self) -> None:
         # An incoming domain keeps its state: resume checks that its guest is alive.

@@ -101,7 +101,8 @@ class Host:
             raise errors.NotFound(f"no domain {name!r} on host {self.name}") from None
 
     def reserve(self, name: str, ram_bytes: int, workload: dict,
-                devices: list[dict] = (), ram_from: Path | None = None) -> Domain:
+                devices: list[dict] = (), ram_from: Path | None = None,
+                lazy: bool = False) -> Domain:
         """Check and allocate a domain's memory (or take over a kept RAM file: a parked
         domain's); the caller starts its guest."""
         if not _NAME.match(name):
@@ -112,7 +113,8 @@ class Host:
         self._check_ram(ram_bytes, allocating=ram_from is None)
         devices = [normalise(d) for d in devices]
         dom = Domain.allocate(name=name, domid=self._next_domid, ram_bytes=ram_bytes,
-                              mem_dir=self.mem_dir, workload=workload, ram_from=ram_from)
+                              mem_dir=self.mem_dir, workload=workload, ram_from=ram_from,
+                              lazy=lazy)
         dom.devices = devices
         self._next_domid += 1
         self.domains[name] = dom

@@ -37,6 +37,14 @@ class GuestChannel:
     def send(self, msg: dict) -> None:
         self._sock.sendall(encode(msg))
 
+    def send_fd(self, msg: dict, fd: int) -> None:
+        """A message with a descriptor (SCM_RIGHTS): the first one on the channel only,
+        which the agent reads before its streams take the socket (read_first)."""
+        data = encode(msg)
+        sent = socket.send_fds(self._sock, [data], [fd])
+        if sent < len(data):
+            self._sock.sendall(data[sent:])
+
     def fileno(self) -> int:
         return self._sock.fileno()
 
@@ -70,6 +78,27 @@ class GuestChannel:
                 return None
             buf += chunk
         return bytes(buf)
+
+
+def read_first(sock: socket.socket, timeout_s: float) -> tuple[dict, list[int]]:
+    """The guest's first message, and the descriptors it carried (GuestChannel.send_fd),
+    read with no byte beyond it; blocking (run it in a thread)."""
+    sock.settimeout(timeout_s)
+    try:
+        head, fds, _, _ = socket.recv_fds(sock, _LEN.size, 4)
+        if len(head) < _LEN.size:
+            head += sock.recv(_LEN.size - len(head), socket.MSG_WAITALL)
+        if len(head) < _LEN.size:
+            raise EOFError("the guest closed its channel")
+        (n,) = _LEN.unpack(head)
+        if n > MAX_MESSAGE:
+            raise EOFError(f"guest sent a {n}-byte message")
+        body = sock.recv(n, socket.MSG_WAITALL)
+        if len(body) < n:
+            raise EOFError("the guest closed its channel")
+        return msgpack.unpackb(body, raw=False), fds
+    finally:
+        sock.settimeout(None)
 
 
 class AgentChannel:

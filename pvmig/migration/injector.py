@@ -20,6 +20,10 @@ test or a cell of `pvmig matrix` sees it, not a lucky run:
     corrupt-batch          round 0's second batch leaves with its checksum one off, as a
                            batch damaged on the way: nothing wrote its frames, so the
                            migration aborts before the destination's copy runs
+    push-after-fault       post-copy's push waits for the destination's first request:
+                           the resumed guest's first read of its memory faults, and the
+                           urgent lane serves it (left to chance, the push may have
+                           brought every page a small guest reads before it resumes)
 
 The first three need a block request in flight at the final pass. Left to chance, the
 backends have usually answered everything by then (the disk is faster than the time
@@ -54,6 +58,7 @@ class InjectionPoint(StrEnum):
     TORN_COPY = "torn-copy"
     XENSTORE_AFTER_FINAL = "xenstore-after-final"
     CORRUPT_BATCH = "corrupt-batch"
+    PUSH_AFTER_FAULT = "push-after-fault"
 
 
 P = InjectionPoint
@@ -89,6 +94,14 @@ class Injector:
             return None
         self.fired[P.CORRUPT_BATCH] = 1
         return 1
+
+    @property
+    def push_after_fault(self) -> bool:
+        """push-after-fault: asked at the switch to post-copy."""
+        if P.PUSH_AFTER_FAULT not in self.points:
+            return False
+        self.fired[P.PUSH_AFTER_FAULT] = 1
+        return True
 
     # ---- the hooks, in the order the save side reaches them
 

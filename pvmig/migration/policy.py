@@ -69,6 +69,9 @@ MAX_STREAMS = 16
 TRANSPORT = Transport.TCP
 SESSION_TIMEOUT_S = 120.0  # a session's lease: silence this long means no coordinator
 VERIFY_TIMEOUT_S = 60.0  # for the resumed guest to sweep its memory once
+# Post-copy: once the source's push has ended, the last pages have this long to be
+# placed before the destination says frames are lost.
+POSTCOPY_END_S = 60.0
 
 
 def batch_pages(transport: Transport) -> int:

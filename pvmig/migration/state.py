@@ -8,8 +8,12 @@ state, not from a set of flags.
 Save side (source_host/save.py):
 
     SETUP -> ACTIVE -> SUSPENDED -> DELIVERED -> COMMITTED -> COMPLETING -> COMPLETED
-      (pre-copy)   (suspend acked)  (final pass acked)   |
-      any of the first four -> ABORTING -> ABORTED        +-> ROLLED_BACK (resumed here)
+      (pre-copy)   (suspend acked)  (final pass acked)   |  \
+      any of the first four -> ABORTING -> ABORTED        |   POSTCOPY -> COMPLETING
+                                                          +-> ROLLED_BACK (resumed here)
+
+POSTCOPY (QEMU's postcopy-active): the guest runs at the destination and this side
+still holds the frames it has not sent; there is no way back from it.
 
 Restore side (dest_host/restore.py):
 
@@ -32,6 +36,7 @@ class SaveState(StrEnum):
     SUSPENDED = "suspended"    # the guest acknowledged; quiesce and the final pass
     DELIVERED = "delivered"    # the destination acknowledged the whole stream
     COMMITTED = "committed"    # recorded durably: the guest belongs to the destination
+    POSTCOPY = "postcopy-active"  # the guest runs there; its missing frames go from here
     COMPLETING = "completing"  # the source copy is being destroyed
     COMPLETED = "completed"
     ABORTING = "aborting"      # streams closing, the guest resuming here
@@ -56,7 +61,8 @@ SAVE_TRANSITIONS: Mapping[SaveState, frozenset[SaveState]] = {
     _S.ACTIVE: frozenset({_S.SUSPENDED, _S.ABORTING}),
     _S.SUSPENDED: frozenset({_S.DELIVERED, _S.ABORTING}),
     _S.DELIVERED: frozenset({_S.COMMITTED, _S.ABORTING}),
-    _S.COMMITTED: frozenset({_S.COMPLETING, _S.ROLLED_BACK}),
+    _S.COMMITTED: frozenset({_S.COMPLETING, _S.ROLLED_BACK, _S.POSTCOPY}),
+    _S.POSTCOPY: frozenset({_S.COMPLETING}),
     _S.COMPLETING: frozenset({_S.COMPLETED}),
     _S.COMPLETED: frozenset(),
     _S.ABORTING: frozenset({_S.ABORTED}),
@@ -77,7 +83,7 @@ RESTORE_TRANSITIONS: Mapping[RestoreState, frozenset[RestoreState]] = {
 # before these, an abort is still the answer; from them on, only the decision counts
 SAVE_UNDECIDED = frozenset({_S.SETUP, _S.ACTIVE, _S.SUSPENDED, _S.DELIVERED})
 SAVE_ENDING = frozenset({_S.ABORTING, _S.ABORTED, _S.ROLLED_BACK})  # going back home
-SAVE_COMMITTED = frozenset({_S.COMMITTED, _S.COMPLETING, _S.COMPLETED})
+SAVE_COMMITTED = frozenset({_S.COMMITTED, _S.POSTCOPY, _S.COMPLETING, _S.COMPLETED})
 RESTORE_COMMITTED = frozenset({_R.COMMITTED, _R.RESUMING, _R.RESUMED, _R.FINISHED})
 
 S = TypeVar("S", SaveState, RestoreState)

@@ -10,6 +10,9 @@ PAGES          n_frames u32 frame numbers, n_zero u32 zero-page numbers (nothing
 ROUND_END      n_frames: the pages this connection carried in the round.
 DEVICE_STATE   data_len bytes: the DeviceState message (proto, as on the gRPC stream).
 END            n_frames: how many connections the migration has.
+DISCARD        n_frames u32 frame numbers (post-copy's switch): these come later; any
+               copy the destination holds of them is stale.
+REQUEST (back) n_frames u32 frame numbers (post-copy's urgent lane): send these first.
 ACK (back)     a round end's answer: n_frames pages received, n_zero seqs of batches
                whose checksum failed after they landed, as u64 in the body.
 END_ACK (back) the end is in.
@@ -43,9 +46,10 @@ from pvmig.migration.pages import zstd_decode
 from pvmig.rpc.data_channel import Closed, Connection
 
 HEADER = struct.Struct("<BBHIQIIIQ")
-PAGES, ROUND_END, DEVICE_STATE, END, ACK, END_ACK, ERROR = range(1, 8)
+PAGES, ROUND_END, DEVICE_STATE, END, ACK, END_ACK, ERROR, DISCARD, REQUEST = range(1, 10)
 NAMES = {PAGES: "pages", ROUND_END: "round end", DEVICE_STATE: "device state", END: "end",
-         ACK: "ack", END_ACK: "end ack", ERROR: "error"}
+         ACK: "ack", END_ACK: "end ack", ERROR: "error", DISCARD: "discard",
+         REQUEST: "request"}
 RAW, ZSTD = 0, 1
 MAX_PARTS = 32  # runs sent as views of guest RAM at most; more are gathered
 MAX_CONTROL = 16 << 20  # a device state or an error message
@@ -166,6 +170,23 @@ def send_control(conn: Connection, type: int, *, round: int = 0, n_frames: int =
     conn.send([header.pack(), data] if data else [header.pack()])
 
 
+def send_frames(conn: Connection, type: int, frames: np.ndarray) -> None:
+    """A DISCARD or REQUEST record: a list of frame numbers."""
+    send_control(conn, type, n_frames=len(frames), data=frames.astype(_U32).tobytes())
+
+
+def read_frames(conn: Connection, header: Header, nr_frames: int) -> np.ndarray:
+    """The frame list of a DISCARD or REQUEST record, checked against the domain."""
+    if header.data_len != header.n_frames * _U32.itemsize:
+        raise errors.InvalidArgument(f"{NAMES[header.type]} record: {header.data_len} bytes "
+                                     f"for {header.n_frames} frames")
+    frames = np.frombuffer(read_control_body(conn, header), _U32)
+    if len(frames) and int(frames.max()) >= nr_frames:
+        raise errors.InvalidArgument(f"{NAMES[header.type]} record: frame {int(frames.max())} "
+                                     f"is outside the domain ({nr_frames} frames)")
+    return frames
+
+
 def send_ack(conn: Connection, round: int, pages: int, mismatched: list[int]) -> None:
     body = np.asarray(mismatched, _U64).tobytes()
     header = Header(ACK, round=round, n_frames=pages, n_zero=len(mismatched),
@@ -210,12 +231,17 @@ class Received:
 
 
 class Receiver:
-    """One connection's reading of PAGES records into a domain's memory."""
+    """One connection's reading of PAGES records into a domain's memory.
 
-    def __init__(self, mem: GuestMemory, batch_pages: int) -> None:
+    place (post-copy, once the guest runs): nothing is written through this agent's
+    mapping; a batch is read into the buffer and handed over as place(frames, rows,
+    zero_frames), which puts each page in atomically (pvmig.hv.userfault)."""
+
+    def __init__(self, mem: GuestMemory, batch_pages: int, place=None) -> None:
         self.mem = mem
         self.batch_pages = batch_pages
         self.buf = np.empty((batch_pages, PAGE_SIZE), np.uint8)
+        self.place = place
 
     def check(self, h: Header) -> None:
         """Before anything of the body is read."""
@@ -246,6 +272,8 @@ class Receiver:
                 f"batch {h.seq}: frame {int(lists.max())} is outside the domain ({nr} frames)")
         pages = self.mem.pages
         n = len(frames)
+        if self.place is not None:
+            return self._hand_over(conn, h, frames, zero, lists)
         if h.encoding == RAW and is_run(frames):  # straight into place
             first = int(frames[0])
             target = pages[first:first + n]
@@ -267,6 +295,26 @@ class Receiver:
         pages[zero] = 0
         return Received(n + len(zero), lists, ok)
 
+    def _hand_over(self, conn: Connection, h: Header, frames: np.ndarray, zero: np.ndarray,
+                   lists: np.ndarray) -> Received:
+        n = len(frames)
+        if h.encoding == RAW:
+            rows = self.buf[:n]
+            conn.recv_into(rows)
+            ok = checksum(h, [frames, zero, rows]) == h.checksum
+        else:
+            raw = self.buf.reshape(-1)[:h.data_len]
+            conn.recv_into(raw)
+            ok = checksum(h, [frames, zero, raw]) == h.checksum
+            if ok:
+                data = self._decompress(h, bytes(raw), n)
+                rows = np.frombuffer(data, np.uint8).reshape(n, PAGE_SIZE)
+        if not ok:  # the guest runs: nothing damaged goes in (the source is suspended,
+            # so a mismatch here is damage on the way, never a race with a write)
+            raise errors.DataLoss(f"batch {h.seq}: checksum mismatch in post-copy")
+        self.place(frames, rows, zero)
+        return Received(n + len(zero), lists, True)
+
     def _decompress(self, h: Header, data: bytes, n: int) -> bytes:
         size = n * PAGE_SIZE
         out = zstd_decode(h.seq, data, size)
@@ -277,4 +325,5 @@ class Receiver:
 
 
 __all__ = ["Closed", "Header", "Receiver", "Scratch", "Sent", "send_pages", "send_control",
-           "send_ack", "send_error", "read_header", "read_control_body", "error_of"]
+           "send_frames", "read_frames", "send_ack", "send_error", "read_header",
+           "read_control_body", "error_of"]

@@ -129,10 +129,13 @@ class Connection:
         self.recv_into(buf, deadline)
         return bytes(buf)
 
-    def has_input(self) -> bool:
+    def has_input(self, timeout_s: float = 0.0) -> bool:
         """Whether the peer sent something (a destination sends nothing mid-round but
-        an error: the source looks between batches, before its sends stall on it)."""
-        return bool(select.select([self.sock], [], [], 0)[0])
+        an error: the source looks between batches, before its sends stall on it), or
+        does within timeout_s."""
+        if self.tls and self.sock.pending():
+            return True
+        return bool(select.select([self.sock], [], [], timeout_s)[0])
 
     def shutdown(self) -> None:
         """Wake any thread blocked on the connection (it gets an error or EOF)."""

@@ -1,0 +1,179 @@
+"""The destination's side of post-copy: which frames have not arrived, the guest's
+faults on them, and each page's placement.
+
+At the switch the source names the frames still to come (DISCARD): any copy of them
+here is stale and goes (its pages removed from the RAM file, so the guest faults on
+them). From resume on, a thread reads the guest's faults and asks the source for each
+frame on the urgent lane (a data connection of its own: QEMU's preempt channel), while
+the push connections bring the rest. Every page goes in with UFFDIO_COPY, atomically,
+from the connection's buffer; never through this agent's mapping, which would give the
+guest a zero page (pvmig.hv.userfault).
+
+Latency is measured per faulted frame, from the fault read to the page placed; the
+blocktime (QEMU's postcopy-blocktime) is their sum.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import threading
+import time
+
+import numpy as np
+
+from pvmig import errors
+from pvmig._proto import pvmig_pb2 as pb
+from pvmig.hv.memory import PAGE_SIZE, hash_words, runs
+from pvmig.hv.userfault import UserFault
+from pvmig.migration import wire
+
+log = logging.getLogger(__name__)
+FAULT_POLL_S = 0.1  # the fault thread looks for its stop this often
+
+
+class Paging:
+    def __init__(self, session, userfault: UserFault) -> None:
+        self.session = session
+        self.uf = userfault
+        n = userfault.nr_frames
+        self.missing = np.zeros(n, bool)
+        self.requested = np.zeros(n, bool)
+        self.fault_at = np.zeros(n, np.float64)  # monotonic time of the first fault read
+        self.total = 0
+        self.faults = 0
+        self.requests = 0
+        self.latencies: list[float] = []
+        self.taken: list[int] = []  # frames something else put in before they arrived
+        self._lock = threading.Lock()  # missing/requested/fault_at, and the lane's sends
+        self._arrived = threading.Condition(self._lock)
+        self.lane = None  # the urgent lane's connection, once the source opened it
+        self._pending: list[np.ndarray] = []  # asked for before the lane was up
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ---- the switch
+
+    def discard(self, mem, frames: np.ndarray) -> None:
+        """These frames come later: what is here of them is stale. Their pages leave the
+        RAM file (the guest has not run here yet), so that the guest faults on them."""
+        frames = np.unique(frames)
+        first, lengths = runs(frames)
+        for f, n in zip(first.tolist(), lengths.tolist()):
+            mem.mapping.madvise(mmap.MADV_REMOVE, f * PAGE_SIZE, n * PAGE_SIZE)
+        with self._lock:
+            self.missing[frames] = True
+            self.total = int(self.missing.sum())
+
+    # ---- faults
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._fault_loop, daemon=True,
+                                        name=f"faults-{self.session.migration_id}")
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def _fault_loop(self) -> None:
+        while not self._stop.is_set():
+            frames = self.uf.faults(FAULT_POLL_S)
+            if frames is None:  # the guest is gone
+                return
+            if len(frames):
+                self.request(np.unique(frames), fault=True)
+
+    def request(self, frames: np.ndarray, fault: bool = False) -> None:
+        """Ask the source for these frames first (those not here and not asked for)."""
+        now = time.monotonic()
+        with self._lock:
+            if fault:
+                new_faults = frames[self.fault_at[frames] == 0]
+                self.fault_at[new_faults] = now
+                self.faults += len(new_faults)
+            ask = frames[self.missing[frames] & ~self.requested[frames]]
+            if not len(ask):
+                return
+            self.requested[ask] = True
+            self.requests += len(ask)
+            if self.lane is None:
+                self._pending.append(ask)
+                return
+            try:
+                wire.send_frames(self.lane, wire.REQUEST, ask)
+            except OSError as e:
+                log.warning("migration %s: the urgent lane broke (%s): %d frame(s) wait "
+                            "for the push", self.session.migration_id, e, len(ask))
+
+    def set_lane(self, conn) -> None:
+        with self._lock:
+            self.lane = conn
+            pending, self._pending = self._pending, []
+            for ask in pending:
+                wire.send_frames(conn, wire.REQUEST, ask)
+
+    # ---- arrival (in the connections' threads)
+
+    def place(self, frames: np.ndarray, rows: np.ndarray, zero: np.ndarray) -> None:
+        """A batch from the source: each page in atomically, and its hash (the frame as
+        it was at the switch) for the verifier."""
+        hashes = self.session.hashes
+        if len(frames):
+            hashes[frames] = hash_words(rows.view(np.uint64))
+            taken = []
+            if frames.size:
+                starts, lengths = runs(frames)
+                i = 0
+                for f, n in zip(starts.tolist(), lengths.tolist()):
+                    taken.extend(self.uf.place(f, np.ascontiguousarray(rows[i:i + n])).tolist())
+                    i += n
+            self._arrive(frames, taken)
+        if len(zero):
+            hashes[zero] = 0
+            self._arrive(zero, self.uf.place_zero(np.sort(zero)).tolist())
+
+    def _arrive(self, frames: np.ndarray, taken: list[int]) -> None:
+        now = time.monotonic()
+        with self._arrived:
+            was = frames[self.missing[frames]]
+            self.missing[frames] = False
+            faulted = was[self.fault_at[was] > 0]
+            self.latencies.extend((now - self.fault_at[faulted]).tolist())
+            if taken:
+                # Something touched these through another mapping before they came: the
+                # guest holds a zero page where its data should be (dom0 policy unsafe).
+                stray = [f for f in taken if f in set(was.tolist())]
+                self.taken.extend(stray)
+            self._arrived.notify_all()
+
+    def wait_for(self, frames: np.ndarray, timeout_s: float, ask: bool = True) -> None:
+        """Block (a thread) until frames are here, asked for first unless told not to."""
+        if ask:
+            self.request(frames)
+        deadline = time.monotonic() + timeout_s
+        with self._arrived:
+            while self.missing[frames].any():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise errors.Unavailable(
+                        f"frames {frames[self.missing[frames]][:8].tolist()} did not arrive "
+                        f"within {timeout_s:.0f} s")
+                self._arrived.wait(left)
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing.any()
+
+    def status(self) -> pb.PostcopyStatus:
+        with self._lock:
+            lat = np.asarray(self.latencies) * 1e9
+            return pb.PostcopyStatus(
+                total_pages=self.total, missing_pages=int(self.missing.sum()),
+                faults=self.faults, requests=self.requests,
+                blocktime_ns=int(lat.sum()) if len(lat) else 0,
+                latency_p50_ns=int(np.percentile(lat, 50)) if len(lat) else 0,
+                latency_p99_ns=int(np.percentile(lat, 99)) if len(lat) else 0,
+                latency_max_ns=int(lat.max()) if len(lat) else 0,
+                taken_pages=len(self.taken))
