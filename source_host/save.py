@@ -145,6 +145,8 @@ class SaveSession:
     postcopy_frames: np.ndarray | None = None  # a switch to post-copy: the frames to come
     _transfer: Transfer | None = None  # post-copy under way (or done)
     _push_after_fault: bool = False  # (an injection point)
+    allow_postcopy: bool = False  # the destination was prepared for a switch
+    postcopy_asked: bool = False  # StartPostcopy: said with the next round's stats
     _completing: asyncio.Future | None = None  # each runs once, whoever asks
     _releasing: asyncio.Future | None = None
 
@@ -192,6 +194,7 @@ class SaveSession:
                       transport=settings.transport or host.transport)
         session.corrupt_seq = inject.corrupt_seq
         settings.batch_pages = settings.batch_pages or policy.batch_pages(session.transport)
+        session.allow_postcopy = request.allow_postcopy
         if settings.max_bandwidth_mbps:
             session.limit = RateLimit(settings.max_bandwidth_mbps)
         # Claim the domain before the first await: a second Begin must find it taken.
@@ -461,6 +464,16 @@ class SaveSession:
                  self.migration_id, len(t.frames), t.pushed, t.requested)
         yield t.progress(started, done=True)
 
+    def ask_postcopy(self) -> None:
+        """pvmig migrate-postcopy: the coordinator switches after the current round."""
+        if not self.allow_postcopy:
+            raise errors.FailedPrecondition(
+                f"migration {self.migration_id} was not started with --allow-postcopy: its "
+                "destination's memory cannot take pages after the guest resumes there")
+        self._require(St.ACTIVE, "a switch to post-copy (asked during pre-copy)")
+        self.postcopy_asked = True
+        log.info("migration %s: post-copy asked for", self.migration_id)
+
     def _round_stats(self, number: int, frames: np.ndarray, started: float) -> pb.RoundStats:
         since, self._last_read = started - self._last_read, started
         return pb.RoundStats(round=number, dirty_pages=len(frames),
@@ -474,6 +487,7 @@ class SaveSession:
         stats.remaining_pages = self.domain.log.count()
         for name, n in self.inject.fired.items():
             stats.injected[name] = n
+        stats.postcopy_asked = self.postcopy_asked
         return pb.RoundProgress(done_pages=len(frames), total_pages=len(frames),
                                 bytes=stats.bytes, stats=stats)
 

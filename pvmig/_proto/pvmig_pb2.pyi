@@ -292,7 +292,7 @@ class MigrationRef(_message.Message):
     def __init__(self, migration_id: _Optional[str] = ..., reason: _Optional[str] = ..., domain: _Optional[str] = ..., source_instance: _Optional[str] = ...) -> None: ...
 
 class BeginRequest(_message.Message):
-    __slots__ = ("migration_id", "domain", "dest_address", "batch_pages", "streams", "backend_log", "xenstore_track", "inject", "save_image", "max_bandwidth_mbps", "quiesce", "recovery", "persistent_grants", "grant_mode", "compress", "transport")
+    __slots__ = ("migration_id", "domain", "dest_address", "batch_pages", "streams", "backend_log", "xenstore_track", "inject", "save_image", "max_bandwidth_mbps", "quiesce", "recovery", "persistent_grants", "grant_mode", "compress", "transport", "allow_postcopy")
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     DOMAIN_FIELD_NUMBER: _ClassVar[int]
     DEST_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -309,6 +309,7 @@ class BeginRequest(_message.Message):
     GRANT_MODE_FIELD_NUMBER: _ClassVar[int]
     COMPRESS_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_POSTCOPY_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     domain: str
     dest_address: str
@@ -325,7 +326,8 @@ class BeginRequest(_message.Message):
     grant_mode: GrantMode
     compress: Compression
     transport: Transport
-    def __init__(self, migration_id: _Optional[str] = ..., domain: _Optional[str] = ..., dest_address: _Optional[str] = ..., batch_pages: _Optional[int] = ..., streams: _Optional[int] = ..., backend_log: _Optional[bool] = ..., xenstore_track: _Optional[bool] = ..., inject: _Optional[_Iterable[str]] = ..., save_image: _Optional[str] = ..., max_bandwidth_mbps: _Optional[float] = ..., quiesce: _Optional[_Union[Quiesce, str]] = ..., recovery: _Optional[_Union[Recovery, str]] = ..., persistent_grants: _Optional[_Union[PersistentGrants, str]] = ..., grant_mode: _Optional[_Union[GrantMode, str]] = ..., compress: _Optional[_Union[Compression, str]] = ..., transport: _Optional[_Union[Transport, str]] = ...) -> None: ...
+    allow_postcopy: bool
+    def __init__(self, migration_id: _Optional[str] = ..., domain: _Optional[str] = ..., dest_address: _Optional[str] = ..., batch_pages: _Optional[int] = ..., streams: _Optional[int] = ..., backend_log: _Optional[bool] = ..., xenstore_track: _Optional[bool] = ..., inject: _Optional[_Iterable[str]] = ..., save_image: _Optional[str] = ..., max_bandwidth_mbps: _Optional[float] = ..., quiesce: _Optional[_Union[Quiesce, str]] = ..., recovery: _Optional[_Union[Recovery, str]] = ..., persistent_grants: _Optional[_Union[PersistentGrants, str]] = ..., grant_mode: _Optional[_Union[GrantMode, str]] = ..., compress: _Optional[_Union[Compression, str]] = ..., transport: _Optional[_Union[Transport, str]] = ..., allow_postcopy: _Optional[bool] = ...) -> None: ...
 
 class ThrottleRequest(_message.Message):
     __slots__ = ("migration_id", "percent")
@@ -410,7 +412,7 @@ class PostcopyStatus(_message.Message):
     def __init__(self, total_pages: _Optional[int] = ..., missing_pages: _Optional[int] = ..., faults: _Optional[int] = ..., requests: _Optional[int] = ..., blocktime_ns: _Optional[int] = ..., latency_p50_ns: _Optional[int] = ..., latency_p99_ns: _Optional[int] = ..., latency_max_ns: _Optional[int] = ..., taken_pages: _Optional[int] = ..., paused: _Optional[bool] = ...) -> None: ...
 
 class RoundStats(_message.Message):
-    __slots__ = ("round", "dirty_pages", "sent_pages", "zero_pages", "bytes", "duration_ns", "dirty_rate", "started_ns", "remaining_pages", "interval_ns", "injected", "interrupted")
+    __slots__ = ("round", "dirty_pages", "sent_pages", "zero_pages", "bytes", "duration_ns", "dirty_rate", "started_ns", "remaining_pages", "interval_ns", "injected", "interrupted", "postcopy_asked")
     class InjectedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -430,6 +432,7 @@ class RoundStats(_message.Message):
     INTERVAL_NS_FIELD_NUMBER: _ClassVar[int]
     INJECTED_FIELD_NUMBER: _ClassVar[int]
     INTERRUPTED_FIELD_NUMBER: _ClassVar[int]
+    POSTCOPY_ASKED_FIELD_NUMBER: _ClassVar[int]
     round: int
     dirty_pages: int
     sent_pages: int
@@ -442,7 +445,8 @@ class RoundStats(_message.Message):
     interval_ns: int
     injected: _containers.ScalarMap[str, int]
     interrupted: str
-    def __init__(self, round: _Optional[int] = ..., dirty_pages: _Optional[int] = ..., sent_pages: _Optional[int] = ..., zero_pages: _Optional[int] = ..., bytes: _Optional[int] = ..., duration_ns: _Optional[int] = ..., dirty_rate: _Optional[float] = ..., started_ns: _Optional[int] = ..., remaining_pages: _Optional[int] = ..., interval_ns: _Optional[int] = ..., injected: _Optional[_Mapping[str, int]] = ..., interrupted: _Optional[str] = ...) -> None: ...
+    postcopy_asked: bool
+    def __init__(self, round: _Optional[int] = ..., dirty_pages: _Optional[int] = ..., sent_pages: _Optional[int] = ..., zero_pages: _Optional[int] = ..., bytes: _Optional[int] = ..., duration_ns: _Optional[int] = ..., dirty_rate: _Optional[float] = ..., started_ns: _Optional[int] = ..., remaining_pages: _Optional[int] = ..., interval_ns: _Optional[int] = ..., injected: _Optional[_Mapping[str, int]] = ..., interrupted: _Optional[str] = ..., postcopy_asked: _Optional[bool] = ...) -> None: ...
 
 class RoundProgress(_message.Message):
     __slots__ = ("done_pages", "total_pages", "bytes", "stats")

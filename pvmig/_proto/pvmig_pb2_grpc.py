@@ -356,6 +356,11 @@ class MigrationSourceStub:
                 request_serializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
                 response_deserializer=pvmig_dot___proto_dot_pvmig__pb2.PostcopyProgress.FromString,
                 _registered_method=True)
+        self.StartPostcopy = channel.unary_unary(
+                '/pvmig.v1.MigrationSource/StartPostcopy',
+                request_serializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
+                response_deserializer=pvmig_dot___proto_dot_pvmig__pb2.DoneReply.FromString,
+                _registered_method=True)
         self.FrameHashes = channel.unary_stream(
                 '/pvmig.v1.MigrationSource/FrameHashes',
                 request_serializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
@@ -428,6 +433,14 @@ class MigrationSourceServicer:
     def Postcopy(self, request, context):
         """After Commit of a post-copy switch: push every frame still to come, serving the
         destination's requests first, until it has them all.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartPostcopy(self, request, context):
+        """Ask the coordinator of a running pre-copy to switch to post-copy after its current
+        round (pvmig migrate-postcopy; QEMU's migrate-start-postcopy).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -506,6 +519,11 @@ def add_MigrationSourceServicer_to_server(servicer, server):
                     servicer.Postcopy,
                     request_deserializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.FromString,
                     response_serializer=pvmig_dot___proto_dot_pvmig__pb2.PostcopyProgress.SerializeToString,
+            ),
+            'StartPostcopy': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartPostcopy,
+                    request_deserializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.FromString,
+                    response_serializer=pvmig_dot___proto_dot_pvmig__pb2.DoneReply.SerializeToString,
             ),
             'FrameHashes': grpc.unary_stream_rpc_method_handler(
                     servicer.FrameHashes,
@@ -722,6 +740,33 @@ class MigrationSource:
             '/pvmig.v1.MigrationSource/Postcopy',
             pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
             pvmig_dot___proto_dot_pvmig__pb2.PostcopyProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartPostcopy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pvmig.v1.MigrationSource/StartPostcopy',
+            pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
+            pvmig_dot___proto_dot_pvmig__pb2.DoneReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -186,6 +186,12 @@ class MigrationSourceServicer(pb_grpc.MigrationSourceServicer):
                 yield progress
 
     @_status
+    async def StartPostcopy(self, request, context):
+        session = self.host.saves.lookup(request.migration_id)
+        session.ask_postcopy()
+        return pb.DoneReply()
+
+    @_status
     async def Postcopy(self, request, context):
         session = self.host.saves.lookup(request.migration_id)
         with session.lease.hold():

@@ -60,6 +60,15 @@ def register(sub, auth) -> None:
                    "page the guest touches first is asked for and sent ahead). Until every "
                    "page is there neither host holds the whole guest: a crash of either "
                    "loses it")
+    m.add_argument("--postcopy-after-precopy", action="store_true",
+                   help="hybrid: one pre-copy round (every page while the guest runs), "
+                   "then the switch: only what the guest dirtied since follows it")
+    m.add_argument("--postcopy-on-stall", action="store_true",
+                   help="pre-copy, switching to post-copy where it would stop without "
+                   "converging (the round cap, or no progress)")
+    m.add_argument("--allow-postcopy", action="store_true",
+                   help="prepare the destination for a switch asked later with pvmig "
+                   "migrate-postcopy (as QEMU's postcopy-ram capability)")
     m.add_argument("--transport", choices=choices(Transport), default=None,
                    help="how pages travel: tcp, data channels the agents open beside gRPC "
                    "(binary records, from and into guest RAM), or grpc, the PageStream "
@@ -118,6 +127,14 @@ def register(sub, auth) -> None:
                    help="an agent taking part (give both)")
     x.set_defaults(func=cancel)
 
+    sp = sub.add_parser("migrate-postcopy", help="switch a running pre-copy migration to "
+                        "post-copy after its current round (it must have been started with "
+                        "--allow-postcopy or --postcopy-on-stall)", parents=[auth])
+    sp.add_argument("--migration", required=True, metavar="ID")
+    sp.add_argument("--source", required=True, metavar="HOST:PORT",
+                    help="the source agent (the coordinator hears it from there)")
+    sp.set_defaults(func=migrate_postcopy)
+
     rc = sub.add_parser("recover", help="finish a migration whose coordinator died: "
                         "from the source's durable decision, the guest ends up running on "
                         "exactly one host", parents=[auth])
@@ -141,7 +158,10 @@ def migrate(args) -> int:
                       max_bandwidth_mbps=args.max_bandwidth, auto_converge=args.auto_converge,
                       save_images=str(args.save_images or ""),
                       batch_pages=args.batch_pages, streams=args.streams,
-                      verify_timeout_s=args.verify_timeout, postcopy=args.postcopy)
+                      verify_timeout_s=args.verify_timeout, postcopy=args.postcopy,
+                      postcopy_after_precopy=args.postcopy_after_precopy,
+                      postcopy_on_stall=args.postcopy_on_stall,
+                      allow_postcopy=args.allow_postcopy)
     if options.downtime_limit_ms <= 0 or options.max_rounds < 1:
         raise errors.InvalidArgument("--downtime-limit must be > 0 ms and --max-rounds >= 1")
     if options.max_bandwidth_mbps < 0:
@@ -150,12 +170,14 @@ def migrate(args) -> int:
         raise errors.InvalidArgument(f"--streams must be within 1..{policy.MAX_STREAMS}")
     if not 0 <= options.batch_pages <= policy.MAX_BATCH_PAGES:
         raise errors.InvalidArgument(f"--batch-pages must be within 1..{policy.MAX_BATCH_PAGES}")
-    if options.postcopy and options.transport is Transport.GRPC:
+    if sum((options.postcopy, options.postcopy_after_precopy)) > 1:
+        raise errors.InvalidArgument("--postcopy and --postcopy-after-precopy: give one")
+    if options.may_postcopy and options.transport is Transport.GRPC:
         raise errors.InvalidArgument("--postcopy runs over the data channels: not with "
                                      "--transport grpc")
     if args.report:
         check_writable(args.report)
-    if options.postcopy:
+    if options.may_postcopy:
         print("warning: post-copy: once the guest resumes at the destination and until "
               "every page has arrived, neither host holds the whole guest; a crash of "
               "either agent, or of either host, loses it", file=sys.stderr)
@@ -236,6 +258,17 @@ def cancel(args) -> int:
     if not found:
         raise errors.NotFound(f"no agent given has migration {args.migration}")
     print(f"cancelled migration {args.migration} on {', '.join(found)}")
+    return EXIT_OK
+
+
+def migrate_postcopy(args) -> int:
+    async def go():
+        async with AgentClient(args.source, "the source agent") as agent:
+            await agent.call(agent.source.StartPostcopy,
+                             pb.MigrationRef(migration_id=args.migration))
+    run(go())
+    print(f"migration {args.migration}: post-copy asked for; it switches after its "
+          "current round")
     return EXIT_OK
 
 

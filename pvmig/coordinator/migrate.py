@@ -75,6 +75,15 @@ class Options:
     save_images: str = ""        # a directory both agents write: source.ram, dest.ram
     verify_timeout_s: float = policy.VERIFY_TIMEOUT_S
     postcopy: bool = False  # resume at the destination after setup; memory follows
+    postcopy_after_precopy: bool = False  # switch after round 0 (libvirt's flag)
+    postcopy_on_stall: bool = False  # switch where pre-copy would stop without converging
+    allow_postcopy: bool = False  # prepare for a switch asked later (pvmig migrate-postcopy)
+
+    @property
+    def may_postcopy(self) -> bool:
+        """The destination is prepared for a switch (QEMU's postcopy-ram capability)."""
+        return (self.postcopy or self.postcopy_after_precopy or self.postcopy_on_stall
+                or self.allow_postcopy)
 
     def __post_init__(self) -> None:
         # (names given as plain strings, by the CLI or a script, are checked here)
@@ -99,6 +108,8 @@ class Migration:
     _prepared: bool = False
     _committed: bool = False
     _commit_asked: bool = False
+    _postcopy: bool = False  # the final pass is a switch to post-copy
+    _postcopy_asked: bool = False  # pvmig migrate-postcopy, said by the last round
     _offsets: dict = field(default_factory=dict)
     _suspended_ns: int = 0
     _devices: list = field(default_factory=list)
@@ -127,12 +138,13 @@ class Migration:
                 await self.prepare()
                 await self.begin()
                 self.report.setup_time_s = time.monotonic() - t0
-                if not self.options.postcopy:
+                self._postcopy = self.options.postcopy
+                if not self._postcopy:
                     await self.precopy()
                 await self.suspend()
                 if self.options.quiesce is Quiesce.BACKEND:
                     await self.quiesce()
-                if self.options.postcopy:
+                if self._postcopy:
                     await self.switch_to_postcopy()
                 else:
                     await self.final_pass()
@@ -141,7 +153,7 @@ class Migration:
                 if not self._committed:
                     await self.abort(e)
                 raise
-            if self.options.postcopy:
+            if self._postcopy:
                 await self.postcopy()
             else:
                 await self.resume()
@@ -214,7 +226,7 @@ class Migration:
             source_address=self._source_address(),
             source_instance=self.source.hello_reply.instance_id,
             devices=self._devices, save_image=self._image("dest"),
-            postcopy=self.options.postcopy),
+            postcopy=self.options.may_postcopy),
             timeout=120.0)
         self._prepared = True
 
@@ -232,6 +244,7 @@ class Migration:
             grant_mode=to_wire(self.options.grant_mode, GrantMode),
             compress=to_wire(self.options.compress),
             transport=to_wire(self.options.transport, Transport),
+            allow_postcopy=self.options.may_postcopy,
             max_bandwidth_mbps=self.options.max_bandwidth_mbps))
         self._begun = True
         self.report.transport = from_wire(Transport, reply.transport) or ""
@@ -255,6 +268,11 @@ class Migration:
             self.report.rounds[-1]["hash-ms"] = round((time.monotonic() - t) * 1e3, 3)
             decision = self.policy(rounds, can_throttle=bool(converge and converge.can_throttle))
             self.report.expected_downtime_s = decision.expected_downtime_s
+            switch = self._switch_reason(decision)
+            if switch:
+                self.report.stop_reason = switch
+                self._postcopy = True
+                return
             if decision.stop:
                 self.report.stop_reason = decision.reason
                 self.report.converged = decision.converged
@@ -266,6 +284,17 @@ class Migration:
                     migration_id=self.migration_id, percent=throttle))
                 self.report.max_throttle = throttle
                 self._phase("throttle", percent=throttle)
+
+    def _switch_reason(self, decision) -> str:
+        """Why pre-copy ends here in a switch to post-copy, or "" (it goes on, or stops
+        and copies as its policy says)."""
+        if self.options.postcopy_after_precopy:
+            return "postcopy-after-precopy"
+        if self._postcopy_asked:
+            return "postcopy-asked"
+        if self.options.postcopy_on_stall and decision.stop and not decision.converged:
+            return f"postcopy-on-stall ({decision.reason})"
+        return ""
 
     async def _hash_received(self) -> None:
         """The destination catches up; through a network drop its answer is waited for as
@@ -421,6 +450,7 @@ class Migration:
             if p.HasField("stats"):
                 stats = _stats(p.stats)
                 interrupted = p.stats.interrupted
+                self._postcopy_asked = p.stats.postcopy_asked
                 if p.stats.injected:
                     self.report.injected = dict(p.stats.injected)
         self.report.add_round(stats, final=final)

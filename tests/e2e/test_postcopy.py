@@ -4,10 +4,14 @@ process blocked on userfaultfd, real sockets."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import threading
 
 import pytest
-from support import create, domains, migrate, query, wait_running_and_checking
+from support import create, domains, migrate, pvmig, query, wait_running_and_checking
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 and os.environ.get("CI") != "true",
@@ -44,3 +48,87 @@ def test_postcopy_moves_a_busy_guest_whole(cluster, tmp_path):
     assert after.guest.checks_failed == 0
     assert after.guest.pages_written > before.guest.pages_written
     assert query(b, "vm").state == "running"
+
+
+def _check_moved(data: dict, a: str, b: str) -> dict:
+    assert data["status"] == "completed" and data["verification"]["passed"], data
+    assert data["verification"]["memory"] == "identical"
+    assert data["postcopy"]["pushed-pages"] + data["postcopy"]["requested-pages"] == \
+        data["postcopy"]["total-pages"]
+    assert "vm" in domains(b) and "vm" not in domains(a)
+    assert wait_running_and_checking(b, "vm").guest.checks_failed == 0
+    return data["postcopy"]
+
+
+def test_hybrid_sends_only_what_the_guest_dirtied_after_round_0(cluster, tmp_path):
+    a, b = cluster["a"].address, cluster["b"].address
+    create(a, "vm", ram_mb=64, dirty_rate=20000)
+    r, data = migrate(a, b, "vm", tmp_path / "r.json", "--postcopy-after-precopy",
+                      "--inject", "push-after-fault")
+    assert r.returncode == 0, r.stderr
+    pc = _check_moved(data, a, b)
+    assert data["stop-reason"] == "postcopy-after-precopy"
+    rounds = data["rounds"]
+    assert len(rounds) == 2 and rounds[0]["pages"] == 64 << 20 >> 12 and rounds[1]["final"]
+    # Only what round 0's copies missed comes after the switch: the guest's writes.
+    assert 0 < pc["total-pages"] < 64 << 20 >> 12
+    assert pc["requested-pages"] >= 1
+
+
+def test_postcopy_on_stall_switches_where_precopy_gives_up(cluster, tmp_path):
+    a, b = cluster["a"].address, cluster["b"].address
+    create(a, "vm", ram_mb=32, dirty_rate=20000)
+    r, data = migrate(a, b, "vm", tmp_path / "r.json", "--postcopy-on-stall",
+                      "--downtime-limit", "0.001", "--max-rounds", "3")
+    assert r.returncode == 0, r.stderr
+    _check_moved(data, a, b)
+    assert data["stop-reason"].startswith("postcopy-on-stall")
+    assert len(data["rounds"]) == 4  # three rounds, then the switch
+
+
+def test_migrate_postcopy_switches_a_running_precopy(cluster, tmp_path):
+    a, b = cluster["a"].address, cluster["b"].address
+    create(a, "vm", ram_mb=32, dirty_rate=20000)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pvmig", "migrate", "--source", a, "--dest", b, "--domain",
+         "vm", "--downtime-limit", "0.001", "--max-rounds", "100000",
+         "--no-progress-rounds", "0", "--allow-postcopy", "--report",
+         str(tmp_path / "r.json")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:  # pre-copy iterates: it would go on for ever
+            event = json.loads(line)
+            if event["event"] == "round" and event["round"] >= 2:
+                break
+        r = pvmig("migrate-postcopy", "--migration", query(a, "vm").migration_id,
+                  "--source", a)
+        assert r.returncode == 0, r.stderr
+        threading.Thread(target=proc.stdout.read, daemon=True).start()
+        assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    finally:
+        proc.kill()
+    data = json.loads((tmp_path / "r.json").read_text())
+    _check_moved(data, a, b)
+    assert data["stop-reason"] == "postcopy-asked"
+
+
+def test_migrate_postcopy_needs_the_capability(cluster, tmp_path):
+    a, b = cluster["a"].address, cluster["b"].address
+    create(a, "vm", ram_mb=16, dirty_rate=20000)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pvmig", "migrate", "--source", a, "--dest", b, "--domain",
+         "vm", "--downtime-limit", "0.001", "--max-rounds", "100000",
+         "--no-progress-rounds", "0", "--report", str(tmp_path / "r.json")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if json.loads(line)["event"] == "round":
+                break
+        mid = query(a, "vm").migration_id
+        r = pvmig("migrate-postcopy", "--migration", mid, "--source", a)
+        assert r.returncode != 0 and "--allow-postcopy" in r.stderr, r.stderr
+        assert pvmig("cancel", "--migration", mid, "--agent", b, "--agent", a).returncode == 0
+        threading.Thread(target=proc.stdout.read, daemon=True).start()
+        assert proc.wait(timeout=60) == 1
+    finally:
+        proc.kill()
+    assert "vm" in domains(a) and "vm" not in domains(b)
