@@ -27,15 +27,21 @@ from pvmig._proto import pvmig_pb2 as pb
 from pvmig.hv.memory import PAGE_SIZE, hash_words, runs
 from pvmig.hv.userfault import UserFault
 from pvmig.migration import wire
+from pvmig.migration.policy import PostcopyDom0
 
 log = logging.getLogger(__name__)
 FAULT_POLL_S = 0.1  # the fault thread looks for its stop this often
+DOM0_WAIT_S = 30.0  # demand: a dom0 access waits this long for its frame
 
 
 class Paging:
-    def __init__(self, session, userfault: UserFault) -> None:
+    def __init__(self, session, userfault: UserFault,
+                 dom0: PostcopyDom0 = PostcopyDom0.DEMAND) -> None:
         self.session = session
         self.uf = userfault
+        self.dom0 = dom0
+        self.dom0_waits = 0    # demand: dom0 accesses that waited for their frame
+        self.dom0_touched = 0  # unsafe: dom0 accesses to a frame not here
         n = userfault.nr_frames
         self.missing = np.zeros(n, bool)
         self.requested = np.zeros(n, bool)
@@ -114,6 +120,22 @@ class Paging:
             for ask in pending:
                 wire.send_frames(conn, wire.REQUEST, ask)
 
+    # ---- dom0 (the grant table's hook: blkback, netback)
+
+    def dom0_access(self, frame: int) -> None:
+        """Before dom0 maps or copies a guest frame. demand: a frame not here is asked
+        for and waited for (in the calling thread; Xen's backends retry a paged-out
+        frame's map). unsafe: counted, and let through to dom0's own mapping."""
+        if not self.missing[frame]:
+            return
+        if self.dom0 is PostcopyDom0.UNSAFE:
+            with self._lock:
+                self.dom0_touched += 1
+            return
+        with self._lock:
+            self.dom0_waits += 1
+        self.wait_for(np.array([frame], np.uint32), DOM0_WAIT_S)
+
     # ---- arrival (in the connections' threads)
 
     def place(self, frames: np.ndarray, rows: np.ndarray, zero: np.ndarray) -> None:
@@ -122,13 +144,12 @@ class Paging:
         hashes = self.session.hashes
         if len(frames):
             hashes[frames] = hash_words(rows.view(np.uint64))
-            taken = []
-            if frames.size:
-                starts, lengths = runs(frames)
-                i = 0
-                for f, n in zip(starts.tolist(), lengths.tolist()):
-                    taken.extend(self.uf.place(f, np.ascontiguousarray(rows[i:i + n])).tolist())
-                    i += n
+            taken: list[int] = []
+            starts, lengths = runs(frames)
+            i = 0
+            for f, n in zip(starts.tolist(), lengths.tolist()):
+                taken.extend(self.uf.place(f, np.ascontiguousarray(rows[i:i + n])).tolist())
+                i += n
             self._arrive(frames, taken)
         if len(zero):
             hashes[zero] = 0
@@ -142,10 +163,13 @@ class Paging:
             faulted = was[self.fault_at[was] > 0]
             self.latencies.extend((now - self.fault_at[faulted]).tolist())
             if taken:
-                # Something touched these through another mapping before they came: the
-                # guest holds a zero page where its data should be (dom0 policy unsafe).
-                stray = [f for f in taken if f in set(was.tolist())]
-                self.taken.extend(stray)
+                # Something reached these through another mapping before they came: the
+                # guest holds the page that access made, not the one that came (policy
+                # postcopy-dom0 unsafe). The verifier compares what the guest holds.
+                stray = np.intersect1d(np.asarray(taken, np.uint32), was)
+                self.taken.extend(stray.tolist())
+                mem = self.session.domain.mem
+                self.session.hashes[stray] = mem.frame_hashes(stray)
             self._arrived.notify_all()
 
     def wait_for(self, frames: np.ndarray, timeout_s: float, ask: bool = True) -> None:
@@ -176,4 +200,5 @@ class Paging:
                 latency_p50_ns=int(np.percentile(lat, 50)) if len(lat) else 0,
                 latency_p99_ns=int(np.percentile(lat, 99)) if len(lat) else 0,
                 latency_max_ns=int(lat.max()) if len(lat) else 0,
-                taken_pages=len(self.taken))
+                taken_pages=len(self.taken), dom0_waits=self.dom0_waits,
+                dom0_touched=self.dom0_touched)

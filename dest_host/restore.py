@@ -36,9 +36,12 @@ from pvmig.host.commit_log import Role, check_migration_id
 from pvmig.host.host import Host
 from pvmig.host.sessions import Lease
 from pvmig.hv import logdirty
+from pvmig.hv.foreign_writes import DOM0_BEFORE_ARRIVAL
 from pvmig.hv.memory import save_image
-from pvmig.migration import pages, policy, recovery, verify
+from pvmig.migration import injector, pages, policy, recovery, verify
 from pvmig.migration.device_state import DeviceState
+from pvmig.migration.injector import InjectionPoint
+from pvmig.migration.policy import PostcopyDom0, from_wire
 from pvmig.migration.recovery import SideState, Status
 from pvmig.migration.state import (
     RESTORE_COMMITTED,
@@ -77,6 +80,8 @@ class RestoreSession:
     _hasher: asyncio.Task | None = None
     data: DataChannels | None = None  # transport tcp: the data channels, by epoch
     paging: Paging | None = None  # may switch to post-copy: its frames still to come
+    inject: frozenset = frozenset()  # the injection points (those that act here)
+    injected: dict = field(default_factory=dict)
     _hash_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _end_event: asyncio.Event = field(default_factory=asyncio.Event)
     _resuming: asyncio.Future | None = None
@@ -119,6 +124,7 @@ class RestoreSession:
                       source_address=request.source_address,
                       source_instance=request.source_instance)
         session.save_image = request.save_image
+        session.inject = injector.parse(request.inject)
         n = dom.mem.nr_frames
         session.hashes = np.zeros(n, dtype=np.uint64)
         session.unhashed = np.zeros(n, dtype=np.uint8)
@@ -129,8 +135,10 @@ class RestoreSession:
             host.start_devices(dom, fresh_disks=False)  # shared storage: the same disk
             await dom.start_waiting(host.log_path(dom), lazy=request.postcopy)
             if request.postcopy:
-                session.paging = Paging(session, dom.userfault)
+                session.paging = Paging(session, dom.userfault, from_wire(
+                    PostcopyDom0, request.postcopy_dom0, PostcopyDom0.DEMAND))
                 dom.missing = session.paging.missing
+                dom.grants.before_access = session.paging.dom0_access
             session._set_state(RestoreState.RECEIVING)
         except BaseException:
             await session.discard("the guest process did not start")
@@ -344,6 +352,8 @@ class RestoreSession:
         postcopy = self.paging is not None and self.paging.total > 0
         if postcopy:
             self.paging.start()  # before the guest runs: its first read may fault
+            if InjectionPoint.DOM0_TOUCH_MISSING in self.inject:
+                await asyncio.to_thread(self._dom0_touch_missing)
         t = await self.domain.resume(self.device_state.vcpu, self.device_state.recovery)
         self.domain.migration_id = ""
         self._set_state(RestoreState.RESUMED)
@@ -351,11 +361,24 @@ class RestoreSession:
             self.host.records.refresh(self.domain)
         return t
 
+    def _dom0_touch_missing(self) -> None:
+        """The injection point dom0-touch-missing: dom0 reads a frame not here yet, the
+        way a backend's grant map reaches one (the policy's hook first)."""
+        frame = self.domain.mem.nr_frames // 2
+        self.injected[InjectionPoint.DOM0_TOUCH_MISSING] = int(self.paging.missing[frame])
+        self.paging.dom0_access(frame)
+        int(self.domain.mem.words[frame, 0])  # (the read itself)
+        log.warning("migration %s: dom0 read frame %d %s", self.migration_id, frame,
+                    "after it arrived (demand)" if self.paging.dom0 == "demand"
+                    else "before it arrived (unsafe): the guest keeps a zero page there")
+
     def postcopy_state(self) -> pb.PostcopyStatus:
         if self.paging is None:
             raise errors.FailedPrecondition(
                 f"migration {self.migration_id} was not prepared for post-copy")
         status = self.paging.status()
+        for name, n in self.injected.items():
+            status.injected[name] = n
         if self.paging.complete and self.state is RestoreState.RESUMED and self.paging.total:
             if self.domain.missing is not None:
                 self.domain.missing = None
@@ -371,7 +394,11 @@ class RestoreSession:
             raise errors.FailedPrecondition(
                 f"post-copy of migration {self.migration_id}: "
                 f"{int(self.paging.missing.sum())} frame(s) have not arrived")
-        for chunk in verify.chunks(self.hashes):
+        causes = None
+        if self.paging is not None and self.paging.taken:
+            causes = np.zeros(len(self.hashes), np.uint8)
+            causes[self.paging.taken] = DOM0_BEFORE_ARRIVAL
+        for chunk in verify.chunks(self.hashes, causes):
             yield chunk
 
     def finish(self) -> None:

@@ -31,6 +31,12 @@ class GrantMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     GRANT_MODE_MAP: _ClassVar[GrantMode]
     GRANT_MODE_COPY: _ClassVar[GrantMode]
 
+class PostcopyDom0(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    POSTCOPY_DOM0_DEFAULT: _ClassVar[PostcopyDom0]
+    POSTCOPY_DOM0_DEMAND: _ClassVar[PostcopyDom0]
+    POSTCOPY_DOM0_UNSAFE: _ClassVar[PostcopyDom0]
+
 class Compression(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     COMPRESSION_DEFAULT: _ClassVar[Compression]
@@ -67,6 +73,9 @@ PERSISTENT_GRANTS_OFF: PersistentGrants
 GRANT_MODE_AS_CREATED: GrantMode
 GRANT_MODE_MAP: GrantMode
 GRANT_MODE_COPY: GrantMode
+POSTCOPY_DOM0_DEFAULT: PostcopyDom0
+POSTCOPY_DOM0_DEMAND: PostcopyDom0
+POSTCOPY_DOM0_UNSAFE: PostcopyDom0
 COMPRESSION_DEFAULT: Compression
 COMPRESSION_NONE: Compression
 COMPRESSION_ZSTD: Compression
@@ -388,7 +397,14 @@ class PostcopyProgress(_message.Message):
     def __init__(self, total_pages: _Optional[int] = ..., pushed_pages: _Optional[int] = ..., requested_pages: _Optional[int] = ..., bytes: _Optional[int] = ..., done: _Optional[bool] = ..., duration_ns: _Optional[int] = ...) -> None: ...
 
 class PostcopyStatus(_message.Message):
-    __slots__ = ("total_pages", "missing_pages", "faults", "requests", "blocktime_ns", "latency_p50_ns", "latency_p99_ns", "latency_max_ns", "taken_pages", "paused")
+    __slots__ = ("total_pages", "missing_pages", "faults", "requests", "blocktime_ns", "latency_p50_ns", "latency_p99_ns", "latency_max_ns", "taken_pages", "paused", "dom0_waits", "dom0_touched", "injected")
+    class InjectedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     TOTAL_PAGES_FIELD_NUMBER: _ClassVar[int]
     MISSING_PAGES_FIELD_NUMBER: _ClassVar[int]
     FAULTS_FIELD_NUMBER: _ClassVar[int]
@@ -399,6 +415,9 @@ class PostcopyStatus(_message.Message):
     LATENCY_MAX_NS_FIELD_NUMBER: _ClassVar[int]
     TAKEN_PAGES_FIELD_NUMBER: _ClassVar[int]
     PAUSED_FIELD_NUMBER: _ClassVar[int]
+    DOM0_WAITS_FIELD_NUMBER: _ClassVar[int]
+    DOM0_TOUCHED_FIELD_NUMBER: _ClassVar[int]
+    INJECTED_FIELD_NUMBER: _ClassVar[int]
     total_pages: int
     missing_pages: int
     faults: int
@@ -409,7 +428,10 @@ class PostcopyStatus(_message.Message):
     latency_max_ns: int
     taken_pages: int
     paused: bool
-    def __init__(self, total_pages: _Optional[int] = ..., missing_pages: _Optional[int] = ..., faults: _Optional[int] = ..., requests: _Optional[int] = ..., blocktime_ns: _Optional[int] = ..., latency_p50_ns: _Optional[int] = ..., latency_p99_ns: _Optional[int] = ..., latency_max_ns: _Optional[int] = ..., taken_pages: _Optional[int] = ..., paused: _Optional[bool] = ...) -> None: ...
+    dom0_waits: int
+    dom0_touched: int
+    injected: _containers.ScalarMap[str, int]
+    def __init__(self, total_pages: _Optional[int] = ..., missing_pages: _Optional[int] = ..., faults: _Optional[int] = ..., requests: _Optional[int] = ..., blocktime_ns: _Optional[int] = ..., latency_p50_ns: _Optional[int] = ..., latency_p99_ns: _Optional[int] = ..., latency_max_ns: _Optional[int] = ..., taken_pages: _Optional[int] = ..., paused: _Optional[bool] = ..., dom0_waits: _Optional[int] = ..., dom0_touched: _Optional[int] = ..., injected: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class RoundStats(_message.Message):
     __slots__ = ("round", "dirty_pages", "sent_pages", "zero_pages", "bytes", "duration_ns", "dirty_rate", "started_ns", "remaining_pages", "interval_ns", "injected", "interrupted", "postcopy_asked")
@@ -483,7 +505,7 @@ class DoneReply(_message.Message):
     def __init__(self) -> None: ...
 
 class PrepareRequest(_message.Message):
-    __slots__ = ("migration_id", "domain", "ram_bytes", "source_agent", "devices", "save_image", "source_address", "source_instance", "postcopy")
+    __slots__ = ("migration_id", "domain", "ram_bytes", "source_agent", "devices", "save_image", "source_address", "source_instance", "postcopy", "postcopy_dom0", "inject")
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     DOMAIN_FIELD_NUMBER: _ClassVar[int]
     RAM_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -493,6 +515,8 @@ class PrepareRequest(_message.Message):
     SOURCE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     SOURCE_INSTANCE_FIELD_NUMBER: _ClassVar[int]
     POSTCOPY_FIELD_NUMBER: _ClassVar[int]
+    POSTCOPY_DOM0_FIELD_NUMBER: _ClassVar[int]
+    INJECT_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     domain: str
     ram_bytes: int
@@ -502,7 +526,9 @@ class PrepareRequest(_message.Message):
     source_address: str
     source_instance: str
     postcopy: bool
-    def __init__(self, migration_id: _Optional[str] = ..., domain: _Optional[str] = ..., ram_bytes: _Optional[int] = ..., source_agent: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[DeviceConfig, _Mapping]]] = ..., save_image: _Optional[str] = ..., source_address: _Optional[str] = ..., source_instance: _Optional[str] = ..., postcopy: _Optional[bool] = ...) -> None: ...
+    postcopy_dom0: PostcopyDom0
+    inject: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, migration_id: _Optional[str] = ..., domain: _Optional[str] = ..., ram_bytes: _Optional[int] = ..., source_agent: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[DeviceConfig, _Mapping]]] = ..., save_image: _Optional[str] = ..., source_address: _Optional[str] = ..., source_instance: _Optional[str] = ..., postcopy: _Optional[bool] = ..., postcopy_dom0: _Optional[_Union[PostcopyDom0, str]] = ..., inject: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PrepareReply(_message.Message):
     __slots__ = ("guest_pid",)

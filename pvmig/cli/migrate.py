@@ -22,6 +22,7 @@ from pvmig.migration.policy import (
     Compression,
     GrantMode,
     PersistentGrants,
+    PostcopyDom0,
     Quiesce,
     Recovery,
     Transport,
@@ -66,6 +67,11 @@ def register(sub, auth) -> None:
     m.add_argument("--postcopy-on-stall", action="store_true",
                    help="pre-copy, switching to post-copy where it would stop without "
                    "converging (the round cap, or no progress)")
+    m.add_argument("--postcopy-dom0", choices=choices(PostcopyDom0), default="demand",
+                   help="after the switch, dom0 (blkback, netback) reaching a frame that "
+                   "has not arrived: demand waits for it (asked for first, as Xen's paging "
+                   "makes a backend retry); unsafe goes through dom0's own mapping, where "
+                   "the frame is a hole: a zero page the guest then sees (default: demand)")
     m.add_argument("--allow-postcopy", action="store_true",
                    help="prepare the destination for a switch asked later with pvmig "
                    "migrate-postcopy (as QEMU's postcopy-ram capability)")
@@ -161,7 +167,8 @@ def migrate(args) -> int:
                       verify_timeout_s=args.verify_timeout, postcopy=args.postcopy,
                       postcopy_after_precopy=args.postcopy_after_precopy,
                       postcopy_on_stall=args.postcopy_on_stall,
-                      allow_postcopy=args.allow_postcopy)
+                      allow_postcopy=args.allow_postcopy,
+                      postcopy_dom0=args.postcopy_dom0)
     if options.downtime_limit_ms <= 0 or options.max_rounds < 1:
         raise errors.InvalidArgument("--downtime-limit must be > 0 ms and --max-rounds >= 1")
     if options.max_bandwidth_mbps < 0:

@@ -37,6 +37,7 @@ from pvmig.migration.policy import (
     Compression,
     GrantMode,
     PersistentGrants,
+    PostcopyDom0,
     Quiesce,
     Recovery,
     Transport,
@@ -78,6 +79,7 @@ class Options:
     postcopy_after_precopy: bool = False  # switch after round 0 (libvirt's flag)
     postcopy_on_stall: bool = False  # switch where pre-copy would stop without converging
     allow_postcopy: bool = False  # prepare for a switch asked later (pvmig migrate-postcopy)
+    postcopy_dom0: PostcopyDom0 = PostcopyDom0.DEMAND
 
     @property
     def may_postcopy(self) -> bool:
@@ -93,6 +95,7 @@ class Options:
         self.persistent_grants = (PersistentGrants(self.persistent_grants)
                                   if self.persistent_grants else None)
         self.grant_mode = GrantMode(self.grant_mode) if self.grant_mode else None
+        self.postcopy_dom0 = PostcopyDom0(self.postcopy_dom0 or PostcopyDom0.DEMAND)
 
 
 @dataclass
@@ -226,7 +229,9 @@ class Migration:
             source_address=self._source_address(),
             source_instance=self.source.hello_reply.instance_id,
             devices=self._devices, save_image=self._image("dest"),
-            postcopy=self.options.may_postcopy),
+            postcopy=self.options.may_postcopy,
+            postcopy_dom0=to_wire(self.options.postcopy_dom0, PostcopyDom0),
+            inject=list(self.options.inject)),
             timeout=120.0)
         self._prepared = True
 
@@ -347,6 +352,7 @@ class Migration:
                 f"post-copy broke ({e}): the guest runs at the destination and the frames "
                 "it lacks are only at the source") from None
         state = await self.dest.call(self.dest.dest.PostcopyState, self._ref())
+        self.report.injected.update(state.injected)
         self.report.postcopy = {
             "total-pages": last.total_pages, "pushed-pages": last.pushed_pages,
             "requested-pages": last.requested_pages, "bytes": last.bytes,
@@ -355,7 +361,9 @@ class Migration:
             "latency-ms": {"p50": round(state.latency_p50_ns / 1e6, 3),
                            "p99": round(state.latency_p99_ns / 1e6, 3),
                            "max": round(state.latency_max_ns / 1e6, 3)},
-            "dom0-taken-pages": state.taken_pages}
+            "dom0": {"policy": str(self.options.postcopy_dom0), "waits": state.dom0_waits,
+                     "touched-missing": state.dom0_touched,
+                     "taken-pages": state.taken_pages}}
         self._phase("postcopy-done", missing=state.missing_pages)
         if state.missing_pages:
             raise errors.DataLoss(f"post-copy ended with {state.missing_pages} frame(s) "
@@ -395,7 +403,9 @@ class Migration:
                                                pb.DomainRef(name=self.domain))
         finally:  # the guest runs on the destination: the source copy goes regardless
             await self.source.call(self.source.source.Complete, self._ref())
-        dst, _ = await self._hashes(self.dest, self.dest.dest.FrameHashes)
+        dst, dst_causes = await self._hashes(self.dest, self.dest.dest.FrameHashes)
+        if len(dst_causes) == len(causes) == len(src):  # (post-copy's, where dom0 was first)
+            causes = np.where(dst_causes != 0, dst_causes, causes)
         self.report.set_memory_verdict(verify.differing(src, dst), on_source.shared_frames,
                                        causes if len(causes) == len(src) else None)
         self.report.guest = await self._guest_checks()

@@ -30,8 +30,13 @@ import numpy as np
 # how a foreign write was made
 MAPPED, TRACKED, XENSTORED, TORN = 1, 2, 3, 4
 
-CAUSES = ("", "grant-map", "post-suspend-write", "xenstore-ring", "copy-race", "unexplained")
-NONE, GRANT_MAP, POST_SUSPEND, XENSTORE_RING, COPY_RACE, UNEXPLAINED = range(len(CAUSES))
+CAUSES = ("", "grant-map", "post-suspend-write", "xenstore-ring", "copy-race", "unexplained",
+          "dom0-before-arrival")
+(NONE, GRANT_MAP, POST_SUSPEND, XENSTORE_RING, COPY_RACE, UNEXPLAINED,
+ DOM0_BEFORE_ARRIVAL) = range(len(CAUSES))
+# DOM0_BEFORE_ARRIVAL: post-copy, the destination's: dom0 reached the frame through its own
+# mapping before the frame arrived (policy postcopy-dom0 unsafe); the guest kept the zero
+# page that access made, and the page that came could not go in.
 
 
 class ForeignWrites:

@@ -48,6 +48,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Callable
 
 import numpy as np
 
@@ -184,6 +185,9 @@ class GrantTable:
         self._pins: dict[int, int] = {}           # ref -> mappings held
         self._write_pins: dict[int, int] = {}     # ref -> writable mappings held
         self._maps = self._unmaps = self._copies_in = self._copies_out = self._refused = 0
+        # Post-copy at a destination: called with a frame before any map or copy reaches
+        # it (outside the lock: it may wait for the frame to arrive). None: no paging.
+        self.before_access: Callable[[int], None] | None = None
 
     @classmethod
     def create(cls, path: str | os.PathLike, *, domid: int, memory: GuestMemory,
@@ -216,6 +220,7 @@ class GrantTable:
 
     def map(self, ref: int, *, mapper: int, writable: bool) -> Mapping:
         """Map the frame granted by `ref` for domain `mapper`. Marks nothing."""
+        self._reach(ref)
         with self._lock:
             flags, frame = self._check(ref, mapper, writable=writable,
                                        what="map it writable")
@@ -268,6 +273,7 @@ class GrantTable:
                       copier: int) -> None:
         """Grant copy into the granted frame at `offset`; marks the frame after the
         copy (a copy is tracked at the copy). Needs a writable grant for `copier`."""
+        self._reach(ref)
         if isinstance(data, np.ndarray):
             src = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
         else:
@@ -290,6 +296,7 @@ class GrantTable:
                         copier: int) -> bytes:
         """Grant copy out of the granted frame (a read-only grant will do). Marks
         nothing."""
+        self._reach(ref)
         with self._lock:
             flags, frame = self._check(ref, copier, writable=False, what="")
             self._check_span(ref, offset, length, "out of")
@@ -318,6 +325,13 @@ class GrantTable:
         self._table.unlink()
 
     # ---- internals (called with the lock held)
+
+    def _reach(self, ref: int) -> None:
+        """The paging hook for the frame `ref` names (a bad ref is _check's to refuse)."""
+        if self.before_access is not None and 0 <= ref < self._table.nr_entries:
+            frame = int(self._table.frame[ref])
+            if frame < self.memory.nr_frames:
+                self.before_access(frame)
 
     def _check(self, ref: int, user: int, *, writable: bool, what: str) -> tuple[int, int]:
         """The entry's flags and frame, if domain `user` may use `ref` as asked."""

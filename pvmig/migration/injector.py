@@ -24,6 +24,10 @@ test or a cell of `pvmig matrix` sees it, not a lucky run:
                            the resumed guest's first read of its memory faults, and the
                            urgent lane serves it (left to chance, the push may have
                            brought every page a small guest reads before it resumes)
+    dom0-touch-missing     post-copy, at the destination: just before the guest resumes
+                           (no page has arrived yet, with push-after-fault), dom0 reads the
+                           frame in the middle of its RAM as a backend's grant map would;
+                           policy postcopy-dom0 says what that does
 
 The first three need a block request in flight at the final pass. Left to chance, the
 backends have usually answered everything by then (the disk is faster than the time
@@ -59,6 +63,7 @@ class InjectionPoint(StrEnum):
     XENSTORE_AFTER_FINAL = "xenstore-after-final"
     CORRUPT_BATCH = "corrupt-batch"
     PUSH_AFTER_FAULT = "push-after-fault"
+    DOM0_TOUCH_MISSING = "dom0-touch-missing"
 
 
 P = InjectionPoint

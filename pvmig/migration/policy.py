@@ -14,6 +14,11 @@ Policies of the experiment (docs/DESIGN.md, "Experiment matrix"):
     persistent-grants  on | off; unset: as the domain's disks negotiated them
     grant-mode         map | copy; unset: as the domain's disks were created
     compress           none | zstd: page data on the wire
+    postcopy-dom0      demand: after a post-copy switch, dom0's grant map or copy of a
+                       frame that has not arrived waits for it (asked for first), as
+                       Xen's paging makes a foreign map fail and the backend retry;
+                       unsafe: it reads or writes dom0's own mapping of the RAM file,
+                       where the frame is a hole: a zero page the guest then sees
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from pvmig.hv.grant_table import GrantMode
 from pvmig.pv.recovery import Recovery
 
 __all__ = ["Quiesce", "Recovery", "PersistentGrants", "GrantMode", "Compression", "Transport",
-           "choices", "to_wire", "from_wire"]  # (Recovery and GrantMode: their layers')
+           "PostcopyDom0", "choices", "to_wire", "from_wire"]  # (Recovery and GrantMode: their layers')
 
 
 class Quiesce(StrEnum):
@@ -43,6 +48,11 @@ class PersistentGrants(StrEnum):
 class Compression(StrEnum):
     NONE = "none"
     ZSTD = "zstd"
+
+
+class PostcopyDom0(StrEnum):
+    DEMAND = "demand"
+    UNSAFE = "unsafe"
 
 
 class Transport(StrEnum):
@@ -93,6 +103,7 @@ _WIRE = {  # policy -> (its proto enum, the prefix of its value names)
     GrantMode: (pb.GrantMode, "GRANT_MODE_"),
     Compression: (pb.Compression, "COMPRESSION_"),
     Transport: (pb.Transport, "TRANSPORT_"),
+    PostcopyDom0: (pb.PostcopyDom0, "POSTCOPY_DOM0_"),
 }
 P = TypeVar("P", bound=StrEnum)
 

@@ -39,7 +39,7 @@ def test_postcopy_moves_a_busy_guest_whole(cluster, tmp_path):
     assert data["injected"] == {"push-after-fault": 1}
     assert data["postcopy-requests"] == pc["requests"] >= pc["requested-pages"]
     assert pc["latency-ms"]["p50"] > 0 and data["postcopy-blocktime"] > 0
-    assert pc["dom0-taken-pages"] == 0
+    assert pc["dom0"] == {"policy": "demand", "waits": 0, "touched-missing": 0, "taken-pages": 0}
     # Each page crossed once: only the headers on top.
     assert data["transferred-bytes"] < 1.02 * (64 << 20)
     assert data["rounds"] and data["rounds"][-1]["final"]
@@ -132,3 +132,33 @@ def test_migrate_postcopy_needs_the_capability(cluster, tmp_path):
     finally:
         proc.kill()
     assert "vm" in domains(a) and "vm" not in domains(b)
+
+
+@pytest.mark.parametrize("dom0", ["demand", "unsafe"])
+def test_dom0_reaching_a_frame_before_it_arrives(cluster, tmp_path, dom0):
+    """The new hazard: dom0 at the destination reads a guest frame that has not
+    arrived. demand waits for it; unsafe reads dom0's own mapping of the hole, which
+    gives the guest a zero page: its check of the frame fails, and the verifier names
+    the frame and the cause."""
+    a, b = cluster["a"].address, cluster["b"].address
+    create(a, "vm", ram_mb=32, dirty_rate=2000, fill=1.0)
+    r, data = migrate(a, b, "vm", tmp_path / "r.json", "--postcopy", "--postcopy-dom0", dom0,
+                      "--inject", "push-after-fault", "--inject", "dom0-touch-missing")
+    assert data["injected"]["dom0-touch-missing"] == 1, data  # it was missing when read
+    frame = (32 << 20 >> 12) // 2
+    pc = data["postcopy"]
+    assert pc["dom0"]["policy"] == dom0
+    if dom0 == "demand":
+        assert r.returncode == 0, r.stderr
+        assert data["verification"]["memory"] == "identical"
+        assert data["verification"]["passed"]
+        assert pc["dom0"]["waits"] == 1 and pc["dom0"]["taken-pages"] == 0
+        assert pc["requested-pages"] >= 1
+    else:
+        assert r.returncode == 1
+        assert pc["dom0"]["touched-missing"] == 1 and pc["dom0"]["taken-pages"] == 1
+        v = data["verification"]
+        assert v["differing-frames"] == [frame]
+        assert v["differing-by-cause"] == {"dom0-before-arrival": 1}, v
+        assert v["guest-checks"]["failed"] >= 1  # the guest saw it
+        assert frame in v["observed-frames"]
