@@ -208,7 +208,7 @@ class DataStream:
                 if self.conn.has_input():  # the destination's error, said early
                     self._expect(wire.ERROR)
                 sent = wire.send_pages(self.conn, t.mem, frames, seq=t.seq(), round=0,
-                                       scratch=self._scratch)
+                                       scratch=self._scratch, snapshot=True)
                 t.count_bytes(sent.wire_bytes)
             wire.send_control(self.conn, wire.END)
             self._expect(wire.END_ACK)
@@ -242,7 +242,7 @@ class DataStream:
                 for lo in range(0, len(frames), self._scratch.batch_pages):
                     batch = frames[lo:lo + self._scratch.batch_pages]
                     sent = wire.send_pages(self.conn, t.mem, batch, seq=t.seq(), round=0,
-                                           scratch=self._scratch)
+                                           scratch=self._scratch, snapshot=True)
                     t.count_bytes(sent.wire_bytes)
 
     def _expect(self, kind: int) -> wire.Header:

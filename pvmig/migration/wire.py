@@ -108,14 +108,18 @@ class Scratch:
 
 def send_pages(conn: Connection, mem: GuestMemory, frames: np.ndarray, *, seq: int,
                round: int, scratch: Scratch, compressor=None,
-               torn: tuple[int, np.ndarray] | None = None, corrupt: bool = False) -> Sent:
+               torn: tuple[int, np.ndarray] | None = None, corrupt: bool = False,
+               snapshot: bool = False) -> Sent:
     """One PAGES record of `frames` (at most scratch.batch_pages), straight from guest RAM.
 
     torn (an injection point): (frame, head) as in pages.pack. corrupt (an injection
-    point): the checksum sent is off by one, as a batch damaged on the way."""
+    point): the checksum sent is off by one, as a batch damaged on the way. snapshot:
+    gathered into the scratch buffer first, checksum and send from that copy (post-copy:
+    dom0 may write the suspended guest's frames as they go, and no later round would
+    send them again)."""
     pages = mem.pages
     n = len(frames)
-    if is_run(frames):
+    if is_run(frames) and not snapshot:
         first = int(frames[0])
         rows, gathered = pages[first:first + n], False
     else:

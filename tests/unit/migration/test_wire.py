@@ -205,3 +205,40 @@ def test_any_set_of_frames_round_trips(src, dst, frames, sort):
     finally:
         a.close()
         b.close()
+
+
+class _WrittenDuringSend(Connection):
+    """A connection during whose send dom0 writes the frames being sent (the source's
+    backends go on after the guest suspends)."""
+
+    def __init__(self, sock, mem) -> None:
+        super().__init__(sock, "source")
+        self.mem = mem
+
+    def send(self, parts) -> None:
+        self.mem.pages[0:8] ^= 0xFF
+        super().send(parts)
+
+
+@pytest.mark.parametrize("snapshot", [False, True])
+def test_a_snapshot_batch_stays_whole_when_its_frames_change_during_the_send(
+        src, dst, snapshot):
+    a, b = socket.socketpair()
+    try:
+        conn = _WrittenDuringSend(a, src)
+        before = src.pages[0:8].copy()
+        frames = np.arange(0, 8, dtype=np.uint32)
+        t, box = _send_in_thread(lambda: wire.send_pages(
+            conn, src, frames, seq=1, round=0, scratch=wire.Scratch(LIMIT), snapshot=snapshot))
+        inp = Connection(b, "destination")
+        got = wire.Receiver(dst, LIMIT).receive(inp, wire.read_header(inp))
+        t.join()
+        assert "error" not in box
+        # A view of guest RAM sends what the write left; a snapshot what was there when
+        # its checksum was taken, and it arrives whole.
+        assert got.ok is snapshot
+        if snapshot:
+            assert (dst.pages[0:8] == before).all()
+    finally:
+        a.close()
+        b.close()
