@@ -63,6 +63,7 @@ class Cell:
     fill: float = 0.75  # 1.0: every page written (no zero page flatters anyone)
     transport: str = policy.TRANSPORT.value
     tls: bool = False  # the agents under mutual TLS
+    mode: str = "precopy"  # precopy, postcopy (--postcopy), hybrid (--postcopy-after-precopy)
 
     @property
     def name(self) -> str:
@@ -73,8 +74,9 @@ class Cell:
                  else "")
         written = ", all written" if self.fill >= 1.0 else ""
         how = self.transport + (" + mutual TLS" if self.tls else "")
+        mode = f", {self.mode}" if self.mode != "precopy" else ""
         return (f"{self.ram_mb} MiB{written}, dirty {self.dirty}, devices {self.devices}"
-                f"{cap}{ac}{limit}, {how}")
+                f"{cap}{ac}{limit}, {how}{mode}")
 
     def dirty_rate(self) -> float:
         if self.dirty == "idle":
@@ -91,7 +93,8 @@ def grid(quick: bool, runs: int) -> list[Cell]:
         return [Cell(256, "idle", runs=runs, fill=1.0),
                 Cell(256, "idle", runs=runs, fill=1.0, transport="grpc"),
                 Cell(256, "moderate", "busy", runs=runs),
-                Cell(256, "idle", runs=runs, fill=1.0, tls=True)]
+                Cell(256, "idle", runs=runs, fill=1.0, tls=True),
+                Cell(256, "heavy", runs=runs, fill=1.0, mode="postcopy")]
     cells = []
     for ram in (256, 1024):
         cells += [Cell(ram, "idle", runs=runs, fill=1.0),
@@ -101,7 +104,11 @@ def grid(quick: bool, runs: int) -> list[Cell]:
                   Cell(ram, "moderate", "busy", runs=runs),
                   Cell(ram, "moderate", "busy", cap_mbps=1000, runs=runs),
                   Cell(ram, "heavy", cap_mbps=1000, runs=1),
-                  Cell(ram, "heavy", cap_mbps=1000, auto_converge=True, runs=runs)]
+                  Cell(ram, "heavy", cap_mbps=1000, auto_converge=True, runs=runs),
+                  # issue 16's: post-copy and hybrid beside auto-converge, same guest
+                  Cell(ram, "heavy", cap_mbps=1000, runs=runs, fill=1.0, mode="postcopy"),
+                  Cell(ram, "heavy", cap_mbps=1000, runs=runs, fill=1.0, mode="hybrid"),
+                  Cell(ram, "heavy", runs=runs, fill=1.0, mode="postcopy")]
     # the downtime target's cells: 10 runs, QEMU's default limit and a tight one
     cells[cells.index(Cell(1024, "moderate", "busy", runs=runs))] = \
         Cell(1024, "moderate", "busy", runs=max(runs, 10))
@@ -168,6 +175,7 @@ class Result:
         tput = [_round0_gib_s(r) for r in done]
         out = {"cell": self.cell.name, "ram-mb": self.cell.ram_mb, "dirty": self.cell.dirty,
                "fill": self.cell.fill, "transport": self.cell.transport, "tls": self.cell.tls,
+               "mode": self.cell.mode,
                "dirty-rate": self.cell.dirty_rate(), "devices": self.cell.devices,
                "cap-mbps": self.cell.cap_mbps or None,
                "auto-converge": self.cell.auto_converge,
@@ -187,10 +195,27 @@ class Result:
                                             for r in done), default=0),
                "agent-anon-mib-peak": self.agent_mib,
                "net-peer": self.peer, "errors": self.errors}
+        pcs = [r["postcopy"] for r in done if r.get("postcopy")]
+        if pcs:
+            link_s = (self.cell.ram_mb << 20) * 8 / (self.cell.cap_mbps * 1e6) \
+                if self.cell.cap_mbps else None
+            out["postcopy"] = {
+                "total-vs-link": _ratio(_med([r["total-time-ms"] for r in done]) / 1e3,
+                                        link_s),
+                "requested-pages-median": _med([p["requested-pages"] for p in pcs]),
+                "pushed-pages-median": _med([p["pushed-pages"] for p in pcs]),
+                "fault-latency-ms-p50-median": _med([p["latency-ms"]["p50"] for p in pcs]),
+                "fault-latency-ms-p99-median": _med([p["latency-ms"]["p99"] for p in pcs]),
+                "blocktime-ms-median": _med([p["blocktime-ms"] for p in pcs]),
+                "guest-checks-failed": sum(r["verification"]["guest-checks"]["failed"]
+                                           for r in done)}
         return out
 
 
 def _round0_gib_s(report: dict) -> float:
+    if report.get("postcopy") and report["postcopy"]["total-pages"] * PAGE_SIZE == \
+            report["ram-bytes"]:  # every page after the switch: the transfer is "round 0"
+        return report["ram-bytes"] / (report["postcopy"]["time-ms"] / 1e3) / (1 << 30)
     r0 = report["rounds"][0]
     return report["ram-bytes"] / (r0["duration-ms"] / 1e3) / (1 << 30)
 
@@ -335,7 +360,9 @@ def _run_cell(cell: Cell, hosts: list[str], mem_dir: Path, tmp: Path, *,
             options = Options(max_bandwidth_mbps=cell.cap_mbps, transport=cell.transport,
                               downtime_limit_ms=cell.downtime_limit_ms,
                               auto_converge=cell.auto_converge, verify_timeout_s=60.0,
-                              max_rounds=(2 if cell.auto_converge else 1) * policy.MAX_ROUNDS)
+                              max_rounds=(2 if cell.auto_converge else 1) * policy.MAX_ROUNDS,
+                              postcopy=cell.mode == "postcopy",
+                              postcopy_after_precopy=cell.mode == "hybrid")
             report = uvloop.run(migrate(hosts[where], hosts[1 - where], name, options,
                                         Reporter())).to_dict()
             result.reports.append(report)
@@ -448,6 +475,18 @@ def markdown(out: dict) -> str:
                 f"{r['bytes-per-ram-median']} | {r['rounds-median']} | "
                 f"{r['converged']} of {r['completed']} | {r['max-throttle-percent']} | {peer} | "
                 f"{r['agent-anon-mib-peak']} |")
+        pcs = [r for r in size["cells"] if r.get("postcopy")]
+        if pcs:
+            lines += ["", "| post-copy cell | total / (RAM / link) | pages pushed / asked | "
+                          "fault latency ms p50 / p99 | blocktime ms | guest checks failed |",
+                      "|---|---|---|---|---|---|"]
+            for r in pcs:
+                p = r["postcopy"]
+                lines.append(
+                    f"| {r['cell']} | {p['total-vs-link'] or '-'} | "
+                    f"{p['pushed-pages-median']} / {p['requested-pages-median']} | "
+                    f"{p['fault-latency-ms-p50-median']} / {p['fault-latency-ms-p99-median']} | "
+                    f"{p['blocktime-ms-median']} | {p['guest-checks-failed']} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -20,9 +20,10 @@ def test_quick_bench(tmp_path):
     assert size["grpc-ceiling"]["gib-s"] > 0 and size["grpc-ceiling"]["streams"] == 4
     assert size["tls-ceiling"]["gib-s"] > 0
     cells = size["cells"]
-    assert [(c["devices"], c["transport"], c["tls"], c["fill"]) for c in cells] == [
-        ("idle", "tcp", False, 1.0), ("idle", "grpc", False, 1.0), ("busy", "tcp", False, 0.75),
-        ("idle", "tcp", True, 1.0)]
+    assert [(c["devices"], c["transport"], c["tls"], c["fill"], c["mode"]) for c in cells] == [
+        ("idle", "tcp", False, 1.0, "precopy"), ("idle", "grpc", False, 1.0, "precopy"),
+        ("busy", "tcp", False, 0.75, "precopy"), ("idle", "tcp", False, 1.0, "postcopy"),
+        ("idle", "tcp", True, 1.0, "precopy")]
     for c in cells:
         assert c["completed"] == c["verified"] == 1 and not c["errors"], c
         assert c["round0-gib-s-median"] > 0 and c["vs-ceiling"] > 0 and c["vs-grpc"] > 0
@@ -30,7 +31,11 @@ def test_quick_bench(tmp_path):
         assert c["agent-anon-mib-peak"] > 10  # a Python process with grpc and numpy
     # an all-written guest sends every page whole: no zero page flatters it
     assert cells[0]["bytes-per-ram-median"] >= 1.0
-    assert cells[3]["vs-tls"] > 0 and cells[0]["vs-tls"] is None
+    assert cells[4]["vs-tls"] > 0 and cells[0]["vs-tls"] is None
+    post = cells[3]["postcopy"]  # every page once, after the resume
+    assert post["pushed-pages-median"] + post["requested-pages-median"] == 256 * 256
+    assert post["guest-checks-failed"] == 0 and "post-copy cell" in \
+        (tmp_path / "b.md").read_text()
     busy = cells[2]
     assert busy["net-peer"] is not None and busy["net-peer"]["answered"] > 0
     md = (tmp_path / "b.md").read_text()
