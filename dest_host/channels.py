@@ -18,8 +18,6 @@ import concurrent.futures
 import logging
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from pvmig import errors
 from pvmig._proto import pvmig_pb2 as pb
 from pvmig.hv.memory import PAGE_SIZE
@@ -179,8 +177,7 @@ class DataChannels:
                 receiver.receive(conn, h)
             elif h.type == wire.END:
                 wire.read_control_body(conn, h)
-                paging.wait_for(np.flatnonzero(paging.missing), policy.POSTCOPY_END_S,
-                                ask=False)
+                paging.wait_all(policy.POSTCOPY_END_S)
                 wire.send_control(conn, wire.END_ACK)
             else:
                 raise errors.InvalidArgument(f"{wire.NAMES.get(h.type, h.type)} record on a "

@@ -46,6 +46,7 @@ class Paging:
         self.missing = np.zeros(n, bool)
         self.requested = np.zeros(n, bool)
         self.fault_at = np.zeros(n, np.float64)  # monotonic time of the first fault read
+        self.touched = np.zeros(n, bool)  # unsafe: dom0 reached them while they were holes
         self.total = 0
         self.faults = 0
         self.requests = 0
@@ -131,6 +132,7 @@ class Paging:
         if self.dom0 is PostcopyDom0.UNSAFE:
             with self._lock:
                 self.dom0_touched += 1
+                self.touched[frame] = True
             return
         with self._lock:
             self.dom0_waits += 1
@@ -139,21 +141,26 @@ class Paging:
     # ---- arrival (in the connections' threads)
 
     def place(self, frames: np.ndarray, rows: np.ndarray, zero: np.ndarray) -> None:
-        """A batch from the source: each page in atomically, and its hash (the frame as
-        it was at the switch) for the verifier."""
+        """A batch from the source: each page in atomically, and the hash of each page
+        placed (the frame as the source held it) for the verifier. A page already there
+        keeps the hash of what placed it."""
         hashes = self.session.hashes
         if len(frames):
-            hashes[frames] = hash_words(rows.view(np.uint64))
+            sums = hash_words(rows.view(np.uint64))
             taken: list[int] = []
             starts, lengths = runs(frames)
             i = 0
             for f, n in zip(starts.tolist(), lengths.tolist()):
                 taken.extend(self.uf.place(f, np.ascontiguousarray(rows[i:i + n])).tolist())
                 i += n
+            placed = ~np.isin(frames, taken) if taken else slice(None)
+            hashes[frames[placed]] = sums[placed]
             self._arrive(frames, taken)
         if len(zero):
-            hashes[zero] = 0
-            self._arrive(zero, self.uf.place_zero(np.sort(zero)).tolist())
+            zero = np.sort(zero)
+            taken = self.uf.place_zero(zero).tolist()
+            hashes[zero[~np.isin(zero, taken)] if taken else zero] = 0
+            self._arrive(zero, taken)
 
     def _arrive(self, frames: np.ndarray, taken: list[int]) -> None:
         now = time.monotonic()
@@ -163,19 +170,22 @@ class Paging:
             faulted = was[self.fault_at[was] > 0]
             self.latencies.extend((now - self.fault_at[faulted]).tolist())
             if taken:
-                # Something reached these through another mapping before they came: the
-                # guest holds the page that access made, not the one that came (policy
-                # postcopy-dom0 unsafe). The verifier compares what the guest holds.
-                stray = np.intersect1d(np.asarray(taken, np.uint32), was)
+                # A frame already there: placed by another connection's copy (a page
+                # asked for while a push batch carried it comes twice), or made by dom0
+                # reaching the hole through its own mapping (policy postcopy-dom0
+                # unsafe): then the guest holds that page, not the one that came, and
+                # the verifier compares what the guest holds.
+                taken_ = np.asarray(taken, np.uint32)
+                stray = taken_[self.touched[taken_]]
+                self.touched[stray] = False
                 self.taken.extend(stray.tolist())
                 mem = self.session.domain.mem
                 self.session.hashes[stray] = mem.frame_hashes(stray)
             self._arrived.notify_all()
 
-    def wait_for(self, frames: np.ndarray, timeout_s: float, ask: bool = True) -> None:
-        """Block (a thread) until frames are here, asked for first unless told not to."""
-        if ask:
-            self.request(frames)
+    def wait_for(self, frames: np.ndarray, timeout_s: float) -> None:
+        """Block (a thread) until frames are here, asked for first."""
+        self.request(frames)
         deadline = time.monotonic() + timeout_s
         with self._arrived:
             while self.missing[frames].any():
@@ -184,6 +194,18 @@ class Paging:
                     raise errors.Unavailable(
                         f"frames {frames[self.missing[frames]][:8].tolist()} did not arrive "
                         f"within {timeout_s:.0f} s")
+                self._arrived.wait(left)
+
+    def wait_all(self, timeout_s: float) -> None:
+        """Block until every frame is here (the source's push has ended)."""
+        deadline = time.monotonic() + timeout_s
+        with self._arrived:
+            while self.missing.any():  # (under the lock: the threads placing change it)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise errors.DataLoss(
+                        f"post-copy: {int(self.missing.sum())} frame(s) did not arrive within "
+                        f"{timeout_s:.0f} s of the end of the source's push")
                 self._arrived.wait(left)
 
     @property

@@ -53,7 +53,7 @@ AGENT_POINTS = ("commit", "committed", "dest-committed", "complete", "unpark", "
 # in order, then those of a throttle, a reconnect, a failure and a lost commit answer
 COORDINATOR_PHASES = ("connect", "prepare", "begin", "stop-and-copy", "suspend", "quiesce",
                       "final", "commit", "committed", "resumed", "verify", "done",
-                      "throttle", "streams-reconnected", "abort", "recover", "switch",
+                      "throttle", "streams-reconnected", "abort", "recover", "precopy", "switch",
                       "postcopy-active", "postcopy-done")
 
 _host_dies_at = os.environ.get(AGENT_DIES_AT.env, "")

@@ -29,10 +29,11 @@ class Transfer:
         self.frames = np.sort(frames).astype(np.uint32)
         self.batch_pages = batch_pages
         self.sent = np.zeros(mem.nr_frames, bool)
+        self.lane_sent = np.zeros(mem.nr_frames, bool)  # sent on the urgent lane
         self.todo = np.zeros(mem.nr_frames, bool)
         self.todo[self.frames] = True
         self.left = len(self.frames)
-        self.pushed = self.requested = self.bytes = 0
+        self.pushed = self.requested = self.resent = self.bytes = 0
         self.finished = False  # the destination said it has every frame
         self._cursor = 0
         self._seq = 0
@@ -70,13 +71,18 @@ class Transfer:
             return None
 
     def take_requested(self, frames: np.ndarray) -> np.ndarray:
-        """Of the frames asked for, those still to send (taken: the push skips them);
-        the push moves on to just after them."""
+        """The frames asked for, to send on the lane at once: those not yet sent (taken:
+        the push skips them), and those a push batch has taken but may still be carrying
+        (a 4 MiB batch behind others on its connection: the lane's copy overtakes it, and
+        the later one finds the page there). The push moves on to just after them."""
         with self._lock:
             frames = np.unique(frames)
-            frames = frames[self.todo[frames] & ~self.sent[frames]]
+            frames = frames[self.todo[frames] & ~self.lane_sent[frames]]
             if len(frames):
-                self._take(frames)
+                fresh = frames[~self.sent[frames]]
+                self._take(fresh)
+                self.resent += len(frames) - len(fresh)
+                self.lane_sent[frames] = True
                 self.requested += len(frames)
                 self.push_may_start.set()
                 self._cursor = int(np.searchsorted(self.frames, frames[-1], side="right"))
@@ -97,5 +103,6 @@ class Transfer:
 
     def progress(self, started: float, done: bool = False) -> pb.PostcopyProgress:
         return pb.PostcopyProgress(total_pages=len(self.frames), pushed_pages=self.pushed,
-                                   requested_pages=self.requested, bytes=self.bytes, done=done,
+                                   requested_pages=self.requested, resent_pages=self.resent,
+                                   bytes=self.bytes, done=done,
                                    duration_ns=int((time.monotonic() - started) * 1e9))

@@ -69,6 +69,9 @@ from .stream import PageStream
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 0.1
 POSTCOPY_PROGRESS_S = 0.5
+# Post-copy's push batches: smaller than pre-copy's, so that a page asked for does not
+# queue behind 4 MiB batches at either end (measured below in docs/PERFORMANCE.md)
+POSTCOPY_BATCH_PAGES = 256
 HELLO_TIMEOUT_S = 15.0  # under the coordinator's deadline for Begin, so this error wins
 RECONNECT_S = 20.0     # page streams lost in pre-copy: made anew for this long at most
 RECONNECT_TRY_S = 2.0  # (and no longer than the session's lease)
@@ -436,7 +439,7 @@ class SaveSession:
         self._set_state(St.POSTCOPY)
         started = time.monotonic()
         self._transfer = t = Transfer(self.domain.mem, self.postcopy_frames,
-                                      self.settings.batch_pages,
+                                      min(self.settings.batch_pages, POSTCOPY_BATCH_PAGES),
                                       push_after_fault=self._push_after_fault)
         await self._close()
         self._dest = AgentClient(self.dest_address, "the destination agent", self.host.security)

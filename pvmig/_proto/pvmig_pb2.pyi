@@ -381,20 +381,22 @@ class RoundRequest(_message.Message):
     def __init__(self, migration_id: _Optional[str] = ..., round: _Optional[int] = ..., final: _Optional[bool] = ..., postcopy: _Optional[bool] = ...) -> None: ...
 
 class PostcopyProgress(_message.Message):
-    __slots__ = ("total_pages", "pushed_pages", "requested_pages", "bytes", "done", "duration_ns")
+    __slots__ = ("total_pages", "pushed_pages", "requested_pages", "bytes", "done", "duration_ns", "resent_pages")
     TOTAL_PAGES_FIELD_NUMBER: _ClassVar[int]
     PUSHED_PAGES_FIELD_NUMBER: _ClassVar[int]
     REQUESTED_PAGES_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     DURATION_NS_FIELD_NUMBER: _ClassVar[int]
+    RESENT_PAGES_FIELD_NUMBER: _ClassVar[int]
     total_pages: int
     pushed_pages: int
     requested_pages: int
     bytes: int
     done: bool
     duration_ns: int
-    def __init__(self, total_pages: _Optional[int] = ..., pushed_pages: _Optional[int] = ..., requested_pages: _Optional[int] = ..., bytes: _Optional[int] = ..., done: _Optional[bool] = ..., duration_ns: _Optional[int] = ...) -> None: ...
+    resent_pages: int
+    def __init__(self, total_pages: _Optional[int] = ..., pushed_pages: _Optional[int] = ..., requested_pages: _Optional[int] = ..., bytes: _Optional[int] = ..., done: _Optional[bool] = ..., duration_ns: _Optional[int] = ..., resent_pages: _Optional[int] = ...) -> None: ...
 
 class PostcopyStatus(_message.Message):
     __slots__ = ("total_pages", "missing_pages", "faults", "requests", "blocktime_ns", "latency_p50_ns", "latency_p99_ns", "latency_max_ns", "taken_pages", "paused", "dom0_waits", "dom0_touched", "injected")

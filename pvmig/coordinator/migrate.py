@@ -255,6 +255,7 @@ class Migration:
         self.report.transport = from_wire(Transport, reply.transport) or ""
 
     async def precopy(self) -> None:
+        self._phase("precopy")
         rounds: list[RoundStats] = []
         converge = AutoConverge() if self.options.auto_converge else None
         while True:
@@ -355,7 +356,8 @@ class Migration:
         self.report.injected.update(state.injected)
         self.report.postcopy = {
             "total-pages": last.total_pages, "pushed-pages": last.pushed_pages,
-            "requested-pages": last.requested_pages, "bytes": last.bytes,
+            "requested-pages": last.requested_pages, "resent-pages": last.resent_pages,
+            "bytes": last.bytes,
             "time-ms": round(last.duration_ns / 1e6, 3), "requests": state.requests,
             "faults": state.faults, "blocktime-ms": round(state.blocktime_ns / 1e6, 3),
             "latency-ms": {"p50": round(state.latency_p50_ns / 1e6, 3),

@@ -204,6 +204,7 @@ class Result:
                                         link_s),
                 "requested-pages-median": _med([p["requested-pages"] for p in pcs]),
                 "pushed-pages-median": _med([p["pushed-pages"] for p in pcs]),
+                "resent-pages-median": _med([p["resent-pages"] for p in pcs]),
                 "fault-latency-ms-p50-median": _med([p["latency-ms"]["p50"] for p in pcs]),
                 "fault-latency-ms-p99-median": _med([p["latency-ms"]["p99"] for p in pcs]),
                 "blocktime-ms-median": _med([p["blocktime-ms"] for p in pcs]),
