@@ -186,27 +186,21 @@ class Paging:
     def wait_for(self, frames: np.ndarray, timeout_s: float) -> None:
         """Block (a thread) until frames are here, asked for first."""
         self.request(frames)
-        deadline = time.monotonic() + timeout_s
-        with self._arrived:
-            while self.missing[frames].any():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise errors.Unavailable(
-                        f"frames {frames[self.missing[frames]][:8].tolist()} did not arrive "
-                        f"within {timeout_s:.0f} s")
-                self._arrived.wait(left)
+        if not self._until(lambda: not self.missing[frames].any(), timeout_s):
+            raise errors.Unavailable(f"frames {frames[self.missing[frames]][:8].tolist()} "
+                                     f"did not arrive within {timeout_s:.0f} s")
 
     def wait_all(self, timeout_s: float) -> None:
         """Block until every frame is here (the source's push has ended)."""
-        deadline = time.monotonic() + timeout_s
+        if not self._until(lambda: not self.missing.any(), timeout_s):
+            raise errors.DataLoss(
+                f"post-copy: {int(self.missing.sum())} frame(s) did not arrive within "
+                f"{timeout_s:.0f} s of the end of the source's push")
+
+    def _until(self, done, timeout_s: float) -> bool:
+        # (under the lock: the threads placing change the arrays as they are read)
         with self._arrived:
-            while self.missing.any():  # (under the lock: the threads placing change it)
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise errors.DataLoss(
-                        f"post-copy: {int(self.missing.sum())} frame(s) did not arrive within "
-                        f"{timeout_s:.0f} s of the end of the source's push")
-                self._arrived.wait(left)
+            return self._arrived.wait_for(done, timeout_s)
 
     @property
     def complete(self) -> bool:

@@ -29,6 +29,15 @@ def _blk(info) -> dict:
     return dict(stats.guest)
 
 
+def create_busy_disk(address: str, disk) -> None:
+    """vm: 32 MiB, a disk at work on shared storage (30 ms a request, 300 a second)."""
+    disk.parent.mkdir(exist_ok=True)
+    r = pvmig("domain", "create", "vm", "--agent", address, "--ram-mb", "32", "--dirty-rate",
+              "2000", "--disk", str(disk), "--disk-blocks", str(BLOCKS), "--disk-latency-ms",
+              "30", "--disk-io-rate", "300")
+    assert r.returncode == 0, r.stderr
+
+
 def _wait_io(address: str, name: str, more_than: int) -> None:
     deadline = time.monotonic() + 30
     while _blk(query(address, name)).get("writes_acked", 0) <= more_than:
@@ -82,11 +91,7 @@ def _no_acknowledged_write_lost(agent, name: str, disk: Path) -> None:
 def test_busy_disk_migrates_there_and_back(cluster, tmp_path):
     a, b = cluster["a"].address, cluster["b"].address
     disk = tmp_path / "shared" / "vm.img"  # shared storage: both agents reach it
-    disk.parent.mkdir()
-    r = pvmig("domain", "create", "vm", "--agent", a, "--ram-mb", "32", "--dirty-rate", "2000",
-              "--disk", str(disk), "--disk-blocks", str(BLOCKS), "--disk-latency-ms", "30",
-              "--disk-io-rate", "300")
-    assert r.returncode == 0, r.stderr
+    create_busy_disk(a, disk)
     _wait_io(a, "vm", 50)
 
     r, there = migrate(a, b, "vm", tmp_path / "there.json")

@@ -184,14 +184,10 @@ def test_postcopy_of_a_guest_with_a_busy_disk(cluster, tmp_path):
     """The source's blkback goes on after the suspend (requests in flight complete into
     the guest's buffers while post-copy sends them): batches go from a snapshot, the
     frontend replays at the destination, and no acknowledged write is lost."""
-    from test_devices import BLOCKS, _blk, _no_acknowledged_write_lost, _wait_io
+    from test_devices import _blk, _no_acknowledged_write_lost, _wait_io, create_busy_disk
     a, b = cluster["a"].address, cluster["b"].address
     disk = tmp_path / "shared" / "vm.img"
-    disk.parent.mkdir()
-    r = pvmig("domain", "create", "vm", "--agent", a, "--ram-mb", "32", "--dirty-rate", "2000",
-              "--disk", str(disk), "--disk-blocks", str(BLOCKS), "--disk-latency-ms", "30",
-              "--disk-io-rate", "300")
-    assert r.returncode == 0, r.stderr
+    create_busy_disk(a, disk)
     _wait_io(a, "vm", 50)
     r, data = migrate(a, b, "vm", tmp_path / "r.json", "--postcopy",
                       "--inject", "push-after-fault")
