@@ -178,6 +178,7 @@ class DataChannels:
             elif h.type == wire.END:
                 wire.read_control_body(conn, h)
                 paging.wait_all(policy.POSTCOPY_END_S)
+                on_loop(self.loop, s.postcopy_done)
                 wire.send_control(conn, wire.END_ACK)
             else:
                 raise errors.InvalidArgument(f"{wire.NAMES.get(h.type, h.type)} record on a "

@@ -79,9 +79,9 @@ class Paging:
                                         name=f"faults-{self.session.migration_id}")
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, wait: bool = True) -> None:
         self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
+        if wait and self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
 
     def _fault_loop(self) -> None:

@@ -357,7 +357,7 @@ class RestoreSession:
         t = await self.domain.resume(self.device_state.vcpu, self.device_state.recovery)
         self.domain.migration_id = ""
         self._set_state(RestoreState.RESUMED)
-        if not postcopy:  # (post-copy's: once every frame is here, postcopy_state)
+        if not postcopy:  # (post-copy: once every frame is here, postcopy_done)
             self.host.records.refresh(self.domain)
         return t
 
@@ -379,12 +379,15 @@ class RestoreSession:
         status = self.paging.status()
         for name, n in self.injected.items():
             status.injected[name] = n
-        if self.paging.complete and self.state is RestoreState.RESUMED and self.paging.total:
-            if self.domain.missing is not None:
-                self.domain.missing = None
-                self.paging.stop()
-                self.host.records.refresh(self.domain)
         return status
+
+    def postcopy_done(self) -> None:
+        """Every frame is here (a data connection's end said so): the domain is whole
+        again, its record as any running domain's. Once, whoever comes first."""
+        if self.domain.missing is not None and self.paging.complete:
+            self.domain.missing = None
+            self.paging.stop(wait=False)
+            self.host.records.refresh(self.domain)
 
     async def frame_hashes(self) -> AsyncIterator[pb.HashChunk]:
         """Hashes of this side's memory as it was at resume."""

@@ -210,6 +210,8 @@ class DataStream:
                 sent = wire.send_pages(self.conn, t.mem, frames, seq=t.seq(), round=0,
                                        scratch=self._scratch, snapshot=True)
                 t.count_bytes(sent.wire_bytes)
+                if t.limit is not None:
+                    t.limit.take_blocking(sent.wire_bytes)
             wire.send_control(self.conn, wire.END)
             self._expect(wire.END_ACK)
 
@@ -244,6 +246,8 @@ class DataStream:
                     sent = wire.send_pages(self.conn, t.mem, batch, seq=t.seq(), round=0,
                                            scratch=self._scratch, snapshot=True)
                     t.count_bytes(sent.wire_bytes)
+                    if t.limit is not None:
+                        t.limit.charge(sent.wire_bytes)
 
     def _expect(self, kind: int) -> wire.Header:
         """The next record, of that kind; the destination's error raised as itself."""

@@ -10,6 +10,7 @@ take it from here under one lock.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -24,7 +25,7 @@ HOLD_WAIT_S = 30.0
 
 class Transfer:
     def __init__(self, mem, frames: np.ndarray, batch_pages: int,
-                 push_after_fault: bool = False) -> None:
+                 push_after_fault: bool = False, limit=None) -> None:
         self.mem = mem
         self.frames = np.sort(frames).astype(np.uint32)
         self.batch_pages = batch_pages
@@ -35,6 +36,9 @@ class Transfer:
         self.left = len(self.frames)
         self.pushed = self.requested = self.resent = self.bytes = 0
         self.finished = False  # the destination said it has every frame
+        self.limit = limit  # the migration's bandwidth cap (RateLimit), if any
+        self.started = time.monotonic()
+        self.lanes_up = asyncio.Event()  # the data channels are open: the guest may resume
         self._cursor = 0
         self._seq = 0
         self._lock = threading.Lock()
@@ -101,8 +105,8 @@ class Transfer:
         with self._lock:
             self.bytes += n
 
-    def progress(self, started: float, done: bool = False) -> pb.PostcopyProgress:
+    def progress(self, done: bool = False) -> pb.PostcopyProgress:
         return pb.PostcopyProgress(total_pages=len(self.frames), pushed_pages=self.pushed,
                                    requested_pages=self.requested, resent_pages=self.resent,
                                    bytes=self.bytes, done=done,
-                                   duration_ns=int((time.monotonic() - started) * 1e9))
+                                   duration_ns=int((time.monotonic() - self.started) * 1e9))

@@ -37,3 +37,8 @@ class RateLimit:
         wait = self._wait(nbytes)
         if wait > 0:
             time.sleep(wait)
+
+    def charge(self, nbytes: int) -> None:
+        """Count bytes that went without waiting (post-copy's urgent lane: a blocked
+        guest does not queue behind the cap); the other streams wait for them."""
+        self._wait(nbytes)

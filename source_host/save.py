@@ -147,6 +147,7 @@ class SaveSession:
     _final_acks: list = field(default_factory=list)  # the final pass's round ends
     postcopy_frames: np.ndarray | None = None  # a switch to post-copy: the frames to come
     _transfer: Transfer | None = None  # post-copy under way (or done)
+    _postcopy_task: asyncio.Future | None = None
     _push_after_fault: bool = False  # (an injection point)
     allow_postcopy: bool = False  # the destination was prepared for a switch
     postcopy_asked: bool = False  # StartPostcopy: said with the next round's stats
@@ -430,42 +431,65 @@ class SaveSession:
     async def postcopy(self) -> AsyncIterator[pb.PostcopyProgress]:
         """After the commit of a switch: every frame still to come, pushed in order and
         the destination's requests first, on a new epoch of data channels (connection
-        0 the urgent lane). Done when the destination has them all."""
+        0 the urgent lane); progress until the destination has them all. The transfer
+        is the session's, not the call's: a coordinator that goes away mid-way (its
+        call cancelled) leaves it running, and asking again watches the same one."""
         self._own()
-        if self.postcopy_frames is None or self.state is not St.COMMITTED:
-            raise errors.FailedPrecondition(
-                f"migration {self.migration_id} is {self.state}: post-copy follows the "
-                "commit of a switch to it")
-        self._set_state(St.POSTCOPY)
-        started = time.monotonic()
-        self._transfer = t = Transfer(self.domain.mem, self.postcopy_frames,
+        if self._postcopy_task is None:
+            if self.postcopy_frames is None or self.state is not St.COMMITTED:
+                raise errors.FailedPrecondition(
+                    f"migration {self.migration_id} is {self.state}: post-copy follows the "
+                    "commit of a switch to it")
+            self._set_state(St.POSTCOPY)
+            self._transfer = Transfer(self.domain.mem, self.postcopy_frames,
                                       min(self.settings.batch_pages, POSTCOPY_BATCH_PAGES),
-                                      push_after_fault=self._push_after_fault)
-        await self._close()
-        self._dest = AgentClient(self.dest_address, "the destination agent", self.host.security)
-        await self._open_data_channels(extra=1)
-        lane, *push = self._streams
-        tasks = [asyncio.create_task(lane.serve_requests(t)),
-                 *(asyncio.create_task(s.push(t)) for s in push)]
-        yield t.progress(started)  # the lanes are up: the guest may resume
+                                      push_after_fault=self._push_after_fault,
+                                      limit=self.limit)
+            self._postcopy_task = asyncio.ensure_future(self._run_postcopy(self._transfer))
+            # (said in the log by _run_postcopy: retrieved here, or nobody may watch it)
+            self._postcopy_task.add_done_callback(lambda f: f.cancelled() or f.exception())
+        t, task = self._transfer, self._postcopy_task
+        lanes = asyncio.ensure_future(t.lanes_up.wait())
         try:
-            while True:
-                done, pending = await asyncio.wait(tasks, timeout=POSTCOPY_PROGRESS_S,
-                                                   return_when=asyncio.FIRST_EXCEPTION)
+            await asyncio.wait({task, lanes}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lanes.cancel()
+        while True:
+            if task.done():
+                task.result()  # its failure, said to whoever watches
+                break
+            yield t.progress()  # (the first: the lanes are up, the guest may resume)
+            await asyncio.wait({task}, timeout=POSTCOPY_PROGRESS_S)
+        yield t.progress(done=True)
+
+    async def _run_postcopy(self, t: Transfer) -> None:
+        try:
+            await self._close()
+            self._dest = AgentClient(self.dest_address, "the destination agent",
+                                     self.host.security)
+            await self._open_data_channels(extra=1)
+            lane, *push = self._streams
+            tasks = [asyncio.create_task(lane.serve_requests(t)),
+                     *(asyncio.create_task(s.push(t)) for s in push)]
+            t.lanes_up.set()
+            try:
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
                 for task in done:
                     task.result()
-                if not pending:
-                    break
-                yield t.progress(started)
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        t.finished = True
-        await self._close()
-        log.info("migration %s: post-copy done: %d frames, %d pushed, %d asked for",
-                 self.migration_id, len(t.frames), t.pushed, t.requested)
-        yield t.progress(started, done=True)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+            t.finished = True
+            await self._close()
+        except Exception as e:
+            log.error("migration %s: post-copy failed: %s; the guest at %s lacks %d frame(s) "
+                      "that only this host holds", self.migration_id, e, self.dest_address,
+                      t.left)
+            raise
+        log.info("migration %s: post-copy done: %d frames, %d pushed, %d asked for (%d of "
+                 "them sent twice)", self.migration_id, len(t.frames), t.pushed, t.requested,
+                 t.resent)
 
     def ask_postcopy(self) -> None:
         """pvmig migrate-postcopy: the coordinator switches after the current round."""

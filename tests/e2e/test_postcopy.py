@@ -6,14 +6,23 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
 
 import pytest
-from support import create, domains, migrate, pvmig, query, wait_running_and_checking
+from support import (
+    create,
+    domains,
+    eventually,
+    migrate,
+    pvmig,
+    query,
+    wait_running_and_checking,
+)
 
-from pvmig.faults import COORDINATOR_STALLS_AT
+from pvmig.faults import COORDINATOR_DIES_AT, COORDINATOR_STALLS_AT
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 and os.environ.get("CI") != "true",
@@ -199,3 +208,23 @@ def test_postcopy_of_a_guest_with_a_busy_disk(cluster, tmp_path):
     g = _blk(query(b, "vm"))
     assert g["read_failures"] == 0 and g["errors"] == 0
     _no_acknowledged_write_lost(cluster["b"], "vm", disk)
+
+
+def test_the_transfer_outlives_its_coordinator(make_cluster, tmp_path):
+    """The coordinator is SIGKILLed as post-copy begins (the guest runs at the
+    destination, most of its memory at the source): the source's transfer is the
+    session's, not the call's; it goes on to the last page, and when the leases run out
+    the agents settle the rest: the guest whole at the destination (its sweep of all
+    its memory finds nothing wrong), the source copy gone."""
+    cluster = make_cluster(session_timeout_s=3)
+    a, b = cluster["a"].address, cluster["b"].address
+    create(a, "vm", ram_mb=64, dirty_rate=20000)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pvmig", "migrate", "--source", a, "--dest", b, "--domain",
+         "vm", "--postcopy", "--inject", "push-after-fault", "--report",
+         str(tmp_path / "r.json")], capture_output=True, text=True, timeout=240,
+        env={**os.environ, COORDINATOR_DIES_AT.env: "postcopy-active"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    eventually(lambda: "vm" not in domains(a), timeout=60, what="the source copy goes")
+    moved = wait_running_and_checking(b, "vm", timeout=60)
+    assert moved.guest.checks_failed == 0
