@@ -64,7 +64,9 @@ class Paging:
     def discard(self, mem, frames: np.ndarray) -> None:
         """These frames come later: what is here of them is stale. Their pages leave the
         RAM file (the guest has not run here yet), so that the guest faults on them."""
-        frames = np.unique(frames)
+        mask = np.zeros(self.uf.nr_frames, bool)  # (np.unique took 80-130 ms for 1 GiB's)
+        mask[frames] = True
+        frames = np.flatnonzero(mask)
         first, lengths = runs(frames)
         for f, n in zip(first.tolist(), lengths.tolist()):
             mem.mapping.madvise(mmap.MADV_REMOVE, f * PAGE_SIZE, n * PAGE_SIZE)
