@@ -74,7 +74,8 @@ def register(sub, auth) -> None:
     be.set_defaults(func=bench)
 
     pl = sub.add_parser("plot", help="a migration's timeline as a PNG: pages and dirty rate "
-                        "per round, bandwidth, throttle, the downtime window")
+                        "per round, bandwidth, throttle, the downtime window, post-copy and the "
+                        "guest's pace across it")
     pl.add_argument("report", type=Path, help="a `pvmig migrate --report` JSON")
     pl.add_argument("-o", "--output", type=Path, help="the PNG (default: REPORT.png)")
     pl.set_defaults(func=plot)

@@ -113,6 +113,9 @@ class Migration:
     _commit_asked: bool = False
     _postcopy: bool = False  # the final pass is a switch to post-copy
     _postcopy_asked: bool = False  # pvmig migrate-postcopy, said by the last round
+    _steps: tuple = (0.0, 0)  # (when, the guest's step count): its pace, across post-copy
+    _progress: dict = field(default_factory=lambda: {"before-steps-s": None, "during": [],
+                                                     "after-steps-s": None})
     _offsets: dict = field(default_factory=dict)
     _suspended_ns: int = 0
     _devices: list = field(default_factory=list)
@@ -192,6 +195,7 @@ class Migration:
             raise errors.FailedPrecondition(
                 f"domain {self.domain!r} on {src.agent_name} is {info.state}, not running")
         self.report.ram_bytes = info.ram_bytes
+        self._steps = (time.monotonic(), info.guest.steps)  # the guest's progress, for post-copy
         self._devices = self._with_grant_policy(info.devices)
         self._device_stats_before = list(info.device_stats)
         self.report.source_agent, self.report.dest_agent = src.agent_name, dst.agent_name
@@ -316,6 +320,8 @@ class Migration:
                 await asyncio.sleep(1.0)
 
     async def suspend(self) -> None:
+        if self._postcopy:  # the guest's pace before: its steps since connect
+            self._progress["before-steps-s"] = await self._step_rate(self.source)
         self._phase("suspend")
         reply = await self.source.call(self.source.source.Suspend, self._ref(), timeout=90.0)
         self._suspended_ns = reply.suspended_ns
@@ -345,9 +351,14 @@ class Migration:
             last = await anext(progress)  # the lanes are up: a fault is served at once
             await self.resume()
             self._phase("postcopy-active", pages=last.total_pages)
+            self._steps = (time.monotonic(), 0)  # (resumed: its count goes on from the info page)
             async for last in progress:
                 self.reporter.phase("postcopy", pushed=last.pushed_pages,
                                     requested=last.requested_pages, total=last.total_pages)
+                rate = await self._step_rate(self.dest)
+                if rate is not None:
+                    t = round((time.monotonic() - self.report.t0) * 1e3, 1)
+                    self._progress["during"].append([t, rate])
         except errors.PvmigError as e:
             raise errors.Unavailable(
                 f"post-copy broke ({e}): the guest runs at the destination and the frames "
@@ -366,6 +377,7 @@ class Migration:
             "dom0": {"policy": str(self.options.postcopy_dom0), "waits": state.dom0_waits,
                      "touched-missing": state.dom0_touched,
                      "taken-pages": state.taken_pages}}
+        self.report.postcopy["guest-progress"] = self._progress
         self._phase("postcopy-done", missing=state.missing_pages)
         if state.missing_pages:
             raise errors.DataLoss(f"post-copy ended with {state.missing_pages} frame(s) "
@@ -411,6 +423,8 @@ class Migration:
         self.report.set_memory_verdict(verify.differing(src, dst), on_source.shared_frames,
                                        causes if len(causes) == len(src) else None)
         self.report.guest = await self._guest_checks()
+        if self.report.postcopy is not None:  # the pace after: from post-copy's end to now
+            self._progress["after-steps-s"] = await self._step_rate(self.dest)
         on_dest = await self.dest.call(self.dest.agent.QueryDomain, pb.DomainRef(name=self.domain))
         self.report.set_devices(self._device_stats_before, on_source.device_stats,
                                 on_dest.device_stats)
@@ -472,6 +486,19 @@ class Migration:
             self._phase("streams-reconnected", round=number)
         self.reporter.round_done(self.report.rounds[-1])
         return stats
+
+    async def _step_rate(self, client: AgentClient) -> float | None:
+        """The guest's steps per second since the last sample (its vCPU's pace: 100 when
+        nothing holds it up); None while its info page has not arrived (post-copy)."""
+        info = await client.call(client.agent.QueryDomain, pb.DomainRef(name=self.domain))
+        now = time.monotonic()
+        (then, steps), had = self._steps, bool(info.guest.steps)
+        if not had:
+            return None
+        self._steps = (now, info.guest.steps)
+        if steps == 0 or now <= then:  # the first sample where the guest runs now
+            return None
+        return round((info.guest.steps - steps) / (now - then), 1)
 
     async def _hashes(self, client: AgentClient, method) -> tuple[np.ndarray, np.ndarray]:
         """Frame hashes, and the causes the source gives with them (empty from the

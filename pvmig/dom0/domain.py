@@ -294,14 +294,16 @@ class Domain:
     def info(self) -> dict:
         # (not while post-copy frames are missing: a read through this agent's mapping
         # would hand the guest a zero page, pvmig.hv.userfault)
+        info_here = self.missing is None or not self.missing[guestinfo.INFO_FRAME]
         stats = (guestinfo.read(self.mem) if self.state != DomainState.INCOMING
-                 and not self.frames_missing else {})
+                 and info_here else {})
+        whole = stats and not self.frames_missing
         return {"name": self.name, "domid": self.domid, "ram_bytes": self.ram_bytes,
                 "state": self.state.value, "migration_id": self.migration_id,
                 "guest_pid": self.proc.pid if self.proc else 0,
                 "guest": stats, "workload": self.workload, "devices": self.devices,
-                "device_stats": self.pv.stats() if self.pv is not None and stats else [],
-                "shared_frames": shared_areas(self.mem) if stats else []}
+                "device_stats": self.pv.stats() if self.pv is not None and whole else [],
+                "shared_frames": shared_areas(self.mem) if whole else []}
 
     # ---- internals
 

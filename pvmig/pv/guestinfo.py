@@ -21,6 +21,7 @@ import numpy as np
 from pvmig.hv.memory import PAGE_SIZE, GuestMemory
 
 MAGIC = 0x5056_4D49_4731_0002  # "PVMIG1", layout version 2
+INFO_FRAME = 0
 XENSTORE_FRAME = 1
 MAX_FAILURES = 16
 
@@ -53,7 +54,7 @@ COUNTERS = ("steps", "pages_written", "checks_run", "checks_failed", "sweeps", "
 
 def view(mem: GuestMemory) -> np.ndarray:
     """A one-element structured array over frame 0 (writes go to guest RAM)."""
-    return mem.pages[0, :INFO.itemsize].view(INFO)
+    return mem.pages[INFO_FRAME, :INFO.itemsize].view(INFO)
 
 
 @dataclass(frozen=True)

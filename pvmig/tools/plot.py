@@ -62,9 +62,23 @@ def timeline(report: dict, out: Path) -> Path:
         for ax in (top, bottom):
             ax.axvspan(phases["suspend"], phases["resumed"], color="grey", alpha=0.3,
                        label="downtime window")
+    post = report.get("postcopy")
+    if post and "postcopy-active" in phases and "postcopy-done" in phases:
+        # the guest runs at the destination while its memory follows it
+        for ax in (top, bottom):
+            ax.axvspan(phases["postcopy-active"], phases["postcopy-done"], color="tab:cyan",
+                       alpha=0.2, label=f"post-copy: {post['pushed-pages']} pushed, "
+                       f"{post['requested-pages']} asked for")
+        pace = (post.get("guest-progress") or {}).get("during") or []
+        if pace:
+            steps = bottom.twinx()
+            steps.plot([t for t, _ in pace], [r for _, r in pace], ".-", color="tab:brown",
+                       label="guest steps/s")
+            steps.set_ylabel("guest steps/s")
     down = report.get("downtime-ms")
     fig.suptitle(f"{report.get('domain', '?')}: {report.get('source-agent', '')} -> "
-                 f"{report.get('dest-agent', '')}, {len(rounds)} rounds, downtime "
+                 f"{report.get('dest-agent', '')}, {len(rounds)} rounds"
+                 f"{', post-copy' if post else ''}, downtime "
                  f"{down if down is not None else '?'} ms")
     for ax in (top, bottom):
         handles, labels = ax.get_legend_handles_labels()

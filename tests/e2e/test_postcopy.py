@@ -56,6 +56,11 @@ def test_postcopy_moves_a_busy_guest_whole(cluster, tmp_path):
     # Each page crossed once: only the headers on top.
     assert data["transferred-bytes"] < 1.02 * (64 << 20)
     assert data["rounds"] and data["rounds"][-1]["final"]
+    pace = pc["guest-progress"]  # the guest's steps per second, before and after the move
+    assert pace["before-steps-s"] > 0 and pace["after-steps-s"] > 0, pace
+    r = pvmig("plot", str(tmp_path / "r.json"), "--output", str(tmp_path / "t.png"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
     assert "vm" in domains(b) and "vm" not in domains(a)
     after = wait_running_and_checking(b, "vm")
     assert after.guest.checks_failed == 0
