@@ -101,6 +101,11 @@ class RestoreSession:
         return self.state is RestoreState.READY or self.committed
 
     @property
+    def switched(self) -> bool:
+        """The source switched to post-copy: frames come after the resume."""
+        return self.paging is not None and self.paging.total > 0
+
+    @property
     def decided(self) -> bool:
         """The whole stream is in: the source may have committed (only it knows)."""
         return self.ended
@@ -243,7 +248,7 @@ class RestoreSession:
         a post-copy switch: post-copy's (connection 0 the urgent lane), opened before
         the resume so that the guest's first fault is served at once."""
         self._check_open()
-        postcopy = self.paging is not None and self.ended and self.paging.total > 0
+        postcopy = self.switched and self.ended
         if not postcopy and (self.ended or self.state is not RestoreState.RECEIVING):
             raise errors.FailedPrecondition(
                 f"migration {self.migration_id} is {self.state}: data channels are opened "
@@ -349,7 +354,7 @@ class RestoreSession:
         await self._hash_pass()
         if self.save_image:  # asked for: costs a copy of memory inside the downtime
             save_image(self.domain.mem, self.save_image)
-        postcopy = self.paging is not None and self.paging.total > 0
+        postcopy = self.switched
         if postcopy:
             self.paging.start()  # before the guest runs: its first read may fault
             if InjectionPoint.DOM0_TOUCH_MISSING in self.inject:
@@ -369,7 +374,7 @@ class RestoreSession:
         self.paging.dom0_access(frame)
         int(self.domain.mem.words[frame, 0])  # (the read itself)
         log.warning("migration %s: dom0 read frame %d %s", self.migration_id, frame,
-                    "after it arrived (demand)" if self.paging.dom0 == "demand"
+                    "after it arrived (demand)" if self.paging.dom0 is PostcopyDom0.DEMAND
                     else "before it arrived (unsafe): the guest keeps a zero page there")
 
     def postcopy_state(self) -> pb.PostcopyStatus:

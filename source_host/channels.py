@@ -207,11 +207,7 @@ class DataStream:
             while (frames := t.next_batch()) is not None:
                 if self.conn.has_input():  # the destination's error, said early
                     self._expect(wire.ERROR)
-                sent = wire.send_pages(self.conn, t.mem, frames, seq=t.seq(), round=0,
-                                       scratch=self._scratch, snapshot=True)
-                t.count_bytes(sent.wire_bytes)
-                if t.limit is not None:
-                    t.limit.take_blocking(sent.wire_bytes)
+                self._send_transfer(t, frames, held=True)
             wire.send_control(self.conn, wire.END)
             self._expect(wire.END_ACK)
 
@@ -242,12 +238,18 @@ class DataStream:
                         "the urgent lane")
                 frames = t.take_requested(wire.read_frames(self.conn, h, nr))
                 for lo in range(0, len(frames), self._scratch.batch_pages):
-                    batch = frames[lo:lo + self._scratch.batch_pages]
-                    sent = wire.send_pages(self.conn, t.mem, batch, seq=t.seq(), round=0,
-                                           scratch=self._scratch, snapshot=True)
-                    t.count_bytes(sent.wire_bytes)
-                    if t.limit is not None:
-                        t.limit.charge(sent.wire_bytes)
+                    self._send_transfer(t, frames[lo:lo + self._scratch.batch_pages],
+                                        held=False)
+
+    def _send_transfer(self, t, frames: np.ndarray, held: bool) -> None:
+        """Post-copy's pages, from a snapshot (the source's backends may write them as
+        they go). held: the push waits on the bandwidth cap; the lane is only charged
+        to it (a blocked guest does not queue behind the cap)."""
+        sent = wire.send_pages(self.conn, t.mem, frames, seq=t.seq(), round=0,
+                               scratch=self._scratch, snapshot=True)
+        t.count_bytes(sent.wire_bytes)
+        if t.limit is not None:
+            (t.limit.take_blocking if held else t.limit.charge)(sent.wire_bytes)
 
     def _expect(self, kind: int) -> wire.Header:
         """The next record, of that kind; the destination's error raised as itself."""

@@ -27,12 +27,14 @@ class Transfer:
     def __init__(self, mem, frames: np.ndarray, batch_pages: int,
                  push_after_fault: bool = False, limit=None) -> None:
         self.mem = mem
-        self.frames = np.sort(frames).astype(np.uint32)
+        self.todo = np.zeros(mem.nr_frames, bool)
+        self.todo[frames] = True
+        # ascending and once each, from the mask (in the downtime: a sort of a 1 GiB
+        # guest's frames took 8 ms)
+        self.frames = np.flatnonzero(self.todo).astype(np.uint32)
         self.batch_pages = batch_pages
         self.sent = np.zeros(mem.nr_frames, bool)
         self.lane_sent = np.zeros(mem.nr_frames, bool)  # sent on the urgent lane
-        self.todo = np.zeros(mem.nr_frames, bool)
-        self.todo[self.frames] = True
         self.left = len(self.frames)
         self.pushed = self.requested = self.resent = self.bytes = 0
         self.finished = False  # the destination said it has every frame

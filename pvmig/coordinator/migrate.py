@@ -491,14 +491,13 @@ class Migration:
         """The guest's steps per second since the last sample (its vCPU's pace: 100 when
         nothing holds it up); None while its info page has not arrived (post-copy)."""
         info = await client.call(client.agent.QueryDomain, pb.DomainRef(name=self.domain))
-        now = time.monotonic()
-        (then, steps), had = self._steps, bool(info.guest.steps)
-        if not had:
+        now, steps = time.monotonic(), info.guest.steps
+        if not steps:
             return None
-        self._steps = (now, info.guest.steps)
-        if steps == 0 or now <= then:  # the first sample where the guest runs now
+        (then, before), self._steps = self._steps, (now, steps)
+        if not before or now <= then:  # the first sample where the guest runs now
             return None
-        return round((info.guest.steps - steps) / (now - then), 1)
+        return round((steps - before) / (now - then), 1)
 
     async def _hashes(self, client: AgentClient, method) -> tuple[np.ndarray, np.ndarray]:
         """Frame hashes, and the causes the source gives with them (empty from the

@@ -276,48 +276,41 @@ class Receiver:
                 f"batch {h.seq}: frame {int(lists.max())} is outside the domain ({nr} frames)")
         pages = self.mem.pages
         n = len(frames)
-        if self.place is not None:
-            return self._hand_over(conn, h, frames, zero, lists)
-        if h.encoding == RAW and is_run(frames):  # straight into place
+        if self.place is None and h.encoding == RAW and is_run(frames):  # straight into place
             first = int(frames[0])
             target = pages[first:first + n]
             conn.recv_into(target)
             ok = checksum(h, [frames, zero, target]) == h.checksum
-        elif h.encoding == RAW:
-            target = self.buf[:n]
-            conn.recv_into(target)
-            ok = checksum(h, [frames, zero, target]) == h.checksum
-            pages[frames] = target
-        else:
-            raw = self.buf.reshape(-1)[:h.data_len]
-            conn.recv_into(raw)
-            ok = checksum(h, [frames, zero, raw]) == h.checksum
-            if not ok:  # nothing decoded from a damaged batch; it landed nowhere
-                return Received(n + len(zero), lists[:0], False)
-            data = self._decompress(h, bytes(raw), n)
-            pages[frames] = np.frombuffer(data, np.uint8).reshape(n, PAGE_SIZE)
+            pages[zero] = 0
+            return Received(n + len(zero), lists, ok)
+        rows, ok = self._read_buffered(conn, h, frames, zero)
+        if self.place is not None:
+            if not ok:  # the guest runs: nothing damaged goes in (the source is suspended,
+                # so a mismatch here is damage on the way, never a race with a write)
+                raise errors.DataLoss(f"batch {h.seq}: checksum mismatch in post-copy")
+            self.place(frames, rows, zero)
+            return Received(n + len(zero), lists, True)
+        if rows is None:  # nothing decoded from a damaged batch; it landed nowhere
+            return Received(n + len(zero), lists[:0], False)
+        pages[frames] = rows
         pages[zero] = 0
         return Received(n + len(zero), lists, ok)
 
-    def _hand_over(self, conn: Connection, h: Header, frames: np.ndarray, zero: np.ndarray,
-                   lists: np.ndarray) -> Received:
+    def _read_buffered(self, conn: Connection, h: Header, frames: np.ndarray,
+                       zero: np.ndarray) -> tuple[np.ndarray | None, bool]:
+        """The batch's pages read into the buffer (decoded, with zstd), and whether its
+        checksum matched; no pages for zstd data that failed it (nothing is decoded)."""
         n = len(frames)
         if h.encoding == RAW:
             rows = self.buf[:n]
             conn.recv_into(rows)
-            ok = checksum(h, [frames, zero, rows]) == h.checksum
-        else:
-            raw = self.buf.reshape(-1)[:h.data_len]
-            conn.recv_into(raw)
-            ok = checksum(h, [frames, zero, raw]) == h.checksum
-            if ok:
-                data = self._decompress(h, bytes(raw), n)
-                rows = np.frombuffer(data, np.uint8).reshape(n, PAGE_SIZE)
-        if not ok:  # the guest runs: nothing damaged goes in (the source is suspended,
-            # so a mismatch here is damage on the way, never a race with a write)
-            raise errors.DataLoss(f"batch {h.seq}: checksum mismatch in post-copy")
-        self.place(frames, rows, zero)
-        return Received(n + len(zero), lists, True)
+            return rows, checksum(h, [frames, zero, rows]) == h.checksum
+        raw = self.buf.reshape(-1)[:h.data_len]
+        conn.recv_into(raw)
+        if checksum(h, [frames, zero, raw]) != h.checksum:
+            return None, False
+        data = self._decompress(h, bytes(raw), n)
+        return np.frombuffer(data, np.uint8).reshape(n, PAGE_SIZE), True
 
     def _decompress(self, h: Header, data: bytes, n: int) -> bytes:
         size = n * PAGE_SIZE
