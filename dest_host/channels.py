@@ -48,6 +48,7 @@ class Epoch:
     number: int = 0
     key: bytes | None = None
     postcopy: bool = False  # after the switch: connection 0 is the urgent lane
+    recovered: bool = False  # post-copy after a pause: the lane begins with MISSING
     claimed: set = field(default_factory=set)
     # index -> (connection, done: set when its thread is off the memory)
     conns: dict = field(default_factory=dict)
@@ -63,11 +64,11 @@ class DataChannels:
 
     # ---- on the event loop
 
-    async def open(self, endpoint: tuple[str, int, bool], postcopy: bool = False
-                   ) -> pb.DataChannels:
+    async def open(self, endpoint: tuple[str, int, bool], postcopy: bool = False,
+                   recovered: bool = False) -> pb.DataChannels:
         host, port, tls = endpoint
         await self.close()
-        self.epoch = Epoch(self.epoch.number + 1, data_channel.new_key(), postcopy)
+        self.epoch = Epoch(self.epoch.number + 1, data_channel.new_key(), postcopy, recovered)
         return pb.DataChannels(host=host, port=port, key=self.epoch.key,
                                epoch=self.epoch.number, tls=tls,
                                max_batch_bytes=MAX_BATCH_PAGES * PAGE_SIZE)
@@ -113,7 +114,7 @@ class DataChannels:
         s = self.session
         mem = s.domain.mem
         if self.epoch.postcopy:
-            return self._receive_postcopy(conn, index)
+            return self._receive_postcopy(conn, index, self.epoch.recovered)
         receiver = wire.Receiver(mem, MAX_BATCH_PAGES)
         round_pages: dict[int, int] = {}
         damaged: dict[int, list[int]] = {}
@@ -158,29 +159,39 @@ class DataChannels:
             else:
                 raise errors.InvalidArgument(f"unknown record type {h.type}")
 
-    def _receive_postcopy(self, conn: data_channel.Connection, index: int) -> None:
+    def _receive_postcopy(self, conn: data_channel.Connection, index: int,
+                          recovered: bool) -> None:
         """After the switch: pages placed as they come (the guest runs); connection 0
         is the urgent lane, on which the faults' requests go back. Each connection's
-        END is answered once every frame is here (the source then completes)."""
+        END is answered once every frame is here (the source then completes). A
+        connection that ends before its END pauses the paging (a recovery goes on)."""
         s = self.session
         paging = s.paging
         receiver = wire.Receiver(s.domain.mem, MAX_BATCH_PAGES, place=paging.place)
-        if index == 0:
-            paging.set_lane(conn)
-        while True:
-            try:
-                h = wire.read_header(conn)
-            except data_channel.Closed:
-                return
-            s._check_open()
-            if h.type == wire.PAGES:
-                receiver.receive(conn, h)
-            elif h.type == wire.END:
-                wire.read_control_body(conn, h)
-                paging.wait_all(policy.POSTCOPY_END_S)
-                on_loop(self.loop, s.postcopy_done)
-                wire.send_control(conn, wire.END_ACK)
-            else:
-                raise errors.InvalidArgument(f"{wire.NAMES.get(h.type, h.type)} record on a "
-                                             "post-copy data connection")
+        ended = False
+        try:
+            if index == 0:
+                paging.set_lane(conn, recovered)
+            while True:
+                try:
+                    h = wire.read_header(conn)
+                except data_channel.Closed:
+                    if not ended:
+                        paging.pause(f"data connection {index} closed before its end")
+                    return
+                s._check_open()
+                if h.type == wire.PAGES:
+                    receiver.receive(conn, h)
+                elif h.type == wire.END:
+                    wire.read_control_body(conn, h)
+                    paging.wait_all(policy.POSTCOPY_END_S)
+                    on_loop(self.loop, s.postcopy_done)
+                    wire.send_control(conn, wire.END_ACK)
+                    ended = True
+                else:
+                    raise errors.InvalidArgument(f"{wire.NAMES.get(h.type, h.type)} record "
+                                                 "on a post-copy data connection")
+        except (OSError, errors.PvmigError) as e:
+            paging.pause(f"data connection {index} lost ({e})")
+            raise
 

@@ -11,6 +11,11 @@ guest a zero page (pvmig.hv.userfault).
 
 Latency is measured per faulted frame, from the fault read to the page placed; the
 blocktime (QEMU's postcopy-blocktime) is their sum.
+
+A broken data connection pauses the paging (postcopy-paused): faults are still read and
+kept, the guest's vCPU stays blocked on the frame it faulted on, dom0 and the agent go
+on. A recovery's new urgent lane begins with every frame still missing (MISSING), then
+the requests kept, asked again (the lost connection may have carried their answers).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from pvmig.hv.memory import PAGE_SIZE, hash_words, runs
 from pvmig.hv.userfault import UserFault
 from pvmig.migration import wire
 from pvmig.migration.policy import PostcopyDom0
+from pvmig.migration.state import PAGING_TRANSITIONS, PagingState, advance
 
 log = logging.getLogger(__name__)
 FAULT_POLL_S = 0.1  # the fault thread looks for its stop this often
@@ -40,6 +46,9 @@ class Paging:
         self.session = session
         self.uf = userfault
         self.dom0 = dom0
+        self.state = PagingState.ACTIVE
+        self.paused_reason = ""
+        self.pauses = 0
         self.dom0_waits = 0    # demand: dom0 accesses that waited for their frame
         self.dom0_touched = 0  # unsafe: dom0 accesses to a frame not here
         n = userfault.nr_frames
@@ -59,6 +68,12 @@ class Paging:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    def _set_state(self, new: PagingState) -> None:
+        """The only place the state changes (under the lock)."""
+        self.state = advance(self.state, new, PAGING_TRANSITIONS,
+                             f"post-copy of migration {self.session.migration_id}")
+        self.session.domain.postcopy = new.value if new is not PagingState.COMPLETE else ""
+
     # ---- the switch
 
     def discard(self, mem, frames: np.ndarray) -> None:
@@ -73,6 +88,7 @@ class Paging:
         with self._lock:
             self.missing[frames] = True
             self.total = int(self.missing.sum())
+            self.session.domain.postcopy = self.state.value
 
     # ---- faults
 
@@ -113,15 +129,49 @@ class Paging:
             try:
                 wire.send_frames(self.lane, wire.REQUEST, ask)
             except OSError as e:
-                log.warning("migration %s: the urgent lane broke (%s): %d frame(s) wait "
-                            "for the push", self.session.migration_id, e, len(ask))
+                self._pause(f"the urgent lane broke ({e})")
 
-    def set_lane(self, conn) -> None:
-        with self._lock:
+    def set_lane(self, conn, recovered: bool = False) -> None:
+        """The urgent lane is up. recovered: after a pause, every frame still missing
+        first, then the requests kept meanwhile and those whose answers were lost."""
+        with self._arrived:
+            if recovered:
+                wire.send_frames(conn, wire.MISSING, np.flatnonzero(self.missing))
             self.lane = conn
             pending, self._pending = self._pending, []
             for ask in pending:
-                wire.send_frames(conn, wire.REQUEST, ask)
+                ask = ask[self.missing[ask]]
+                if len(ask):
+                    wire.send_frames(conn, wire.REQUEST, ask)
+            if self.state is PagingState.PAUSED:
+                self._set_state(PagingState.ACTIVE if self.missing.any()
+                                else PagingState.COMPLETE)
+                self.paused_reason = ""
+                log.warning("migration %s: post-copy recovered: %d frame(s) to come",
+                            self.session.migration_id, int(self.missing.sum()))
+            self._arrived.notify_all()
+
+    def pause(self, reason: str) -> None:
+        """A data connection broke: nothing goes to the source until a recovery."""
+        with self._arrived:
+            self._pause(reason)
+
+    def _pause(self, reason: str) -> None:
+        if self.state is not PagingState.ACTIVE:
+            return
+        if not self.missing.any():  # nothing more to come: nothing to pause
+            self._set_state(PagingState.COMPLETE)
+            return
+        self._set_state(PagingState.PAUSED)
+        self.paused_reason = reason
+        self.pauses += 1
+        self.lane = None
+        # asked for, not here: the lost connection may have carried the answers
+        self._pending = [np.flatnonzero(self.requested & self.missing).astype(np.uint32)]
+        log.warning("migration %s: post-copy paused (%s): %d frame(s) missing, the guest "
+                    "blocks on the first it touches until pvmig recover",
+                    self.session.migration_id, reason, int(self.missing.sum()))
+        self._arrived.notify_all()
 
     # ---- dom0 (the grant table's hook: blkback, netback)
 
@@ -193,8 +243,13 @@ class Paging:
                                      f"did not arrive within {timeout_s:.0f} s")
 
     def wait_all(self, timeout_s: float) -> None:
-        """Block until every frame is here (the source's push has ended)."""
-        if not self._until(lambda: not self.missing.any(), timeout_s):
+        """Block until every frame is here (the source's push has ended), or the
+        paging pauses (Unavailable: a recovery sends the rest)."""
+        done = self._until(lambda: not self.missing.any()
+                           or self.state is PagingState.PAUSED, timeout_s)
+        if done and self.state is PagingState.PAUSED:
+            raise errors.Unavailable(f"post-copy paused: {self.paused_reason}")
+        if not done:
             raise errors.DataLoss(
                 f"post-copy: {int(self.missing.sum())} frame(s) did not arrive within "
                 f"{timeout_s:.0f} s of the end of the source's push")
@@ -208,6 +263,12 @@ class Paging:
     def complete(self) -> bool:
         return not self.missing.any()
 
+    def finish(self) -> None:
+        """Every frame is here: the paging is done with."""
+        with self._lock:
+            if self.state is not PagingState.COMPLETE and not self.missing.any():
+                self._set_state(PagingState.COMPLETE)
+
     def status(self) -> pb.PostcopyStatus:
         with self._lock:
             lat = np.asarray(self.latencies) * 1e9
@@ -219,4 +280,4 @@ class Paging:
                 latency_p99_ns=int(np.percentile(lat, 99)) if len(lat) else 0,
                 latency_max_ns=int(lat.max()) if len(lat) else 0,
                 taken_pages=len(self.taken), dom0_waits=self.dom0_waits,
-                dom0_touched=self.dom0_touched)
+                dom0_touched=self.dom0_touched, paused=self.state is PagingState.PAUSED)

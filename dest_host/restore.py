@@ -243,12 +243,20 @@ class RestoreSession:
             # can resume the guest.
             self.ready()
 
-    async def open_data(self) -> pb.DataChannels:
+    async def open_data(self, recover: bool = False) -> pb.DataChannels:
         """A new epoch of data channels (transport tcp); the old ones closed first. After
         a post-copy switch: post-copy's (connection 0 the urgent lane), opened before
-        the resume so that the guest's first fault is served at once."""
+        the resume so that the guest's first fault is served at once. recover: post-copy
+        goes on after its connections broke (paused here too, if this side had not
+        noticed yet); the new lane begins with what is still missing."""
         self._check_open()
         postcopy = self.switched and self.ended
+        if recover:
+            if not postcopy or not self.committed:
+                raise errors.FailedPrecondition(
+                    f"migration {self.migration_id} is {self.state}: only a committed "
+                    "post-copy is recovered")
+            self.paging.pause("the source reconnects")
         if not postcopy and (self.ended or self.state is not RestoreState.RECEIVING):
             raise errors.FailedPrecondition(
                 f"migration {self.migration_id} is {self.state}: data channels are opened "
@@ -258,7 +266,8 @@ class RestoreSession:
                 f"agent {self.host.name} has no data listener (--data-listen off): migrate "
                 "with --transport grpc")
         with self.lease.hold():
-            return await self.data.open(self.host.data_endpoint, postcopy=postcopy)
+            return await self.data.open(self.host.data_endpoint, postcopy=postcopy,
+                                        recovered=recover)
 
     # ---- hashing what was received
 
@@ -390,6 +399,7 @@ class RestoreSession:
         """Every frame is here (a data connection's end said so): the domain is whole
         again, its record as any running domain's. Once, whoever comes first."""
         if self.domain.missing is not None and self.paging.complete:
+            self.paging.finish()
             self.domain.missing = None
             self.paging.stop(wait=False)
             self.host.records.refresh(self.domain)
@@ -428,6 +438,11 @@ class RestoreSession:
         the source cannot have committed, discard. Whole: only the source knows."""
         if self.committed:  # resumed (or committed by a lone Commit: resume it)
             await self.commit_and_resume()
+            if self.switched and not self.paging.complete:
+                # post-copy's frames still to come: the session stays for the transfer
+                # and for a recovery of it (the source holds the rest)
+                self.lease.renew()
+                return
             self.finish()
             return
         if not self.ended:

@@ -54,7 +54,8 @@ AGENT_POINTS = ("commit", "committed", "dest-committed", "complete", "unpark", "
 COORDINATOR_PHASES = ("connect", "prepare", "begin", "stop-and-copy", "suspend", "quiesce",
                       "final", "commit", "committed", "resumed", "verify", "done",
                       "throttle", "streams-reconnected", "abort", "recover", "precopy", "switch",
-                      "postcopy-active", "postcopy-done")
+                      "postcopy-active", "postcopy-done", "postcopy-paused",
+                      "postcopy-recovered")
 
 _host_dies_at = os.environ.get(AGENT_DIES_AT.env, "")
 _agent_crashes_at = os.environ.get(AGENT_CRASHES_AT.env, "")

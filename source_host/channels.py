@@ -211,6 +211,13 @@ class DataStream:
             wire.send_control(self.conn, wire.END)
             self._expect(wire.END_ACK)
 
+    async def read_missing(self, nr_frames: int):
+        """A recovered epoch's urgent lane: first, the frames the destination lacks."""
+        def read():
+            with self._failures():
+                return wire.read_frames(self.conn, self._expect(wire.MISSING), nr_frames)
+        return await self._run(read)
+
     async def serve_requests(self, t) -> None:
         """The urgent lane: the destination's requests answered first, until it has
         every frame (its answer to this lane's end, sent once the push is done)."""

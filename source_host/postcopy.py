@@ -6,6 +6,11 @@ frames its guest blocked on) come on the urgent lane, connection 0, and go back 
 at once; the push then goes on from near the last request, where the guest is working
 (QEMU's postcopy does the same). A frame goes once, whichever way takes it first: both
 take it from here under one lock.
+
+The transfer outlives its connections. When one breaks (the network between the hosts
+dropped) the epoch ends and the transfer pauses, every frame still here; a recovery
+opens a new epoch, the destination names what it still lacks (MISSING), and what a
+broken connection carried and lost goes again (QEMU's postcopy recovery).
 """
 
 from __future__ import annotations
@@ -21,11 +26,12 @@ from pvmig._proto import pvmig_pb2 as pb
 
 WINDOW = 8  # batches the push looks ahead for frames not yet sent
 HOLD_WAIT_S = 30.0
+STOP_HOLD_S = 180.0  # push-stops-halfway: a link drop is noticed within ~20 s (keepalive)
 
 
 class Transfer:
     def __init__(self, mem, frames: np.ndarray, batch_pages: int,
-                 push_after_fault: bool = False, limit=None) -> None:
+                 push_after_fault: bool = False, limit=None, halfway: str = "") -> None:
         self.mem = mem
         self.todo = np.zeros(mem.nr_frames, bool)
         self.todo[frames] = True
@@ -41,25 +47,86 @@ class Transfer:
         self.limit = limit  # the migration's bandwidth cap (RateLimit), if any
         self.started = time.monotonic()
         self.lanes_up = asyncio.Event()  # the data channels are open: the guest may resume
+        self.epochs = 0  # of data channels: more than one after a recovery
+        self.lost = 0  # frames sent before a pause that never arrived: sent again
+        self.paused_reason = ""  # why it is paused, while it is
+        self.paused_s = 0.0
+        self._paused_at: float | None = None
         self._cursor = 0
         self._seq = 0
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._epoch_over = False
         # (injection point push-after-fault: the push starts with the first request)
-        self.push_may_start = threading.Event()
-        if not push_after_fault:
-            self.push_may_start.set()
+        self._may_push = not push_after_fault
+        # (injection points, in the first epoch, once half the frames have gone: "stop"
+        # push-stops-halfway, the push stops until its connections break; "break"
+        # postcopy-breaks-halfway, the epoch fails as if a connection broke)
+        self._halfway = halfway
+        self._stop_at = len(self.frames) // 2 if halfway else None
 
     @property
     def all_sent(self) -> bool:
         return self.left == 0
 
+    # ---- epochs
+
+    def begin_epoch(self) -> None:
+        with self._lock:
+            self.epochs += 1
+            self._epoch_over = False
+
+    def end_epoch(self, reason: str) -> None:
+        """The epoch's connections broke (or closed): a push held by an injection
+        point lets go, and the transfer is paused until the next epoch."""
+        with self._changed:
+            self._epoch_over = True
+            if not self.finished:
+                self.paused_reason = reason
+                self._paused_at = time.monotonic()
+            self._changed.notify_all()
+
+    def recover(self, missing: np.ndarray) -> None:
+        """A new epoch after a pause: the destination lacks these frames; those of them
+        sent already were lost on a broken connection and go again."""
+        with self._lock:
+            lacking = np.zeros(len(self.todo), bool)
+            lacking[missing] = True
+            lacking &= self.todo
+            self.lost += int((lacking & self.sent).sum())
+            self.sent = self.todo & ~lacking
+            self.lane_sent = self.sent.copy()
+            self.left = int(lacking.sum())
+            if self._paused_at is not None:
+                self.paused_s += time.monotonic() - self._paused_at
+                self._paused_at = None
+            self.paused_reason = ""
+
+    @property
+    def paused(self) -> bool:
+        return self._paused_at is not None
+
+    def _hold(self, ready, what: str, timeout_s: float = HOLD_WAIT_S) -> None:
+        """Wait (the push's thread) until ready(), or raise once the epoch is over."""
+        if not self._changed.wait_for(lambda: ready() or self._epoch_over, timeout_s):
+            raise errors.FailedPrecondition(f"{what}: nothing in {timeout_s:.0f} s")
+        if self._epoch_over:
+            raise errors.Unavailable("post-copy's data connections broke")
+
+    # ---- frames
+
     def next_batch(self) -> np.ndarray | None:
         """The push's next frames not yet sent, from its cursor on (wrapping round once
         a request moved it forward); None when every frame has gone."""
-        if not self.push_may_start.wait(HOLD_WAIT_S):
-            raise errors.FailedPrecondition(
-                f"push-after-fault: no request from the destination in {HOLD_WAIT_S:.0f} s")
-        with self._lock:
+        with self._changed:
+            self._hold(lambda: self._may_push,
+                       "push-after-fault: no request from the destination")
+            if self._stop_at is not None and self.pushed >= self._stop_at and self.epochs == 1:
+                if self._halfway == "break":
+                    raise errors.Unavailable("postcopy-breaks-halfway: the data "
+                                             "connections broke (injected)")
+                self._hold(lambda: False, "push-stops-halfway: the connections held",
+                           STOP_HOLD_S)
             while self.left:
                 if self._cursor >= len(self.frames):
                     self._cursor = 0
@@ -90,7 +157,8 @@ class Transfer:
                 self.resent += len(frames) - len(fresh)
                 self.lane_sent[frames] = True
                 self.requested += len(frames)
-                self.push_may_start.set()
+                self._may_push = True
+                self._changed.notify_all()
                 self._cursor = int(np.searchsorted(self.frames, frames[-1], side="right"))
             return frames
 
@@ -108,7 +176,13 @@ class Transfer:
             self.bytes += n
 
     def progress(self, done: bool = False) -> pb.PostcopyProgress:
-        return pb.PostcopyProgress(total_pages=len(self.frames), pushed_pages=self.pushed,
-                                   requested_pages=self.requested, resent_pages=self.resent,
-                                   bytes=self.bytes, done=done,
-                                   duration_ns=int((time.monotonic() - self.started) * 1e9))
+        with self._lock:
+            paused_s = self.paused_s + (time.monotonic() - self._paused_at
+                                        if self._paused_at is not None else 0.0)
+            return pb.PostcopyProgress(
+                total_pages=len(self.frames), pushed_pages=self.pushed,
+                requested_pages=self.requested, resent_pages=self.resent, bytes=self.bytes,
+                done=done, duration_ns=int((time.monotonic() - self.started) * 1e9),
+                paused=self.paused, paused_reason=self.paused_reason,
+                recoveries=max(self.epochs - 1, 0), paused_ns=int(paused_s * 1e9),
+                lost_pages=self.lost)

@@ -52,6 +52,7 @@ from pvmig.migration.recovery import SideState, Status
 from pvmig.migration.state import (
     SAVE_COMMITTED,
     SAVE_ENDING,
+    SAVE_POSTCOPY,
     SAVE_TRANSITIONS,
     SAVE_UNDECIDED,
     SaveState,
@@ -147,7 +148,8 @@ class SaveSession:
     _final_acks: list = field(default_factory=list)  # the final pass's round ends
     postcopy_frames: np.ndarray | None = None  # a switch to post-copy: the frames to come
     _transfer: Transfer | None = None  # post-copy under way (or done)
-    _postcopy_task: asyncio.Future | None = None
+    _postcopy_task: asyncio.Future | None = None  # the current epoch's
+    _recovering: asyncio.Future | None = None
     _push_after_fault: bool = False  # (an injection point)
     allow_postcopy: bool = False  # the destination was prepared for a switch
     postcopy_asked: bool = False  # StartPostcopy: said with the next round's stats
@@ -247,11 +249,12 @@ class SaveSession:
             for s in self._streams:  # a compressor is not to be shared between streams
                 s.compressor = zstandard.ZstdCompressor(level=1)
 
-    async def _open_data_channels(self, extra: int = 0) -> None:
+    async def _open_data_channels(self, extra: int = 0, recover: bool = False) -> None:
         """A new epoch of data channels: the destination's endpoint and key, then one
         proven connection per stream (and `extra` more: post-copy's urgent lane)."""
         chans = await self._dest.call(self._dest.dest.OpenData,
-                                      pb.MigrationRef(migration_id=self.migration_id))
+                                      pb.MigrationRef(migration_id=self.migration_id,
+                                                      recover=recover))
         if self.settings.batch_pages * PAGE_SIZE > chans.max_batch_bytes:
             raise errors.InvalidArgument(
                 f"batches of {self.settings.batch_pages} pages are larger than the "
@@ -433,7 +436,8 @@ class SaveSession:
         the destination's requests first, on a new epoch of data channels (connection
         0 the urgent lane); progress until the destination has them all. The transfer
         is the session's, not the call's: a coordinator that goes away mid-way (its
-        call cancelled) leaves it running, and asking again watches the same one."""
+        call cancelled) leaves it running, and asking again watches the same one. A
+        broken connection pauses it (progress says so) until recover_postcopy."""
         self._own()
         if self._postcopy_task is None:
             if self.postcopy_frames is None or self.state is not St.COMMITTED:
@@ -444,34 +448,46 @@ class SaveSession:
             self._transfer = Transfer(self.domain.mem, self.postcopy_frames,
                                       min(self.settings.batch_pages, POSTCOPY_BATCH_PAGES),
                                       push_after_fault=self._push_after_fault,
-                                      limit=self.limit)
-            self._postcopy_task = asyncio.ensure_future(self._run_postcopy(self._transfer))
-            # (said in the log by _run_postcopy: retrieved here, or nobody may watch it)
-            self._postcopy_task.add_done_callback(lambda f: f.cancelled() or f.exception())
-        t, task = self._transfer, self._postcopy_task
+                                      limit=self.limit,
+                                      halfway=self.inject.postcopy_halfway)
+            self._postcopy_task = self._epoch(self._transfer.lanes_up)
+        t = self._transfer
         lanes = asyncio.ensure_future(t.lanes_up.wait())
-        try:
-            await asyncio.wait({task, lanes}, return_when=asyncio.FIRST_COMPLETED)
+        try:  # (the first progress: the lanes are up, the guest may resume; or paused)
+            await asyncio.wait({self._postcopy_task, lanes}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             lanes.cancel()
-        while True:
-            if task.done():
-                task.result()  # its failure, said to whoever watches
-                break
-            yield t.progress()  # (the first: the lanes are up, the guest may resume)
-            await asyncio.wait({task}, timeout=POSTCOPY_PROGRESS_S)
+        while not t.finished:
+            yield t.progress()
+            task = self._postcopy_task
+            if task.done():  # paused: a recovery starts the next epoch
+                await asyncio.sleep(POSTCOPY_PROGRESS_S)
+            else:
+                await asyncio.wait({task}, timeout=POSTCOPY_PROGRESS_S)
         yield t.progress(done=True)
 
-    async def _run_postcopy(self, t: Transfer) -> None:
+    def _epoch(self, up: asyncio.Event, recover: bool = False) -> asyncio.Future:
+        task = asyncio.ensure_future(self._run_postcopy(self._transfer, up, recover))
+        # (its failure is said in the log by _run_postcopy: retrieved here, or nobody may)
+        task.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return task
+
+    async def _run_postcopy(self, t: Transfer, up: asyncio.Event, recover: bool) -> None:
+        """One epoch of post-copy's data channels: to the end of the transfer, or until
+        a connection breaks (then paused: every frame not placed is still here)."""
+        t.begin_epoch()
         try:
             await self._close()
             self._dest = AgentClient(self.dest_address, "the destination agent",
                                      self.host.security)
-            await self._open_data_channels(extra=1)
+            await self._open_data_channels(extra=1, recover=recover)
             lane, *push = self._streams
+            if recover:
+                t.recover(await lane.read_missing(t.mem.nr_frames))
+                self._set_state(St.POSTCOPY)
             tasks = [asyncio.create_task(lane.serve_requests(t)),
                      *(asyncio.create_task(s.push(t)) for s in push)]
-            t.lanes_up.set()
+            up.set()
             try:
                 done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
                 for task in done:
@@ -482,14 +498,52 @@ class SaveSession:
                 await asyncio.gather(*tasks, return_exceptions=True)
             t.finished = True
             await self._close()
-        except Exception as e:
-            log.error("migration %s: post-copy failed: %s; the guest at %s lacks %d frame(s) "
-                      "that only this host holds", self.migration_id, e, self.dest_address,
-                      t.left)
-            raise
+        except (errors.PvmigError, OSError) as e:
+            t.end_epoch(str(e))
+            await self._close()
+            self._set_state(St.POSTCOPY_PAUSED)
+            log.error("migration %s: post-copy paused: %s; the guest at %s lacks up to %d "
+                      "frame(s) that only this host holds: pvmig recover goes on",
+                      self.migration_id, e, self.dest_address, t.left)
+            return
         log.info("migration %s: post-copy done: %d frames, %d pushed, %d asked for (%d of "
-                 "them sent twice)", self.migration_id, len(t.frames), t.pushed, t.requested,
-                 t.resent)
+                 "them sent twice), %d recover(ies), %d lost and sent again",
+                 self.migration_id, len(t.frames), t.pushed, t.requested, t.resent,
+                 t.epochs - 1, t.lost)
+
+    async def recover_postcopy(self) -> pb.PostcopyProgress:
+        """A paused post-copy goes on: new data channels (the destination's lane first
+        names what it lacks). Answered once they are up; once, whoever asks (an
+        operator's pvmig recover and the agents' watchdogs may at the same time)."""
+        self._own()
+        if self.state is St.POSTCOPY or (self.state in SAVE_COMMITTED and self._transfer
+                                          and self._transfer.finished):
+            return self._transfer.progress()  # not paused: nothing to recover
+        if self._recovering is None:
+            self._require(St.POSTCOPY_PAUSED, "recovering post-copy (paused)")
+            self._set_state(St.POSTCOPY_RECOVER)
+            self._recovering = asyncio.ensure_future(self._recover())
+            self._recovering.add_done_callback(self._recovered)
+        await asyncio.shield(self._recovering)
+        return self._transfer.progress()
+
+    async def _recover(self) -> None:
+        up = asyncio.Event()
+        self._postcopy_task = self._epoch(up, recover=True)
+        lanes = asyncio.ensure_future(up.wait())
+        try:
+            await asyncio.wait({self._postcopy_task, lanes}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lanes.cancel()
+        if not up.is_set():  # paused again
+            raise errors.Unavailable(f"migration {self.migration_id}: post-copy not "
+                                     f"recovered: {self._transfer.paused_reason}")
+        log.warning("migration %s: post-copy recovered: %d frame(s) to go (%d lost on the "
+                    "broken connections)", self.migration_id, self._transfer.left,
+                    self._transfer.lost)
+
+    def _recovered(self, _) -> None:
+        self._recovering = None
 
     def ask_postcopy(self) -> None:
         """pvmig migrate-postcopy: the coordinator switches after the current round."""
@@ -691,12 +745,17 @@ class SaveSession:
         for chunk in verify.chunks(hashes, causes):
             yield chunk
 
-    async def complete(self) -> None:
+    async def complete(self, abandon: bool = False) -> None:
         """Destroy the source copy; called by the coordinator, or by recovery (once, if
-        both ask at the same time)."""
+        both ask at the same time). abandon: post-copy's destination died with the
+        guest, which ran there: this older copy must never run, sent or not."""
         if not self.committed:
             raise errors.FailedPrecondition("the source copy is destroyed only after commit")
-        if self.state is St.POSTCOPY and not (self._transfer and self._transfer.finished):
+        if abandon and self.state in SAVE_POSTCOPY:
+            self._transfer.end_epoch("abandoned: the destination lost the guest")
+            if self._postcopy_task is not None:
+                self._postcopy_task.cancel()
+        elif self.state in SAVE_POSTCOPY and not (self._transfer and self._transfer.finished):
             raise errors.FailedPrecondition(
                 f"migration {self.migration_id}: post-copy has not delivered every frame, "
                 "and this host holds the only copy of the rest")
@@ -732,9 +791,13 @@ class SaveSession:
         return self.state is St.COMMITTED and self.domain.migration_id == self.migration_id
 
     async def resolve(self, reason: str) -> Status:
-        """The decision, made now: committed stays committed; anything else is aborted
-        (the guest resumes here) before a late Commit could land."""
+        """The decision, made now: committed stays committed (post-copy's frames may
+        still be going, or paused); anything else is aborted (the guest resumes here)
+        before a late Commit could land."""
         if self.committed:
+            if self.state in SAVE_POSTCOPY and not self._transfer.finished:
+                return (Status.POSTCOPY_ACTIVE if self.state is St.POSTCOPY
+                        else Status.POSTCOPY_PAUSED)
             return Status.COMMITTED
         if self.state is St.ROLLED_BACK:
             await self._release()
@@ -770,6 +833,8 @@ class SaveSession:
             outcome = await recovery.recover(_Local(self), recovery.RemoteDest(dest),
                                              self.migration_id)
         log.warning("%s (the coordinator gone; settled by the source)", outcome.describe())
+        if self.state in SAVE_POSTCOPY:  # its frames still going: asked again after a lease
+            self.lease.renew()
 
     async def _release(self) -> None:
         """Close the streams and give the domain back, running where it was: once, and
@@ -855,3 +920,6 @@ class _Local:
 
     async def rollback(self, migration_id: str, reason: str) -> None:
         await self.session.rollback(reason)
+
+    async def recover_postcopy(self, migration_id: str) -> None:
+        await self.session.recover_postcopy()

@@ -61,6 +61,8 @@ class MigrationStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STATUS_ABORTED: _ClassVar[MigrationStatus]
     STATUS_ROLLED_BACK: _ClassVar[MigrationStatus]
     STATUS_LOST: _ClassVar[MigrationStatus]
+    STATUS_POSTCOPY_ACTIVE: _ClassVar[MigrationStatus]
+    STATUS_POSTCOPY_PAUSED: _ClassVar[MigrationStatus]
 QUIESCE_DEFAULT: Quiesce
 QUIESCE_NONE: Quiesce
 QUIESCE_BACKEND: Quiesce
@@ -92,6 +94,8 @@ STATUS_RESUMED: MigrationStatus
 STATUS_ABORTED: MigrationStatus
 STATUS_ROLLED_BACK: MigrationStatus
 STATUS_LOST: MigrationStatus
+STATUS_POSTCOPY_ACTIVE: MigrationStatus
+STATUS_POSTCOPY_PAUSED: MigrationStatus
 
 class HelloRequest(_message.Message):
     __slots__ = ("protocol_version", "client")
@@ -243,7 +247,7 @@ class FrameRange(_message.Message):
     def __init__(self, area: _Optional[str] = ..., first: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
 
 class DomainInfo(_message.Message):
-    __slots__ = ("name", "domid", "ram_bytes", "state", "guest_pid", "guest", "migration_id", "workload", "devices", "device_stats", "shared_frames")
+    __slots__ = ("name", "domid", "ram_bytes", "state", "guest_pid", "guest", "migration_id", "workload", "devices", "device_stats", "shared_frames", "postcopy", "missing_frames")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DOMID_FIELD_NUMBER: _ClassVar[int]
     RAM_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -255,6 +259,8 @@ class DomainInfo(_message.Message):
     DEVICES_FIELD_NUMBER: _ClassVar[int]
     DEVICE_STATS_FIELD_NUMBER: _ClassVar[int]
     SHARED_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    POSTCOPY_FIELD_NUMBER: _ClassVar[int]
+    MISSING_FRAMES_FIELD_NUMBER: _ClassVar[int]
     name: str
     domid: int
     ram_bytes: int
@@ -266,7 +272,9 @@ class DomainInfo(_message.Message):
     devices: _containers.RepeatedCompositeFieldContainer[DeviceConfig]
     device_stats: _containers.RepeatedCompositeFieldContainer[DeviceStats]
     shared_frames: _containers.RepeatedCompositeFieldContainer[FrameRange]
-    def __init__(self, name: _Optional[str] = ..., domid: _Optional[int] = ..., ram_bytes: _Optional[int] = ..., state: _Optional[str] = ..., guest_pid: _Optional[int] = ..., guest: _Optional[_Union[GuestStats, _Mapping]] = ..., migration_id: _Optional[str] = ..., workload: _Optional[_Union[WorkloadConfig, _Mapping]] = ..., devices: _Optional[_Iterable[_Union[DeviceConfig, _Mapping]]] = ..., device_stats: _Optional[_Iterable[_Union[DeviceStats, _Mapping]]] = ..., shared_frames: _Optional[_Iterable[_Union[FrameRange, _Mapping]]] = ...) -> None: ...
+    postcopy: str
+    missing_frames: int
+    def __init__(self, name: _Optional[str] = ..., domid: _Optional[int] = ..., ram_bytes: _Optional[int] = ..., state: _Optional[str] = ..., guest_pid: _Optional[int] = ..., guest: _Optional[_Union[GuestStats, _Mapping]] = ..., migration_id: _Optional[str] = ..., workload: _Optional[_Union[WorkloadConfig, _Mapping]] = ..., devices: _Optional[_Iterable[_Union[DeviceConfig, _Mapping]]] = ..., device_stats: _Optional[_Iterable[_Union[DeviceStats, _Mapping]]] = ..., shared_frames: _Optional[_Iterable[_Union[FrameRange, _Mapping]]] = ..., postcopy: _Optional[str] = ..., missing_frames: _Optional[int] = ...) -> None: ...
 
 class DomainRef(_message.Message):
     __slots__ = ("name",)
@@ -289,16 +297,20 @@ class DestroyDomainReply(_message.Message):
     def __init__(self) -> None: ...
 
 class MigrationRef(_message.Message):
-    __slots__ = ("migration_id", "reason", "domain", "source_instance")
+    __slots__ = ("migration_id", "reason", "domain", "source_instance", "recover", "abandon")
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     DOMAIN_FIELD_NUMBER: _ClassVar[int]
     SOURCE_INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    RECOVER_FIELD_NUMBER: _ClassVar[int]
+    ABANDON_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     reason: str
     domain: str
     source_instance: str
-    def __init__(self, migration_id: _Optional[str] = ..., reason: _Optional[str] = ..., domain: _Optional[str] = ..., source_instance: _Optional[str] = ...) -> None: ...
+    recover: bool
+    abandon: bool
+    def __init__(self, migration_id: _Optional[str] = ..., reason: _Optional[str] = ..., domain: _Optional[str] = ..., source_instance: _Optional[str] = ..., recover: _Optional[bool] = ..., abandon: _Optional[bool] = ...) -> None: ...
 
 class BeginRequest(_message.Message):
     __slots__ = ("migration_id", "domain", "dest_address", "batch_pages", "streams", "backend_log", "xenstore_track", "inject", "save_image", "max_bandwidth_mbps", "quiesce", "recovery", "persistent_grants", "grant_mode", "compress", "transport", "allow_postcopy")
@@ -381,7 +393,7 @@ class RoundRequest(_message.Message):
     def __init__(self, migration_id: _Optional[str] = ..., round: _Optional[int] = ..., final: _Optional[bool] = ..., postcopy: _Optional[bool] = ...) -> None: ...
 
 class PostcopyProgress(_message.Message):
-    __slots__ = ("total_pages", "pushed_pages", "requested_pages", "bytes", "done", "duration_ns", "resent_pages")
+    __slots__ = ("total_pages", "pushed_pages", "requested_pages", "bytes", "done", "duration_ns", "resent_pages", "paused", "paused_reason", "recoveries", "paused_ns", "lost_pages")
     TOTAL_PAGES_FIELD_NUMBER: _ClassVar[int]
     PUSHED_PAGES_FIELD_NUMBER: _ClassVar[int]
     REQUESTED_PAGES_FIELD_NUMBER: _ClassVar[int]
@@ -389,6 +401,11 @@ class PostcopyProgress(_message.Message):
     DONE_FIELD_NUMBER: _ClassVar[int]
     DURATION_NS_FIELD_NUMBER: _ClassVar[int]
     RESENT_PAGES_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_REASON_FIELD_NUMBER: _ClassVar[int]
+    RECOVERIES_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_NS_FIELD_NUMBER: _ClassVar[int]
+    LOST_PAGES_FIELD_NUMBER: _ClassVar[int]
     total_pages: int
     pushed_pages: int
     requested_pages: int
@@ -396,7 +413,12 @@ class PostcopyProgress(_message.Message):
     done: bool
     duration_ns: int
     resent_pages: int
-    def __init__(self, total_pages: _Optional[int] = ..., pushed_pages: _Optional[int] = ..., requested_pages: _Optional[int] = ..., bytes: _Optional[int] = ..., done: _Optional[bool] = ..., duration_ns: _Optional[int] = ..., resent_pages: _Optional[int] = ...) -> None: ...
+    paused: bool
+    paused_reason: str
+    recoveries: int
+    paused_ns: int
+    lost_pages: int
+    def __init__(self, total_pages: _Optional[int] = ..., pushed_pages: _Optional[int] = ..., requested_pages: _Optional[int] = ..., bytes: _Optional[int] = ..., done: _Optional[bool] = ..., duration_ns: _Optional[int] = ..., resent_pages: _Optional[int] = ..., paused: _Optional[bool] = ..., paused_reason: _Optional[str] = ..., recoveries: _Optional[int] = ..., paused_ns: _Optional[int] = ..., lost_pages: _Optional[int] = ...) -> None: ...
 
 class PostcopyStatus(_message.Message):
     __slots__ = ("total_pages", "missing_pages", "faults", "requests", "blocktime_ns", "latency_p50_ns", "latency_p99_ns", "latency_max_ns", "taken_pages", "paused", "dom0_waits", "dom0_touched", "injected")

@@ -361,6 +361,11 @@ class MigrationSourceStub:
                 request_serializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
                 response_deserializer=pvmig_dot___proto_dot_pvmig__pb2.DoneReply.FromString,
                 _registered_method=True)
+        self.RecoverPostcopy = channel.unary_unary(
+                '/pvmig.v1.MigrationSource/RecoverPostcopy',
+                request_serializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
+                response_deserializer=pvmig_dot___proto_dot_pvmig__pb2.PostcopyProgress.FromString,
+                _registered_method=True)
         self.FrameHashes = channel.unary_stream(
                 '/pvmig.v1.MigrationSource/FrameHashes',
                 request_serializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
@@ -446,6 +451,13 @@ class MigrationSourceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecoverPostcopy(self, request, context):
+        """A paused post-copy reconnected: answered once its data channels are up again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def FrameHashes(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -524,6 +536,11 @@ def add_MigrationSourceServicer_to_server(servicer, server):
                     servicer.StartPostcopy,
                     request_deserializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.FromString,
                     response_serializer=pvmig_dot___proto_dot_pvmig__pb2.DoneReply.SerializeToString,
+            ),
+            'RecoverPostcopy': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecoverPostcopy,
+                    request_deserializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.FromString,
+                    response_serializer=pvmig_dot___proto_dot_pvmig__pb2.PostcopyProgress.SerializeToString,
             ),
             'FrameHashes': grpc.unary_stream_rpc_method_handler(
                     servicer.FrameHashes,
@@ -767,6 +784,33 @@ class MigrationSource:
             '/pvmig.v1.MigrationSource/StartPostcopy',
             pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
             pvmig_dot___proto_dot_pvmig__pb2.DoneReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecoverPostcopy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pvmig.v1.MigrationSource/RecoverPostcopy',
+            pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
+            pvmig_dot___proto_dot_pvmig__pb2.PostcopyProgress.FromString,
             options,
             channel_credentials,
             insecure,

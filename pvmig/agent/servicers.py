@@ -119,7 +119,9 @@ def _domain_msg(info: dict) -> pb.DomainInfo:
                                                       failed_frames=s.get("failed_frames", []))
                                        for s in info["device_stats"]],
                          shared_frames=[pb.FrameRange(area=a, first=f, count=n)
-                                        for a, f, n in info["shared_frames"]])
+                                        for a, f, n in info["shared_frames"]],
+                         postcopy=info.get("postcopy", ""),
+                         missing_frames=info.get("missing_frames", 0))
 
 
 class AgentServicer(pb_grpc.AgentServicer):
@@ -192,6 +194,12 @@ class MigrationSourceServicer(pb_grpc.MigrationSourceServicer):
         return pb.DoneReply()
 
     @_status
+    async def RecoverPostcopy(self, request, context):
+        session = self.host.saves.lookup(request.migration_id)
+        with session.lease.hold():
+            return await session.recover_postcopy()
+
+    @_status
     async def Postcopy(self, request, context):
         session = self.host.saves.lookup(request.migration_id)
         with session.lease.hold():
@@ -238,7 +246,7 @@ class MigrationSourceServicer(pb_grpc.MigrationSourceServicer):
             return pb.DoneReply()  # a copy its crash left, held for the settling
         session = self.host.saves.lookup(request.migration_id)
         with session.lease.hold():
-            await session.complete()
+            await session.complete(abandon=request.abandon)
         return pb.DoneReply()
 
     @_status
@@ -281,7 +289,7 @@ class MigrationDestServicer(pb_grpc.MigrationDestServicer):
 
     @_status
     async def OpenData(self, request, context):
-        return await self.host.restores.lookup(request.migration_id).open_data()
+        return await self.host.restores.lookup(request.migration_id).open_data(request.recover)
 
     @_status
     async def Ready(self, request, context):

@@ -241,6 +241,8 @@ def status(args) -> int:
                     f"{g.checks_run} run, {g.checks_failed} failed")
             if d.migration_id:
                 line += f"  migrating: {d.migration_id}"
+            if d.postcopy:
+                line += f"  {d.postcopy}: {d.missing_frames} frame(s) to come"
             for s in d.device_stats:
                 line += f"  {s.kind}{s.devid}: {s.served} served"
             print(line)

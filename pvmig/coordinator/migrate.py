@@ -345,17 +345,22 @@ class Migration:
 
     async def postcopy(self) -> None:
         """After the commit: the source opens its lanes and pushes; the guest resumes at
-        the destination as soon as they are up, and runs while its memory follows."""
+        the destination as soon as they are up, and runs while its memory follows. A
+        broken data connection pauses the transfer at both ends: this waits, and says
+        how to go on (pvmig recover, once the link is back)."""
         progress = aiter(self.source.stream(self.source.source.Postcopy, self._ref()))
+        pauses: list[dict] = []
         try:
             last = await anext(progress)  # the lanes are up: a fault is served at once
             await self.resume()
             self._phase("postcopy-active", pages=last.total_pages)
             self._steps = (time.monotonic(), 0)  # (resumed: its count goes on from the info page)
             async for last in progress:
+                self._watch_pause(last, pauses)
                 self.reporter.phase("postcopy", pushed=last.pushed_pages,
-                                    requested=last.requested_pages, total=last.total_pages)
-                rate = await self._step_rate(self.dest)
+                                    requested=last.requested_pages, total=last.total_pages,
+                                    paused=last.paused)
+                rate = None if last.paused else await self._step_rate(self.dest, quiet=True)
                 if rate is not None:
                     t = round((time.monotonic() - self.report.t0) * 1e3, 1)
                     self._progress["during"].append([t, rate])
@@ -376,12 +381,28 @@ class Migration:
                            "max": round(state.latency_max_ns / 1e6, 3)},
             "dom0": {"policy": str(self.options.postcopy_dom0), "waits": state.dom0_waits,
                      "touched-missing": state.dom0_touched,
-                     "taken-pages": state.taken_pages}}
+                     "taken-pages": state.taken_pages},
+            "recoveries": last.recoveries, "paused-ms": round(last.paused_ns / 1e6, 3),
+            "lost-pages": last.lost_pages, "pauses": pauses}
         self.report.postcopy["guest-progress"] = self._progress
         self._phase("postcopy-done", missing=state.missing_pages)
         if state.missing_pages:
             raise errors.DataLoss(f"post-copy ended with {state.missing_pages} frame(s) "
                                   "missing at the destination")
+
+    def _watch_pause(self, p: pb.PostcopyProgress, pauses: list[dict]) -> None:
+        """Said once as the transfer pauses, and once as it goes on again."""
+        paused = bool(pauses) and "for-ms" not in pauses[-1]
+        if p.paused and not paused:
+            at = time.monotonic()
+            pauses.append({"at-ms": round((at - self.report.t0) * 1e3, 1),
+                           "reason": p.paused_reason, "_at": at})
+            self._phase("postcopy-paused", reason=p.paused_reason,
+                        recover=f"pvmig recover --migration {self.migration_id} --source "
+                                f"{self.source.address} --dest {self.dest.address}")
+        elif paused and not p.paused:
+            pauses[-1]["for-ms"] = round((time.monotonic() - pauses[-1].pop("_at")) * 1e3, 1)
+            self._phase("postcopy-recovered", recoveries=p.recoveries, lost=p.lost_pages)
 
     async def commit(self) -> None:
         # As xl's handshake: the destination has said it holds the whole stream and can
@@ -487,10 +508,17 @@ class Migration:
         self.reporter.round_done(self.report.rounds[-1])
         return stats
 
-    async def _step_rate(self, client: AgentClient) -> float | None:
+    async def _step_rate(self, client: AgentClient, quiet: bool = False) -> float | None:
         """The guest's steps per second since the last sample (its vCPU's pace: 100 when
-        nothing holds it up); None while its info page has not arrived (post-copy)."""
-        info = await client.call(client.agent.QueryDomain, pb.DomainRef(name=self.domain))
+        nothing holds it up); None while its info page has not arrived (post-copy), or
+        (quiet) while its agent does not answer: a sample is not worth a failure."""
+        try:
+            info = await client.call(client.agent.QueryDomain, pb.DomainRef(name=self.domain),
+                                     **({"timeout": 5.0} if quiet else {}))
+        except errors.Unavailable:
+            if not quiet:
+                raise
+            return None
         now, steps = time.monotonic(), info.guest.steps
         if not steps:
             return None

@@ -77,6 +77,7 @@ class Domain:
     recorded: dict | None = None  # what its live record adds (pvmig.host.parking); None: no record
     userfault: UserFault | None = None  # post-copy: the guest's faults, and page placement
     missing: np.ndarray | None = None  # post-copy: frames not here yet (bool per frame)
+    postcopy: str = ""  # post-copy's paging state (postcopy-active, -paused) until done
     _watch: asyncio.Task | None = field(default=None, repr=False)
     _exited: asyncio.Future | None = field(default=None, repr=False)
     _suspending: asyncio.Task | None = field(default=None, repr=False)
@@ -303,7 +304,9 @@ class Domain:
                 "guest_pid": self.proc.pid if self.proc else 0,
                 "guest": stats, "workload": self.workload, "devices": self.devices,
                 "device_stats": self.pv.stats() if self.pv is not None and whole else [],
-                "shared_frames": shared_areas(self.mem) if whole else []}
+                "shared_frames": shared_areas(self.mem) if whole else [],
+                "postcopy": self.postcopy,
+                "missing_frames": int(self.missing.sum()) if self.missing is not None else 0}
 
     # ---- internals
 

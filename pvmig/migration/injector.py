@@ -24,6 +24,12 @@ test or a cell of `pvmig matrix` sees it, not a lucky run:
                            the resumed guest's first read of its memory faults, and the
                            urgent lane serves it (left to chance, the push may have
                            brought every page a small guest reads before it resumes)
+    push-stops-halfway     post-copy's push stops once half its frames have gone, until
+                           its connections break (the urgent lane still serves faults):
+                           a network drop always finds post-copy under way, whatever the
+                           speed of the link
+    postcopy-breaks-halfway  post-copy's first epoch fails there instead, as a broken
+                           data connection would: both sides pause until pvmig recover
     dom0-touch-missing     post-copy, at the destination: just before the guest resumes
                            (no page has arrived yet, with push-after-fault), dom0 reads the
                            frame in the middle of its RAM as a backend's grant map would;
@@ -64,6 +70,8 @@ class InjectionPoint(StrEnum):
     CORRUPT_BATCH = "corrupt-batch"
     PUSH_AFTER_FAULT = "push-after-fault"
     DOM0_TOUCH_MISSING = "dom0-touch-missing"
+    PUSH_STOPS_HALFWAY = "push-stops-halfway"
+    POSTCOPY_BREAKS_HALFWAY = "postcopy-breaks-halfway"
 
 
 P = InjectionPoint
@@ -107,6 +115,17 @@ class Injector:
             return False
         self.fired[P.PUSH_AFTER_FAULT] = 1
         return True
+
+    @property
+    def postcopy_halfway(self) -> str:
+        """push-stops-halfway ("stop") or postcopy-breaks-halfway ("break"), asked as
+        post-copy starts; "" for neither."""
+        for point, mode in ((P.POSTCOPY_BREAKS_HALFWAY, "break"),
+                            (P.PUSH_STOPS_HALFWAY, "stop")):
+            if point in self.points:
+                self.fired[point] = 1
+                return mode
+        return ""
 
     # ---- the hooks, in the order the save side reaches them
 

@@ -7,6 +7,10 @@ agent whose session lease ran out) recovers it the same way (`recover`):
     ask the destination what it holds (receiving, ready, committed, resumed, none)
     ask the source to resolve: committed stays committed; anything else is aborted
         there and then (its guest resumes), so that no late Commit can land
+    post-copy      committed, the guest resumed at the destination and its frames still
+                   going from the source: paused (a data connection broke), the source
+                   reconnects and goes on (QEMU's migrate-recover); under way, nothing
+                   to do until the last frame is there
     committed      the destination commits and resumes (it holds the whole stream: the
                    source commits only after that), then the source copy is destroyed;
                    if the destination never committed and holds no copy any more (its
@@ -47,6 +51,8 @@ class Status(StrEnum):
     ABORTED = "aborted"          # source
     ROLLED_BACK = "rolled-back"  # source
     LOST = "lost"
+    POSTCOPY_ACTIVE = "postcopy-active"  # source: committed, frames still going
+    POSTCOPY_PAUSED = "postcopy-paused"  # source: committed, frames held up by a break
 
     def to_pb(self) -> int:
         return pb.MigrationStatus.Value("STATUS_" + self.name)
@@ -60,6 +66,7 @@ class Status(StrEnum):
 
 
 HAS_COPY = (Status.READY, Status.COMMITTED)  # what a destination may hold
+POSTCOPY = (Status.POSTCOPY_ACTIVE, Status.POSTCOPY_PAUSED)  # a source's, switched
 RUNS_IT = Status.RESUMED
 
 
@@ -91,11 +98,17 @@ class Outcome:
     decision: Status  # the source's: committed, aborted, rolled-back, unknown, lost
     runs_on: str    # "source", "destination", or "nowhere" (a host died with it)
     domain: str = ""
+    postcopy: str = ""  # "resumed" (was paused, goes on), "under way", or ""
 
     def describe(self) -> str:
         where = {"source": "runs on the source", "destination": "runs on the destination",
                  "nowhere": "is lost: the host that held its only copy died"}[self.runs_on]
-        return f"migration {self.migration_id}: {self.decision}; domain {self.domain or '?'} {where}"
+        said = f"migration {self.migration_id}: {self.decision}; domain {self.domain or '?'} {where}"
+        if self.postcopy == "resumed":
+            said += "; post-copy was paused and goes on (its frames from the source)"
+        elif self.postcopy:
+            said += "; post-copy under way (its frames still coming from the source)"
+        return said
 
 
 async def recover(source, dest, migration_id: str) -> Outcome:
@@ -107,6 +120,9 @@ async def recover(source, dest, migration_id: str) -> Outcome:
             f"{source.name!r} at {source.address}")
     decision = await source.resolve(migration_id, held.domain, held.source_instance)
     domain = held.domain or decision.domain
+    if decision.status in POSTCOPY:
+        return await _finish_postcopy(source, dest, migration_id, held.status,
+                                      decision.status, domain)
     if decision.status is Status.COMMITTED:
         runs_on = await _finish_committed(source, dest, migration_id, held.status,
                                           decision.holds_copy)
@@ -173,6 +189,27 @@ async def _finish_committed(source, dest, migration_id: str, state: Status,
         f"'{state}': resolve by hand")
 
 
+async def _finish_postcopy(source, dest, migration_id: str, state: Status, decision: Status,
+                           domain: str) -> Outcome:
+    """Committed and switched: the destination's copy is the guest (it may have run),
+    the source holds the frames it lacks. It resumes there if it has not, and a paused
+    transfer goes on. If the destination's host died with it, the guest is lost: the
+    source's copy (older) must never run, and goes."""
+    if state is Status.LOST:
+        await source.complete(migration_id, abandon=True)
+        return Outcome(migration_id, Status.LOST, "nowhere", domain)
+    if state not in (*HAS_COPY, RUNS_IT):
+        raise errors.FailedPrecondition(
+            f"migration {migration_id}: the source is in {decision} but the destination "
+            f"says '{state}': resolve by hand")
+    if state in HAS_COPY:
+        await dest.commit_and_resume(migration_id)
+    if decision is Status.POSTCOPY_PAUSED:
+        await source.recover_postcopy(migration_id)
+    return Outcome(migration_id, Status.COMMITTED, "destination", domain,
+                   postcopy="resumed" if decision is Status.POSTCOPY_PAUSED else "under way")
+
+
 async def _roll_back(source, migration_id: str, reason: str) -> str:
     try:
         await source.rollback(migration_id, reason)
@@ -195,10 +232,10 @@ class RemoteSource:
         return SideState.from_pb(await self.agent.call(self.agent.source.Resolve, ref,
                                                        timeout=CALL_TIMEOUT_S))
 
-    async def complete(self, migration_id: str) -> None:
+    async def complete(self, migration_id: str, abandon: bool = False) -> None:
         try:
             await self.agent.call(self.agent.source.Complete,
-                                  pb.MigrationRef(migration_id=migration_id),
+                                  pb.MigrationRef(migration_id=migration_id, abandon=abandon),
                                   timeout=CALL_TIMEOUT_S)
         except errors.NotFound:  # completed already (by an agent's own recovery)
             pass
@@ -206,6 +243,11 @@ class RemoteSource:
     async def rollback(self, migration_id: str, reason: str) -> None:
         await self.agent.call(self.agent.source.Rollback,
                               pb.MigrationRef(migration_id=migration_id, reason=reason),
+                              timeout=CALL_TIMEOUT_S)
+
+    async def recover_postcopy(self, migration_id: str) -> None:
+        await self.agent.call(self.agent.source.RecoverPostcopy,
+                              pb.MigrationRef(migration_id=migration_id),
                               timeout=CALL_TIMEOUT_S)
 
 

@@ -13,6 +13,9 @@ END            n_frames: how many connections the migration has.
 DISCARD        n_frames u32 frame numbers (post-copy's switch): these come later; any
                copy the destination holds of them is stale.
 REQUEST (back) n_frames u32 frame numbers (post-copy's urgent lane): send these first.
+MISSING (back) n_frames u32 frame numbers: the first record of a recovered post-copy's
+               urgent lane, every frame the destination still lacks (QEMU's
+               recv bitmap): what a broken connection carried and lost goes again.
 ACK (back)     a round end's answer: n_frames pages received, n_zero seqs of batches
                whose checksum failed after they landed, as u64 in the body.
 END_ACK (back) the end is in.
@@ -46,10 +49,11 @@ from pvmig.migration.pages import zstd_decode
 from pvmig.rpc.data_channel import Closed, Connection
 
 HEADER = struct.Struct("<BBHIQIIIQ")
-PAGES, ROUND_END, DEVICE_STATE, END, ACK, END_ACK, ERROR, DISCARD, REQUEST = range(1, 10)
+(PAGES, ROUND_END, DEVICE_STATE, END, ACK, END_ACK, ERROR, DISCARD, REQUEST,
+ MISSING) = range(1, 11)
 NAMES = {PAGES: "pages", ROUND_END: "round end", DEVICE_STATE: "device state", END: "end",
          ACK: "ack", END_ACK: "end ack", ERROR: "error", DISCARD: "discard",
-         REQUEST: "request"}
+         REQUEST: "request", MISSING: "missing"}
 RAW, ZSTD = 0, 1
 MAX_PARTS = 32  # runs sent as views of guest RAM at most; more are gathered
 MAX_CONTROL = 16 << 20  # a device state or an error message
@@ -175,12 +179,12 @@ def send_control(conn: Connection, type: int, *, round: int = 0, n_frames: int =
 
 
 def send_frames(conn: Connection, type: int, frames: np.ndarray) -> None:
-    """A DISCARD or REQUEST record: a list of frame numbers."""
+    """A DISCARD, REQUEST or MISSING record: a list of frame numbers."""
     send_control(conn, type, n_frames=len(frames), data=frames.astype(_U32).tobytes())
 
 
 def read_frames(conn: Connection, header: Header, nr_frames: int) -> np.ndarray:
-    """The frame list of a DISCARD or REQUEST record, checked against the domain."""
+    """The frame list of a DISCARD, REQUEST or MISSING record, checked against the domain."""
     if header.data_len != header.n_frames * _U32.itemsize:
         raise errors.InvalidArgument(f"{NAMES[header.type]} record: {header.data_len} bytes "
                                      f"for {header.n_frames} frames")

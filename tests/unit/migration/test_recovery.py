@@ -9,7 +9,7 @@ import asyncio
 import pytest
 
 from pvmig import errors
-from pvmig.migration.recovery import HAS_COPY, SideState, Status, recover
+from pvmig.migration.recovery import HAS_COPY, POSTCOPY, SideState, Status, recover
 
 S = Status
 MID = "m-1"
@@ -28,9 +28,16 @@ class FakeSource:
         return SideState(self.decision, "vm",
                          holds_copy=self.decision is S.COMMITTED and self.holds_copy)
 
-    async def complete(self, migration_id) -> None:
+    async def complete(self, migration_id, abandon=False) -> None:
         self.calls.append("complete")
+        if self.decision in POSTCOPY and not abandon:
+            raise errors.FailedPrecondition("post-copy has not delivered every frame")
         self.holds_copy = False
+
+    async def recover_postcopy(self, migration_id) -> None:
+        self.calls.append("recover_postcopy")
+        assert self.decision is S.POSTCOPY_PAUSED
+        self.decision = S.POSTCOPY_ACTIVE
 
     async def rollback(self, migration_id, reason) -> None:
         self.calls.append("rollback")
@@ -81,6 +88,11 @@ TABLE = {
                          BY_HAND, BY_HAND, BY_HAND],
     (S.LOST, False): [(S.LOST, "nowhere"), (S.LOST, "nowhere"), (S.LOST, "destination"),
                       (S.LOST, "destination"), (S.LOST, "destination"), (S.LOST, "nowhere")],
+    # switched to post-copy: the destination's copy is the guest; a paused transfer
+    # goes on; a destination that died with it lost it (the source's copy goes)
+    **{(pc, False): [BY_HAND, BY_HAND, (S.COMMITTED, "destination"),
+                     (S.COMMITTED, "destination"), (S.COMMITTED, "destination"),
+                     (S.LOST, "nowhere")] for pc in POSTCOPY},
 }
 CELLS = [(decision, copy, dest, expected)
          for (decision, copy), row in TABLE.items() for dest, expected in zip(DESTS, row)]
@@ -137,3 +149,14 @@ def test_statuses_cross_the_wire_and_back():
         Status.from_pb(99)
     with pytest.raises(errors.InvalidArgument, match="unknown migration status 0"):
         Status.from_pb(0)  # an answer without a status says nothing: never "unknown"
+
+
+@pytest.mark.parametrize("dest_status", [S.READY, S.COMMITTED, S.RESUMED])
+def test_a_paused_postcopy_goes_on_and_an_active_one_is_left_to_run(dest_status):
+    paused, dest = FakeSource(S.POSTCOPY_PAUSED, False), FakeDest(dest_status)
+    outcome = asyncio.run(recover(paused, dest, MID))
+    assert paused.calls == ["resolve", "recover_postcopy"] and outcome.postcopy == "resumed"
+    assert "post-copy was paused and goes on" in outcome.describe()
+    active = FakeSource(S.POSTCOPY_ACTIVE, False)
+    outcome = asyncio.run(recover(active, FakeDest(dest_status), MID))
+    assert active.calls == ["resolve"] and outcome.postcopy == "under way"  # not completed

@@ -1,6 +1,7 @@
 """Post-copy's transfer at the source (source_host/postcopy.py): every frame goes once
 by the push or on request, the push follows the requests, and a frame a push batch
-still carries goes again on the lane (counted)."""
+still carries goes again on the lane (counted); after a pause, what the destination
+still lacks goes again, and a held push lets go when its epoch ends."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pvmig import errors
 from source_host.postcopy import Transfer
 
 pytestmark = pytest.mark.timeout(60)
@@ -58,7 +60,8 @@ def test_a_held_push_starts_with_the_first_request():
     got = []
     pusher = threading.Thread(target=lambda: got.append(t.next_batch()))
     pusher.start()
-    assert not t.push_may_start.is_set()
+    pusher.join(timeout=0.2)
+    assert pusher.is_alive() and not got  # held
     t.take_requested(np.array([5], np.uint32))
     pusher.join(timeout=10)
     assert got[0].tolist() == [6, 7, 8, 9]
@@ -82,3 +85,66 @@ def test_every_frame_once_whatever_the_requests(requests, batch):
     assert set(sent) == set(frames.tolist())
     assert len(sent) - len(frames) == t.resent
     assert t.all_sent and t.pushed + t.requested - t.resent == len(frames)
+
+
+def test_after_a_pause_what_the_destination_lacks_goes_again():
+    t = Transfer(_Mem(), np.arange(100, dtype=np.uint32), batch_pages=10)
+    t.begin_epoch()
+    first = t.next_batch()  # 0..9 left; a broken connection lost 5..9
+    t.take_requested(np.array([50], np.uint32))
+    t.end_epoch("data connection 1 lost")
+    assert t.paused and t.progress().paused_reason == "data connection 1 lost"
+    t.begin_epoch()
+    t.recover(np.array([*range(5, 10), *range(10, 50), *range(51, 100)], np.uint32))
+    assert not t.paused and t.lost == 5 and t.left == 94
+    rest = np.concatenate(_drain(t)).tolist()
+    assert sorted(rest) == [f for f in range(5, 100) if f != 50]
+    assert first[:5].tolist() == [0, 1, 2, 3, 4]  # those arrived: not again
+    p = t.progress()
+    assert p.recoveries == 1 and p.lost_pages == 5 and p.paused_ns > 0 and not p.paused
+
+
+def test_a_frame_asked_for_again_after_a_pause_goes_again():
+    t = Transfer(_Mem(), np.arange(100, dtype=np.uint32), batch_pages=10)
+    t.begin_epoch()
+    assert t.take_requested(np.array([7], np.uint32)).tolist() == [7]  # lost on the lane
+    t.end_epoch("lane lost")
+    t.begin_epoch()
+    t.recover(np.arange(100, dtype=np.uint32))
+    assert t.take_requested(np.array([7], np.uint32)).tolist() == [7]
+
+
+@pytest.mark.parametrize("hold", [{"push_after_fault": True}, {"halfway": "stop"}])
+def test_a_held_push_lets_go_when_its_epoch_ends(hold):
+    t = Transfer(_Mem(), np.arange(100, dtype=np.uint32), batch_pages=10, **hold)
+    t.begin_epoch()
+    if hold.get("halfway"):
+        for _ in range(5):
+            t.next_batch()
+    raised = []
+
+    def push():
+        try:
+            t.next_batch()
+        except errors.Unavailable as e:
+            raised.append(e)
+    pusher = threading.Thread(target=push)
+    pusher.start()
+    pusher.join(timeout=0.2)
+    assert pusher.is_alive()  # held
+    t.end_epoch("the link dropped")
+    pusher.join(timeout=10)
+    assert raised and not pusher.is_alive()
+
+
+def test_breaks_halfway_fails_the_first_epoch_only():
+    t = Transfer(_Mem(), np.arange(100, dtype=np.uint32), batch_pages=10, halfway="break")
+    t.begin_epoch()
+    for _ in range(5):
+        t.next_batch()
+    with pytest.raises(errors.Unavailable, match="injected"):
+        t.next_batch()
+    t.end_epoch("injected")
+    t.begin_epoch()
+    t.recover(np.arange(50, 100, dtype=np.uint32))
+    assert np.concatenate(_drain(t)).tolist() == list(range(50, 100))
