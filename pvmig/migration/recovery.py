@@ -103,7 +103,8 @@ class Outcome:
     def describe(self) -> str:
         where = {"source": "runs on the source", "destination": "runs on the destination",
                  "nowhere": "is lost: the host that held its only copy died"}[self.runs_on]
-        said = f"migration {self.migration_id}: {self.decision}; domain {self.domain or '?'} {where}"
+        said = (f"migration {self.migration_id}: {self.decision}; domain "
+                f"{self.domain or '?'} {where}")
         if self.postcopy == "resumed":
             said += "; post-copy was paused and goes on (its frames from the source)"
         elif self.postcopy:

@@ -9,6 +9,8 @@ the source host, as a toolstack runs there.
 - a long drop: the streams fail (network unreachable, or gRPC's keepalive), the migration aborts with the
   guest on the source, and the destination, out of reach, discards by its lease
 - the link slowed to a crawl: the migration is cancelled and the guest goes on at home
+- a drop during post-copy: both sides pause (postcopy-paused) until pvmig recover, once
+  the link is back; the transfer goes on and the guest is whole at the destination
 
 After each: the guest runs on exactly one host, checking itself. Needs root and
 iproute2; skipped without them, failed without them in CI.
@@ -165,3 +167,63 @@ def test_a_drop_that_breaks_the_connections_is_ridden_out(patient, tmp_path):
     print(f"15 s drop: {len(broken)} round(s) interrupted ({broken[0]['interrupted'][:80]}), "
           f"total {data['total-time-ms']:.0f} ms, {len(data['rounds'])} rounds, "
           f"{data['transferred-ratio']}x RAM sent, downtime {data['downtime-ms']:.1f} ms")
+
+
+def _phases(proc: subprocess.Popen):
+    for line in proc.stdout:
+        event = json.loads(line)
+        if event.get("event") == "phase":
+            yield event
+
+
+def _until(phases, name: str, proc: subprocess.Popen) -> dict:
+    for event in phases:
+        if event["phase"] == name:
+            return event
+    raise AssertionError(f"migration ended before {name}: {proc.stderr.read()}")
+
+
+def test_a_drop_during_postcopy_pauses_both_sides_until_recover(patient, tmp_path):
+    """The link goes down with post-copy half done (push-stops-halfway holds the push
+    there until the connections break, whatever the link's speed): the kernel finds
+    the connections dead, both sides pause and keep what they have, the guest at b
+    blocks on its first missing frame while its agent answers. The link back up,
+    pvmig recover reconnects them; the rest comes, and the guest is whole at b."""
+    c = patient
+    proc = _start(c, tmp_path / "r.json", "--postcopy", "--inject", "push-stops-halfway")
+    phases = _phases(proc)
+    try:
+        mid = _until(phases, "connect", proc)["migration"]
+        _until(phases, "postcopy-active", proc)
+        _link(c, "down")
+        down = time.monotonic()
+        try:
+            paused = _until(phases, "postcopy-paused", proc)
+            noticed = time.monotonic() - down
+            at_b = c["on"]["b"].wait_domain(c["b"], "vm",
+                                            lambda d: d.get("postcopy") == "postcopy-paused",
+                                            "post-copy paused", timeout=60)
+        finally:
+            _link(c, "up")
+        assert at_b["state"] == "running" and int(at_b["missing_frames"]) > 0, at_b
+        r = c["on"]["a"].pvmig("recover", "--migration", mid, "--source", c["a"], "--dest",
+                               c["b"], timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert "post-copy was paused and goes on" in r.stdout, r.stdout
+        _until(phases, "postcopy-recovered", proc)
+        threading.Thread(target=proc.stdout.read, daemon=True).start()
+        assert proc.wait(timeout=180) == 0, proc.stderr.read()
+    finally:
+        proc.kill()
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["status"] == "completed" and data["verification"]["passed"], data
+    assert data["verification"]["memory"] == "identical"
+    pc = data["postcopy"]
+    assert pc["recoveries"] == 1 and pc["pauses"][0]["reason"] == paused["reason"]
+    assert (pc["pushed-pages"] + pc["requested-pages"] - pc["resent-pages"] - pc["lost-pages"]
+            == pc["total-pages"] == RAM_MB * 256)
+    _only_on(c, "b", "a")
+    assert c["on"]["b"].wait_checking(c["b"], "vm")["guest"].get("checks_failed", "0") == "0"
+    print(f"post-copy drop: noticed in {noticed:.1f} s ({paused['reason']}); paused "
+          f"{pc['paused-ms']:.0f} ms in all; {pc['lost-pages']} page(s) lost and sent again; "
+          f"downtime {data['downtime-ms']:.1f} ms")
