@@ -45,6 +45,7 @@ from pvmig.migration.policy import PostcopyDom0, from_wire
 from pvmig.migration.recovery import SideState, Status
 from pvmig.migration.state import (
     RESTORE_COMMITTED,
+    PagingState,
     RESTORE_TRANSITIONS,
     RestoreState,
     advance,
@@ -430,6 +431,9 @@ class RestoreSession:
     def status(self) -> SideState:
         status = (Status.COMMITTED if self.committed else Status.READY if self.ended
                   else Status.RECEIVING)
+        if self.committed and self.switched and not self.paging.complete:
+            status = (Status.POSTCOPY_PAUSED if self.paging.state is PagingState.PAUSED
+                      else Status.POSTCOPY_ACTIVE)
         return SideState(status, self.domain.name, source_agent=self.source_agent,
                          source_instance=self.source_instance)
 

@@ -51,8 +51,10 @@ class Status(StrEnum):
     ABORTED = "aborted"          # source
     ROLLED_BACK = "rolled-back"  # source
     LOST = "lost"
-    POSTCOPY_ACTIVE = "postcopy-active"  # source: committed, frames still going
-    POSTCOPY_PAUSED = "postcopy-paused"  # source: committed, frames held up by a break
+    # committed and switched, frames still going (or held up by a broken connection):
+    # the source holds them, the destination runs the guest without them
+    POSTCOPY_ACTIVE = "postcopy-active"
+    POSTCOPY_PAUSED = "postcopy-paused"
 
     def to_pb(self) -> int:
         return pb.MigrationStatus.Value("STATUS_" + self.name)
@@ -124,6 +126,13 @@ async def recover(source, dest, migration_id: str) -> Outcome:
     if decision.status in POSTCOPY:
         return await _finish_postcopy(source, dest, migration_id, held.status,
                                       decision.status, domain)
+    if held.status in POSTCOPY and decision.status is not Status.LOST:
+        # the destination runs the guest with frames still to come, and the source has
+        # no post-copy under way (its agent restarted): only a held copy there has them
+        raise errors.FailedPrecondition(
+            f"migration {migration_id}: the destination is {held.status} (frames still "
+            f"to come) but the source says {decision.status}: its held copy, if any, is "
+            "the only one of those frames; resolve by hand")
     if decision.status is Status.COMMITTED:
         runs_on = await _finish_committed(source, dest, migration_id, held.status,
                                           decision.holds_copy)
@@ -134,9 +143,9 @@ async def recover(source, dest, migration_id: str) -> Outcome:
         # the source's copy is gone: the destination's, if whole, is the only one
         if held.status in HAS_COPY:
             await dest.commit_and_resume(migration_id)
-        if held.status in (*HAS_COPY, RUNS_IT):
+        if held.status in (*HAS_COPY, RUNS_IT, *POSTCOPY):
             return Outcome(migration_id, Status.LOST, "destination", domain)
-    elif held.status in (Status.COMMITTED, RUNS_IT, Status.LOST):
+    elif held.status in (Status.COMMITTED, RUNS_IT, Status.LOST, *POSTCOPY):
         # a destination commits only after the source did: two stories, changed nothing
         raise errors.FailedPrecondition(
             f"migration {migration_id}: the source says {decision.status} but the "
@@ -199,7 +208,7 @@ async def _finish_postcopy(source, dest, migration_id: str, state: Status, decis
     if state is Status.LOST:
         await source.complete(migration_id, abandon=True)
         return Outcome(migration_id, Status.LOST, "nowhere", domain)
-    if state not in (*HAS_COPY, RUNS_IT):
+    if state not in (*HAS_COPY, RUNS_IT, *POSTCOPY):
         raise errors.FailedPrecondition(
             f"migration {migration_id}: the source is in {decision} but the destination "
             f"says '{state}': resolve by hand")

@@ -49,7 +49,7 @@ class FakeSource:
 class FakeDest:
     def __init__(self, status: Status) -> None:
         self.status, self.address = status, "fake-b"
-        self.running = status is S.RESUMED
+        self.running = status in (S.RESUMED, *POSTCOPY)
         self.calls: list[str] = []
 
     async def state(self, migration_id) -> SideState:
@@ -69,30 +69,33 @@ class FakeDest:
         self.status = S.NONE
 
 
-DESTS = [S.NONE, S.RECEIVING, S.READY, S.COMMITTED, S.RESUMED, S.LOST]
+DESTS = [S.NONE, S.RECEIVING, S.READY, S.COMMITTED, S.RESUMED, S.LOST, *POSTCOPY]
 BY_HAND = "by hand"
 # (source decision, the source still holds its copy) -> per destination state:
 # (the decision reported, where the guest runs) or BY_HAND (nothing changed)
 TABLE = {
     (S.COMMITTED, True): [(S.ROLLED_BACK, "source"), BY_HAND, (S.COMMITTED, "destination"),
                           (S.COMMITTED, "destination"), (S.COMMITTED, "destination"),
-                          (S.LOST, "nowhere")],
+                          (S.LOST, "nowhere"), BY_HAND, BY_HAND],
     (S.COMMITTED, False): [(S.LOST, "nowhere"), BY_HAND, (S.COMMITTED, "destination"),
                            (S.COMMITTED, "destination"), (S.COMMITTED, "destination"),
-                           (S.LOST, "nowhere")],
+                           (S.LOST, "nowhere"), BY_HAND, BY_HAND],
     (S.ABORTED, False): [(S.ABORTED, "source"), (S.ABORTED, "source"), (S.ABORTED, "source"),
-                         BY_HAND, BY_HAND, BY_HAND],
+                         BY_HAND, BY_HAND, BY_HAND, BY_HAND, BY_HAND],
     (S.ROLLED_BACK, False): [(S.ROLLED_BACK, "source"), (S.ROLLED_BACK, "source"),
-                             (S.ROLLED_BACK, "source"), BY_HAND, BY_HAND, BY_HAND],
+                             (S.ROLLED_BACK, "source"), BY_HAND, BY_HAND, BY_HAND,
+                             BY_HAND, BY_HAND],
     (S.UNKNOWN, False): [(S.UNKNOWN, "source"), (S.UNKNOWN, "source"), (S.UNKNOWN, "source"),
-                         BY_HAND, BY_HAND, BY_HAND],
+                         BY_HAND, BY_HAND, BY_HAND, BY_HAND, BY_HAND],
     (S.LOST, False): [(S.LOST, "nowhere"), (S.LOST, "nowhere"), (S.LOST, "destination"),
-                      (S.LOST, "destination"), (S.LOST, "destination"), (S.LOST, "nowhere")],
+                      (S.LOST, "destination"), (S.LOST, "destination"), (S.LOST, "nowhere"),
+                      (S.LOST, "destination"), (S.LOST, "destination")],
     # switched to post-copy: the destination's copy is the guest; a paused transfer
     # goes on; a destination that died with it lost it (the source's copy goes)
     **{(pc, False): [BY_HAND, BY_HAND, (S.COMMITTED, "destination"),
                      (S.COMMITTED, "destination"), (S.COMMITTED, "destination"),
-                     (S.LOST, "nowhere")] for pc in POSTCOPY},
+                     (S.LOST, "nowhere"), (S.COMMITTED, "destination"),
+                     (S.COMMITTED, "destination")] for pc in POSTCOPY},
 }
 CELLS = [(decision, copy, dest, expected)
          for (decision, copy), row in TABLE.items() for dest, expected in zip(DESTS, row)]
@@ -100,6 +103,7 @@ CELLS = [(decision, copy, dest, expected)
 
 def test_the_table_covers_every_decision_and_destination_state():
     assert {d for d, _c in TABLE} == set(S) - {S.NONE, S.RECEIVING, S.READY, S.RESUMED}
+    assert set(DESTS) == set(S) - {S.UNKNOWN, S.ABORTED, S.ROLLED_BACK}
     assert all(len(row) == len(DESTS) for row in TABLE.values())
 
 
