@@ -45,8 +45,8 @@ from pvmig.migration.policy import PostcopyDom0, from_wire
 from pvmig.migration.recovery import SideState, Status
 from pvmig.migration.state import (
     RESTORE_COMMITTED,
-    PagingState,
     RESTORE_TRANSITIONS,
+    PagingState,
     RestoreState,
     advance,
     require,

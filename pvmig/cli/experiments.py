@@ -9,6 +9,7 @@ from pathlib import Path
 from pvmig import errors
 from pvmig.cli.common import EXIT_FAILED, EXIT_OK, run
 from pvmig.migration.verify import verify_images
+from pvmig.tools import matrix_postcopy
 from pvmig.tools.bench import run_bench
 from pvmig.tools.demo import run_demo
 from pvmig.tools.matrix import run_matrix
@@ -48,6 +49,9 @@ def register(sub, auth) -> None:
                         "and tabulate corruptions, undefined frames and downtime")
     mx.add_argument("--full", action="store_true",
                     help="every combination (default: a quick subset of 8 cells)")
+    mx.add_argument("--postcopy", action="store_true",
+                    help="post-copy's cells instead: the block and the network backend "
+                    "against --postcopy-dom0 demand and unsafe")
     mx.add_argument("--runs", type=int, default=3, metavar="N", help="migrations per cell")
     mx.add_argument("--json", type=Path, metavar="FILE")
     mx.add_argument("--markdown", type=Path, metavar="FILE")
@@ -130,6 +134,11 @@ def matrix(args) -> int:
     if args.runs < 1:
         raise errors.InvalidArgument("--runs must be >= 1")
     logging.getLogger().setLevel(logging.WARNING)
+    if args.postcopy:
+        if args.full:
+            raise errors.InvalidArgument("--postcopy has one set of cells: not with --full")
+        return matrix_postcopy.run(runs=args.runs, json_path=args.json, md_path=args.markdown,
+                                   command=f"pvmig matrix --postcopy --runs {args.runs}")
     command = "pvmig matrix" + (" --full" if args.full else "") + f" --runs {args.runs}"
     return run_matrix(full=args.full, runs=args.runs, json_path=args.json,
                       md_path=args.markdown, command=command)

@@ -481,7 +481,7 @@ def test_recover_after_commit_resumes_on_the_destination(patient_cluster, tmp_pa
     assert query(b, "vm").state == "incoming" and query(a, "vm").state == "suspended"
     out = _recover(a, b, mid)
     assert out == {"migration_id": mid, "decision": "committed", "runs_on": "destination",
-                   "domain": "vm"}
+                   "domain": "vm", "postcopy": ""}
     _only_on(b, a, "vm")
     assert _recover(a, b, mid) == out  # again: nothing changes
     _only_on(b, a, "vm")

@@ -1,0 +1,227 @@
+"""`pvmig matrix --postcopy`: dom0 and the frames that have not arrived, by measurement.
+
+Cells: the backend (blk, net) against the policy postcopy-dom0 (demand, unsafe). For
+each, a fresh pair of agents on loopback, a guest whose one device is busy (a disk at
+400 requests/s; a NIC answering a `pvmig peer` at 200 requests/s), and `runs` post-copy
+migrations back and forth with the push capped, so that the backends work at the
+destination while most frames are still to come: left to chance. Then `runs` with the
+hazard forced: the push waits for the guest's first fault (push-after-fault) and dom0
+reads a frame that is not there yet (dom0-touch-missing), as a backend's grant map of
+an untouched frame would.
+
+Per cell: dom0's accesses to missing frames (demand: waited for; unsafe: went through
+its own mapping), the guest frames such an access took (a zero page the guest keeps),
+the corruptions the guest observed, the differing frames by cause, the downtime, the
+post-copy time and its fault latency.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import uvloop
+
+from pvmig._proto import pvmig_pb2 as pb
+from pvmig.coordinator.migrate import Options, migrate
+from pvmig.coordinator.progress import Reporter
+from pvmig.rpc.client import AgentClient
+from pvmig.tools.cluster import LocalCluster
+
+DEVICES = ["vbd", "vif"]
+POLICIES = ["demand", "unsafe"]
+RAM_MB = 16
+CAP_MBPS = 100.0  # 16 MiB in ~1.3 s: the backends work meanwhile
+FORCED = ("push-after-fault", "dom0-touch-missing")
+PEER_RATE = 200
+
+
+@dataclass
+class Tally:
+    migrations: int = 0
+    failed: int = 0
+    observed: int = 0          # failed checks (memory, disk reads): the guest saw it
+    runs_with_corruption: int = 0
+    dom0_waits: int = 0        # demand: dom0 accesses that waited for their frame
+    dom0_touched: int = 0      # unsafe: dom0 accesses to a frame not here
+    taken: int = 0             # frames such an access took (the guest keeps a zero page)
+    causes: Counter = field(default_factory=Counter)
+
+    def to_dict(self) -> dict:
+        return {"migrations": self.migrations, "failed": self.failed,
+                "observed-corruptions": self.observed,
+                "runs-with-corruption": self.runs_with_corruption,
+                "dom0-waits": self.dom0_waits, "dom0-touched-missing": self.dom0_touched,
+                "taken-pages": self.taken, "frames-by-cause": dict(self.causes)}
+
+
+@dataclass
+class Cell:
+    device: str
+    dom0: str
+    chance: Tally = field(default_factory=Tally)
+    forced: Tally = field(default_factory=Tally)
+    downtimes: list = field(default_factory=list)
+    postcopy_ms: list = field(default_factory=list)
+    latency_p50: list = field(default_factory=list)
+    faults: list = field(default_factory=list)
+    errors: list = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"{'blk' if self.device == 'vbd' else 'net'}/postcopy-dom0={self.dom0}"
+
+    @property
+    def verdict(self) -> str:
+        if self.errors and not self.chance.migrations:
+            return "error"
+        if any(t.observed or t.taken for t in (self.chance, self.forced)):
+            return "CORRUPTS"
+        return "safe"
+
+    def to_dict(self) -> dict:
+        med = lambda xs: round(statistics.median(xs), 3) if xs else None  # noqa: E731
+        return {"cell": self.name, "device": self.device, "postcopy-dom0": self.dom0,
+                "chance": self.chance.to_dict(), "forced": self.forced.to_dict(),
+                "downtime-ms-median": med(self.downtimes),
+                "postcopy-ms-median": med(self.postcopy_ms),
+                "fault-latency-ms-p50-median": med(self.latency_p50),
+                "faults-median": med(self.faults),
+                "verdict": self.verdict, "errors": self.errors}
+
+
+def cells() -> list[Cell]:
+    return [Cell(d, p) for d, p in itertools.product(DEVICES, POLICIES)]
+
+
+def run_cell(cell: Cell, runs: int, base: Path) -> Cell:
+    with LocalCluster(base, ["a", "b"]) as cluster:
+        hosts = [cluster["a"].address, cluster["b"].address]
+        address = uvloop.run(_create(hosts[0], cell, base / "disk.img"))
+        peer = _start_peer(address, base / "peer.json") if cell.device == "vif" else None
+        try:
+            time.sleep(0.8)  # the device gets busy
+            for i in range(2 * runs):
+                forced = i >= runs
+                src, dst = hosts[i % 2], hosts[(i + 1) % 2]
+                options = Options(postcopy=True, postcopy_dom0=cell.dom0,
+                                  max_bandwidth_mbps=CAP_MBPS, verify_timeout_s=20.0,
+                                  inject=FORCED if forced else ())
+                report = uvloop.run(migrate(src, dst, "vm", options, Reporter()))
+                _record(cell, report.to_dict(), forced)
+                if not report.committed:  # the guest stayed where it was: no next move
+                    break
+                time.sleep(0.3)
+        finally:
+            if peer is not None:
+                peer.send_signal(signal.SIGTERM)
+                peer.communicate(timeout=60)
+    return cell
+
+
+async def _create(address: str, cell: Cell, disk: Path) -> str:
+    device = (pb.DeviceConfig(kind="vbd", devid=0, disk=str(disk), blocks=64,
+                              latency_ms=20.0, io_rate=400.0) if cell.device == "vbd"
+              else pb.DeviceConfig(kind="vif", devid=0))
+    async with AgentClient(address) as agent:
+        await agent.call(agent.agent.CreateDomain, pb.CreateDomainRequest(
+            name="vm", ram_bytes=RAM_MB << 20,
+            workload=pb.WorkloadConfig(dirty_rate=500, hot_fraction=0.1, hot_share=0.9,
+                                       fill=0.75, seed=1),
+            devices=[device]), timeout=120.0)
+        info = await agent.call(agent.agent.QueryDomain, pb.DomainRef(name="vm"))
+    return next((s.address for s in info.device_stats if s.kind == "vif"), "")
+
+
+def _start_peer(address: str, stats: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pvmig", "peer", "--guest", address, "--rate", str(PEER_RATE),
+         "--duration", "0", "--give-up", "30", "--stats", str(stats)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _record(cell: Cell, d: dict, forced: bool) -> None:
+    tally = cell.forced if forced else cell.chance
+    tally.migrations += 1
+    pc = d.get("postcopy") or {}
+    dom0 = pc.get("dom0", {})
+    tally.dom0_waits += dom0.get("waits", 0)
+    tally.dom0_touched += dom0.get("touched-missing", 0)
+    tally.taken += dom0.get("taken-pages", 0)
+    v = d.get("verification") or {}
+    if d["status"] != "completed" and not v:
+        tally.failed += 1
+        cell.errors.append(d["error"])
+        return
+    checks = [x["guest-checks"] for x in d.get("devices", [])]
+    observed = ((v.get("guest-checks") or {}).get("failed", 0)
+                + sum(c.get("read-failures", 0) + c.get("errors", 0) for c in checks))
+    tally.failed += not v.get("passed", False)
+    tally.observed += observed
+    tally.runs_with_corruption += observed > 0
+    tally.causes.update(v.get("differing-by-cause", {}))
+    if forced:
+        return
+    cell.downtimes.append(d["downtime-ms"])
+    cell.postcopy_ms.append(pc.get("time-ms", 0))
+    cell.latency_p50.append(pc.get("latency-ms", {}).get("p50", 0))
+    cell.faults.append(pc.get("faults", 0))
+
+
+COLUMNS = ("cell", "chance: dom0 reached a missing frame (waited / touched)",
+           "chance: observed (runs)", "forced: dom0 waited / touched / pages taken",
+           "forced: observed (runs)", "differing frames by cause", "downtime ms",
+           "post-copy ms", "faults", "fault latency p50 ms", "verdict")
+
+
+def row(r: dict) -> list[str]:
+    ch, fo = r["chance"], r["forced"]
+    causes = Counter(ch["frames-by-cause"]) + Counter(fo["frames-by-cause"])
+    return [r["cell"],
+            f"{ch['dom0-waits']} / {ch['dom0-touched-missing']}",
+            f"{ch['observed-corruptions']} ({ch['runs-with-corruption']} of {ch['migrations']})",
+            f"{fo['dom0-waits']} / {fo['dom0-touched-missing']} / {fo['taken-pages']}",
+            f"{fo['observed-corruptions']} ({fo['runs-with-corruption']} of {fo['migrations']})",
+            ", ".join(f"{k} {v}" for k, v in sorted(causes.items())) or "-",
+            str(r["downtime-ms-median"]), str(r["postcopy-ms-median"]),
+            str(r["faults-median"]), str(r["fault-latency-ms-p50-median"]), r["verdict"]]
+
+
+def run(*, runs: int, json_path: Path | None, md_path: Path | None, command: str) -> int:
+    from rich.console import Console
+    from rich.table import Table
+    console = Console(stderr=True)
+    rows = []
+    started = time.monotonic()
+    for cell in cells():
+        with tempfile.TemporaryDirectory(prefix="pvmig-matrix-") as base:
+            try:
+                run_cell(cell, runs, Path(base))
+            except Exception as e:  # a cell that cannot run is reported, the rest go on
+                cell.errors.append(f"{type(e).__name__}: {e}")
+        rows.append(cell.to_dict())
+        console.print(f"{cell.name}: {cell.verdict}")
+    table = Table(title=f"pvmig matrix --postcopy: {runs} migrations left to chance and "
+                        f"{runs} forced per cell, {time.monotonic() - started:.0f} s")
+    for col in COLUMNS:
+        table.add_column(col)
+    for r in rows:
+        table.add_row(*row(r))
+    Console().print(table)
+    if json_path:
+        json_path.write_text(json.dumps({"command": command, "runs": runs, "cells": rows},
+                                        indent=1) + "\n")
+    if md_path:
+        head = "| " + " | ".join(COLUMNS) + " |\n" + "|---" * len(COLUMNS) + "|\n"
+        body = "".join("| " + " | ".join(row(r)) + " |\n" for r in rows)
+        md_path.write_text(f"`{command}`\n\n{head}{body}")
+    return 0 if all(r["verdict"] != "error" for r in rows) else 1
