@@ -31,7 +31,8 @@ STOP_HOLD_S = 180.0  # push-stops-halfway: a link drop is noticed within ~20 s (
 
 class Transfer:
     def __init__(self, mem, frames: np.ndarray, batch_pages: int,
-                 push_after_fault: bool = False, limit=None, halfway: str = "") -> None:
+                 push_after_fault: bool = False, limit=None, halfway: str = "",
+                 last: np.ndarray | None = None) -> None:
         self.mem = mem
         self.todo = np.zeros(mem.nr_frames, bool)
         self.todo[frames] = True
@@ -64,6 +65,13 @@ class Transfer:
         # postcopy-breaks-halfway, the epoch fails as if a connection broke)
         self._halfway = halfway
         self._stop_at = len(self.frames) // 2 if halfway else None
+        # (injection point push-devices-last: these frames, the rings and I/O buffers,
+        # are pushed after every other: dom0 reaches them first unless asked for)
+        self._last = None
+        if last is not None and len(last):
+            self._last = np.zeros(len(self.todo), bool)
+            self._last[last] = True
+            self._last &= self.todo
 
     @property
     def all_sent(self) -> bool:
@@ -128,11 +136,16 @@ class Transfer:
                 self._hold(lambda: False, "push-stops-halfway: the connections held",
                            STOP_HOLD_S)
             while self.left:
+                if self._last is not None and self.left == int((self._last & ~self.sent).sum()):
+                    self._last = None  # nothing else left: now these
                 if self._cursor >= len(self.frames):
                     self._cursor = 0
                 hi = min(self._cursor + WINDOW * self.batch_pages, len(self.frames))
                 window = self.frames[self._cursor:hi]
-                unsent = np.flatnonzero(~self.sent[window])[:self.batch_pages]
+                todo = ~self.sent[window]
+                if self._last is not None:
+                    todo &= ~self._last[window]
+                unsent = np.flatnonzero(todo)[:self.batch_pages]
                 if not len(unsent):
                     self._cursor = hi
                     continue

@@ -449,7 +449,8 @@ class SaveSession:
                                       min(self.settings.batch_pages, POSTCOPY_BATCH_PAGES),
                                       push_after_fault=self._push_after_fault,
                                       limit=self.limit,
-                                      halfway=self.inject.postcopy_halfway)
+                                      halfway=self.inject.postcopy_halfway,
+                                      last=self.inject.devices_last(self.domain))
             self._postcopy_task = self._epoch(self._transfer.lanes_up)
         t = self._transfer
         lanes = asyncio.ensure_future(t.lanes_up.wait())

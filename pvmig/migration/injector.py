@@ -30,6 +30,10 @@ test or a cell of `pvmig matrix` sees it, not a lucky run:
                            speed of the link
     postcopy-breaks-halfway  post-copy's first epoch fails there instead, as a broken
                            data connection would: both sides pause until pvmig recover
+    push-devices-last      post-copy's push sends the rings and I/O buffers (the frames
+                           backends reach) after every other frame: the destination's
+                           backends reach them before they arrive, unless the guest
+                           faults on them first
     dom0-touch-missing     post-copy, at the destination: just before the guest resumes
                            (no page has arrived yet, with push-after-fault), dom0 reads the
                            frame in the middle of its RAM as a backend's grant map would;
@@ -57,6 +61,7 @@ import numpy as np
 from pvmig import errors
 from pvmig.dom0.domain import Domain
 from pvmig.hv.memory import PAGE_SIZE
+from pvmig.pv.devlayout import shared_areas
 
 log = logging.getLogger(__name__)
 HOLD_WAIT_S = 10.0  # for the guest's first held read; a guest without disk I/O has none
@@ -72,6 +77,7 @@ class InjectionPoint(StrEnum):
     DOM0_TOUCH_MISSING = "dom0-touch-missing"
     PUSH_STOPS_HALFWAY = "push-stops-halfway"
     POSTCOPY_BREAKS_HALFWAY = "postcopy-breaks-halfway"
+    PUSH_DEVICES_LAST = "push-devices-last"
 
 
 P = InjectionPoint
@@ -126,6 +132,15 @@ class Injector:
                 self.fired[point] = 1
                 return mode
         return ""
+
+    def devices_last(self, dom: Domain) -> np.ndarray | None:
+        """push-devices-last: the frames of the domain's rings and I/O buffers."""
+        if P.PUSH_DEVICES_LAST not in self.points:
+            return None
+        self.fired[P.PUSH_DEVICES_LAST] = 1
+        areas = shared_areas(dom.mem)
+        return np.concatenate([np.arange(first, first + n, dtype=np.uint32)
+                               for _, first, n in areas])
 
     # ---- the hooks, in the order the save side reaches them
 

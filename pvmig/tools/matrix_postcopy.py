@@ -5,9 +5,11 @@ each, a fresh pair of agents on loopback, a guest whose one device is busy (a di
 400 requests/s; a NIC answering a `pvmig peer` at 200 requests/s), and `runs` post-copy
 migrations back and forth with the push capped, so that the backends work at the
 destination while most frames are still to come: left to chance. Then `runs` with the
-hazard forced: the push waits for the guest's first fault (push-after-fault) and dom0
-reads a frame that is not there yet (dom0-touch-missing), as a backend's grant map of
-an untouched frame would.
+hazard forced through the backends: the push sends the rings and I/O buffers last
+(push-devices-last), so that the destination's backends reach them first unless the
+guest faults on them. Then `runs` with it forced at one frame: the push waits for the
+guest's first fault (push-after-fault) and dom0 reads a frame in the middle of the RAM
+before the guest resumes (dom0-touch-missing).
 
 Per cell: dom0's accesses to missing frames (demand: waited for; unsafe: went through
 its own mapping), the guest frames such an access took (a zero page the guest keeps),
@@ -41,6 +43,7 @@ DEVICES = ["vbd", "vif"]
 POLICIES = ["demand", "unsafe"]
 RAM_MB = 16
 CAP_MBPS = 100.0  # 16 MiB in ~1.3 s: the backends work meanwhile
+BACKENDS_FIRST = ("push-devices-last",)
 FORCED = ("push-after-fault", "dom0-touch-missing")
 PEER_RATE = 200
 
@@ -69,6 +72,7 @@ class Cell:
     device: str
     dom0: str
     chance: Tally = field(default_factory=Tally)
+    backends: Tally = field(default_factory=Tally)  # push-devices-last
     forced: Tally = field(default_factory=Tally)
     downtimes: list = field(default_factory=list)
     postcopy_ms: list = field(default_factory=list)
@@ -84,14 +88,15 @@ class Cell:
     def verdict(self) -> str:
         if self.errors and not self.chance.migrations:
             return "error"
-        if any(t.observed or t.taken for t in (self.chance, self.forced)):
+        if any(t.observed or t.taken for t in (self.chance, self.backends, self.forced)):
             return "CORRUPTS"
         return "safe"
 
     def to_dict(self) -> dict:
         med = lambda xs: round(statistics.median(xs), 3) if xs else None  # noqa: E731
         return {"cell": self.name, "device": self.device, "postcopy-dom0": self.dom0,
-                "chance": self.chance.to_dict(), "forced": self.forced.to_dict(),
+                "chance": self.chance.to_dict(), "backends-first": self.backends.to_dict(),
+                "forced": self.forced.to_dict(),
                 "downtime-ms-median": med(self.downtimes),
                 "postcopy-ms-median": med(self.postcopy_ms),
                 "fault-latency-ms-p50-median": med(self.latency_p50),
@@ -110,14 +115,15 @@ def run_cell(cell: Cell, runs: int, base: Path) -> Cell:
         peer = _start_peer(address, base / "peer.json") if cell.device == "vif" else None
         try:
             time.sleep(0.8)  # the device gets busy
-            for i in range(2 * runs):
-                forced = i >= runs
+            for i in range(3 * runs):
+                kind = ("chance", "backends", "forced")[i // runs]
                 src, dst = hosts[i % 2], hosts[(i + 1) % 2]
+                inject = {"chance": (), "backends": BACKENDS_FIRST, "forced": FORCED}[kind]
                 options = Options(postcopy=True, postcopy_dom0=cell.dom0,
                                   max_bandwidth_mbps=CAP_MBPS, verify_timeout_s=20.0,
-                                  inject=FORCED if forced else ())
+                                  inject=inject)
                 report = uvloop.run(migrate(src, dst, "vm", options, Reporter()))
-                _record(cell, report.to_dict(), forced)
+                _record(cell, report.to_dict(), kind)
                 if not report.committed:  # the guest stayed where it was: no next move
                     break
                 time.sleep(0.3)
@@ -149,8 +155,8 @@ def _start_peer(address: str, stats: Path) -> subprocess.Popen:
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def _record(cell: Cell, d: dict, forced: bool) -> None:
-    tally = cell.forced if forced else cell.chance
+def _record(cell: Cell, d: dict, kind: str) -> None:
+    tally = getattr(cell, kind)
     tally.migrations += 1
     pc = d.get("postcopy") or {}
     dom0 = pc.get("dom0", {})
@@ -169,7 +175,7 @@ def _record(cell: Cell, d: dict, forced: bool) -> None:
     tally.observed += observed
     tally.runs_with_corruption += observed > 0
     tally.causes.update(v.get("differing-by-cause", {}))
-    if forced:
+    if kind != "chance":
         return
     cell.downtimes.append(d["downtime-ms"])
     cell.postcopy_ms.append(pc.get("time-ms", 0))
@@ -177,20 +183,26 @@ def _record(cell: Cell, d: dict, forced: bool) -> None:
     cell.faults.append(pc.get("faults", 0))
 
 
-COLUMNS = ("cell", "chance: dom0 reached a missing frame (waited / touched)",
-           "chance: observed (runs)", "forced: dom0 waited / touched / pages taken",
-           "forced: observed (runs)", "differing frames by cause", "downtime ms",
-           "post-copy ms", "faults", "fault latency p50 ms", "verdict")
+COLUMNS = ("cell", "chance: dom0 waited / touched / pages taken", "chance: observed (runs)",
+           "backends first: dom0 waited / touched / pages taken",
+           "backends first: observed (runs)",
+           "one frame forced: dom0 waited / touched / pages taken",
+           "one frame forced: observed (runs)", "differing frames by cause",
+           "downtime ms", "post-copy ms", "faults", "fault latency p50 ms", "verdict")
+
+
+def _dom0(t: dict) -> str:
+    return f"{t['dom0-waits']} / {t['dom0-touched-missing']} / {t['taken-pages']}"
+
+
+def _observed(t: dict) -> str:
+    return f"{t['observed-corruptions']} ({t['runs-with-corruption']} of {t['migrations']})"
 
 
 def row(r: dict) -> list[str]:
-    ch, fo = r["chance"], r["forced"]
-    causes = Counter(ch["frames-by-cause"]) + Counter(fo["frames-by-cause"])
-    return [r["cell"],
-            f"{ch['dom0-waits']} / {ch['dom0-touched-missing']}",
-            f"{ch['observed-corruptions']} ({ch['runs-with-corruption']} of {ch['migrations']})",
-            f"{fo['dom0-waits']} / {fo['dom0-touched-missing']} / {fo['taken-pages']}",
-            f"{fo['observed-corruptions']} ({fo['runs-with-corruption']} of {fo['migrations']})",
+    tallies = (r["chance"], r["backends-first"], r["forced"])
+    causes = sum((Counter(t["frames-by-cause"]) for t in tallies), Counter())
+    return [r["cell"], *(f(t) for t in tallies for f in (_dom0, _observed)),
             ", ".join(f"{k} {v}" for k, v in sorted(causes.items())) or "-",
             str(r["downtime-ms-median"]), str(r["postcopy-ms-median"]),
             str(r["faults-median"]), str(r["fault-latency-ms-p50-median"]), r["verdict"]]
@@ -210,8 +222,9 @@ def run(*, runs: int, json_path: Path | None, md_path: Path | None, command: str
                 cell.errors.append(f"{type(e).__name__}: {e}")
         rows.append(cell.to_dict())
         console.print(f"{cell.name}: {cell.verdict}")
-    table = Table(title=f"pvmig matrix --postcopy: {runs} migrations left to chance and "
-                        f"{runs} forced per cell, {time.monotonic() - started:.0f} s")
+    table = Table(title=f"pvmig matrix --postcopy: {runs} migrations left to chance, {runs} "
+                        f"with the backends first and {runs} with one frame forced per "
+                        f"cell, {time.monotonic() - started:.0f} s")
     for col in COLUMNS:
         table.add_column(col)
     for r in rows:

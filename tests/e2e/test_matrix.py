@@ -64,13 +64,14 @@ def test_postcopy_matrix(tmp_path):
     assert set(cells) == {f"{d}/postcopy-dom0={p}" for d in ("blk", "net")
                           for p in ("demand", "unsafe")}
     for name, c in cells.items():
-        chance, forced = c["chance"], c["forced"]
-        assert chance["migrations"] == forced["migrations"] == 1, c
+        chance, backends, forced = c["chance"], c["backends-first"], c["forced"]
+        assert chance["migrations"] == backends["migrations"] == forced["migrations"] == 1, c
         assert c["faults-median"] > 0, c  # the guest ran on missing frames
         if name.endswith("demand"):
             assert forced["dom0-waits"] >= 1 and forced["taken-pages"] == 0, c
-            for t in (chance, forced):
-                assert t["observed-corruptions"] == 0 and t["frames-by-cause"] == {}, c
+            for t in (chance, backends, forced):
+                assert t["observed-corruptions"] == 0 and t["taken-pages"] == 0, c
+                assert "dom0-before-arrival" not in t["frames-by-cause"], c
             assert c["verdict"] == "safe", c
         else:
             assert forced["dom0-touched-missing"] >= 1 and forced["taken-pages"] >= 1, c

@@ -148,3 +148,12 @@ def test_breaks_halfway_fails_the_first_epoch_only():
     t.begin_epoch()
     t.recover(np.arange(50, 100, dtype=np.uint32))
     assert np.concatenate(_drain(t)).tolist() == list(range(50, 100))
+
+
+def test_frames_pushed_last_come_after_every_other_unless_asked_for():
+    t = Transfer(_Mem(), np.arange(100, dtype=np.uint32), batch_pages=16,
+                 last=np.arange(10, 20, dtype=np.uint32))
+    assert t.take_requested(np.array([12], np.uint32)).tolist() == [12]  # asked: at once
+    order = np.concatenate(_drain(t)).tolist()
+    assert sorted(order) == [f for f in range(100) if f != 12]
+    assert order[-9:] == [10, 11, *range(13, 20)]
