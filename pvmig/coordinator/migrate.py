@@ -356,7 +356,7 @@ class Migration:
             self._phase("postcopy-active", pages=last.total_pages)
             self._steps = (time.monotonic(), 0)  # (resumed: its count goes on from the info page)
             async for last in progress:
-                self._watch_pause(last, pauses)
+                await self._watch_pause(last, pauses)
                 self.reporter.phase("postcopy", pushed=last.pushed_pages,
                                     requested=last.requested_pages, total=last.total_pages,
                                     paused=last.paused)
@@ -368,7 +368,7 @@ class Migration:
             raise errors.Unavailable(
                 f"post-copy broke ({e}): the guest runs at the destination and the frames "
                 "it lacks are only at the source") from None
-        state = await self.dest.call(self.dest.dest.PostcopyState, self._ref())
+        state = await self._after_drop(self.dest.dest.PostcopyState)
         self.report.injected.update(state.injected)
         self.report.postcopy = {
             "total-pages": last.total_pages, "pushed-pages": last.pushed_pages,
@@ -390,8 +390,23 @@ class Migration:
             raise errors.DataLoss(f"post-copy ended with {state.missing_pages} frame(s) "
                                   "missing at the destination")
 
-    def _watch_pause(self, p: pb.PostcopyProgress, pauses: list[dict]) -> None:
-        """Said once as the transfer pauses, and once as it goes on again."""
+    async def _after_drop(self, method):
+        """A call to the destination that a network drop just over may fail at first
+        (its channel still in backoff): on a fresh channel, for as long as the source
+        waits for its page streams."""
+        deadline = time.monotonic() + RECOVER_RETRY_S
+        while True:
+            try:
+                return await self.dest.call(method, self._ref())
+            except errors.Unavailable:
+                if time.monotonic() > deadline:
+                    raise
+                await self.dest.reconnect()
+                await asyncio.sleep(0.5)
+
+    async def _watch_pause(self, p: pb.PostcopyProgress, pauses: list[dict]) -> None:
+        """Said once as the transfer pauses, and once as it goes on again (the link to
+        the destination is back then: a fresh channel to it, not one in backoff)."""
         paused = bool(pauses) and "for-ms" not in pauses[-1]
         if p.paused and not paused:
             at = time.monotonic()
@@ -403,6 +418,7 @@ class Migration:
         elif paused and not p.paused:
             pauses[-1]["for-ms"] = round((time.monotonic() - pauses[-1].pop("_at")) * 1e3, 1)
             self._phase("postcopy-recovered", recoveries=p.recoveries, lost=p.lost_pages)
+            await self.dest.reconnect()
 
     async def commit(self) -> None:
         # As xl's handshake: the destination has said it holds the whole stream and can

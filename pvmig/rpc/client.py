@@ -23,11 +23,21 @@ class AgentClient:
         self.address = address
         self.where = f"{role} at {address}"  # how errors name it: "the destination agent at ..."
         self.security = sec or security.default()
-        self.channel = self._channel = channel.channel(address, self.security)
+        self._open()
+        self.hello_reply: pb.HelloReply | None = None
+
+    def _open(self) -> None:
+        self.channel = self._channel = channel.channel(self.address, self.security)
         self.agent = pb_grpc.AgentStub(self._channel)
         self.source = pb_grpc.MigrationSourceStub(self._channel)
         self.dest = pb_grpc.MigrationDestStub(self._channel)
-        self.hello_reply: pb.HelloReply | None = None
+
+    async def reconnect(self) -> None:
+        """A fresh channel, after the network was down: grpc's own waits out its
+        reconnect backoff (many seconds after a long drop) and fails calls meanwhile."""
+        old = self._channel
+        self._open()
+        await old.close()
 
     async def __aenter__(self) -> "AgentClient":
         return self

@@ -53,3 +53,28 @@ def test_a_cancelled_caller_stays_cancelled():
                 with pytest.raises(asyncio.CancelledError):
                     await task
     asyncio.run(go())
+
+
+def test_reconnect_reaches_an_agent_back_at_once():
+    """After a drop, grpc's channel waits out its reconnect backoff and fails calls
+    meanwhile; a reconnected client's next call reaches the agent at once."""
+    async def go():
+        probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        port = probe.sockets[0].getsockname()[1]
+        probe.close()
+        await probe.wait_closed()
+        agent = AgentClient(f"127.0.0.1:{port}", "the destination agent")
+        for _ in range(2):  # nobody there: refused, and the channel backs off
+            with pytest.raises(errors.Unavailable):
+                await agent.call(agent.agent.Hello, pb.HelloRequest(), timeout=5)
+        accepted = asyncio.Event()
+        server = await asyncio.start_server(lambda r, w: accepted.set(), "127.0.0.1", port)
+        async with server:
+            await agent.reconnect()
+            task = asyncio.create_task(agent.call(agent.agent.Hello, pb.HelloRequest(),
+                                                  timeout=30))
+            await asyncio.wait_for(accepted.wait(), 10)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await agent.close()
+    asyncio.run(go())
