@@ -129,6 +129,8 @@ class DataChannels:
                 return
             s._check_open()
             if ended:
+                if s.switched:  # post-copy's first record on this connection
+                    return self._receive_postcopy(conn, index, recovered=False, first=h)
                 raise errors.InvalidArgument("record after the end of the stream")
             if h.type == wire.PAGES:
                 got = receiver.receive(conn, h)
@@ -156,11 +158,15 @@ class DataChannels:
                 on_loop(self.loop, s.end_stream, h.n_frames)
                 ended = True
                 wire.send_control(conn, wire.END_ACK)
+                if s.switched and index == 0:
+                    # it carried the switch: it goes on as post-copy's urgent lane (the
+                    # others as its push connections, with their next record)
+                    return self._receive_postcopy(conn, index, recovered=False)
             else:
                 raise errors.InvalidArgument(f"unknown record type {h.type}")
 
     def _receive_postcopy(self, conn: data_channel.Connection, index: int,
-                          recovered: bool) -> None:
+                          recovered: bool, first: wire.Header | None = None) -> None:
         """After the switch: pages placed as they come (the guest runs); connection 0
         is the urgent lane, on which the faults' requests go back. Each connection's
         END is answered once every frame is here (the source then completes). A
@@ -174,7 +180,7 @@ class DataChannels:
                 paging.set_lane(conn, recovered)
             while True:
                 try:
-                    h = wire.read_header(conn)
+                    h, first = first or wire.read_header(conn), None
                 except data_channel.Closed:
                     if not ended:
                         paging.pause(f"data connection {index} closed before its end")

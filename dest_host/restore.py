@@ -246,8 +246,9 @@ class RestoreSession:
 
     async def open_data(self, recover: bool = False) -> pb.DataChannels:
         """A new epoch of data channels (transport tcp); the old ones closed first. After
-        a post-copy switch: post-copy's (connection 0 the urgent lane), opened before
-        the resume so that the guest's first fault is served at once. recover: post-copy
+        a post-copy switch (a recovery, or a migration with one stream: otherwise the
+        switch's connections go on as post-copy's): connection 0 the urgent lane.
+        recover: post-copy
         goes on after its connections broke (paused here too, if this side had not
         noticed yet); the new lane begins with what is still missing."""
         self._check_open()

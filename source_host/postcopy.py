@@ -26,6 +26,7 @@ from pvmig._proto import pvmig_pb2 as pb
 
 WINDOW = 8  # batches the push looks ahead for frames not yet sent
 HOLD_WAIT_S = 30.0
+PUSH_START_S = 0.2
 STOP_HOLD_S = 180.0  # push-stops-halfway: a link drop is noticed within ~20 s (keepalive)
 
 
@@ -58,8 +59,12 @@ class Transfer:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._epoch_over = False
-        # (injection point push-after-fault: the push starts with the first request)
-        self._may_push = not push_after_fault
+        # The push starts with the destination's first request (the resumed guest's
+        # first fault), or PUSH_START_S after the lanes are up: until then the CPUs
+        # are the destination's commit and resume's (the downtime's). With the
+        # injection point push-after-fault it waits for that request however long.
+        self._may_push = False
+        self._push_after_fault = push_after_fault
         # (injection points, in the first epoch, once half the frames have gone: "stop"
         # push-stops-halfway, the push stops until its connections break; "break"
         # postcopy-breaks-halfway, the epoch fails as if a connection broke)
@@ -127,8 +132,13 @@ class Transfer:
         """The push's next frames not yet sent, from its cursor on (wrapping round once
         a request moved it forward); None when every frame has gone."""
         with self._changed:
-            self._hold(lambda: self._may_push,
-                       "push-after-fault: no request from the destination")
+            if self._push_after_fault:
+                self._hold(lambda: self._may_push,
+                           "push-after-fault: no request from the destination")
+            elif not self._may_push:
+                self._changed.wait_for(lambda: self._may_push or self._epoch_over,
+                                       PUSH_START_S)
+                self._may_push = True
             if self._stop_at is not None and self.pushed >= self._stop_at and self.epochs == 1:
                 if self._halfway == "break":
                     raise errors.Unavailable("postcopy-breaks-halfway: the data "

@@ -433,8 +433,9 @@ class SaveSession:
 
     async def postcopy(self) -> AsyncIterator[pb.PostcopyProgress]:
         """After the commit of a switch: every frame still to come, pushed in order and
-        the destination's requests first, on a new epoch of data channels (connection
-        0 the urgent lane); progress until the destination has them all. The transfer
+        the destination's requests first, on the switch's data connections (connection
+        0, which carried the device state, the urgent lane; a new epoch after a pause,
+        or with one stream); progress until the destination has them all. The transfer
         is the session's, not the call's: a coordinator that goes away mid-way (its
         call cancelled) leaves it running, and asking again watches the same one. A
         broken connection pauses it (progress says so) until recover_postcopy."""
@@ -478,10 +479,13 @@ class SaveSession:
         a connection breaks (then paused: every frame not placed is still here)."""
         t.begin_epoch()
         try:
-            await self._close()
-            self._dest = AgentClient(self.dest_address, "the destination agent",
-                                     self.host.security)
-            await self._open_data_channels(extra=1, recover=recover)
+            if recover or len(self._streams) < 2:
+                await self._close()
+                self._dest = AgentClient(self.dest_address, "the destination agent",
+                                         self.host.security)
+                await self._open_data_channels(extra=1, recover=recover)
+            # (else the switch's connections go on as post-copy's: the first, which
+            # carried the device state, the urgent lane; none opened in the downtime)
             lane, *push = self._streams
             if recover:
                 t.recover(await lane.read_missing(t.mem.nr_frames))

@@ -352,6 +352,7 @@ class Migration:
         pauses: list[dict] = []
         try:
             last = await anext(progress)  # the lanes are up: a fault is served at once
+            self.report.mark("lanes-up")
             await self.resume()
             self._phase("postcopy-active", pages=last.total_pages)
             self._steps = (time.monotonic(), 0)  # (resumed: its count goes on from the info page)
