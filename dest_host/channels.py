@@ -150,8 +150,8 @@ class DataChannels:
                     raise errors.InvalidArgument(f"device state unreadable: {e}") from None
                 on_loop(self.loop, s.on_device_state, None, state)
             elif h.type == wire.DISCARD:
-                frames = wire.read_frames(conn, h, mem.nr_frames)
-                asyncio.run_coroutine_threadsafe(s.on_discard(frames), self.loop
+                to_come = wire.read_bitmap(conn, h, mem.nr_frames)
+                asyncio.run_coroutine_threadsafe(s.on_discard(to_come), self.loop
                                                  ).result(LOOP_WAIT_S)
             elif h.type == wire.END:
                 wire.read_control_body(conn, h)

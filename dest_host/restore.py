@@ -201,8 +201,8 @@ class RestoreSession:
         if not self._hasher and not self.ended and self.state is RestoreState.RECEIVING:
             self._hasher = asyncio.create_task(self._hash_in_background())
 
-    async def on_discard(self, frames: np.ndarray) -> None:
-        """The switch to post-copy: these frames come later, after resume."""
+    async def on_discard(self, to_come: np.ndarray) -> None:
+        """The switch to post-copy: these frames (a mask) come later, after resume."""
         self._check_open()
         if self.paging is None:
             raise errors.FailedPrecondition(
@@ -210,8 +210,8 @@ class RestoreSession:
         if self.ended:
             raise errors.InvalidArgument("post-copy's frames after the end of the stream")
         async with self._hash_lock:  # no hashing pass on them while they go
-            self.unhashed[frames] = 0
-            self.paging.discard(self.domain.mem, frames)
+            self.unhashed[to_come] = 0
+            self.paging.discard(self.domain.mem, to_come)
 
     def on_round_end(self, stream: "_StreamState", end: pb.RoundEnd) -> pb.StreamAck:
         return pb.StreamAck(round=end.round, pages_received=stream.round_pages.pop(end.round, 0))
@@ -338,8 +338,9 @@ class RestoreSession:
 
     def _resumes(self) -> int:
         """The RAM's resume count, for a revival after a crash; -1 (never matches) while
-        post-copy's info page is still to come: such a crash loses the guest anyway."""
-        if self.paging is not None and self.paging.missing[0]:
+        post-copy's frames are still to come: such a crash loses the guest anyway (a
+        revival would run it on holes)."""
+        if self.paging is not None and self.paging.missing.any():
             return -1
         return records.resumes_of(self.domain.mem)
 

@@ -176,14 +176,14 @@ class DataStream:
                   discard: np.ndarray | None = None) -> list[Mismatch]:
         """The device state (on the stream that carries it), the end of the stream, and
         the answers: the final round's, then the end's. discard (a switch to post-copy):
-        the frames still to come, first."""
+        the frames still to come (a mask), first."""
         return await self._run(self._end, streams, device_state, discard)
 
     def _end(self, streams: int, device_state: bytes | None,
              discard: np.ndarray | None = None) -> list[Mismatch]:
         with self._failures():
             if discard is not None:
-                wire.send_frames(self.conn, wire.DISCARD, discard)
+                wire.send_bitmap(self.conn, wire.DISCARD, discard)
             if device_state is not None:
                 wire.send_control(self.conn, wire.DEVICE_STATE, data=device_state)
             wire.send_control(self.conn, wire.END, n_frames=streams)

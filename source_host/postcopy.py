@@ -35,8 +35,11 @@ class Transfer:
                  push_after_fault: bool = False, limit=None, halfway: str = "",
                  last: np.ndarray | None = None) -> None:
         self.mem = mem
-        self.todo = np.zeros(mem.nr_frames, bool)
-        self.todo[frames] = True
+        if frames.dtype == bool:  # (the switch's mask: no index pass in the downtime)
+            self.todo = frames.copy()
+        else:
+            self.todo = np.zeros(mem.nr_frames, bool)
+            self.todo[frames] = True
         # ascending and once each, from the mask (in the downtime: a sort of a 1 GiB
         # guest's frames took 8 ms)
         self.frames = np.flatnonzero(self.todo).astype(np.uint32)

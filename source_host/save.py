@@ -59,6 +59,7 @@ from pvmig.migration.state import (
     advance,
     require,
 )
+from pvmig.pv import guestinfo
 from pvmig.rpc import channel, data_channel
 from pvmig.rpc.client import AgentClient
 
@@ -146,7 +147,7 @@ class SaveSession:
     _seq: int = 0
     _last_read: float = 0.0
     _final_acks: list = field(default_factory=list)  # the final pass's round ends
-    postcopy_frames: np.ndarray | None = None  # a switch to post-copy: the frames to come
+    postcopy_frames: np.ndarray | None = None  # a switch to post-copy: the frames to come (mask)
     _transfer: Transfer | None = None  # post-copy under way (or done)
     _postcopy_task: asyncio.Future | None = None  # the current epoch's
     _recovering: asyncio.Future | None = None
@@ -359,7 +360,7 @@ class SaveSession:
 
     async def _precopy_round(self, number: int, frames: np.ndarray, started: float
                              ) -> AsyncIterator[pb.RoundProgress]:
-        stats = self._round_stats(number, frames, started)
+        stats = self._round_stats(number, len(frames), started)
         try:
             async for progress in self._send(frames, number, stats, len(frames)):
                 yield progress
@@ -383,7 +384,7 @@ class SaveSession:
         self.domain.journal.seal()
         frames = self.inject.shape_final(self.domain, self.domain.log.read_and_clear())
         rings = self.inject.rings_last()
-        stats = self._round_stats(number, frames, started)
+        stats = self._round_stats(number, len(frames), started)
         total = len(frames) + (len(rings) if rings is not None else 0)
         stats.dirty_pages = total
         try:
@@ -416,19 +417,28 @@ class SaveSession:
         started = time.monotonic()
         number = self.rounds_done
         self.domain.journal.seal()
-        frames = (np.arange(self.domain.mem.nr_frames, dtype=np.uint32) if number == 0
-                  else self.domain.log.read_and_clear())
-        stats = self._round_stats(number, frames, started)
-        self.postcopy_frames = frames
+        if number == 0:
+            to_come = np.ones(self.domain.mem.nr_frames, bool)
+        else:
+            to_come = np.zeros(self.domain.mem.nr_frames, bool)
+            to_come[self.domain.log.read_and_clear()] = True
+        # The info page goes now, with the device state: the resumed guest's first
+        # write is to it, and its fault would be waited for inside the downtime.
+        info = np.array([guestinfo.INFO_FRAME], np.uint32)
+        stats = self._round_stats(number, int(to_come.sum()), started)
+        to_come[info] = False
+        self.postcopy_frames = to_come
         self._push_after_fault = self.inject.push_after_fault
         for name, n in self.inject.fired.items():
             stats.injected[name] = n
-        await self._end_streams(discard=frames)
+        async for _ in self._send(info, number, stats, 1, end=True, final=True):
+            pass
+        await self._end_streams(discard=to_come)
         self._check_not_ended()
         self._set_state(St.DELIVERED)
         self.rounds_done += 1
         stats.duration_ns = int((time.monotonic() - started) * 1e9)
-        stats.remaining_pages = len(frames)
+        stats.remaining_pages = int(to_come.sum())
         yield pb.RoundProgress(done_pages=0, total_pages=0, bytes=0, stats=stats)
 
     async def postcopy(self) -> AsyncIterator[pb.PostcopyProgress]:
@@ -560,11 +570,11 @@ class SaveSession:
         self.postcopy_asked = True
         log.info("migration %s: post-copy asked for", self.migration_id)
 
-    def _round_stats(self, number: int, frames: np.ndarray, started: float) -> pb.RoundStats:
+    def _round_stats(self, number: int, dirty: int, started: float) -> pb.RoundStats:
         since, self._last_read = started - self._last_read, started
-        return pb.RoundStats(round=number, dirty_pages=len(frames),
+        return pb.RoundStats(round=number, dirty_pages=dirty,
                              started_ns=time.monotonic_ns(), interval_ns=int(since * 1e9),
-                             dirty_rate=len(frames) / since if number and since > 0 else 0.0)
+                             dirty_rate=dirty / since if number and since > 0 else 0.0)
 
     def _round_done(self, frames: np.ndarray, stats: pb.RoundStats,
                     started: float) -> pb.RoundProgress:

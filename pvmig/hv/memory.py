@@ -151,6 +151,17 @@ def runs(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return frames[starts], lengths
 
 
+def mask_runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(first, end) of each run of True in a per-frame mask (end exclusive)."""
+    starts = np.flatnonzero(mask[1:] & ~mask[:-1]) + 1
+    ends = np.flatnonzero(mask[:-1] & ~mask[1:]) + 1
+    if len(mask) and mask[0]:
+        starts = np.concatenate(([0], starts))
+    if len(mask) and mask[-1]:
+        ends = np.concatenate((ends, [len(mask)]))
+    return starts, ends
+
+
 def save_image(mem: GuestMemory, path: str | os.PathLike) -> np.ndarray:
     """Write the frames to a file as they are now (for `pvmig verify`), and return the
     hashes of exactly what was written: others may go on writing the memory."""

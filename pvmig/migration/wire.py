@@ -10,8 +10,10 @@ PAGES          n_frames u32 frame numbers, n_zero u32 zero-page numbers (nothing
 ROUND_END      n_frames: the pages this connection carried in the round.
 DEVICE_STATE   data_len bytes: the DeviceState message (proto, as on the gRPC stream).
 END            n_frames: how many connections the migration has.
-DISCARD        n_frames u32 frame numbers (post-copy's switch): these come later; any
-               copy the destination holds of them is stale.
+DISCARD        n_frames: the domain's frames; a bitmap of them, bit i (LSB first) for
+               frame i (post-copy's switch): these come later; any copy the
+               destination holds of them is stale. (A bitmap: 32 KiB for 1 GiB, where
+               a list of every frame was 1 MiB and its handling ms of the downtime.)
 REQUEST (back) n_frames u32 frame numbers (post-copy's urgent lane): send these first.
 MISSING (back) n_frames u32 frame numbers: the first record of a recovered post-copy's
                urgent lane, every frame the destination still lacks (QEMU's
@@ -178,13 +180,29 @@ def send_control(conn: Connection, type: int, *, round: int = 0, n_frames: int =
     conn.send([header.pack(), data] if data else [header.pack()])
 
 
+def send_bitmap(conn: Connection, type: int, mask: np.ndarray) -> None:
+    """A DISCARD record: one bit per frame of the domain."""
+    send_control(conn, type, n_frames=len(mask),
+                 data=np.packbits(mask, bitorder="little").tobytes())
+
+
+def read_bitmap(conn: Connection, header: Header, nr_frames: int) -> np.ndarray:
+    """The bool mask of a DISCARD record, checked against the domain."""
+    if header.n_frames != nr_frames or header.data_len != (nr_frames + 7) // 8:
+        raise errors.InvalidArgument(
+            f"{NAMES[header.type]} record: a bitmap of {header.n_frames} frames in "
+            f"{header.data_len} bytes, for a domain of {nr_frames} frames")
+    bits = np.frombuffer(read_control_body(conn, header), np.uint8)
+    return np.unpackbits(bits, count=nr_frames, bitorder="little").view(bool)
+
+
 def send_frames(conn: Connection, type: int, frames: np.ndarray) -> None:
-    """A DISCARD, REQUEST or MISSING record: a list of frame numbers."""
+    """A REQUEST or MISSING record: a list of frame numbers."""
     send_control(conn, type, n_frames=len(frames), data=frames.astype(_U32).tobytes())
 
 
 def read_frames(conn: Connection, header: Header, nr_frames: int) -> np.ndarray:
-    """The frame list of a DISCARD, REQUEST or MISSING record, checked against the domain."""
+    """The frame list of a REQUEST or MISSING record, checked against the domain."""
     if header.data_len != header.n_frames * _U32.itemsize:
         raise errors.InvalidArgument(f"{NAMES[header.type]} record: {header.data_len} bytes "
                                      f"for {header.n_frames} frames")

@@ -214,8 +214,9 @@ class Result:
 
 
 def _round0_gib_s(report: dict) -> float:
-    if report.get("postcopy") and report["postcopy"]["total-pages"] * PAGE_SIZE == \
-            report["ram-bytes"]:  # every page after the switch: the transfer is "round 0"
+    if report.get("postcopy") and len(report["rounds"]) == 1:
+        # every page after the switch (but the info page, sent with it): the transfer
+        # is "round 0"
         return report["ram-bytes"] / (report["postcopy"]["time-ms"] / 1e3) / (1 << 30)
     r0 = report["rounds"][0]
     return report["ram-bytes"] / (r0["duration-ms"] / 1e3) / (1 << 30)

@@ -275,3 +275,11 @@ def test_zero_rows_reads_past_a_zero_first_word(make_memory):
     mem.pages[5] = 0
     assert zero_rows(mem.pages).tolist() == [False, True, False, False, False, True]
     assert zero_rows(mem.pages[[5, 2, 1]]).tolist() == [True, False, True]
+
+
+@pytest.mark.parametrize("bits", [[1, 1, 0, 1, 0, 0, 1], [0, 1, 1, 0], [0, 0], [1, 1, 1], []])
+def test_mask_runs_are_the_runs_of_its_frames(bits):
+    mask = np.array(bits, bool)
+    starts, ends = memory.mask_runs(mask)
+    first, lengths = memory.runs(np.flatnonzero(mask))
+    assert starts.tolist() == first.tolist() and (ends - starts).tolist() == lengths.tolist()

@@ -242,3 +242,14 @@ def test_a_snapshot_batch_stays_whole_when_its_frames_change_during_the_send(
     finally:
         a.close()
         b.close()
+
+
+def test_a_discard_bitmap_round_trips_and_a_wrong_size_is_refused(pair):
+    a, b = pair
+    mask = np.zeros(1000, bool)
+    mask[[0, 7, 8, 999]] = True
+    wire.send_bitmap(a, wire.DISCARD, mask)
+    assert wire.read_bitmap(b, wire.read_header(b), 1000).tolist() == mask.tolist()
+    wire.send_bitmap(a, wire.DISCARD, mask)
+    with pytest.raises(errors.InvalidArgument, match="bitmap of 1000 frames"):
+        wire.read_bitmap(b, wire.read_header(b), 2000)
