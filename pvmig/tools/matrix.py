@@ -216,32 +216,32 @@ def row(r: dict) -> list[str]:
             str(r["transferred-mib-median"]), str(r["guest-io-per-s-median"]), r["verdict"]]
 
 
-def markdown(rows: list[dict], command: str) -> str:
-    head = "| " + " | ".join(COLUMNS) + " |\n" + "|---" * len(COLUMNS) + "|\n"
+def markdown(rows: list[dict], command: str, columns=COLUMNS, row=row) -> str:
+    head = "| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|\n"
     body = "".join("| " + " | ".join(row(r)) + " |\n" for r in rows)
     return f"`{command}`\n\n{head}{body}"
 
 
-def run_matrix(*, full: bool, runs: int, json_path: Path | None, md_path: Path | None,
-               command: str) -> int:
+def run_cells(cells: list, run_cell, *, runs: int, title: str, columns, row, said,
+              json_path: Path | None, md_path: Path | None, command: str) -> int:
+    """Each cell on a fresh pair of agents, then the table (the terminal, JSON,
+    markdown); 1 if a cell could not run at all. Shared by `pvmig matrix` and its
+    --postcopy cells."""
     from rich.console import Console
     from rich.table import Table
     console = Console(stderr=True)
     rows = []
     started = time.monotonic()
-    for cell in cells(full):
+    for cell in cells:
         with tempfile.TemporaryDirectory(prefix="pvmig-matrix-") as base:
             try:
                 run_cell(cell, runs, Path(base))
             except Exception as e:  # a cell that cannot run is reported, the rest go on
                 cell.errors.append(f"{type(e).__name__}: {e}")
         rows.append(cell.to_dict())
-        console.print(f"{cell.name}: {cell.verdict} ({cell.chance.observed} + "
-                      f"{cell.forced.observed} observed in {cell.chance.migrations} + "
-                      f"{cell.forced.migrations} migrations)")
-    table = Table(title=f"pvmig matrix: {runs} migrations left to chance and {runs} forced "
-                        f"per cell, {time.monotonic() - started:.0f} s")
-    for col in COLUMNS:
+        console.print(said(cell))
+    table = Table(title=f"{title}, {time.monotonic() - started:.0f} s")
+    for col in columns:
         table.add_column(col)
     for r in rows:
         table.add_row(*row(r))
@@ -250,5 +250,16 @@ def run_matrix(*, full: bool, runs: int, json_path: Path | None, md_path: Path |
         json_path.write_text(json.dumps({"command": command, "runs": runs, "cells": rows},
                                         indent=1) + "\n")
     if md_path:
-        md_path.write_text(markdown(rows, command))
+        md_path.write_text(markdown(rows, command, columns, row))
     return 0 if all(r["verdict"] != "error" for r in rows) else 1
+
+
+def run_matrix(*, full: bool, runs: int, json_path: Path | None, md_path: Path | None,
+               command: str) -> int:
+    return run_cells(
+        cells(full), run_cell, runs=runs, columns=COLUMNS, row=row,
+        title=f"pvmig matrix: {runs} migrations left to chance and {runs} forced per cell",
+        said=lambda c: (f"{c.name}: {c.verdict} ({c.chance.observed} + {c.forced.observed} "
+                        f"observed in {c.chance.migrations} + {c.forced.migrations} "
+                        "migrations)"),
+        json_path=json_path, md_path=md_path, command=command)

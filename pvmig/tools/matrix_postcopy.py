@@ -20,12 +20,10 @@ post-copy time and its fault latency.
 from __future__ import annotations
 
 import itertools
-import json
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -37,6 +35,7 @@ from pvmig._proto import pvmig_pb2 as pb
 from pvmig.coordinator.migrate import Options, migrate
 from pvmig.coordinator.progress import Reporter
 from pvmig.rpc.client import AgentClient
+from pvmig.tools import matrix
 from pvmig.tools.cluster import LocalCluster
 
 DEVICES = ["vbd", "vif"]
@@ -209,32 +208,9 @@ def row(r: dict) -> list[str]:
 
 
 def run(*, runs: int, json_path: Path | None, md_path: Path | None, command: str) -> int:
-    from rich.console import Console
-    from rich.table import Table
-    console = Console(stderr=True)
-    rows = []
-    started = time.monotonic()
-    for cell in cells():
-        with tempfile.TemporaryDirectory(prefix="pvmig-matrix-") as base:
-            try:
-                run_cell(cell, runs, Path(base))
-            except Exception as e:  # a cell that cannot run is reported, the rest go on
-                cell.errors.append(f"{type(e).__name__}: {e}")
-        rows.append(cell.to_dict())
-        console.print(f"{cell.name}: {cell.verdict}")
-    table = Table(title=f"pvmig matrix --postcopy: {runs} migrations left to chance, {runs} "
-                        f"with the backends first and {runs} with one frame forced per "
-                        f"cell, {time.monotonic() - started:.0f} s")
-    for col in COLUMNS:
-        table.add_column(col)
-    for r in rows:
-        table.add_row(*row(r))
-    Console().print(table)
-    if json_path:
-        json_path.write_text(json.dumps({"command": command, "runs": runs, "cells": rows},
-                                        indent=1) + "\n")
-    if md_path:
-        head = "| " + " | ".join(COLUMNS) + " |\n" + "|---" * len(COLUMNS) + "|\n"
-        body = "".join("| " + " | ".join(row(r)) + " |\n" for r in rows)
-        md_path.write_text(f"`{command}`\n\n{head}{body}")
-    return 0 if all(r["verdict"] != "error" for r in rows) else 1
+    return matrix.run_cells(
+        cells(), run_cell, runs=runs, columns=COLUMNS, row=row,
+        title=f"pvmig matrix --postcopy: {runs} migrations left to chance, {runs} with the "
+              f"backends first and {runs} with one frame forced per cell",
+        said=lambda c: f"{c.name}: {c.verdict}",
+        json_path=json_path, md_path=md_path, command=command)
