@@ -138,6 +138,16 @@ class DataChannels:
                 if not got.ok:
                     damaged.setdefault(h.round, []).append(h.seq)
                 s.received(got.landed)
+            elif h.type in (wire.DISK, wire.DISK_SYNC):
+                if s.storage is None:
+                    raise errors.InvalidArgument(f"migration {s.migration_id} copies no "
+                                                 "storage: disk records refused")
+                got = s.storage.receive(conn, h, receiver.buf)  # (its buffer, free here)
+                if h.type == wire.DISK_SYNC:  # a write-blocking write: held now
+                    wire.send_control(conn, wire.ACK, n_frames=got)
+                else:
+                    round_pages[h.round] = round_pages.get(h.round, 0) + got
+                s.received_blocks()
             elif h.type == wire.ROUND_END:
                 wire.read_control_body(conn, h)
                 wire.send_ack(conn, h.round, round_pages.pop(h.round, 0),

@@ -30,6 +30,7 @@ import numpy as np
 
 from pvmig import errors, faults
 from pvmig._proto import pvmig_pb2 as pb
+from pvmig.dom0.devices import normalise
 from pvmig.dom0.domain import Domain, DomainState
 from pvmig.host import domain_records as records
 from pvmig.host.commit_log import Role, check_migration_id
@@ -56,6 +57,7 @@ from pvmig.rpc.client import AgentClient
 
 from .channels import DataChannels
 from .postcopy import Paging
+from .storage import StorageTarget
 
 log = logging.getLogger(__name__)
 HASH_EVERY_S = 0.02  # keeps each pass, and so the wait at resume, to a few ms
@@ -81,6 +83,7 @@ class RestoreSession:
     _hasher: asyncio.Task | None = None
     data: DataChannels | None = None  # transport tcp: the data channels, by epoch
     paging: Paging | None = None  # may switch to post-copy: its frames still to come
+    storage: StorageTarget | None = None  # migrate --copy-storage: the disks arriving
     inject: frozenset = frozenset()  # the injection points (those that act here)
     injected: dict = field(default_factory=dict)
     _hash_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -121,15 +124,30 @@ class RestoreSession:
         if request.postcopy and request.save_image:
             raise errors.InvalidArgument("--save-images reads every frame at resume: not "
                                          "with post-copy, whose frames come after it")
-        dom = host.reserve(request.domain, request.ram_bytes, workload={},
-                           devices=[_device_dict(d) for d in request.devices],
-                           lazy=request.postcopy)
+        if request.copy_storage and request.postcopy:
+            raise errors.InvalidArgument("--copy-storage with post-copy: not supported (the "
+                                         "disk's last blocks go in a final pass)")
+        storage = None
+        if request.copy_storage:  # before anything is reserved: a refusal leaves nothing
+            storage = StorageTarget.create(
+                [normalise(_device_dict(d)) for d in request.devices], host.storage_dir,
+                host.name, fills_up=InjectionPoint.STORAGE_FILLS_UP in
+                injector.parse(request.inject))
+        try:
+            dom = host.reserve(request.domain, request.ram_bytes, workload={},
+                               devices=[_device_dict(d) for d in request.devices],
+                               lazy=request.postcopy)
+        except BaseException:
+            if storage is not None:
+                storage.delete()
+            raise
         dom.migration_id = request.migration_id
         session = cls(host, dom, request.migration_id, request.source_agent,
                       Lease(host.session_timeout_s, host.clock),
                       source_address=request.source_address,
                       source_instance=request.source_instance)
         session.save_image = request.save_image
+        session.storage = storage
         session.inject = injector.parse(request.inject)
         n = dom.mem.nr_frames
         session.hashes = np.zeros(n, dtype=np.uint64)
@@ -138,7 +156,10 @@ class RestoreSession:
         session.data = DataChannels(session, asyncio.get_running_loop())
         host.restores.add(session)
         try:
-            host.start_devices(dom, fresh_disks=False)  # shared storage: the same disk
+            # shared storage: the same disk; --copy-storage: the image made above
+            host.start_devices(dom, fresh_disks=False)
+            if storage is not None:
+                storage.attach(dom.pv.disks)
             await dom.start_waiting(host.log_path(dom), lazy=request.postcopy)
             if request.postcopy:
                 session.paging = Paging(session, dom.userfault, from_wire(
@@ -296,6 +317,14 @@ class RestoreSession:
         # Clear before hashing: a frame written meanwhile is marked again (see logdirty).
         frames = logdirty.take(self.unhashed)
         self.hashes[frames] = self.domain.mem.frame_hashes(frames)
+        if self.storage is not None:
+            self.storage.hash_pending()
+
+    def received_blocks(self) -> None:
+        """A data connection's thread wrote disk blocks: hashed as frames are."""
+        if self._hasher is None:
+            self._hasher = False
+            self.data.loop.call_soon_threadsafe(self._start_hasher)
 
     async def hash_received(self) -> None:
         """Hash what has been received so far (called between rounds, while the guest
@@ -422,6 +451,16 @@ class RestoreSession:
         for chunk in verify.chunks(self.hashes, causes):
             yield chunk
 
+    async def block_hashes(self) -> AsyncIterator[pb.HashChunk]:
+        """Hashes of this side's disk images as they were at resume."""
+        if self.storage is None:
+            raise errors.FailedPrecondition(
+                f"migration {self.migration_id} did not copy storage")
+        if self.domain.state == DomainState.INCOMING:
+            raise errors.FailedPrecondition("block hashes are kept from resume on")
+        for chunk in verify.chunks(self.storage.hashes(), None):
+            yield chunk
+
     def finish(self) -> None:
         """The session is no longer needed (the domain lives on)."""
         self.host.restores.remove(self.migration_id)
@@ -490,6 +529,8 @@ class RestoreSession:
             pass
         if self.host.domains.get(self.domain.name) is self.domain:
             await self.host.drop(self.domain.name)
+        if self.storage is not None:  # after the drop: blkback's fd on it is closed
+            self.storage.delete()
 
     def _check_open(self) -> None:
         if self.state is RestoreState.DISCARDED:

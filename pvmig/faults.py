@@ -55,7 +55,8 @@ COORDINATOR_PHASES = ("connect", "prepare", "begin", "stop-and-copy", "suspend",
                       "final", "commit", "committed", "resumed", "verify", "done",
                       "throttle", "streams-reconnected", "abort", "recover", "precopy", "switch",
                       "postcopy-active", "postcopy-done", "postcopy-paused",
-                      "postcopy-recovered")
+                      "postcopy-recovered", "storage", "storage-ready",
+                      "storage-not-converged")
 
 _host_dies_at = os.environ.get(AGENT_DIES_AT.env, "")
 _agent_crashes_at = os.environ.get(AGENT_CRASHES_AT.env, "")

@@ -87,6 +87,8 @@ class Source:
     limit: object | None = None  # RateLimit
     corrupt_seq: int | None = None  # an injection point: this batch goes out damaged
     tally: Tally = field(default_factory=Tally)
+    disk: object = None  # a storage round's disk (source_host.storage.SourceDisk)
+    hold: object = None  # (storage-holds-halfway: called with each disk batch first)
 
 
 class DataStream:
@@ -141,6 +143,36 @@ class DataStream:
                 src.tally.add(sent.normal, sent.zero, sent.wire_bytes)
                 if src.limit is not None:
                     src.limit.take_blocking(sent.wire_bytes)
+
+    async def send_blocks(self, src: Source, batches: Batches, number: int) -> None:
+        await self._run(self._send_blocks, src, batches, number)
+
+    def _send_blocks(self, src: Source, batches: Batches, number: int) -> None:
+        disk = src.disk
+        with self._failures():
+            for seq, blocks in batches:
+                if self.conn.has_input():  # the destination's error, said early
+                    self._expect(wire.ERROR)
+                if src.hold is not None:
+                    src.hold(blocks)
+                sent = wire.send_blocks(self.conn, disk.view, blocks, disk.log.gens,
+                                        device=disk.devid, seq=seq, round=number,
+                                        scratch=self._scratch)
+                self.sent_in_round += len(blocks)
+                src.tally.add(sent.normal, sent.zero, sent.wire_bytes)
+                if src.limit is not None:
+                    src.limit.take_blocking(sent.wire_bytes)
+
+    async def write_through(self, device: int, block: int, gen: int, data: bytes) -> None:
+        """One write-blocking write: returns once the destination's image holds it."""
+        await self._run(self._write_through, device, block, gen, data)
+
+    def _write_through(self, device: int, block: int, gen: int, data: bytes) -> None:
+        rows = np.frombuffer(data, np.uint8).reshape(1, -1)
+        with self._failures():
+            wire.send_block_rows(self.conn, wire.DISK_SYNC, np.array([block], np.uint32),
+                                 np.array([gen], np.uint32), rows, device=device)
+            wire.read_control_body(self.conn, self._expect(wire.ACK))
 
     async def end_round(self, number: int, *, wait: bool = True) -> list[Mismatch]:
         """Mark the end of a round; with wait, return once the destination has it all

@@ -2,11 +2,14 @@
 
 Phases, each one call from the coordinator:
     begin       connect to the destination agent, open the page streams, log-dirty on
+    storage     (--copy-storage) rounds of the disks alone: every block, then those
+                blkback wrote since (their logs went on at begin)
     send_all    round 0: every frame
     send_dirty  a later round: the frames dirtied since the last read of the log
     suspend     the guest acknowledges and hands over its vCPU context
     quiesce     (quiesce=backend) the backends stop and unmap before the final pass
-    send_final  the last dirty set, then the device state and the end of the stream
+    send_final  the last dirty set (and the disks' last written blocks), then the device
+                state and the end of the stream
     commit      the decision is recorded; from here the destination owns the guest
     complete    the source copy is destroyed
     abort       (any time before commit) the stream is cut and the guest goes on here
@@ -38,13 +41,14 @@ from pvmig.hv.foreign_writes import TORN
 from pvmig.hv.memory import PAGE_SIZE, save_image
 from pvmig.migration import pages, policy, recovery, verify
 from pvmig.migration.device_state import DeviceState
-from pvmig.migration.injector import Injector
+from pvmig.migration.injector import InjectionPoint, Injector
 from pvmig.migration.policy import (
     Compression,
     GrantMode,
     PersistentGrants,
     Quiesce,
     Recovery,
+    StorageMode,
     Transport,
     from_wire,
 )
@@ -66,6 +70,7 @@ from pvmig.rpc.client import AgentClient
 from .channels import Batches, DataStream, Mismatch, Source, Tally
 from .postcopy import Transfer
 from .ratelimit import RateLimit
+from .storage import StorageCopy
 from .stream import PageStream
 
 log = logging.getLogger(__name__)
@@ -98,6 +103,9 @@ class Settings:
     backend_log: bool = False
     xenstore_track: bool = False
     save_image: str = ""
+    copy_storage: bool = False
+    storage_mode: StorageMode = StorageMode.BACKGROUND
+    remove_source_storage: bool = False
 
     @classmethod
     def of(cls, request: pb.BeginRequest) -> "Settings":
@@ -120,7 +128,10 @@ class Settings:
                    grant_mode=from_wire(GrantMode, request.grant_mode),
                    max_bandwidth_mbps=request.max_bandwidth_mbps,
                    backend_log=request.backend_log, xenstore_track=request.xenstore_track,
-                   save_image=request.save_image)
+                   save_image=request.save_image, copy_storage=request.copy_storage,
+                   storage_mode=from_wire(StorageMode, request.storage_mode,
+                                          StorageMode.BACKGROUND),
+                   remove_source_storage=request.remove_source_storage)
 
 
 @dataclass
@@ -154,6 +165,8 @@ class SaveSession:
     _push_after_fault: bool = False  # (an injection point)
     allow_postcopy: bool = False  # the destination was prepared for a switch
     postcopy_asked: bool = False  # StartPostcopy: said with the next round's stats
+    storage: StorageCopy | None = None  # --copy-storage: the disks' copy
+    _mirror: DataStream | None = None  # write-blocking: the connection writes go through
     _completing: asyncio.Future | None = None  # each runs once, whoever asks
     _releasing: asyncio.Future | None = None
 
@@ -193,6 +206,8 @@ class SaveSession:
                 f"domain {dom.name!r} is already migrating ({dom.migration_id})")
         if dom.state != DomainState.RUNNING:
             raise errors.FailedPrecondition(f"domain {dom.name!r} is {dom.state}, not running")
+        if settings.copy_storage:
+            _check_copy_storage(dom, settings, request, host)
         if dom.pv is not None:  # before anything is claimed: a refusal changes nothing
             dom.pv.set_grant_policy(persistent=settings.persistent_grants or "",
                                     grant_mode=settings.grant_mode or "")
@@ -222,6 +237,10 @@ class SaveSession:
         if dom.pv is not None:
             dom.pv.set_policy(backend_log=settings.backend_log,
                               xenstore_track=settings.xenstore_track)
+        if settings.copy_storage:  # the disks' logs on: the first storage round sends all
+            session.storage = StorageCopy.start(
+                dom.pv, settings.storage_mode,
+                hold_halfway=InjectionPoint.STORAGE_HOLDS_HALFWAY in inject.points)
         # Log-dirty on: forget what was written before; round 0 sends every frame.
         dom.log.read_and_clear()
         dom.journal.reset()
@@ -267,16 +286,23 @@ class SaveSession:
                     "certificate: give both agents --tls-* or neither")
             self._tls = data_channel.client_context(self.host.security)
         host = chans.host or channel.parse_address(self.dest_address)[0]
+        # write-blocking: one more, the guest's writes go through it (never a round's)
+        mirror = int(self.settings.storage_mode is StorageMode.WRITE_BLOCKING
+                     and self.settings.copy_storage and not extra)
         opened = await asyncio.gather(*(
             DataStream.open(host, chans.port, migration_id=self.migration_id,
                             epoch=chans.epoch, index=i, key=chans.key,
                             tls=self._tls if chans.tls else None,
                             batch_pages=self.settings.batch_pages)
-            for i in range(self.settings.streams + extra)), return_exceptions=True)
+            for i in range(self.settings.streams + extra + mirror)), return_exceptions=True)
         self._streams = [s for s in opened if isinstance(s, DataStream)]
         failed = [e for e in opened if isinstance(e, BaseException)]
         if failed:
             raise failed[0]
+        if mirror:
+            self._mirror = self._streams.pop()
+            if self.storage is not None and self.storage.copied:  # (made anew)
+                self.storage.mirror_on(self._mirror)
 
     async def _reconnect(self, cause: errors.PvmigError) -> None:
         """New page streams to the destination, tried until its lease would have run
@@ -316,11 +342,24 @@ class SaveSession:
 
     # ---- rounds: send_all, send_dirty, send_final
 
-    async def round(self, number: int, final: bool, postcopy: bool = False
-                    ) -> AsyncIterator[pb.RoundProgress]:
+    async def round(self, number: int, final: bool, postcopy: bool = False,
+                    storage: bool = False) -> AsyncIterator[pb.RoundProgress]:
         """One round, as the coordinator asks for it: the phase it is, by its place.
-        postcopy: the final pass is the switch (no pages; they follow, see postcopy)."""
+        postcopy: the final pass is the switch (no pages; they follow, see postcopy).
+        storage: a round of the disks alone (numbered on their own), before memory's."""
         self._own()
+        if storage:
+            self._require(St.ACTIVE, "a storage round (while the guest runs)")
+            if self.storage is None:
+                raise errors.FailedPrecondition(
+                    f"migration {self.migration_id} was begun without --copy-storage")
+            if number != self.storage.rounds_done or self.rounds_done:
+                raise errors.InvalidArgument(
+                    f"storage round {number} requested: storage round "
+                    f"{self.storage.rounds_done} is next, before memory's rounds")
+            async for progress in self.storage_round(number):
+                yield progress
+            return
         if number != self.rounds_done:
             raise errors.InvalidArgument(
                 f"round {number} requested, round {self.rounds_done} is next")
@@ -344,6 +383,46 @@ class SaveSession:
         async for progress in phase:
             yield progress
 
+    async def storage_round(self, number: int) -> AsyncIterator[pb.RoundProgress]:
+        """The disks alone: every block first, then those blkback wrote since. In
+        write-blocking mode, the guest's writes go through from the first round's end."""
+        started = time.monotonic()
+        stats = pb.RoundStats(round=number, started_ns=time.monotonic_ns())
+        try:
+            async for progress in self._send_disks(number, stats, first=number == 0):
+                yield progress
+        except errors.Unavailable as e:
+            if self.state in SAVE_ENDING:
+                raise
+            await self._reconnect(e)  # (the blocks are marked again: the next round)
+            stats.interrupted = str(e)
+        if not stats.interrupted:
+            self.storage.copied = True  # (every block went once: round 0, or its redo)
+            if self._mirror is not None:
+                self.storage.mirror_on(self._mirror)
+        self.storage.rounds_done += 1
+        stats.duration_ns = int((time.monotonic() - started) * 1e9)
+        stats.remaining_blocks = self.storage.count()
+        self.storage.stats(stats)
+        yield pb.RoundProgress(done_pages=stats.sent_blocks + stats.zero_blocks,
+                               total_pages=stats.dirty_blocks, bytes=stats.bytes, stats=stats)
+
+    async def _send_disks(self, number: int, stats: pb.RoundStats, first: bool = False,
+                          final: bool = False) -> AsyncIterator[pb.RoundProgress]:
+        """Each disk's blocks for this round, on every stream, then the round's end; the
+        blocks taken go again if the round does not get through."""
+        taken = self.storage.take(first)
+        total = sum(len(b) for _, b in taken)
+        stats.dirty_blocks = total
+        try:
+            for i, (disk, blocks) in enumerate(taken):
+                async for progress in self._send(blocks, number, stats, total, disk=disk,
+                                                 end=i == len(taken) - 1, final=final):
+                    yield progress
+        except BaseException:
+            self.storage.again(taken)
+            raise
+
     async def send_all(self) -> AsyncIterator[pb.RoundProgress]:
         """Round 0: every frame (log-dirty went on at begin)."""
         started = time.monotonic()
@@ -362,8 +441,12 @@ class SaveSession:
                              ) -> AsyncIterator[pb.RoundProgress]:
         stats = self._round_stats(number, len(frames), started)
         try:
-            async for progress in self._send(frames, number, stats, len(frames)):
+            async for progress in self._send(frames, number, stats, len(frames),
+                                             end=self.storage is None):
                 yield progress
+            if self.storage is not None:  # and the blocks written since the last round
+                async for progress in self._send_disks(number, stats):
+                    yield progress
         except errors.Unavailable as e:
             if self.state in SAVE_ENDING:
                 raise
@@ -387,16 +470,23 @@ class SaveSession:
         stats = self._round_stats(number, len(frames), started)
         total = len(frames) + (len(rings) if rings is not None else 0)
         stats.dirty_pages = total
+        disks = self.storage is not None
         try:
             async for progress in self._send(frames, number, stats, total,
-                                             end=rings is None, final=True):
+                                             end=rings is None and not disks, final=True):
                 yield progress
             if rings is not None:
                 # write-after-final: the buffers are copied; the backends answer now;
                 # the rings, copied last, carry their responses
                 await self.inject.before_rings(self.domain)
-                async for progress in self._send(rings, number, stats, total, end=True,
-                                                 final=True):
+                async for progress in self._send(rings, number, stats, total,
+                                                 end=not disks, final=True):
+                    yield progress
+            if disks:
+                # After every frame is read: a response the copied ring holds was
+                # written after its data, whose block the log has by now.
+                self.storage.seal()
+                async for progress in self._send_disks(number, stats, final=True):
                     yield progress
             # after the final pass's pages are on their way: nothing will send it
             self.inject.after_final_pass(self.domain)
@@ -581,6 +671,9 @@ class SaveSession:
         self.rounds_done += 1
         stats.duration_ns = int((time.monotonic() - started) * 1e9)
         stats.remaining_pages = self.domain.log.count()
+        if self.storage is not None:
+            stats.remaining_blocks = self.storage.count()
+            self.storage.stats(stats)
         for name, n in self.inject.fired.items():
             stats.injected[name] = n
         stats.postcopy_asked = self.postcopy_asked
@@ -588,13 +681,13 @@ class SaveSession:
                                 bytes=stats.bytes, stats=stats)
 
     async def _send(self, frames: np.ndarray, number: int, stats: pb.RoundStats,
-                    total: int, end: bool = True, final: bool = False
+                    total: int, end: bool = True, final: bool = False, disk=None
                     ) -> AsyncIterator[pb.RoundProgress]:
-        """Send frames on every stream; with `end`, each stream then ends the round
-        with the count of what it sent in it."""
+        """Send frames on every stream (or, with `disk`, that disk's blocks); with
+        `end`, each stream then ends the round with the count of what it sent in it."""
         batches = Batches(frames, self.settings.batch_pages, self._seq)
         tally = Tally()
-        pumps = [asyncio.create_task(self._pump(s, batches, number, tally, end, final))
+        pumps = [asyncio.create_task(self._pump(s, batches, number, tally, end, final, disk))
                  for s in self._streams]
         try:
             while True:
@@ -607,26 +700,38 @@ class SaveSession:
                 # A pump waiting for the transport's room is not woken by the call's
                 # cancel (a crawling link): an aborted round ends here, the pumps below.
                 self._check_not_ended()
-                yield pb.RoundProgress(
-                    done_pages=stats.sent_pages + stats.zero_pages + tally.normal + tally.zero,
-                    total_pages=total, bytes=stats.bytes + tally.bytes)
+                done = (stats.sent_blocks + stats.zero_blocks if disk is not None
+                        else stats.sent_pages + stats.zero_pages)
+                yield pb.RoundProgress(done_pages=done + tally.normal + tally.zero,
+                                       total_pages=total, bytes=stats.bytes + tally.bytes)
         finally:
             for task in pumps:
                 task.cancel()
             await asyncio.gather(*pumps, return_exceptions=True)
             self._seq = batches.next_seq
-            stats.sent_pages += tally.normal
-            stats.zero_pages += tally.zero
+            if disk is not None:
+                stats.sent_blocks += tally.normal
+                stats.zero_blocks += tally.zero
+                stats.block_bytes += tally.bytes
+                self.storage.bytes += tally.bytes
+                self.storage.blocks_sent += tally.normal + tally.zero
+            else:
+                stats.sent_pages += tally.normal
+                stats.zero_pages += tally.zero
             stats.bytes += tally.bytes
 
     async def _pump(self, stream: PageStream | DataStream, batches: Batches, number: int,
-                    tally: Tally, end: bool, final: bool = False) -> None:
+                    tally: Tally, end: bool, final: bool = False, disk=None) -> None:
         """Send batches until there are none left, then (`end`) this stream's round end.
         The streams share one list: each batch goes on exactly one stream."""
         if isinstance(stream, DataStream):
             src = Source(self.domain, self.inject, asyncio.get_running_loop(), self.limit,
-                         self.corrupt_seq, tally)
-            await stream.send(src, batches, number)
+                         self.corrupt_seq, tally, disk=disk,
+                         hold=self.storage.hold if disk is not None else None)
+            if disk is not None:
+                await stream.send_blocks(src, batches, number)
+            else:
+                await stream.send(src, batches, number)
             if end:
                 self._settle(await stream.end_round(number, wait=not final), final=False)
             return
@@ -760,6 +865,20 @@ class SaveSession:
         for chunk in verify.chunks(hashes, causes):
             yield chunk
 
+    async def block_hashes(self) -> AsyncIterator[pb.HashChunk]:
+        """Hashes of the source's disk images now (after the final pass), and which
+        blocks blkback wrote after it (LATE: the frontend replays them there)."""
+        self._own()
+        if self.storage is None:
+            raise errors.FailedPrecondition(
+                f"migration {self.migration_id} did not copy storage")
+        if not self.storage.sealed:
+            raise errors.FailedPrecondition("block hashes are taken after the final pass")
+        hashes = await asyncio.to_thread(self.storage.hashes)
+        causes = self.storage.late()  # after the hashes: a write they saw is in it
+        for chunk in verify.chunks(hashes, causes):
+            yield chunk
+
     async def complete(self, abandon: bool = False) -> None:
         """Destroy the source copy; called by the coordinator, or by recovery (once, if
         both ask at the same time). abandon: post-copy's destination died with the
@@ -784,7 +903,15 @@ class SaveSession:
     async def _destroy(self) -> None:
         await self._close()
         self.host.saves.remove(self.migration_id)
+        paths = self.storage.paths if self.storage is not None else []
+        if self.storage is not None:
+            self.storage.stop()
         await self.host.drop(self.domain.name)
+        if self.settings.remove_source_storage:  # asked for: the copy is the disk now
+            for path in paths:
+                path.unlink(missing_ok=True)
+                log.info("migration %s: removed the source's disk image %s",
+                         self.migration_id, path)
         self._set_state(St.COMPLETED)
 
     async def abort(self, reason: str) -> None:
@@ -860,6 +987,8 @@ class SaveSession:
         await asyncio.shield(self._releasing)
 
     async def _give_back(self) -> None:
+        if self.storage is not None:  # (first: a held round's thread lets go)
+            self.storage.stop()
         try:
             await self._close()
             await self._resume_here()
@@ -889,10 +1018,25 @@ class SaveSession:
             self.host.records.refresh(dom)
 
     async def _close(self) -> None:
-        await asyncio.gather(*(s.close() for s in self._streams))
+        if self.storage is not None:
+            self.storage.mirror_off()  # (back on with new connections: _open_data_channels)
+        mirror, self._mirror = self._mirror, None
+        await asyncio.gather(*(s.close() for s in [*self._streams, *([mirror] if mirror else [])]))
         self._streams = []
         if self._dest is not None:
             await self._dest.close()
+
+
+def _check_copy_storage(dom: Domain, settings: Settings, request: pb.BeginRequest,
+                        host: Host) -> None:
+    if dom.pv is None or not dom.pv.disks:
+        raise errors.InvalidArgument(f"--copy-storage: domain {dom.name!r} has no disk")
+    if (settings.transport or host.transport) is not Transport.TCP:
+        raise errors.InvalidArgument("--copy-storage runs over the data channels: migrate "
+                                     "with --transport tcp")
+    if request.allow_postcopy:
+        raise errors.InvalidArgument("--copy-storage with post-copy: not supported (the "
+                                     "disk's last blocks go in a final pass)")
 
 
 async def resolve(host: Host, migration_id: str, reason: str, domain: str = "",

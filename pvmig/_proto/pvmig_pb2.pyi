@@ -37,6 +37,12 @@ class PostcopyDom0(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     POSTCOPY_DOM0_DEMAND: _ClassVar[PostcopyDom0]
     POSTCOPY_DOM0_UNSAFE: _ClassVar[PostcopyDom0]
 
+class StorageMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STORAGE_MODE_DEFAULT: _ClassVar[StorageMode]
+    STORAGE_MODE_BACKGROUND: _ClassVar[StorageMode]
+    STORAGE_MODE_WRITE_BLOCKING: _ClassVar[StorageMode]
+
 class Compression(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     COMPRESSION_DEFAULT: _ClassVar[Compression]
@@ -78,6 +84,9 @@ GRANT_MODE_COPY: GrantMode
 POSTCOPY_DOM0_DEFAULT: PostcopyDom0
 POSTCOPY_DOM0_DEMAND: PostcopyDom0
 POSTCOPY_DOM0_UNSAFE: PostcopyDom0
+STORAGE_MODE_DEFAULT: StorageMode
+STORAGE_MODE_BACKGROUND: StorageMode
+STORAGE_MODE_WRITE_BLOCKING: StorageMode
 COMPRESSION_DEFAULT: Compression
 COMPRESSION_NONE: Compression
 COMPRESSION_ZSTD: Compression
@@ -313,7 +322,7 @@ class MigrationRef(_message.Message):
     def __init__(self, migration_id: _Optional[str] = ..., reason: _Optional[str] = ..., domain: _Optional[str] = ..., source_instance: _Optional[str] = ..., recover: _Optional[bool] = ..., abandon: _Optional[bool] = ...) -> None: ...
 
 class BeginRequest(_message.Message):
-    __slots__ = ("migration_id", "domain", "dest_address", "batch_pages", "streams", "backend_log", "xenstore_track", "inject", "save_image", "max_bandwidth_mbps", "quiesce", "recovery", "persistent_grants", "grant_mode", "compress", "transport", "allow_postcopy")
+    __slots__ = ("migration_id", "domain", "dest_address", "batch_pages", "streams", "backend_log", "xenstore_track", "inject", "save_image", "max_bandwidth_mbps", "quiesce", "recovery", "persistent_grants", "grant_mode", "compress", "transport", "allow_postcopy", "copy_storage", "storage_mode", "remove_source_storage")
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     DOMAIN_FIELD_NUMBER: _ClassVar[int]
     DEST_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -331,6 +340,9 @@ class BeginRequest(_message.Message):
     COMPRESS_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     ALLOW_POSTCOPY_FIELD_NUMBER: _ClassVar[int]
+    COPY_STORAGE_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_MODE_FIELD_NUMBER: _ClassVar[int]
+    REMOVE_SOURCE_STORAGE_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     domain: str
     dest_address: str
@@ -348,7 +360,10 @@ class BeginRequest(_message.Message):
     compress: Compression
     transport: Transport
     allow_postcopy: bool
-    def __init__(self, migration_id: _Optional[str] = ..., domain: _Optional[str] = ..., dest_address: _Optional[str] = ..., batch_pages: _Optional[int] = ..., streams: _Optional[int] = ..., backend_log: _Optional[bool] = ..., xenstore_track: _Optional[bool] = ..., inject: _Optional[_Iterable[str]] = ..., save_image: _Optional[str] = ..., max_bandwidth_mbps: _Optional[float] = ..., quiesce: _Optional[_Union[Quiesce, str]] = ..., recovery: _Optional[_Union[Recovery, str]] = ..., persistent_grants: _Optional[_Union[PersistentGrants, str]] = ..., grant_mode: _Optional[_Union[GrantMode, str]] = ..., compress: _Optional[_Union[Compression, str]] = ..., transport: _Optional[_Union[Transport, str]] = ..., allow_postcopy: _Optional[bool] = ...) -> None: ...
+    copy_storage: bool
+    storage_mode: StorageMode
+    remove_source_storage: bool
+    def __init__(self, migration_id: _Optional[str] = ..., domain: _Optional[str] = ..., dest_address: _Optional[str] = ..., batch_pages: _Optional[int] = ..., streams: _Optional[int] = ..., backend_log: _Optional[bool] = ..., xenstore_track: _Optional[bool] = ..., inject: _Optional[_Iterable[str]] = ..., save_image: _Optional[str] = ..., max_bandwidth_mbps: _Optional[float] = ..., quiesce: _Optional[_Union[Quiesce, str]] = ..., recovery: _Optional[_Union[Recovery, str]] = ..., persistent_grants: _Optional[_Union[PersistentGrants, str]] = ..., grant_mode: _Optional[_Union[GrantMode, str]] = ..., compress: _Optional[_Union[Compression, str]] = ..., transport: _Optional[_Union[Transport, str]] = ..., allow_postcopy: _Optional[bool] = ..., copy_storage: _Optional[bool] = ..., storage_mode: _Optional[_Union[StorageMode, str]] = ..., remove_source_storage: _Optional[bool] = ...) -> None: ...
 
 class ThrottleRequest(_message.Message):
     __slots__ = ("migration_id", "percent")
@@ -381,16 +396,18 @@ class BeginReply(_message.Message):
     def __init__(self, ram_bytes: _Optional[int] = ..., nr_frames: _Optional[int] = ..., transport: _Optional[_Union[Transport, str]] = ...) -> None: ...
 
 class RoundRequest(_message.Message):
-    __slots__ = ("migration_id", "round", "final", "postcopy")
+    __slots__ = ("migration_id", "round", "final", "postcopy", "storage")
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
     POSTCOPY_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     round: int
     final: bool
     postcopy: bool
-    def __init__(self, migration_id: _Optional[str] = ..., round: _Optional[int] = ..., final: _Optional[bool] = ..., postcopy: _Optional[bool] = ...) -> None: ...
+    storage: bool
+    def __init__(self, migration_id: _Optional[str] = ..., round: _Optional[int] = ..., final: _Optional[bool] = ..., postcopy: _Optional[bool] = ..., storage: _Optional[bool] = ...) -> None: ...
 
 class PostcopyProgress(_message.Message):
     __slots__ = ("total_pages", "pushed_pages", "requested_pages", "bytes", "done", "duration_ns", "resent_pages", "paused", "paused_reason", "recoveries", "paused_ns", "lost_pages")
@@ -458,7 +475,7 @@ class PostcopyStatus(_message.Message):
     def __init__(self, total_pages: _Optional[int] = ..., missing_pages: _Optional[int] = ..., faults: _Optional[int] = ..., requests: _Optional[int] = ..., blocktime_ns: _Optional[int] = ..., latency_p50_ns: _Optional[int] = ..., latency_p99_ns: _Optional[int] = ..., latency_max_ns: _Optional[int] = ..., taken_pages: _Optional[int] = ..., paused: _Optional[bool] = ..., dom0_waits: _Optional[int] = ..., dom0_touched: _Optional[int] = ..., injected: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class RoundStats(_message.Message):
-    __slots__ = ("round", "dirty_pages", "sent_pages", "zero_pages", "bytes", "duration_ns", "dirty_rate", "started_ns", "remaining_pages", "interval_ns", "injected", "interrupted", "postcopy_asked")
+    __slots__ = ("round", "dirty_pages", "sent_pages", "zero_pages", "bytes", "duration_ns", "dirty_rate", "started_ns", "remaining_pages", "interval_ns", "injected", "interrupted", "postcopy_asked", "dirty_blocks", "sent_blocks", "zero_blocks", "block_bytes", "remaining_blocks", "write_p50_ns", "write_p99_ns", "writes", "mirrored_writes", "mirror_broken")
     class InjectedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -479,6 +496,16 @@ class RoundStats(_message.Message):
     INJECTED_FIELD_NUMBER: _ClassVar[int]
     INTERRUPTED_FIELD_NUMBER: _ClassVar[int]
     POSTCOPY_ASKED_FIELD_NUMBER: _ClassVar[int]
+    DIRTY_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    SENT_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    ZERO_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    WRITE_P50_NS_FIELD_NUMBER: _ClassVar[int]
+    WRITE_P99_NS_FIELD_NUMBER: _ClassVar[int]
+    WRITES_FIELD_NUMBER: _ClassVar[int]
+    MIRRORED_WRITES_FIELD_NUMBER: _ClassVar[int]
+    MIRROR_BROKEN_FIELD_NUMBER: _ClassVar[int]
     round: int
     dirty_pages: int
     sent_pages: int
@@ -492,7 +519,17 @@ class RoundStats(_message.Message):
     injected: _containers.ScalarMap[str, int]
     interrupted: str
     postcopy_asked: bool
-    def __init__(self, round: _Optional[int] = ..., dirty_pages: _Optional[int] = ..., sent_pages: _Optional[int] = ..., zero_pages: _Optional[int] = ..., bytes: _Optional[int] = ..., duration_ns: _Optional[int] = ..., dirty_rate: _Optional[float] = ..., started_ns: _Optional[int] = ..., remaining_pages: _Optional[int] = ..., interval_ns: _Optional[int] = ..., injected: _Optional[_Mapping[str, int]] = ..., interrupted: _Optional[str] = ..., postcopy_asked: _Optional[bool] = ...) -> None: ...
+    dirty_blocks: int
+    sent_blocks: int
+    zero_blocks: int
+    block_bytes: int
+    remaining_blocks: int
+    write_p50_ns: int
+    write_p99_ns: int
+    writes: int
+    mirrored_writes: int
+    mirror_broken: str
+    def __init__(self, round: _Optional[int] = ..., dirty_pages: _Optional[int] = ..., sent_pages: _Optional[int] = ..., zero_pages: _Optional[int] = ..., bytes: _Optional[int] = ..., duration_ns: _Optional[int] = ..., dirty_rate: _Optional[float] = ..., started_ns: _Optional[int] = ..., remaining_pages: _Optional[int] = ..., interval_ns: _Optional[int] = ..., injected: _Optional[_Mapping[str, int]] = ..., interrupted: _Optional[str] = ..., postcopy_asked: _Optional[bool] = ..., dirty_blocks: _Optional[int] = ..., sent_blocks: _Optional[int] = ..., zero_blocks: _Optional[int] = ..., block_bytes: _Optional[int] = ..., remaining_blocks: _Optional[int] = ..., write_p50_ns: _Optional[int] = ..., write_p99_ns: _Optional[int] = ..., writes: _Optional[int] = ..., mirrored_writes: _Optional[int] = ..., mirror_broken: _Optional[str] = ...) -> None: ...
 
 class RoundProgress(_message.Message):
     __slots__ = ("done_pages", "total_pages", "bytes", "stats")
@@ -529,7 +566,7 @@ class DoneReply(_message.Message):
     def __init__(self) -> None: ...
 
 class PrepareRequest(_message.Message):
-    __slots__ = ("migration_id", "domain", "ram_bytes", "source_agent", "devices", "save_image", "source_address", "source_instance", "postcopy", "postcopy_dom0", "inject")
+    __slots__ = ("migration_id", "domain", "ram_bytes", "source_agent", "devices", "save_image", "source_address", "source_instance", "postcopy", "postcopy_dom0", "inject", "copy_storage")
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     DOMAIN_FIELD_NUMBER: _ClassVar[int]
     RAM_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -541,6 +578,7 @@ class PrepareRequest(_message.Message):
     POSTCOPY_FIELD_NUMBER: _ClassVar[int]
     POSTCOPY_DOM0_FIELD_NUMBER: _ClassVar[int]
     INJECT_FIELD_NUMBER: _ClassVar[int]
+    COPY_STORAGE_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     domain: str
     ram_bytes: int
@@ -552,7 +590,8 @@ class PrepareRequest(_message.Message):
     postcopy: bool
     postcopy_dom0: PostcopyDom0
     inject: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, migration_id: _Optional[str] = ..., domain: _Optional[str] = ..., ram_bytes: _Optional[int] = ..., source_agent: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[DeviceConfig, _Mapping]]] = ..., save_image: _Optional[str] = ..., source_address: _Optional[str] = ..., source_instance: _Optional[str] = ..., postcopy: _Optional[bool] = ..., postcopy_dom0: _Optional[_Union[PostcopyDom0, str]] = ..., inject: _Optional[_Iterable[str]] = ...) -> None: ...
+    copy_storage: bool
+    def __init__(self, migration_id: _Optional[str] = ..., domain: _Optional[str] = ..., ram_bytes: _Optional[int] = ..., source_agent: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[DeviceConfig, _Mapping]]] = ..., save_image: _Optional[str] = ..., source_address: _Optional[str] = ..., source_instance: _Optional[str] = ..., postcopy: _Optional[bool] = ..., postcopy_dom0: _Optional[_Union[PostcopyDom0, str]] = ..., inject: _Optional[_Iterable[str]] = ..., copy_storage: _Optional[bool] = ...) -> None: ...
 
 class PrepareReply(_message.Message):
     __slots__ = ("guest_pid",)

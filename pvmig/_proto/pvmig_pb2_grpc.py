@@ -371,6 +371,11 @@ class MigrationSourceStub:
                 request_serializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
                 response_deserializer=pvmig_dot___proto_dot_pvmig__pb2.HashChunk.FromString,
                 _registered_method=True)
+        self.BlockHashes = channel.unary_stream(
+                '/pvmig.v1.MigrationSource/BlockHashes',
+                request_serializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
+                response_deserializer=pvmig_dot___proto_dot_pvmig__pb2.HashChunk.FromString,
+                _registered_method=True)
         self.Complete = channel.unary_unary(
                 '/pvmig.v1.MigrationSource/Complete',
                 request_serializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
@@ -464,6 +469,15 @@ class MigrationSourceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BlockHashes(self, request, context):
+        """Storage migration: a hash per 4 KiB block of each disk (in devid order) as it is
+        now, and per block whether blkback wrote it after the final pass (cause 1: the
+        frontend replays that request at the destination).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Complete(self, request, context):
         """destroy the source copy
         """
@@ -544,6 +558,11 @@ def add_MigrationSourceServicer_to_server(servicer, server):
             ),
             'FrameHashes': grpc.unary_stream_rpc_method_handler(
                     servicer.FrameHashes,
+                    request_deserializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.FromString,
+                    response_serializer=pvmig_dot___proto_dot_pvmig__pb2.HashChunk.SerializeToString,
+            ),
+            'BlockHashes': grpc.unary_stream_rpc_method_handler(
+                    servicer.BlockHashes,
                     request_deserializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.FromString,
                     response_serializer=pvmig_dot___proto_dot_pvmig__pb2.HashChunk.SerializeToString,
             ),
@@ -849,6 +868,33 @@ class MigrationSource:
             _registered_method=True)
 
     @staticmethod
+    def BlockHashes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pvmig.v1.MigrationSource/BlockHashes',
+            pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
+            pvmig_dot___proto_dot_pvmig__pb2.HashChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def Complete(request,
             target,
             options=(),
@@ -1006,6 +1052,11 @@ class MigrationDestStub:
                 request_serializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
                 response_deserializer=pvmig_dot___proto_dot_pvmig__pb2.HashChunk.FromString,
                 _registered_method=True)
+        self.BlockHashes = channel.unary_stream(
+                '/pvmig.v1.MigrationDest/BlockHashes',
+                request_serializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
+                response_deserializer=pvmig_dot___proto_dot_pvmig__pb2.HashChunk.FromString,
+                _registered_method=True)
         self.PostcopyState = channel.unary_unary(
                 '/pvmig.v1.MigrationDest/PostcopyState',
                 request_serializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
@@ -1082,6 +1133,13 @@ class MigrationDestServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BlockHashes(self, request, context):
+        """Storage migration: a hash per block of each disk image as it was at resume.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def PostcopyState(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -1141,6 +1199,11 @@ def add_MigrationDestServicer_to_server(servicer, server):
             ),
             'FrameHashes': grpc.unary_stream_rpc_method_handler(
                     servicer.FrameHashes,
+                    request_deserializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.FromString,
+                    response_serializer=pvmig_dot___proto_dot_pvmig__pb2.HashChunk.SerializeToString,
+            ),
+            'BlockHashes': grpc.unary_stream_rpc_method_handler(
+                    servicer.BlockHashes,
                     request_deserializer=pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.FromString,
                     response_serializer=pvmig_dot___proto_dot_pvmig__pb2.HashChunk.SerializeToString,
             ),
@@ -1374,6 +1437,33 @@ class MigrationDest:
             request,
             target,
             '/pvmig.v1.MigrationDest/FrameHashes',
+            pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
+            pvmig_dot___proto_dot_pvmig__pb2.HashChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BlockHashes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pvmig.v1.MigrationDest/BlockHashes',
             pvmig_dot___proto_dot_pvmig__pb2.MigrationRef.SerializeToString,
             pvmig_dot___proto_dot_pvmig__pb2.HashChunk.FromString,
             options,

@@ -184,7 +184,7 @@ class MigrationSourceServicer(pb_grpc.MigrationSourceServicer):
         session = self.host.saves.lookup(request.migration_id)
         with session.lease.hold():
             async for progress in session.round(request.round, request.final,
-                                                request.postcopy):
+                                                request.postcopy, request.storage):
                 yield progress
 
     @_status
@@ -237,6 +237,13 @@ class MigrationSourceServicer(pb_grpc.MigrationSourceServicer):
         session = self.host.saves.lookup(request.migration_id)
         with session.lease.hold():
             async for chunk in session.frame_hashes():
+                yield chunk
+
+    @_status
+    async def BlockHashes(self, request, context):
+        session = self.host.saves.lookup(request.migration_id)
+        with session.lease.hold():
+            async for chunk in session.block_hashes():
                 yield chunk
 
     @_status
@@ -335,6 +342,13 @@ class MigrationDestServicer(pb_grpc.MigrationDestServicer):
                     yield chunk
         finally:
             session.finish()
+
+    @_status
+    async def BlockHashes(self, request, context):  # (before FrameHashes, which ends it)
+        session = self.host.restores.lookup(request.migration_id)
+        with session.lease.hold():
+            async for chunk in session.block_hashes():
+                yield chunk
 
     @_status
     async def Abort(self, request, context):

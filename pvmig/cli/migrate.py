@@ -25,6 +25,7 @@ from pvmig.migration.policy import (
     PostcopyDom0,
     Quiesce,
     Recovery,
+    StorageMode,
     Transport,
     choices,
 )
@@ -75,6 +76,18 @@ def register(sub, auth) -> None:
     m.add_argument("--allow-postcopy", action="store_true",
                    help="prepare the destination for a switch asked later with pvmig "
                    "migrate-postcopy (as QEMU's postcopy-ram capability)")
+    m.add_argument("--copy-storage", action="store_true",
+                   help="copy the domain's disks to the destination's --storage-dir beside "
+                   "its memory (no shared storage): every block, then the blocks blkback "
+                   "writes meanwhile; the last of them in the final pass")
+    m.add_argument("--storage-mode", choices=choices(StorageMode),
+                   default=StorageMode.BACKGROUND.value,
+                   help="with --copy-storage: background (rounds of the blocks written) or "
+                   "write-blocking (once the first copy is done, a guest write is answered "
+                   "only after both copies hold it)")
+    m.add_argument("--remove-source-storage", action="store_true",
+                   help="with --copy-storage: remove the source's images once the migration "
+                   "is complete (the default keeps them)")
     m.add_argument("--transport", choices=choices(Transport), default=None,
                    help="how pages travel: tcp, data channels the agents open beside gRPC "
                    "(binary records, from and into guest RAM), or grpc, the PageStream "
@@ -168,7 +181,9 @@ def migrate(args) -> int:
                       postcopy_after_precopy=args.postcopy_after_precopy,
                       postcopy_on_stall=args.postcopy_on_stall,
                       allow_postcopy=args.allow_postcopy,
-                      postcopy_dom0=args.postcopy_dom0)
+                      postcopy_dom0=args.postcopy_dom0, copy_storage=args.copy_storage,
+                      storage_mode=args.storage_mode,
+                      remove_source_storage=args.remove_source_storage)
     if options.downtime_limit_ms <= 0 or options.max_rounds < 1:
         raise errors.InvalidArgument("--downtime-limit must be > 0 ms and --max-rounds >= 1")
     if options.max_bandwidth_mbps < 0:
@@ -179,6 +194,9 @@ def migrate(args) -> int:
         raise errors.InvalidArgument(f"--batch-pages must be within 1..{policy.MAX_BATCH_PAGES}")
     if sum((options.postcopy, options.postcopy_after_precopy)) > 1:
         raise errors.InvalidArgument("--postcopy and --postcopy-after-precopy: give one")
+    if options.copy_storage and options.transport is Transport.GRPC:
+        raise errors.InvalidArgument("--copy-storage runs over the data channels: not with "
+                                     "--transport grpc")
     if options.may_postcopy and options.transport is Transport.GRPC:
         raise errors.InvalidArgument("--postcopy runs over the data channels: not with "
                                      "--transport grpc")

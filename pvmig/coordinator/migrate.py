@@ -3,7 +3,10 @@
     connect    handshake with both agents, clocks, the two must be different hosts
     prepare    the destination reserves the domain and starts its guest process, waiting
     begin      the source connects to the destination and turns log-dirty on
-    precopy    round 0, then rounds until the policy says stop
+    storage    (--copy-storage) the disks alone: every block, then rounds of the blocks
+               blkback wrote, until what is left fits the downtime (background) or the
+               guest's writes go through to both copies (write-blocking)
+    precopy    round 0, then rounds until the policy says stop (with the disks' writes)
     suspend    the guest acknowledges; its last step on the source
     final      the last dirty set, then the device state; the stream ends
     ready      the destination confirms it has the whole stream and a live guest
@@ -11,8 +14,8 @@
     commit     recorded durably by the source (the point of no return), then the
                destination
     resume     the destination's guest takes its first step
-    verify     frame hashes of both memories, the source copy destroyed, then the
-               resumed guest's own checks
+    verify     frame hashes of both memories (and block hashes of both disks), the
+               source copy destroyed, then the resumed guest's own checks
 
 Pages never pass through here: the source agent streams them to the destination agent.
 """
@@ -40,6 +43,7 @@ from pvmig.migration.policy import (
     PostcopyDom0,
     Quiesce,
     Recovery,
+    StorageMode,
     Transport,
     from_wire,
     to_wire,
@@ -80,6 +84,9 @@ class Options:
     postcopy_on_stall: bool = False  # switch where pre-copy would stop without converging
     allow_postcopy: bool = False  # prepare for a switch asked later (pvmig migrate-postcopy)
     postcopy_dom0: PostcopyDom0 = PostcopyDom0.DEMAND
+    copy_storage: bool = False  # the disks come too (no shared storage)
+    storage_mode: StorageMode = StorageMode.BACKGROUND
+    remove_source_storage: bool = False  # once complete (the default keeps it, as libvirt)
 
     @property
     def may_postcopy(self) -> bool:
@@ -96,6 +103,13 @@ class Options:
                                   if self.persistent_grants else None)
         self.grant_mode = GrantMode(self.grant_mode) if self.grant_mode else None
         self.postcopy_dom0 = PostcopyDom0(self.postcopy_dom0 or PostcopyDom0.DEMAND)
+        self.storage_mode = StorageMode(self.storage_mode or StorageMode.BACKGROUND)
+        if self.copy_storage and self.may_postcopy:
+            raise errors.InvalidArgument("--copy-storage with post-copy: not supported (the "
+                                         "disk's last blocks go in a final pass)")
+        if self.remove_source_storage and not self.copy_storage:
+            raise errors.InvalidArgument("--remove-source-storage goes with --copy-storage "
+                                         "(on shared storage the image is the destination's)")
 
 
 @dataclass
@@ -144,6 +158,8 @@ class Migration:
                 await self.prepare()
                 await self.begin()
                 self.report.setup_time_s = time.monotonic() - t0
+                if self.options.copy_storage:
+                    await self.storage()
                 self._postcopy = self.options.postcopy
                 if not self._postcopy:
                     await self.precopy()
@@ -235,7 +251,7 @@ class Migration:
             devices=self._devices, save_image=self._image("dest"),
             postcopy=self.options.may_postcopy,
             postcopy_dom0=to_wire(self.options.postcopy_dom0, PostcopyDom0),
-            inject=list(self.options.inject)),
+            inject=list(self.options.inject), copy_storage=self.options.copy_storage),
             timeout=120.0)
         self._prepared = True
 
@@ -254,9 +270,40 @@ class Migration:
             compress=to_wire(self.options.compress),
             transport=to_wire(self.options.transport, Transport),
             allow_postcopy=self.options.may_postcopy,
-            max_bandwidth_mbps=self.options.max_bandwidth_mbps))
+            max_bandwidth_mbps=self.options.max_bandwidth_mbps,
+            copy_storage=self.options.copy_storage,
+            storage_mode=to_wire(self.options.storage_mode, StorageMode),
+            remove_source_storage=self.options.remove_source_storage))
         self._begun = True
         self.report.transport = from_wire(Transport, reply.transport) or ""
+
+    async def storage(self) -> None:
+        """The disks first (libvirt's order: memory pre-copy starts when the mirror is
+        ready): a round of every block, then rounds of the blocks written since, until
+        what is left would fit the downtime limit at the bandwidth the rounds showed
+        (background), or once the guest's writes go through to both copies and one
+        round has caught up (write-blocking). At the cap on rounds, memory's rounds go
+        on carrying the disks' writes."""
+        s = self.report.start_storage(self.options.storage_mode, self._devices)
+        self._phase("storage", mode=str(self.options.storage_mode),
+                    size_mib=round(s["size-bytes"] / 2**20, 1))
+        started = time.monotonic()
+        while True:
+            stats = await self._round(len(s["storage-rounds"]), final=False, storage=True)
+            if stats.interrupted:
+                continue
+            expected = policy_expected(s["storage-rounds"], stats.remaining_blocks)
+            n = len(s["storage-rounds"])
+            if self.options.storage_mode is StorageMode.WRITE_BLOCKING:
+                ready = n >= 2  # the first copy, then one round under the mirror
+            else:
+                ready = expected <= self.options.downtime_limit_ms / 1e3
+            if ready or n >= policy.MAX_STORAGE_ROUNDS:
+                break
+        s["ready"] = ready
+        s["ready-ms"] = round((time.monotonic() - started) * 1e3, 3)
+        self._phase("storage-ready" if ready else "storage-not-converged", rounds=n,
+                    remaining_blocks=stats.remaining_blocks)
 
     async def precopy(self) -> None:
         self._phase("precopy")
@@ -449,12 +496,19 @@ class Migration:
 
     async def verify(self) -> None:
         self._phase("verify")
+        disks = self.options.copy_storage
         try:
             src, causes = await self._hashes(self.source, self.source.source.FrameHashes)
+            if disks:
+                src_blocks, late = await self._hashes(self.source, self.source.source.BlockHashes)
             on_source = await self.source.call(self.source.agent.QueryDomain,
                                                pb.DomainRef(name=self.domain))
         finally:  # the guest runs on the destination: the source copy goes regardless
             await self.source.call(self.source.source.Complete, self._ref())
+        if disks:  # (before FrameHashes, which ends the destination's session)
+            dst_blocks, _ = await self._hashes(self.dest, self.dest.dest.BlockHashes)
+            self.report.set_storage_verdict(verify.differing(src_blocks, dst_blocks), late,
+                                            removed=self.options.remove_source_storage)
         dst, dst_causes = await self._hashes(self.dest, self.dest.dest.FrameHashes)
         if len(dst_causes) == len(causes) == len(src):  # (post-copy's, where dom0 was first)
             causes = np.where(dst_causes != 0, dst_causes, causes)
@@ -504,9 +558,11 @@ class Migration:
 
     # ---- helpers
 
-    async def _round(self, number: int, final: bool, postcopy: bool = False) -> RoundStats:
+    async def _round(self, number: int, final: bool, postcopy: bool = False,
+                     storage: bool = False):
+        """One round at the source; its stats (a storage round's: the proto's)."""
         req = pb.RoundRequest(migration_id=self.migration_id, round=number, final=final,
-                              postcopy=postcopy)
+                              postcopy=postcopy, storage=storage)
         started_ms = round((time.monotonic() - self.report.t0) * 1e3, 3)
         interrupted = ""
         async for p in self.source.stream(self.source.source.Round, req):
@@ -517,7 +573,15 @@ class Migration:
                 self._postcopy_asked = p.stats.postcopy_asked
                 if p.stats.injected:
                     self.report.injected = dict(p.stats.injected)
-        self.report.add_round(stats, final=final)
+                raw = p.stats
+        if storage:
+            self.report.add_storage_round(raw, started_ms)
+            if raw.interrupted:
+                self._phase("streams-reconnected", storage_round=number)
+            self.reporter.round_done(self.report.storage["storage-rounds"][-1])
+            return raw
+        self.report.add_round(stats, final=final, blocks=raw if self.options.copy_storage
+                              else None)
         self.report.rounds[-1]["started-ms"] = started_ms
         if interrupted:  # the streams broke and were made anew: the next round resends
             self.report.rounds[-1]["interrupted"] = interrupted
@@ -587,10 +651,26 @@ class Migration:
 
 
 def _stats(s: pb.RoundStats) -> RoundStats:
-    return RoundStats(round=s.round, dirty_pages=s.dirty_pages, sent_pages=s.sent_pages,
-                      zero_pages=s.zero_pages, bytes=s.bytes, duration_s=s.duration_ns / 1e9,
-                      dirty_rate=s.dirty_rate, remaining_pages=s.remaining_pages,
+    """A round as the stop policy sees it: a disk's blocks are 4 KiB as pages are, and
+    what is left of both must fit the downtime together."""
+    return RoundStats(round=s.round, dirty_pages=s.dirty_pages + s.dirty_blocks,
+                      sent_pages=s.sent_pages + s.sent_blocks,
+                      zero_pages=s.zero_pages + s.zero_blocks, bytes=s.bytes,
+                      duration_s=s.duration_ns / 1e9, dirty_rate=s.dirty_rate,
+                      remaining_pages=s.remaining_pages + s.remaining_blocks,
                       interval_s=s.interval_ns / 1e9)
+
+
+def policy_expected(rounds: list[dict], remaining_blocks: int) -> float:
+    """Seconds to send what is left of the disks at the best bandwidth a storage round
+    of 1 MiB or more has shown (any, if none has)."""
+    rates = [r["bytes"] / (r["duration-ms"] / 1e3) for r in rounds
+             if r["duration-ms"] > 0 and r["bytes"] >= 1 << 20] or \
+        [r["bytes"] / (r["duration-ms"] / 1e3) for r in rounds if r["duration-ms"] > 0]
+    best = max(rates, default=0.0)
+    if not remaining_blocks:
+        return 0.0
+    return remaining_blocks * 4096 / best if best else float("inf")
 
 
 async def _best_effort(call, errors_out: list) -> None:

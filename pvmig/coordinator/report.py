@@ -59,6 +59,7 @@ class Report:
     recovered: str = ""   # the commit's answer lost: how it was settled (pvmig.migration.recovery)
     unrecovered: bool = False  # ... or that it could not be: pvmig recover, later
     postcopy: dict | None = None  # the post-copy phase, when the migration switched to it
+    storage: dict | None = None  # migrate --copy-storage: the disks' copy
     phases: dict[str, float] = field(default_factory=dict)  # ms from the start
     t0: float = 0.0
     _precopy_s: float = 0.0
@@ -70,15 +71,78 @@ class Report:
 
     # ---- filled in by the coordinator
 
-    def add_round(self, s: RoundStats, final: bool) -> None:
+    def add_round(self, s: RoundStats, final: bool, blocks=None) -> None:
+        """A memory round; with `blocks` (its pb.RoundStats, --copy-storage), the disk
+        blocks it carried too, counted apart (s sums both, for the stop policy)."""
+        b = blocks
+        pages = s.dirty_pages - (b.dirty_blocks if b else 0)
+        mem_bytes = s.bytes - (b.block_bytes if b else 0)
         self.rounds.append({
-            "round": s.round, "final": final, "pages": s.dirty_pages,
-            "normal-pages": s.sent_pages, "zero-pages": s.zero_pages, "bytes": s.bytes,
+            "round": s.round, "final": final, "pages": pages,
+            "normal-pages": s.sent_pages - (b.sent_blocks if b else 0),
+            "zero-pages": s.zero_pages - (b.zero_blocks if b else 0), "bytes": mem_bytes,
             "duration-ms": round(s.duration_s * 1e3, 3),
             "dirty-pages-rate": round(s.dirty_rate, 1),
-            "remaining": s.remaining_pages,
+            "remaining": s.remaining_pages - (b.remaining_blocks if b else 0),
             "mbps": round(s.bytes * 8 / 1e6 / s.duration_s, 1) if s.duration_s else 0.0})
+        if b is not None:
+            self.rounds[-1]["disk"] = _blocks(b)
+            self._storage_sums(b, final)
         self._precopy_s += s.duration_s
+
+    # ---- storage migration
+
+    def start_storage(self, mode: str, devices) -> dict:
+        vbds = [d for d in devices if d.kind == "vbd"]
+        self.storage = {
+            "mode": str(mode), "disks": [{"devid": d.devid, "disk": d.disk,
+                                          "size-bytes": d.blocks * PAGE_SIZE} for d in vbds],
+            "size-bytes": sum(d.blocks for d in vbds) * PAGE_SIZE, "bytes": 0,
+            "blocks-sent": 0, "rounds": 0, "storage-rounds": [], "ready": None,
+            "ready-ms": None, "final-blocks": None, "dirty-blocks-after-first": 0,
+            "write-latency-ms": None, "mirrored-writes": 0, "mirror-broken": "",
+            "verdict": None, "source-image": None}
+        return self.storage
+
+    def add_storage_round(self, b, started_ms: float) -> None:
+        r = {"round": b.round, "storage": True, "pages": b.dirty_blocks, **_blocks(b),
+             "duration-ms": round(b.duration_ns / 1e6, 3), "started-ms": started_ms}
+        if b.interrupted:
+            r["interrupted"] = b.interrupted
+        self.storage["storage-rounds"].append(r)
+        self._storage_sums(b, final=False, first=len(self.storage["storage-rounds"]) == 1)
+
+    def _storage_sums(self, b, final: bool, first: bool = False) -> None:
+        s = self.storage
+        s["bytes"] += b.block_bytes
+        s["blocks-sent"] += b.sent_blocks + b.zero_blocks
+        s["rounds"] += 1 if b.dirty_blocks or first else 0
+        if not first:
+            s["dirty-blocks-after-first"] += b.dirty_blocks
+        if final:
+            s["final-blocks"] = b.dirty_blocks
+        if b.writes:
+            s["write-latency-ms"] = {"p50": round(b.write_p50_ns / 1e6, 3),
+                                     "p99": round(b.write_p99_ns / 1e6, 3), "writes": b.writes}
+        s["mirrored-writes"] = b.mirrored_writes
+        s["mirror-broken"] = b.mirror_broken
+
+    def set_storage_verdict(self, differing: np.ndarray | None, causes: np.ndarray,
+                            removed: bool) -> None:
+        """Blocks of the two images that differ at resume: each must be one blkback
+        wrote after the final pass (its request is replayed at the destination)."""
+        s = self.storage
+        s["source-image"] = "removed" if removed else "kept"
+        if differing is None:
+            s["verdict"] = {"disks": "size-mismatch", "unexplained": None}
+            return
+        late = causes[differing] != 0 if len(causes) else np.zeros(len(differing), bool)
+        s["verdict"] = {
+            "disks": "identical" if not len(differing) else int(len(differing)),
+            "differing-blocks": [int(b) for b in differing[:MAX_LISTED_FRAMES]],
+            "written-after-final": int(late.sum()),  # replayed by the frontend there
+            "unexplained": int((~late).sum()),
+            "unexplained-blocks": [int(b) for b in differing[~late][:MAX_LISTED_FRAMES]]}
 
     def set_memory_verdict(self, differing: np.ndarray | None, shared=(),
                            causes: np.ndarray | None = None) -> None:
@@ -179,7 +243,9 @@ class Report:
             isinstance(self.memory, int) and "guest-only" not in self.differing_by_area)
         devices_ok = all(d["guest-checks"].get("read-failures", 0) == 0
                          and d["guest-checks"].get("errors", 0) == 0 for d in self.devices)
-        return (self.status == "completed" and memory_ok and devices_ok
+        storage_ok = self.storage is None or (self.storage["verdict"] is not None
+                                              and self.storage["verdict"]["unexplained"] == 0)
+        return (self.status == "completed" and memory_ok and devices_ok and storage_ok
                 and self.guest is not None and self.guest["failed"] == 0
                 and self.guest["sweeps"] >= 1)
 
@@ -243,9 +309,30 @@ class Report:
             "postcopy-requests": (self.postcopy or {}).get("requests"),
             "postcopy-blocktime": (self.postcopy or {}).get("blocktime-ms"),
             "postcopy": self.postcopy,
+            "storage": self._storage_out(),
         }
+
+    def _storage_out(self) -> dict | None:
+        if self.storage is None:
+            return None
+        s = dict(self.storage)
+        s["bytes-ratio"] = round(s["bytes"] / s["size-bytes"], 4) if s["size-bytes"] else None
+        # blocks blkback dirtied per second, from the end of the first copy to the final
+        # pass (what the rounds after the first had to send)
+        first = s["storage-rounds"][0] if s["storage-rounds"] else None
+        final_at = self.phases.get("final")
+        if first is not None and final_at is not None:
+            span = (final_at - first["started-ms"] - first["duration-ms"]) / 1e3
+            s["dirty-rate"] = round(s["dirty-blocks-after-first"] / span, 1) if span > 0 else None
+        return s
 
     def write(self, path: str) -> None:
         text = json.dumps(self.to_dict(), indent=2) + "\n"  # whole, or nothing written
         with open(path, "w") as f:
             f.write(text)
+
+
+def _blocks(b) -> dict:
+    return {"blocks": b.dirty_blocks, "normal-blocks": b.sent_blocks,
+            "zero-blocks": b.zero_blocks, "bytes": b.block_bytes,
+            "remaining": b.remaining_blocks}

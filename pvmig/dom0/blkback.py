@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
@@ -52,6 +54,9 @@ class BlkStats:
     served: int = 0
     refused: int = 0
     in_flight: int = 0
+    # the latest writes' latency, from taking the request to its response (ns): what a
+    # write-blocking storage copy costs the guest
+    write_ns: deque = field(default_factory=lambda: deque(maxlen=8192))
 
 
 @dataclass
@@ -251,12 +256,15 @@ class BlkBack:
 
     async def _handle(self, req: np.void, hurry: asyncio.Event) -> None:
         self.stats.in_flight += 1
+        taken = time.monotonic_ns()
         try:
             status = await self._do(req, hurry)
         finally:
             self.stats.in_flight -= 1
         if self.closed or self._ring is None:
             return  # a disconnected backend answers nothing more
+        if int(req["operation"]) == BLKIF_OP_WRITE:
+            self.stats.write_ns.append(time.monotonic_ns() - taken)
         self._ring.put_response({"id": int(req["id"]), "operation": int(req["operation"]),
                                  "status": status})
         if status == BLKIF_RSP_OKAY:
@@ -294,7 +302,10 @@ class BlkBack:
         block = int(req["sector_number"]) // SECTORS_PER_FRAME
         try:
             if op == BLKIF_OP_WRITE:
-                self.disk.write(block, self._read_guest(int(seg["gref"])))
+                data = self._read_guest(int(seg["gref"]))
+                gen = self.disk.write(block, data)
+                if self.disk.mirror is not None:  # write-blocking: both copies first
+                    await self.disk.mirror(block, gen, data)
             else:
                 self._write_guest(int(seg["gref"]), self.disk.read(block))
         except errors.PvmigError as e:

@@ -38,6 +38,12 @@ test or a cell of `pvmig matrix` sees it, not a lucky run:
                            (no page has arrived yet, with push-after-fault), dom0 reads the
                            frame in the middle of its RAM as a backend's grant map would;
                            policy postcopy-dom0 says what that does
+    storage-holds-halfway  (migrate --copy-storage) the first storage round stops once
+                           half the disk has gone, until the migration is aborted: an
+                           abort, a cancel or a crash always finds the copy under way
+    storage-fills-up       (migrate --copy-storage) at the destination, the first disk
+                           batch past half the disk fails as a full disk's write would
+                           (ENOSPC)
 
 The first three need a block request in flight at the final pass. Left to chance, the
 backends have usually answered everything by then (the disk is faster than the time
@@ -78,6 +84,8 @@ class InjectionPoint(StrEnum):
     PUSH_STOPS_HALFWAY = "push-stops-halfway"
     POSTCOPY_BREAKS_HALFWAY = "postcopy-breaks-halfway"
     PUSH_DEVICES_LAST = "push-devices-last"
+    STORAGE_HOLDS_HALFWAY = "storage-holds-halfway"
+    STORAGE_FILLS_UP = "storage-fills-up"
 
 
 P = InjectionPoint

@@ -19,6 +19,10 @@ Policies of the experiment (docs/DESIGN.md, "Experiment matrix"):
                        Xen's paging makes a foreign map fail and the backend retry;
                        unsafe: it reads or writes dom0's own mapping of the RAM file,
                        where the frame is a hole: a zero page the guest then sees
+    storage-mode       (migrate --copy-storage) background: rounds of the blocks blkback
+                       wrote, the last of them in the final pass; write-blocking: once
+                       the first copy is done, a write is acknowledged only after both
+                       copies hold it (QEMU's copy-mode=write-blocking)
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ from pvmig._proto import pvmig_pb2 as pb
 from pvmig.hv.grant_table import GrantMode
 from pvmig.pv.recovery import Recovery
 
+# (Recovery and GrantMode: their layers')
 __all__ = ["Quiesce", "Recovery", "PersistentGrants", "GrantMode", "Compression", "Transport",
-           "PostcopyDom0", "choices", "to_wire", "from_wire"]  # (Recovery and GrantMode: their layers')
+           "PostcopyDom0", "StorageMode", "choices", "to_wire", "from_wire"]
 
 
 class Quiesce(StrEnum):
@@ -53,6 +58,11 @@ class Compression(StrEnum):
 class PostcopyDom0(StrEnum):
     DEMAND = "demand"
     UNSAFE = "unsafe"
+
+
+class StorageMode(StrEnum):
+    BACKGROUND = "background"
+    WRITE_BLOCKING = "write-blocking"
 
 
 class Transport(StrEnum):
@@ -82,6 +92,11 @@ VERIFY_TIMEOUT_S = 60.0  # for the resumed guest to sweep its memory once
 # Post-copy: once the source's push has ended, the last pages have this long to be
 # placed before the destination says frames are lost.
 POSTCOPY_END_S = 60.0
+# Storage migration: rounds of the disk alone (before memory's) at most; the rest of
+# what blkback writes goes with memory's rounds
+MAX_STORAGE_ROUNDS = 10
+# Room the destination keeps free beside a copied disk (its own logs and records)
+STORAGE_HEADROOM_BYTES = 16 << 20
 
 
 def batch_pages(transport: Transport) -> int:
@@ -104,6 +119,7 @@ _WIRE = {  # policy -> (its proto enum, the prefix of its value names)
     Compression: (pb.Compression, "COMPRESSION_"),
     Transport: (pb.Transport, "TRANSPORT_"),
     PostcopyDom0: (pb.PostcopyDom0, "POSTCOPY_DOM0_"),
+    StorageMode: (pb.StorageMode, "STORAGE_MODE_"),
 }
 P = TypeVar("P", bound=StrEnum)
 

@@ -1,6 +1,6 @@
 """Records on a data channel (transport tcp): a fixed 36-byte header, then its body.
 
-    type u8 | encoding u8 | reserved u16 | round u32 | seq u64 |
+    type u8 | encoding u8 | device u16 | round u32 | seq u64 |
     n_frames u32 | n_zero u32 | data_len u32 | checksum u64
 
 PAGES          n_frames u32 frame numbers, n_zero u32 zero-page numbers (nothing else
@@ -18,6 +18,13 @@ REQUEST (back) n_frames u32 frame numbers (post-copy's urgent lane): send these 
 MISSING (back) n_frames u32 frame numbers: the first record of a recovered post-copy's
                urgent lane, every frame the destination still lacks (QEMU's
                recv bitmap): what a broken connection carried and lost goes again.
+DISK           (migrate --copy-storage) blocks of disk `device` (its devid):
+               n_frames u32 block numbers, n_zero u32 zero-block numbers, a u32
+               generation for each of them (in that order), then the blocks' data
+               (raw). Counted in the round as pages are. The destination keeps a block
+               only if it is not older than the copy it holds.
+DISK_SYNC      as DISK, one write-blocking write: answered at once by an ACK
+               (n_frames: blocks held) once the destination's image has it.
 ACK (back)     a round end's answer: n_frames pages received, n_zero seqs of batches
                whose checksum failed after they landed, as u64 in the body.
 END_ACK (back) the end is in.
@@ -52,10 +59,10 @@ from pvmig.rpc.data_channel import Closed, Connection
 
 HEADER = struct.Struct("<BBHIQIIIQ")
 (PAGES, ROUND_END, DEVICE_STATE, END, ACK, END_ACK, ERROR, DISCARD, REQUEST,
- MISSING) = range(1, 11)
+ MISSING, DISK, DISK_SYNC) = range(1, 13)
 NAMES = {PAGES: "pages", ROUND_END: "round end", DEVICE_STATE: "device state", END: "end",
          ACK: "ack", END_ACK: "end ack", ERROR: "error", DISCARD: "discard",
-         REQUEST: "request", MISSING: "missing"}
+         REQUEST: "request", MISSING: "missing", DISK: "disk", DISK_SYNC: "disk sync"}
 RAW, ZSTD = 0, 1
 MAX_PARTS = 32  # runs sent as views of guest RAM at most; more are gathered
 MAX_CONTROL = 16 << 20  # a device state or an error message
@@ -73,16 +80,17 @@ class Header:
     n_zero: int = 0
     data_len: int = 0
     checksum: int = 0
+    device: int = 0  # DISK, DISK_SYNC: the disk's devid
 
     def pack(self, checksum: int | None = None) -> bytes:
-        return HEADER.pack(self.type, self.encoding, 0, self.round, self.seq, self.n_frames,
-                           self.n_zero, self.data_len,
+        return HEADER.pack(self.type, self.encoding, self.device, self.round, self.seq,
+                           self.n_frames, self.n_zero, self.data_len,
                            self.checksum if checksum is None else checksum)
 
     @classmethod
     def unpack(cls, raw) -> "Header":
-        t, enc, _, rnd, seq, n, z, length, csum = HEADER.unpack(raw)
-        return cls(t, enc, rnd, seq, n, z, length, csum)
+        t, enc, dev, rnd, seq, n, z, length, csum = HEADER.unpack(raw)
+        return cls(t, enc, rnd, seq, n, z, length, csum, dev)
 
 
 def checksum(header: Header, parts) -> int:
@@ -171,6 +179,61 @@ def _views(pages: np.ndarray, frames: np.ndarray, scratch: Scratch) -> list:
     if len(starts) <= MAX_PARTS:
         return [pages[s:s + n] for s, n in zip(starts.tolist(), lengths.tolist())]
     return [np.take(pages, frames, axis=0, out=scratch.gather[:len(frames)])]
+
+
+def send_blocks(conn: Connection, image: np.ndarray, blocks: np.ndarray, gens: np.ndarray, *,
+                device: int, seq: int, round: int, scratch: Scratch) -> Sent:
+    """One DISK record of `blocks` (at most scratch.batch_pages) of a disk image (its
+    (blocks, 4096) view), with their generations. The generations are read first, then
+    the blocks gathered into the scratch buffer, and the checksum and the send are of
+    that copy: blkback may write the image meanwhile (the block goes again; its copy
+    here is not older than the generation sent with it)."""
+    gen = gens[blocks]  # (a copy, before the data)
+    rows = np.take(image, blocks, axis=0, out=scratch.gather[:len(blocks)])
+    return send_block_rows(conn, DISK, blocks, gen, rows, device=device, seq=seq, round=round)
+
+
+def send_block_rows(conn: Connection, type: int, blocks: np.ndarray, gens: np.ndarray,
+                    rows: np.ndarray, *, device: int, seq: int = 0, round: int = 0) -> Sent:
+    """A DISK or DISK_SYNC record of these blocks' rows (zero rows as numbers only)."""
+    zero = zero_rows(rows)
+    keep = ~zero
+    blocks, zero_blocks = blocks[keep], blocks[zero]
+    gens = np.concatenate((gens[keep], gens[zero])).astype(_U32)
+    parts = [rows[keep]] if zero.any() and len(blocks) else ([rows] if len(blocks) else [])
+    fbytes, zbytes = blocks.astype(_U32).tobytes(), zero_blocks.astype(_U32).tobytes()
+    data_len = len(blocks) * PAGE_SIZE
+    header = Header(type, RAW, round, seq, len(blocks), len(zero_blocks), data_len,
+                    device=device)
+    body = [fbytes, zbytes, gens.tobytes(), *parts]
+    header.checksum = checksum(header, body)
+    conn.send([header.pack(), *body])
+    return Sent(len(blocks), len(zero_blocks),
+                HEADER.size + len(fbytes) + len(zbytes) + 4 * len(gens) + data_len)
+
+
+def read_blocks(conn: Connection, h: Header, buf: np.ndarray, nr_blocks: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A DISK or DISK_SYNC record's (blocks, zero blocks, generations, rows), checked
+    against the disk's size before its data is read, and against its checksum after
+    (the source sends a copy: a mismatch is damage on the way)."""
+    n = h.n_frames + h.n_zero
+    if n > len(buf) or h.encoding != RAW or h.data_len != h.n_frames * PAGE_SIZE:
+        raise errors.InvalidArgument(
+            f"disk batch {h.seq}: {h.n_frames} blocks and {h.n_zero} zero blocks in "
+            f"{h.data_len} bytes (encoding {h.encoding}; at most {len(buf)} blocks, raw)")
+    lists = np.empty(2 * n, _U32)
+    conn.recv_into(lists)
+    if n and int(lists[:n].max()) >= nr_blocks:
+        raise errors.InvalidArgument(f"disk batch {h.seq}: block {int(lists[:n].max())} is "
+                                     f"outside disk {h.device} ({nr_blocks} blocks)")
+    rows = buf[:h.n_frames]
+    conn.recv_into(rows)
+    blocks, zero, gens = lists[:h.n_frames], lists[h.n_frames:n], lists[n:]
+    if checksum(h, [blocks, zero, gens, rows]) != h.checksum:
+        raise errors.DataLoss(f"disk {h.device} batch {h.seq}: checksum mismatch (the "
+                              "source sends a copy: damaged on the way)")
+    return blocks, zero, gens, rows
 
 
 def send_control(conn: Connection, type: int, *, round: int = 0, n_frames: int = 0,
@@ -343,6 +406,7 @@ class Receiver:
         return out
 
 
-__all__ = ["Closed", "Header", "Receiver", "Scratch", "Sent", "send_pages", "send_control",
+__all__ = ["Closed", "Header", "Receiver", "Scratch", "Sent", "send_pages", "send_blocks",
+           "send_block_rows", "read_blocks", "send_control",
            "send_frames", "read_frames", "send_ack", "send_error", "read_header",
            "read_control_body", "error_of"]
