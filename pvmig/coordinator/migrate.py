@@ -302,8 +302,11 @@ class Migration:
                 break
         s["ready"] = ready
         s["ready-ms"] = round((time.monotonic() - started) * 1e3, 3)
-        self._phase("storage-ready" if ready else "storage-not-converged", rounds=n,
-                    remaining_blocks=stats.remaining_blocks)
+        if ready:
+            self._phase("storage-ready", rounds=n, remaining_blocks=stats.remaining_blocks)
+        else:  # memory's rounds carry the rest
+            self._phase("storage-not-converged", rounds=n,
+                        remaining_blocks=stats.remaining_blocks)
 
     async def precopy(self) -> None:
         self._phase("precopy")
