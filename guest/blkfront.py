@@ -19,6 +19,7 @@ import numpy as np
 
 from pvmig.hv.evtchn import GuestEvents
 from pvmig.hv.grant_table import GuestGrants
+from pvmig.pv.content import block_pattern  # noqa: F401 (the guest's name)
 from pvmig.pv.devlayout import BLK_MAGIC, BLK_SLOTS, FREE, INFLIGHT, MAX_FAILED, BlkArea
 from pvmig.pv.ring import (
     BLKIF,
@@ -31,14 +32,8 @@ from pvmig.pv.ring import (
 )
 
 from .memapi import VcpuMemory
-from .workload import pattern
 
 DOM0 = 0
-BLOCK_TAG = np.uint64(1 << 40)  # block patterns never equal memory-page patterns
-
-
-def block_pattern(blocks: np.ndarray, versions: np.ndarray) -> np.ndarray:
-    return pattern(blocks.astype(np.uint64) | BLOCK_TAG, versions)
 
 
 class BlkFront:
@@ -196,8 +191,9 @@ class BlkFront:
             self.counters[name] += n
 
 
-def format_area(vm: VcpuMemory, area: BlkArea) -> None:
-    """First boot: empty shadow, every block at version 0 (the disk starts zeroed)."""
+def format_area(vm: VcpuMemory, area: BlkArea, filled: int = 0) -> None:
+    """First boot: empty shadow, every block at version 0 (zeroed), but the first
+    `filled`, at version 1 (the disk was provisioned with content)."""
     mem = vm.mem
     with vm.writing(np.arange(area.shadow, area.buffers)):
         counters = area.counters(mem)
@@ -205,6 +201,7 @@ def format_area(vm: VcpuMemory, area: BlkArea) -> None:
         counters["first_failure_block"] = -1
         area.shadow_table(mem)[:] = np.zeros((), area.shadow_table(mem).dtype)
         area.version_table(mem)[:] = 0
+        area.version_table(mem)[:filled] = 1
         counters["magic"] = BLK_MAGIC
 
 

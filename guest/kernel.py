@@ -81,7 +81,9 @@ class Kernel:
         kernel = cls(vm, np.random.default_rng(config["seed"]))
         kernel.work.fill(config["fill"])
         if vbd:
-            format_area(vm, BlkArea.at(lay.dev_first, int(vbd["blocks"])))
+            blocks = int(vbd["blocks"])
+            format_area(vm, BlkArea.at(lay.dev_first, blocks),
+                        filled=int(float(vbd.get("fill", 0.0)) * blocks))
         if vif:
             format_net_area(vm, NetArea.at(net_first))
         return kernel

@@ -14,33 +14,9 @@ import numpy as np
 
 from pvmig.hv.memory import PAGE_SIZE, PAGE_WORDS
 from pvmig.pv import guestinfo
+from pvmig.pv.content import PAGE_MAGIC, pattern  # noqa: F401 (the guest's names)
 
 from .memapi import VcpuMemory
-
-PAGE_MAGIC = np.uint64(0x7061_6765_2D67_656E)  # "page-gen"
-_HEADER = 4
-_IDX = np.arange(PAGE_WORDS - _HEADER, dtype=np.uint64)
-_K1, _K2, _K3, _K4 = (np.uint64(k) for k in (
-    0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93))
-
-
-def pattern(frames: np.ndarray, gens: np.ndarray) -> np.ndarray:
-    """The pages that frames must hold at generations gens, as (n, 512) u64."""
-    f = frames.astype(np.uint64)[:, None]
-    g = gens.astype(np.uint64)[:, None]
-    out = np.empty((len(frames), PAGE_WORDS), dtype=np.uint64)
-    payload = out[:, _HEADER:]
-    np.multiply(f, _K1, out=payload)  # noqa: the broadcast fills every column
-    payload += g * _K2
-    payload += _IDX * _K3
-    payload ^= payload >> np.uint64(31)
-    payload *= _K4
-    out[:, 0] = f[:, 0]
-    out[:, 1] = g[:, 0]
-    out[:, 2] = np.bitwise_xor.reduce(payload, axis=1)
-    out[:, 3] = PAGE_MAGIC
-    out[gens == 0] = 0
-    return out
 
 
 class MemoryWorkload:

@@ -155,7 +155,7 @@ class WorkloadConfig(_message.Message):
     def __init__(self, dirty_rate: _Optional[float] = ..., hot_fraction: _Optional[float] = ..., hot_share: _Optional[float] = ..., fill: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class DeviceConfig(_message.Message):
-    __slots__ = ("kind", "devid", "disk", "blocks", "latency_ms", "persistent", "grant_mode", "io_rate")
+    __slots__ = ("kind", "devid", "disk", "blocks", "latency_ms", "persistent", "grant_mode", "io_rate", "fill")
     KIND_FIELD_NUMBER: _ClassVar[int]
     DEVID_FIELD_NUMBER: _ClassVar[int]
     DISK_FIELD_NUMBER: _ClassVar[int]
@@ -164,6 +164,7 @@ class DeviceConfig(_message.Message):
     PERSISTENT_FIELD_NUMBER: _ClassVar[int]
     GRANT_MODE_FIELD_NUMBER: _ClassVar[int]
     IO_RATE_FIELD_NUMBER: _ClassVar[int]
+    FILL_FIELD_NUMBER: _ClassVar[int]
     kind: str
     devid: int
     disk: str
@@ -172,7 +173,8 @@ class DeviceConfig(_message.Message):
     persistent: bool
     grant_mode: str
     io_rate: float
-    def __init__(self, kind: _Optional[str] = ..., devid: _Optional[int] = ..., disk: _Optional[str] = ..., blocks: _Optional[int] = ..., latency_ms: _Optional[float] = ..., persistent: _Optional[bool] = ..., grant_mode: _Optional[str] = ..., io_rate: _Optional[float] = ...) -> None: ...
+    fill: float
+    def __init__(self, kind: _Optional[str] = ..., devid: _Optional[int] = ..., disk: _Optional[str] = ..., blocks: _Optional[int] = ..., latency_ms: _Optional[float] = ..., persistent: _Optional[bool] = ..., grant_mode: _Optional[str] = ..., io_rate: _Optional[float] = ..., fill: _Optional[float] = ...) -> None: ...
 
 class DeviceStats(_message.Message):
     __slots__ = ("kind", "devid", "served", "refused", "guest", "address", "failed_frames")

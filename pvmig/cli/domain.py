@@ -35,6 +35,9 @@ def register(sub, auth) -> None:
                    "--storage-dir)")
     c.add_argument("--disk-blocks", type=int, default=256, metavar="N",
                    help="disk size in 4 KiB blocks")
+    c.add_argument("--disk-fill", type=float, default=0.0, metavar="F",
+                   help="the fraction of the disk's blocks created with content (the rest "
+                   "zero): a disk with data on it, to copy")
     c.add_argument("--disk-latency-ms", type=float, default=0.0, metavar="MS",
                    help="delay blkback adds to every request (a slow disk)")
     c.add_argument("--disk-io-rate", type=float, default=200.0, metavar="N",
@@ -70,10 +73,12 @@ def domain_create(args) -> int:
         raise errors.InvalidArgument(f"a vbd has 1..{1 << 20} blocks, not {args.disk_blocks}")
     if args.disk and (args.disk_latency_ms < 0 or args.disk_io_rate < 0):
         raise errors.InvalidArgument("--disk-latency-ms and --disk-io-rate must be >= 0")
+    if args.disk and not 0.0 <= args.disk_fill <= 1.0:
+        raise errors.InvalidArgument(f"--disk-fill is a fraction, 0..1, not {args.disk_fill}")
     if args.disk:
         devices.append(pb.DeviceConfig(
             kind="vbd", devid=0, disk=args.disk, blocks=args.disk_blocks,
-            latency_ms=args.disk_latency_ms, io_rate=args.disk_io_rate,
+            latency_ms=args.disk_latency_ms, io_rate=args.disk_io_rate, fill=args.disk_fill,
             persistent=args.persistent_grants, grant_mode=args.grant_mode))
 
     if args.vif:

@@ -16,6 +16,8 @@ import asyncio
 import logging
 from pathlib import Path
 
+import numpy as np
+
 from pvmig import errors
 from pvmig.dom0.blkback import BlkBack
 from pvmig.dom0.disk import DiskImage
@@ -26,6 +28,7 @@ from pvmig.hv.evtchn import BackendPort
 from pvmig.hv.foreign_writes import XENSTORED
 from pvmig.hv.grant_table import GrantMode
 from pvmig.pv import guestinfo
+from pvmig.pv.content import block_pattern
 from pvmig.pv.devlayout import (
     BlkArea,
     NetArea,
@@ -46,7 +49,7 @@ def normalise(config: dict) -> dict:
         return {"kind": "vif", "devid": 0, "disk": "", **config}
     cfg = {"kind": "vbd", "devid": 0, "disk": "", "blocks": 256, "latency_ms": 0.0,
            "persistent": False, "grant_mode": GrantMode.MAP.value, "io_rate": 200.0,
-           **config}
+           "fill": 0.0, **config}
     if cfg["kind"] != "vbd":
         raise errors.InvalidArgument(f"device kind {cfg['kind']!r}: use 'vbd' or 'vif'")
     if not cfg["disk"]:
@@ -58,7 +61,22 @@ def normalise(config: dict) -> dict:
         raise errors.InvalidArgument(f"a vbd has 1..{1 << 20} blocks, not {cfg['blocks']}")
     if cfg["latency_ms"] < 0 or cfg["io_rate"] < 0:
         raise errors.InvalidArgument("latency and I/O rate must be >= 0")
+    if not 0.0 <= cfg["fill"] <= 1.0:
+        raise errors.InvalidArgument(f"a disk's fill is a fraction of it, 0..1, not {cfg['fill']}")
     return cfg
+
+
+def filled_blocks(cfg: dict) -> int:
+    """The blocks a vbd is created with content in (its first ones)."""
+    return int(cfg.get("fill", 0.0) * cfg["blocks"])
+
+
+def provision(disk: DiskImage, n: int, chunk: int = 4096) -> None:
+    """Blocks 0..n-1 at version 1, as the guest's writes would leave them."""
+    for lo in range(0, n, chunk):
+        blocks = np.arange(lo, min(lo + chunk, n), dtype=np.uint32)
+        disk.write_rows(blocks, block_pattern(blocks, np.ones(len(blocks), np.uint32))
+                        .view(np.uint8).reshape(len(blocks), -1))
 
 
 def disk_path(disk: str, storage_dir: Path | None) -> Path:
@@ -92,6 +110,10 @@ class DomainDevices:
         self.disks = {c["devid"]: DiskImage(disk_path(c["disk"], storage_dir), c["blocks"],
                                             fresh=fresh_disks)
                       for c in self.configs if c["kind"] == "vbd"}
+        if fresh_disks:  # a new domain: its disks as provisioned
+            for c in self.configs:
+                if c["kind"] == "vbd" and c["fill"]:
+                    provision(self.disks[c["devid"]], filled_blocks(c))
         self.nets: dict[int, NetBack] = {}
         self.on_records = None  # backend_records() changed (the host keeps them)
         dom.on_xenstore = self.introduce

@@ -49,7 +49,8 @@ def _blk(info) -> dict:
 def create_busy(address: str, blocks: int = BLOCKS) -> None:
     """vm: 32 MiB, a disk at work (5 ms a request, 300 requests a second)."""
     r = pvmig("domain", "create", "vm", "--agent", address, "--ram-mb", "32", "--dirty-rate",
-              "2000", "--disk", DISK, "--disk-blocks", str(blocks), "--disk-latency-ms", "5",
+              "2000", "--disk", DISK, "--disk-blocks", str(blocks), "--disk-fill", "0.5",
+              "--disk-latency-ms", "5",
               "--disk-io-rate", "300")
     assert r.returncode == 0, r.stderr
 
