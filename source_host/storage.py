@@ -89,6 +89,10 @@ class StorageCopy:
             blocks = d.log.take()
             if first:
                 blocks = np.arange(d.image.blocks, dtype=np.uint32)
+            if first and self._hold_at is not None and d is self.disks[0]:
+                # (storage-holds-halfway: two parts, the second's first batch held)
+                out += [(d, blocks[:self._hold_at]), (d, blocks[self._hold_at:])]
+                continue
             out.append((d, blocks))
         return out
 

@@ -324,6 +324,10 @@ class Report:
         if first is not None and final_at is not None:
             span = (final_at - first["started-ms"] - first["duration-ms"]) / 1e3
             s["dirty-rate"] = round(s["dirty-blocks-after-first"] / span, 1) if span > 0 else None
+        # the guest's writes blkback served from begin to the final pass, a second
+        lat, begin_at = s["write-latency-ms"], self.phases.get("begin")
+        if lat and final_at is not None and begin_at is not None and final_at > begin_at:
+            s["writes-s"] = round(lat["writes"] / ((final_at - begin_at) / 1e3), 1)
         return s
 
     def write(self, path: str) -> None:

@@ -15,6 +15,11 @@ headline: these machines are shared.
 Dirty rates: idle (0), moderate (MODERATE pages/s), heavy (above the link: 1.5 times
 what the cap carries, or HEAVY pages/s uncapped; with auto-converge, and without it
 once to show that it does not converge).
+
+Storage cells (issue 17): a guest with a 256 MiB disk, provisioned full, written 300
+times a second (STORAGE_DISK), migrated with the disk on shared storage and copied
+beside memory in both modes (--copy-storage): what the copy costs in downtime and disk
+bytes, and what write-blocking costs the guest's writes.
 """
 
 from __future__ import annotations
@@ -49,6 +54,9 @@ MODERATE = 2000      # pages/s: 8 MB/s of writes
 HEAVY = 60000        # pages/s, uncapped
 BUSY_DISK = {"latency_ms": 2.0, "io_rate": 300.0}
 PEER_RATE = 200.0    # the net peer's requests per second to a busy guest
+# the storage cells' disk: 256 MiB, full, 300 writes a second (half the requests are
+# writes: 600 a second)
+STORAGE_DISK = {"blocks": 65536, "fill": 1.0, "latency_ms": 2.0, "io_rate": 600.0}
 
 
 @dataclass(frozen=True)
@@ -64,6 +72,9 @@ class Cell:
     transport: str = policy.TRANSPORT.value
     tls: bool = False  # the agents under mutual TLS
     mode: str = "precopy"  # precopy, postcopy (--postcopy), hybrid (--postcopy-after-precopy)
+    # devices "disk": its storage: shared (both agents reach the image), or copied with
+    # --copy-storage in that --storage-mode (background, write-blocking)
+    storage: str = ""
 
     @property
     def name(self) -> str:
@@ -75,8 +86,11 @@ class Cell:
         written = ", all written" if self.fill >= 1.0 else ""
         how = self.transport + (" + mutual TLS" if self.tls else "")
         mode = f", {self.mode}" if self.mode != "precopy" else ""
+        disk = (f", {STORAGE_DISK['blocks'] >> 8} MiB disk "
+                + ("on shared storage" if self.storage == "shared"
+                   else f"copied ({self.storage})")) if self.storage else ""
         return (f"{self.ram_mb} MiB{written}, dirty {self.dirty}, devices {self.devices}"
-                f"{cap}{ac}{limit}, {how}{mode}")
+                f"{disk}{cap}{ac}{limit}, {how}{mode}")
 
     def dirty_rate(self) -> float:
         if self.dirty == "idle":
@@ -109,6 +123,7 @@ def grid(quick: bool, runs: int) -> list[Cell]:
                   Cell(ram, "heavy", cap_mbps=1000, runs=runs, fill=1.0, mode="postcopy"),
                   Cell(ram, "heavy", cap_mbps=1000, runs=runs, fill=1.0, mode="hybrid"),
                   Cell(ram, "heavy", runs=runs, fill=1.0, mode="postcopy")]
+    cells += storage_cells(runs)
     # the downtime target's cells: 10 runs, QEMU's default limit and a tight one
     cells[cells.index(Cell(1024, "moderate", "busy", runs=runs))] = \
         Cell(1024, "moderate", "busy", runs=max(runs, 10))
@@ -116,6 +131,12 @@ def grid(quick: bool, runs: int) -> list[Cell]:
                  Cell(1024, "moderate", "busy", runs=max(runs, 10), downtime_limit_ms=5.0))
     cells.append(Cell(4096, "idle", runs=1, fill=1.0))
     return cells
+
+
+def storage_cells(runs: int) -> list[Cell]:
+    """Issue 17's: the same guest and disk, the disk shared, then copied in each mode."""
+    return [Cell(256, "moderate", "disk", runs=runs, storage=s)
+            for s in ("shared", "background", "write-blocking")]
 
 
 class MemorySampler:
@@ -210,7 +231,32 @@ class Result:
                 "blocktime-ms-median": _med([p["blocktime-ms"] for p in pcs]),
                 "guest-checks-failed": sum(r["verification"]["guest-checks"]["failed"]
                                            for r in done)}
+        if self.cell.storage:
+            out["storage"] = _storage_summary(self.cell, done)
         return out
+
+
+def _storage_summary(cell: Cell, done: list[dict]) -> dict:
+    """What the disk's copy cost (copied cells), and what the guest's writes saw."""
+    st = [r["storage"] for r in done if r.get("storage")]
+    disk = [d for r in done for d in r["devices"] if d["kind"] == "vbd"]
+    lat = [s["write-latency-ms"] for s in st if s["write-latency-ms"]]
+    return {
+        "mode": cell.storage, "disk-mb": STORAGE_DISK["blocks"] >> 8,
+        "disk-bytes-per-size-median": _med([s["bytes-ratio"] for s in st]),
+        "disk-bytes-per-size-max": max((s["bytes-ratio"] for s in st), default=None),
+        "storage-rounds-median": _med([len(s["storage-rounds"]) for s in st]),
+        "ready-ms-median": _med([s["ready-ms"] for s in st]),
+        "final-blocks-median": _med([s["final-blocks"] for s in st]),
+        "dirty-blocks-s-median": _med([s["dirty-rate"] for s in st if s.get("dirty-rate")]),
+        "writes-s-median": _med([s["writes-s"] for s in st if s.get("writes-s")]),
+        "write-latency-ms-p50-median": _med([x["p50"] for x in lat]),
+        "write-latency-ms-p99-median": _med([x["p99"] for x in lat]),
+        "mirrored-writes-median": _med([s["mirrored-writes"] for s in st]),
+        "unexplained-blocks": sum(s["verdict"]["unexplained"] or 0 for s in st),
+        "writes-acked": sum(d["guest-checks"]["writes-acked"] for d in disk),
+        "read-failures": sum(d["guest-checks"]["read-failures"] for d in disk),
+        "disk-errors": sum(d["guest-checks"]["errors"] for d in disk)}
 
 
 def _round0_gib_s(report: dict) -> float:
@@ -311,12 +357,16 @@ class _cluster:
                 issue(self.certs, name, ["127.0.0.1"])
         self._before = security.default()
         self._sec = self._load("bench") if tls else None
+        self.store = tmp / "store"  # each agent's own storage dir: nothing shared
         self.cluster = LocalCluster(tmp / ("cluster-tls" if tls else "cluster"), ["a", "b"],
-                                    extra_args=self._flags if tls else None,
-                                    security=self._sec)
+                                    extra_args=self._flags, security=self._sec)
 
     def _flags(self, name: str) -> list[str]:
-        return ["--tls-ca", str(self.certs / "ca.pem"),
+        (self.store / name).mkdir(parents=True, exist_ok=True)
+        store = ["--storage-dir", str(self.store / name)]
+        if not self.tls:
+            return store
+        return [*store, "--tls-ca", str(self.certs / "ca.pem"),
                 "--tls-cert", str(self.certs / f"{name}.pem"),
                 "--tls-key", str(self.certs / f"{name}-key.pem")]
 
@@ -340,7 +390,10 @@ def _run_cell(cell: Cell, hosts: list[str], mem_dir: Path, tmp: Path, *,
               keep_content: bool = False) -> Result:
     result = Result(cell)
     name = f"b{abs(hash(cell)) % 10**6}"
-    disk = tmp / f"{name}.img"
+    copied = cell.storage in ("background", "write-blocking")
+    # a copied disk is named relative to each agent's storage dir (it moves with the
+    # guest); any other, by a path both agents reach
+    disk = Path(f"{name}.img") if copied else tmp / f"{name}.img"
     try:
         domid, vif = uvloop.run(_create(hosts[0], name, cell, disk))
     except Exception as e:  # a cell that cannot start is reported; the others go on
@@ -364,7 +417,9 @@ def _run_cell(cell: Cell, hosts: list[str], mem_dir: Path, tmp: Path, *,
                               auto_converge=cell.auto_converge, verify_timeout_s=60.0,
                               max_rounds=(2 if cell.auto_converge else 1) * policy.MAX_ROUNDS,
                               postcopy=cell.mode == "postcopy",
-                              postcopy_after_precopy=cell.mode == "hybrid")
+                              postcopy_after_precopy=cell.mode == "hybrid",
+                              copy_storage=copied, storage_mode=cell.storage if copied else None,
+                              remove_source_storage=copied)
             report = uvloop.run(migrate(hosts[where], hosts[1 - where], name, options,
                                         Reporter())).to_dict()
             result.reports.append(report)
@@ -380,12 +435,15 @@ def _run_cell(cell: Cell, hosts: list[str], mem_dir: Path, tmp: Path, *,
             peer.wait(timeout=30)
             result.peer = _read_json(stats)
         uvloop.run(_destroy(hosts[where], name))
-        disk.unlink(missing_ok=True)
+        for path in ([tmp / "store" / n / disk for n in ("a", "b")] if copied else [disk]):
+            path.unlink(missing_ok=True)
     return result
 
 
 async def _create(address: str, name: str, cell: Cell, disk: Path) -> tuple[int, str]:
     devices = []
+    if cell.devices == "disk":
+        devices = [pb.DeviceConfig(kind="vbd", devid=0, disk=str(disk), **STORAGE_DISK)]
     if cell.devices == "busy":
         devices = [pb.DeviceConfig(kind="vbd", devid=0, disk=str(disk), blocks=1024,
                                    latency_ms=BUSY_DISK["latency_ms"],
@@ -477,6 +535,25 @@ def markdown(out: dict) -> str:
                 f"{r['bytes-per-ram-median']} | {r['rounds-median']} | "
                 f"{r['converged']} of {r['completed']} | {r['max-throttle-percent']} | {peer} | "
                 f"{r['agent-anon-mib-peak']} |")
+        sts = [r for r in size["cells"] if r.get("storage")]
+        if sts:
+            lines += ["", "| storage cell | downtime ms median / p95 | disk bytes / size "
+                          "median (max) | storage rounds | final blocks | writes /s | "
+                          "blocks dirtied /s | write latency ms p50 / p99 | writes acked | read failures | "
+                          "unexplained blocks |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|"]
+            for r in sts:
+                s = r["storage"]
+                lines.append(
+                    f"| {r['cell']} | {r['downtime-ms-median']} / {r['downtime-ms-p95']} | "
+                    f"{_dash(s['disk-bytes-per-size-median'])} "
+                    f"({_dash(s['disk-bytes-per-size-max'])}) | "
+                    f"{_dash(s['storage-rounds-median'])} | {_dash(s['final-blocks-median'])} | "
+                    f"{_dash(s['writes-s-median'])} | {_dash(s['dirty-blocks-s-median'])} | "
+                    f"{_dash(s['write-latency-ms-p50-median'])} / "
+                    f"{_dash(s['write-latency-ms-p99-median'])} | "
+                    f"{s['writes-acked']} | {s['read-failures']} | "
+                    f"{s['unexplained-blocks']} |")
         pcs = [r for r in size["cells"] if r.get("postcopy")]
         if pcs:
             lines += ["", "| post-copy cell | total / (RAM / link) | pages pushed / asked | "
@@ -491,6 +568,10 @@ def markdown(out: dict) -> str:
                     f"{p['blocktime-ms-median']} | {p['guest-checks-failed']} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _dash(x) -> str:
+    return "-" if x is None else str(x)
 
 
 def _write(out: dict, json_path: Path | None, md_path: Path | None) -> None:

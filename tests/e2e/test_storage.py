@@ -8,8 +8,11 @@ copy; a destination that cannot hold the disk is refused before the copy."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -152,3 +155,111 @@ def test_write_blocking_mirrors_each_write(hosts, tmp_path):
     assert s["ready"] is True and len(s["storage-rounds"]) == 2
     wait_io(b, _blk(query(b, "vm"))["writes_acked"] + 50)
     no_acknowledged_write_lost(hosts["b"], store(tmp_path, "b") / DISK)
+
+
+def _migrating(a: str, b: str, report: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pvmig", "migrate", "--source", a, "--dest", b, "--domain",
+         "vm", "--report", str(report), "--copy-storage", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _still_home(hosts, tmp_path: Path) -> None:
+    """The guest runs at a on its own image, its writes acknowledged there; b has
+    neither the domain nor an image."""
+    a, b = hosts["a"].address, hosts["b"].address
+    assert domains(a)["vm"].state == "running" and "vm" not in domains(b)
+    assert not (store(tmp_path, "b") / DISK).exists(), "the partial image was left at b"
+    assert (store(tmp_path, "a") / DISK).stat().st_size == BLOCKS * 4096
+    wait_io(a, _blk(query(a, "vm"))["writes_acked"] + 30)
+    no_acknowledged_write_lost(hosts["a"], store(tmp_path, "a") / DISK)
+
+
+@pytest.mark.parametrize("how", ["cancel", "coordinator-sigterm"])
+def test_an_abort_during_the_copy_deletes_the_partial_image(hosts, tmp_path, how):
+    """storage-holds-halfway: the first round stops at half the disk until the
+    migration ends, so the abort always finds the copy under way (half of it at b)."""
+    a, b = hosts["a"].address, hosts["b"].address
+    create_busy(a)
+    wait_io(a, 30)
+    report = tmp_path / "r.json"
+    proc = _migrating(a, b, report, "--inject", "storage-holds-halfway")
+    try:
+        migration = None
+        for line in proc.stdout:  # the coordinator's events, as they come
+            event = json.loads(line) if line.startswith("{") else {}
+            migration = event.get("migration", migration)
+            if event.get("phase") == "storage":
+                break
+        partial = store(tmp_path, "b") / DISK
+        image = None
+        deadline = time.monotonic() + 30
+        while image is None or not image.view()[BLOCKS // 2 - 1].any():  # the first half in
+            assert time.monotonic() < deadline, "the copy's first half never arrived"
+            time.sleep(0.05)
+            image = image or (DiskImage(partial, BLOCKS) if partial.exists() else None)
+        assert not image.view()[BLOCKS - 1].any()  # held: the second half not sent
+        image.close()
+        if how == "cancel":
+            r = pvmig("cancel", "--migration", migration, "--agent", a, "--agent", b)
+            assert r.returncode == 0, r.stderr
+        else:
+            proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    data = json.loads(report.read_text())
+    assert data["status"] == "failed" and not data["committed"]
+    _still_home(hosts, tmp_path)
+
+
+def test_a_destination_disk_that_fills_up_stops_the_copy(hosts, tmp_path):
+    """storage-fills-up: the destination's write past half the disk fails as ENOSPC."""
+    a, b = hosts["a"].address, hosts["b"].address
+    create_busy(a)
+    wait_io(a, 30)
+    r, data = migrate(a, b, "vm", tmp_path / "r.json", "--copy-storage",
+                      "--inject", "storage-fills-up")
+    assert r.returncode != 0
+    assert "No space left on device" in data["error"] and "writing disk" in data["error"]
+    assert "aborted, the guest runs on the source" in data["error"]
+    _still_home(hosts, tmp_path)
+
+
+def test_a_disk_that_does_not_fit_is_refused_before_the_copy(hosts, tmp_path):
+    a, b = hosts["a"].address, hosts["b"].address
+    create_busy(a)
+    with tmpfs(store(tmp_path, "b"), "2m"):  # b's storage: 2 MiB, the disk 4
+        r, data = migrate(a, b, "vm", tmp_path / "r.json", "--copy-storage")
+        assert r.returncode != 0
+        assert "refused before the copy" in data["error"] and "MiB free" in data["error"]
+        assert "storage" not in data["phases-ms"]  # nothing was sent
+        assert list(store(tmp_path, "b").iterdir()) == []
+    _still_home(hosts, tmp_path)
+
+
+def test_bad_storage_requests_are_refused_by_name(hosts, tmp_path):
+    a, b = hosts["a"].address, hosts["b"].address
+    create_busy(a)
+    for extra, expected in [
+            (("--copy-storage", "--postcopy"), "--copy-storage with post-copy"),
+            (("--remove-source-storage",), "--remove-source-storage goes with --copy-storage"),
+            (("--copy-storage", "--transport", "grpc"), "runs over the data channels")]:
+        r = pvmig("migrate", "--source", a, "--dest", b, "--domain", "vm", *extra)
+        assert r.returncode != 0 and expected in r.stderr, (extra, r.stderr)
+    # a disk on shared storage (one path both reach): copying it onto itself is refused
+    shared = tmp_path / "shared.img"
+    r = pvmig("domain", "create", "sh", "--agent", a, "--ram-mb", "16", "--disk", str(shared),
+              "--disk-blocks", "64")
+    assert r.returncode == 0, r.stderr
+    r = pvmig("migrate", "--source", a, "--dest", b, "--domain", "sh", "--copy-storage")
+    assert r.returncode != 0 and f"disk image {shared} already exists" in r.stdout + r.stderr
+    # a domain without a disk has nothing to copy
+    r = pvmig("domain", "create", "nodisk", "--agent", a, "--ram-mb", "16")
+    assert r.returncode == 0, r.stderr
+    r = pvmig("migrate", "--source", a, "--dest", b, "--domain", "nodisk", "--copy-storage")
+    assert r.returncode != 0 and "no disk to copy" in r.stdout + r.stderr
+    assert {"vm", "sh", "nodisk"} <= set(domains(a)) and not domains(b)
+    wait_io(a, _blk(query(a, "vm"))["writes_acked"] + 20)
