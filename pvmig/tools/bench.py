@@ -539,8 +539,8 @@ def markdown(out: dict) -> str:
         if sts:
             lines += ["", "| storage cell | downtime ms median / p95 | disk bytes / size "
                           "median (max) | storage rounds | final blocks | writes /s | "
-                          "blocks dirtied /s | write latency ms p50 / p99 | writes acked | read failures | "
-                          "unexplained blocks |",
+                          "blocks dirtied /s | write latency ms p50 / p99 | writes acked | "
+                          "read failures | unexplained blocks |",
                       "|---|---|---|---|---|---|---|---|---|---|---|"]
             for r in sts:
                 s = r["storage"]
