@@ -17,7 +17,9 @@
 #   deploy/netns-cluster.sh exec a pvmig migrate --source 10.77.0.1:7000 \
 #       --dest 10.77.0.2:7000 --domain vm
 # /dev/shm and the file system are shared by both hosts, so a disk image under any path
-# (say /tmp/vm.img) is shared storage; each agent gets a guest RAM directory of its own.
+# (say /tmp/vm.img) is shared storage; each agent gets a guest RAM directory of its own,
+# and a storage dir of its own (BASE/HOST/storage): a disk named by a relative path
+# (--disk vm.img) lives there, on that host only (migrate --copy-storage moves it).
 #
 # PVMIG names the pvmig command (default: pvmig on PATH), e.g. PVMIG=.venv/bin/pvmig;
 # PVMIG_NETNS_PREFIX the default prefix (for exec, which takes no options).
@@ -115,13 +117,14 @@ cmd_down() {
 start_agent() {
     local h=$1 ns addr dir
     ns=$(ns_of "$h"); addr=$(addr_of "$h"); dir=$base/$h
-    mkdir -p "$dir/data" "$(mem_root)/$h"
+    mkdir -p "$dir/data" "$dir/storage" "$(mem_root)/$h"
     rm -f "$dir/ready.json"
     # setsid: the agent outlives this script and no terminal signal reaches it; ip netns
     # exec and setsid both exec, so $! is the agent's own pid.
     setsid ip netns exec "$ns" "${pvmig_cmd[@]}" agent \
         --listen "$addr:$port" --advertise "$addr:$port" --name "$h" \
         --data-dir "$dir/data" --mem-dir "$(mem_root)/$h" --ready-file "$dir/ready.json" \
+        --storage-dir "$dir/storage" \
         ${agent_args[@]+"${agent_args[@]}"} \
         </dev/null >>"$dir/agent.log" 2>&1 &
     echo $! >"$dir/agent.pid"

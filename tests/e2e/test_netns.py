@@ -1,6 +1,7 @@
 """End to end over a real link: two hosts in network namespaces joined by a veth pair
 shaped to 200 Mbit/s by tc tbf (deploy/netns-cluster.sh). A busy guest with a disk on
-shared storage and a NIC moves a -> b and back while a net peer on host b talks to it.
+shared storage and a NIC moves a -> b and back while a net peer on host b talks to it;
+a guest whose disk only its host has moves with the disk (--copy-storage), there and back.
 
 The root namespace cannot reach the hosts' addresses (the veth pair lives entirely in
 the two namespaces), so every pvmig command runs on one of the hosts through
@@ -26,10 +27,10 @@ def netns_cluster(tmp_path):
         yield cluster
 
 
-def migrate_on(cluster, host: str, source: str, dest: str, report) -> dict:
+def migrate_on(cluster, host: str, source: str, dest: str, report, *extra: str) -> dict:
     r = cluster["on"][host].pvmig("migrate", "--source", cluster[source],
                                   "--dest", cluster[dest], "--domain", "vm",
-                                  "--report", str(report), timeout=180)
+                                  "--report", str(report), *extra, timeout=180)
     assert r.returncode == 0, f"migrate {source} -> {dest} failed:\n{r.stdout[-3000:]}{r.stderr}"
     data = json.loads(report.read_text())
     assert data["status"] == "completed" and data["verification"]["passed"] is True, data
@@ -91,3 +92,37 @@ def test_migrate_busy_guest_over_shaped_link_and_back(netns_cluster, tmp_path):
     assert int(home["guest"].get("checks_failed", 0)) == 0
     blk = device(home, "vbd")["guest"]
     assert int(blk.get("reads_checked", 0)) > 0 and int(blk.get("read_failures", 0)) == 0
+
+
+def test_disk_only_one_host_has_moves_there_and_back(netns_cluster, tmp_path):
+    """Each host's own storage dir (BASE/HOST/storage); a 4 MiB disk half full, written
+    all along, copied across the shaped link beside memory, the source's image removed
+    once each move is complete: one image at the end, where the guest is, and every
+    write the guest saw acknowledged on it (its reads check each block's last one)."""
+    c = netns_cluster
+    on_a, on_b = c["on"]["a"], c["on"]["b"]
+    stores = {h: c["base"] / h / "storage" for h in ("a", "b")}
+    r = on_a.pvmig("domain", "create", "vm", "--agent", c["a"], "--ram-mb", str(RAM_MB),
+                   "--dirty-rate", "2000", "--disk", "vm.img", "--disk-blocks", "1024",
+                   "--disk-fill", "0.5", "--disk-latency-ms", "5", "--disk-io-rate", "300")
+    assert r.returncode == 0, r.stderr
+    on_a.wait_checking(c["a"], "vm")
+    assert (stores["a"] / "vm.img").exists() and not (stores["b"] / "vm.img").exists()
+    for host, source, dest in (("a", "a", "b"), ("b", "b", "a")):
+        on_dest = c["on"][dest]
+        (vm,) = c["on"][source].domains(c[source])
+        before = int(device(vm, "vbd")["guest"].get("writes_acked", 0))
+        data = migrate_on(c, host, source, dest, tmp_path / f"{source}-{dest}.json",
+                          "--copy-storage", "--remove-source-storage")
+        s = data["storage"]
+        assert s["verdict"]["unexplained"] == 0 and s["source-image"] == "removed", s
+        assert s["storage-rounds"][0]["blocks"] == 1024 and s["bytes-ratio"] >= 0.5, s
+        assert (stores[dest] / "vm.img").exists() and not (stores[source] / "vm.img").exists()
+        (vbd,) = [d for d in data["devices"] if d["kind"] == "vbd"]
+        assert vbd["guest-checks"]["read-failures"] == 0 and vbd["guest-checks"]["errors"] == 0
+        on_dest.wait_domain(c[dest], "vm", lambda d: int(device(d, "vbd")["guest"].get(
+            "writes_acked", 0)) > before + 30, "the guest writing its disk at " + dest)
+    home = on_a.wait_checking(c["a"], "vm")
+    blk = device(home, "vbd")["guest"]
+    assert int(blk["resumes"]) == 2 and int(blk.get("read_failures", 0)) == 0
+    assert int(blk.get("reads_checked", 0)) > 0 and int(home["guest"].get("checks_failed", 0)) == 0
