@@ -57,6 +57,8 @@ class Host:
         # where a disk named by a relative path lives on this host (shared storage may be
         # mounted at a different place on each)
         self.storage_dir = Path(storage_dir) if storage_dir else None
+        if self.storage_dir is not None:  # (a host's local storage: made if new)
+            self.storage_dir.mkdir(parents=True, exist_ok=True)
         self.session_timeout_s = session_timeout_s
         self.clock = clock  # leases and the watchdog's rounds (a test's own)
         self.instance_id = uuid.uuid4().hex

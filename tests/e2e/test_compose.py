@@ -1,8 +1,9 @@
 """End to end in containers: build the image offline (deploy/build-image.sh: a debootstrap
 base, cached; this work tree's wheel), bring up deploy/docker-compose.yml under a project
 of its own, move a busy guest with a disk on the shared volume and a NIC from container a
-to container b and back while the net peer in the third container talks to it, tear
-down with the volume.
+to container b and back while the net peer in the third container talks to it, and a
+guest whose disk only its container has (its own storage dir) there and back with the
+disk (--copy-storage); tear down with the volume.
 
 Service names resolve only on the project's network, so every pvmig command runs in the
 peer container (`docker-compose exec -T peer`): the coordinator is a machine on the
@@ -66,7 +67,9 @@ def compose(image):
         # up returns once a and b are healthy (their ready files): peer depends on it.
         up = dc("up", "-d")
         assert up.returncode == 0, f"docker-compose up failed:\n{up.stderr[-3000:]}"
-        yield Via([*base, "exec", "-T", "peer"], ("pvmig",))
+        peer = Via([*base, "exec", "-T", "peer"], ("pvmig",))
+        peer.hosts = {h: Via([*base, "exec", "-T", h], ()) for h in ("a", "b")}
+        yield peer
     finally:
         logs = dc("logs", "--no-color", "--tail", "30", "a", "b", timeout=60)
         print(logs.stdout)  # shown when the test fails
@@ -162,3 +165,37 @@ def test_compose_cluster_migrates_both_ways(compose):
     assert final["announcements"] >= 2, final
     assert final["target"] == numeric(peer, device(home, "vif")["address"]), final
     assert int(home["guest"].get("checks_failed", 0)) == 0
+
+
+@pytest.mark.timeout(600)
+def test_compose_disk_only_one_host_has_moves_there_and_back(compose):
+    """Each agent's storage dir is its container's own file system: a disk there is on
+    no other host. It moves with the guest, under I/O, and the source's image is removed
+    once each move is complete."""
+    peer = compose
+    images = {h: lambda h=h: run_via(peer.hosts[h].wrapper, ["ls", "/var/lib/pvmig/storage"],
+                                     timeout=30).stdout.split() for h in ("a", "b")}
+    r = peer.pvmig("domain", "create", "vm", "--agent", A, "--ram-mb", str(RAM_MB),
+                   "--dirty-rate", "2000", "--disk", "vm.img", "--disk-blocks", "1024",
+                   "--disk-fill", "0.5", "--disk-latency-ms", "5", "--disk-io-rate", "300")
+    assert r.returncode == 0, r.stderr
+    peer.wait_checking(A, "vm")
+    assert images["a"]() == ["vm.img"] and images["b"]() == []
+    for source, dest, name in ((A, B, "b"), (B, A, "a")):
+        r = peer.pvmig("migrate", "--source", source, "--dest", dest, "--domain", "vm",
+                       "--report", f"/shared/disk-{name}.json", "--copy-storage",
+                       "--remove-source-storage", timeout=180)
+        assert r.returncode == 0, f"migrate to {name} failed:\n{r.stdout[-3000:]}{r.stderr}"
+        data = read_shared(peer, f"/shared/disk-{name}.json")
+        assert data["verification"]["passed"] is True, data["verification"]
+        s = data["storage"]
+        assert s["verdict"]["unexplained"] == 0 and s["source-image"] == "removed", s
+        assert s["storage-rounds"][0]["blocks"] == 1024 and s["bytes-ratio"] >= 0.5, s
+        assert images[name]() == ["vm.img"] and images["a" if name == "b" else "b"]() == []
+        (vbd,) = [d for d in data["devices"] if d["kind"] == "vbd"]
+        assert vbd["guest-checks"]["read-failures"] == 0 and vbd["guest-checks"]["errors"] == 0
+        peer.wait_checking(dest, "vm")
+    home = peer.wait_checking(A, "vm")
+    blk = device(home, "vbd")["guest"]
+    assert int(blk["resumes"]) == 2 and int(blk.get("read_failures", 0)) == 0
+    assert int(blk.get("reads_checked", 0)) > 0 and int(home["guest"].get("checks_failed", 0)) == 0
