@@ -130,9 +130,9 @@ class RestoreSession:
         storage = None
         if request.copy_storage:  # before anything is reserved: a refusal leaves nothing
             storage = StorageTarget.create(
-                [normalise(_device_dict(d)) for d in request.devices], host.storage_dir,
-                host.name, fills_up=InjectionPoint.STORAGE_FILLS_UP in
-                injector.parse(request.inject))
+                host, request.migration_id,
+                [normalise(_device_dict(d)) for d in request.devices],
+                fills_up=InjectionPoint.STORAGE_FILLS_UP in injector.parse(request.inject))
         try:
             dom = host.reserve(request.domain, request.ram_bytes, workload={},
                                devices=[_device_dict(d) for d in request.devices],
@@ -362,6 +362,8 @@ class RestoreSession:
                                    recovery=state.recovery,
                                    resumes=self._resumes())
         self.host.commits.record(self.migration_id, Role.DESTINATION, self.domain.name)
+        if self.storage is not None:  # (a crash from here on keeps them: committed)
+            self.storage.keep()
         faults.point("dest-committed")
         self._set_state(RestoreState.COMMITTED)
 

@@ -11,11 +11,17 @@ migration deletes the images it made; a committed one keeps them, the domain's d
 
 Verification hashes each image as it was at resume, as memory's: blocks are hashed
 after their last write, in the background while the copy runs.
+
+An agent that crashes mid-copy cannot delete what it made then: each migration's images
+are named in a record under the agent's data dir (PARTIAL) from before the first is
+created until the commit makes them the domain's; the next start deletes the images of
+every record whose migration never committed here (discard_partial).
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import shutil
@@ -28,11 +34,13 @@ import numpy as np
 from pvmig import errors
 from pvmig.dom0.devices import disk_path
 from pvmig.dom0.disk import BLOCK_SIZE, DiskImage
+from pvmig.host.commit_log import Role
 from pvmig.hv import logdirty
 from pvmig.hv.memory import frame_hashes
 from pvmig.migration import policy, wire
 
 log = logging.getLogger(__name__)
+PARTIAL = "partial-images"  # under the agent's data dir: MIGRATION.json, the paths
 
 
 @dataclass
@@ -86,15 +94,17 @@ class DiskCopy:
 class StorageTarget:
     """The disks of one incoming migration (RestoreSession.storage)."""
 
-    def __init__(self, paths: list[Path], fills_up: bool = False) -> None:
+    def __init__(self, paths: list[Path], record: Path, fills_up: bool = False) -> None:
         self.paths = paths  # the images this migration created (deleted if discarded)
+        self.record = record  # their names, for a restart after a crash (PARTIAL)
         self.disks: dict[int, DiskCopy] = {}
         self.fills_up = fills_up  # (the injection point storage-fills-up)
 
     @classmethod
-    def create(cls, configs: list[dict], storage_dir: Path | None, host_name: str,
+    def create(cls, host, migration_id: str, configs: list[dict],
                fills_up: bool = False) -> "StorageTarget":
         """A new image for each disk, or a refusal that leaves nothing behind."""
+        storage_dir, host_name = host.storage_dir, host.name
         vbds = [c for c in configs if c.get("kind", "vbd") == "vbd"]
         if not vbds:
             raise errors.InvalidArgument("--copy-storage: the domain has no disk to copy")
@@ -106,19 +116,26 @@ class StorageTarget:
                     "(migrate without --copy-storage), or a copy left by an earlier "
                     "migration (that one's source keeps its image unless "
                     "--remove-source-storage): remove it first")
-        need = sum(int(c["blocks"]) * BLOCK_SIZE for c in vbds)
-        where = paths[0].parent
-        where.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(where).free
-        if need + policy.STORAGE_HEADROOM_BYTES > free:
-            raise errors.ResourceExhausted(
-                f"{host_name}'s storage at {where} has {free / 2**20:.1f} MiB free; the "
-                f"disks to copy need {need / 2**20:.1f} MiB (and "
-                f"{policy.STORAGE_HEADROOM_BYTES >> 20} MiB to spare): refused before the "
-                "copy")
-        target = cls([], fills_up)
+        # each file system the disks go on, asked before anything is made there
+        need: dict[int, tuple[Path, int]] = {}
+        for c, path in zip(vbds, paths):
+            where = _existing(path.parent)
+            dev = os.stat(where).st_dev
+            need[dev] = (where, need.get(dev, (where, 0))[1] + int(c["blocks"]) * BLOCK_SIZE)
+        for where, nbytes in need.values():
+            free = shutil.disk_usage(where).free
+            if nbytes + policy.STORAGE_HEADROOM_BYTES > free:
+                raise errors.ResourceExhausted(
+                    f"{host_name}'s storage at {where} has {free / 2**20:.1f} MiB free; the "
+                    f"disks to copy there need {nbytes / 2**20:.1f} MiB (and "
+                    f"{policy.STORAGE_HEADROOM_BYTES >> 20} MiB to spare): refused before "
+                    "the copy")
+        record = host.data_dir / PARTIAL / f"{migration_id}.json"
+        _write_record(record, paths)  # before the first image: a crash finds it
+        target = cls([], record, fills_up)
         try:
             for c, path in zip(vbds, paths):
+                path.parent.mkdir(parents=True, exist_ok=True)
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
                 target.paths.append(path)
                 os.close(fd)
@@ -127,7 +144,7 @@ class StorageTarget:
                     image.preallocate()
                 except OSError as e:
                     raise errors.ResourceExhausted(
-                        f"{host_name}'s storage at {where} cannot hold disk {c['disk']!r} "
+                        f"{host_name}'s storage at {path.parent} cannot hold disk {c['disk']!r} "
                         f"({int(c['blocks']) * BLOCK_SIZE / 2**20:.1f} MiB): {e.strerror}: "
                         "refused before the copy") from None
                 finally:
@@ -177,10 +194,59 @@ class StorageTarget:
 
     def delete(self) -> None:
         """The images this migration created (a discard: the source's stay)."""
-        for path in self.paths:
-            try:
-                path.unlink()
-                log.info("deleted the partial disk image %s", path)
-            except FileNotFoundError:
-                pass
+        _delete(self.paths)
         self.paths = []
+        self.record.unlink(missing_ok=True)
+
+    def keep(self) -> None:
+        """Committed: the images are the domain's disks now."""
+        self.paths = []
+        self.record.unlink(missing_ok=True)
+
+
+def discard_partial(host) -> list[str]:
+    """At start: the images of migrations this agent was receiving when it stopped and
+    never committed, deleted (a committed one's are its domain's). The migrations."""
+    found = []
+    for record in sorted((host.data_dir / PARTIAL).glob("*.json")):
+        migration_id = record.stem
+        if host.commits.read(migration_id, Role.DESTINATION) is None:
+            try:
+                paths = [Path(p) for p in json.loads(record.read_text())]
+            except (OSError, ValueError) as e:
+                log.error("unreadable record of partial images %s (%s): left as it is",
+                          record, e)
+                continue
+            log.warning("migration %s: never committed here before this agent stopped: "
+                        "deleting its partial disk image(s) %s", migration_id,
+                        ", ".join(map(str, paths)))
+            _delete(paths)
+            found.append(migration_id)
+        record.unlink(missing_ok=True)
+    return found
+
+
+def _existing(path: Path) -> Path:
+    """The path, or its nearest ancestor that exists (where a new file would go)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _write_record(record: Path, paths: list[Path]) -> None:
+    record.parent.mkdir(parents=True, exist_ok=True)
+    tmp = record.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        json.dump([str(p) for p in paths], f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, record)
+
+
+def _delete(paths: list[Path]) -> None:
+    for path in paths:
+        try:
+            path.unlink()
+            log.info("deleted the partial disk image %s", path)
+        except FileNotFoundError:
+            pass

@@ -17,6 +17,7 @@ import grpc
 import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from dest_host import storage
 from pvmig import errors
 from pvmig._proto import pvmig_pb2 as pb
 from pvmig.agent.data_server import OFF, DataServer
@@ -117,6 +118,7 @@ async def serve(host: Host, listen: str, *, ready_file: Path | None = None,
     resumed = await parking.unpark_all(host)
     if resumed:
         log.info("resumed parked domains: %s", ", ".join(resumed))
+    storage.discard_partial(host)  # (after the revival: a committed one's are kept)
     await server.start()
     if data is not None:
         data.start()

@@ -109,8 +109,10 @@ class Report:
              "duration-ms": round(b.duration_ns / 1e6, 3), "started-ms": started_ms}
         if b.interrupted:
             r["interrupted"] = b.interrupted
+        # the first copy: round 0, or its redo if it was interrupted (every block again)
+        first = not any(not r.get("interrupted") for r in self.storage["storage-rounds"])
         self.storage["storage-rounds"].append(r)
-        self._storage_sums(b, final=False, first=len(self.storage["storage-rounds"]) == 1)
+        self._storage_sums(b, final=False, first=first)
 
     def _storage_sums(self, b, final: bool, first: bool = False) -> None:
         s = self.storage

@@ -109,8 +109,8 @@ class DiskImage:
         storage migration's destination; the log is not marked (nothing is kept here)."""
         if not len(blocks):
             return
-        if int(blocks[-1]) >= self.blocks:
-            raise errors.InvalidArgument(f"block {int(blocks[-1])} is outside disk "
+        if int(blocks.max()) >= self.blocks:
+            raise errors.InvalidArgument(f"block {int(blocks.max())} is outside disk "
                                          f"{self.path.name} ({self.blocks} blocks)")
         firsts, lengths = runs(blocks)
         lo = 0
