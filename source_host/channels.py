@@ -154,7 +154,7 @@ class DataStream:
                 if self.conn.has_input():  # the destination's error, said early
                     self._expect(wire.ERROR)
                 if src.hold is not None:
-                    src.hold(blocks)
+                    src.hold(blocks, self.conn.has_input)
                 sent = wire.send_blocks(self.conn, disk.view, blocks, disk.log.gens,
                                         device=disk.devid, seq=seq, round=number,
                                         scratch=self._scratch)

@@ -30,6 +30,7 @@ from pvmig.migration.policy import StorageMode
 
 log = logging.getLogger(__name__)
 LATE = 1  # a block's cause at verification: written after the final pass (replayed)
+HOLD_POLL_S = 0.05
 
 
 @dataclass
@@ -162,11 +163,13 @@ class StorageCopy:
         p50, p99 = np.percentile(lat, [50, 99])
         return int(p50), int(p99), len(lat)
 
-    def hold(self, blocks: np.ndarray) -> None:
+    def hold(self, blocks: np.ndarray, broken=lambda: False) -> None:
         """storage-holds-halfway (in a stream's thread): the first round stops at half
-        the disk until the migration ends."""
+        the disk until the migration ends, or its connection breaks (the destination
+        said something, or is gone: the send that follows finds out which)."""
         if self._hold_at is not None and len(blocks) and int(blocks[-1]) >= self._hold_at:
-            self._released.wait()
+            while not self._released.wait(HOLD_POLL_S) and not broken():
+                pass
 
     def stop(self) -> None:
         """The migration is over (aborted, or the source copy goes): logs off."""

@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 from support import create, domains, pvmig, query
 
@@ -193,8 +194,8 @@ def test_storage_fault(own_storage, tmp_path, who, phase):
     mid = _until(proc, phase)
     struck = time.monotonic()
     if who != "coordinator":
-        if phase == "storage":  # until the first half is at the destination
-            _until_file(tmp_path / "store-b" / "vm.img")
+        if phase == "storage":  # the first half at the destination: the round is held
+            _until_half(tmp_path / "store-b" / "vm.img", 1024)
         (a if who == "source-agent" else b).kill()
     proc.wait(timeout=120)
     proc.stderr.read()
@@ -213,8 +214,11 @@ def test_storage_fault(own_storage, tmp_path, who, phase):
     _healthy(a.address if where == "source" else b.address)
 
 
-def _until_file(path, timeout: float = 30.0) -> None:
+def _until_half(path, blocks: int, timeout: float = 30.0) -> None:
+    """Until the last block of the image's first half holds data (the disk is half full:
+    blocks 0..blocks/2-1 are written at creation)."""
     deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path} never appeared"
+    last = (blocks // 2 - 1) * 4096
+    while not (path.exists() and np.fromfile(path, np.uint8, 4096, offset=last).any()):
+        assert time.monotonic() < deadline, f"the first half of {path} never arrived"
         time.sleep(0.05)
