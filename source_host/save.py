@@ -408,50 +408,65 @@ class SaveSession:
                                total_pages=stats.dirty_blocks, bytes=stats.bytes, stats=stats)
 
     async def _send_disks(self, number: int, stats: pb.RoundStats, first: bool = False,
-                          final: bool = False) -> AsyncIterator[pb.RoundProgress]:
-        """Each disk's blocks for this round, on every stream, then the round's end; the
-        blocks taken go again if the round does not get through."""
+                          final: bool = False, end: bool = True
+                          ) -> AsyncIterator[pb.RoundProgress]:
+        """Each disk's blocks for this round, on every stream, then (`end`) the round's
+        end; the blocks taken go again if the round does not get through."""
         taken = self.storage.take(first)
         total = sum(len(b) for _, b in taken)
         stats.dirty_blocks = total
         try:
             for i, (disk, blocks) in enumerate(taken):
                 async for progress in self._send(blocks, number, stats, total, disk=disk,
-                                                 end=i == len(taken) - 1, final=final):
+                                                 end=end and i == len(taken) - 1,
+                                                 final=final):
                     yield progress
         except BaseException:
             self.storage.again(taken)
             raise
 
     async def send_all(self) -> AsyncIterator[pb.RoundProgress]:
-        """Round 0: every frame (log-dirty went on at begin)."""
-        started = time.monotonic()
-        frames = np.arange(self.domain.mem.nr_frames, dtype=np.uint32)
-        async for progress in self._precopy_round(0, frames, started):
+        """Round 0: every frame. What the log holds by then (a storage phase ran since
+        begin: all it wrote, 2.4 times the final pass's pages) goes with it: cleared."""
+        nr = self.domain.mem.nr_frames
+
+        def every_frame() -> np.ndarray:
+            self.domain.log.read_and_clear()
+            return np.arange(nr, dtype=np.uint32)
+        async for progress in self._precopy_round(0, every_frame, time.monotonic()):
             yield progress
 
     async def send_dirty(self, number: int) -> AsyncIterator[pb.RoundProgress]:
         """A later round: what the guest dirtied since the last read of the log."""
-        started = time.monotonic()
-        frames = self.domain.log.read_and_clear()
-        async for progress in self._precopy_round(number, frames, started):
+        async for progress in self._precopy_round(number, self.domain.log.read_and_clear,
+                                                  time.monotonic()):
             yield progress
 
-    async def _precopy_round(self, number: int, frames: np.ndarray, started: float
+    async def _precopy_round(self, number: int, read_frames, started: float
                              ) -> AsyncIterator[pb.RoundProgress]:
-        stats = self._round_stats(number, len(frames), started)
+        """With disks being copied, the blocks written since the last round go first,
+        then memory's log is read: what the guest dirties while they go waits for the
+        next round, not for the final pass (measured: twice the final pass's pages, and
+        4 ms more downtime, with the blocks after the frames)."""
+        disk_stats, frames = pb.RoundStats(), None
         try:
-            async for progress in self._send(frames, number, stats, len(frames),
-                                             end=self.storage is None):
-                yield progress
-            if self.storage is not None:  # and the blocks written since the last round
-                async for progress in self._send_disks(number, stats):
+            if self.storage is not None:
+                async for progress in self._send_disks(number, disk_stats, end=False):
                     yield progress
+            frames = read_frames()
+            stats = self._round_stats(number, len(frames), time.monotonic())
+            stats.MergeFrom(disk_stats)
+            async for progress in self._send(frames, number, stats, len(frames)):
+                yield progress
         except errors.Unavailable as e:
             if self.state in SAVE_ENDING:
                 raise
-            # The page streams broke (the network dropped): this round's frames are
-            # dirty again, new streams carry them in the next round.
+            # The page streams broke (the network dropped): this round's frames (and
+            # blocks) are dirty again, new streams carry them in the next round.
+            if frames is None:
+                frames = np.zeros(0, np.uint32)
+                stats = self._round_stats(number, 0, time.monotonic())
+                stats.MergeFrom(disk_stats)
             self.domain.log.mark(frames)
             await self._reconnect(e)
             stats.interrupted = str(e)

@@ -156,8 +156,10 @@ class StorageCopy:
 
     def write_latency(self) -> tuple[int, int, int]:
         """(p50 ns, p99 ns, writes) of the guest's writes since Begin."""
-        lat = np.array([ns for d in self.disks if d.backend is not None
-                        for ns in d.backend.stats.write_ns], np.int64)
+        lat = np.concatenate([np.fromiter(d.backend.stats.write_ns, np.int64,
+                                          len(d.backend.stats.write_ns))
+                              for d in self.disks if d.backend is not None] or
+                             [np.zeros(0, np.int64)])
         if not len(lat):
             return 0, 0, 0
         p50, p99 = np.percentile(lat, [50, 99])

@@ -319,12 +319,12 @@ class Report:
             return None
         s = dict(self.storage)
         s["bytes-ratio"] = round(s["bytes"] / s["size-bytes"], 4) if s["size-bytes"] else None
-        # blocks blkback dirtied per second, from the end of the first copy to the final
-        # pass (what the rounds after the first had to send)
+        # blocks blkback dirtied per second, from the first copy's read of the log to the
+        # final pass's (what the rounds after the first had to send)
         first = s["storage-rounds"][0] if s["storage-rounds"] else None
         final_at = self.phases.get("final")
         if first is not None and final_at is not None:
-            span = (final_at - first["started-ms"] - first["duration-ms"]) / 1e3
+            span = (final_at - first["started-ms"]) / 1e3
             s["dirty-rate"] = round(s["dirty-blocks-after-first"] / span, 1) if span > 0 else None
         # the guest's writes blkback served from begin to the final pass, a second
         lat, begin_at = s["write-latency-ms"], self.phases.get("begin")
