@@ -478,28 +478,40 @@ class SaveSession:
         destination acknowledged every stream's end."""
         started = time.monotonic()
         number = self.rounds_done
-        await self.inject.before_final_read(self.domain)
-        self.domain.journal.seal()
-        frames = self.inject.shape_final(self.domain, self.domain.log.read_and_clear())
-        rings = self.inject.rings_last()
-        stats = self._round_stats(number, len(frames), started)
-        total = len(frames) + (len(rings) if rings is not None else 0)
-        stats.dirty_pages = total
         disks = self.storage is not None
+        disk_first = disks and self.inject.storage_final_first  # (reversed, to show why not)
+        disk_stats = pb.RoundStats()
         try:
+            if disk_first:
+                self.storage.seal()
+                async for progress in self._send_disks(number, disk_stats, final=True,
+                                                       end=False):
+                    yield progress
+                await self.inject.between_final_reads(self.domain)
+                self.storage.seal()  # written after this only: what came between is not
+            await self.inject.before_final_read(self.domain)
+            self.domain.journal.seal()
+            frames = self.inject.shape_final(self.domain, self.domain.log.read_and_clear())
+            rings = self.inject.rings_last()
+            stats = self._round_stats(number, len(frames), started)
+            stats.MergeFrom(disk_stats)
+            total = len(frames) + (len(rings) if rings is not None else 0)
+            stats.dirty_pages = total
+            disks_after = disks and not disk_first
             async for progress in self._send(frames, number, stats, total,
-                                             end=rings is None and not disks, final=True):
+                                             end=rings is None and not disks_after, final=True):
                 yield progress
             if rings is not None:
                 # write-after-final: the buffers are copied; the backends answer now;
                 # the rings, copied last, carry their responses
                 await self.inject.before_rings(self.domain)
                 async for progress in self._send(rings, number, stats, total,
-                                                 end=not disks, final=True):
+                                                 end=not disks_after, final=True):
                     yield progress
-            if disks:
+            if disks_after:
                 # After every frame is read: a response the copied ring holds was
                 # written after its data, whose block the log has by now.
+                await self.inject.between_final_reads(self.domain)
                 self.storage.seal()
                 async for progress in self._send_disks(number, stats, final=True):
                     yield progress

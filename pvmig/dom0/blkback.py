@@ -83,8 +83,10 @@ class BlkBack:
     on_broken: object = None  # called with the reason when the frontend broke the ring
     _inflight: dict = field(default_factory=dict)  # task -> (request, its hurry event)
     holding: bool = False  # injection points: reads stay in flight until answered
-    _held: set = field(default_factory=set)  # the hurry events of the reads held back
+    holding_writes: bool = False  # ... and writes too (their data not yet on the disk)
+    _held: set = field(default_factory=set)  # the hurry events of the requests held back
     _held_read: asyncio.Event = field(default_factory=asyncio.Event)
+    _held_write: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def name(self) -> str:
@@ -118,25 +120,30 @@ class BlkBack:
         await self.disconnect("quiesced")
         return len(done), len(not_done), unmapped
 
-    def hold(self) -> None:
+    def hold(self, writes: bool = False) -> None:
         """Injection points: from now on, a read stays in flight (its data unwritten, its
         response unpublished) until an injection point answers it or release() lets it
-        go. Reads only: their data is what lands in guest memory behind the final pass,
-        and writes going on keep ring slots free for the guest's next reads."""
+        go. Reads only, unless `writes`: a read's data is what lands in guest memory
+        behind the final pass, and writes going on keep ring slots free for the guest's
+        next reads; a held write's data reaches the disk only when it is answered (a
+        storage migration's final pass)."""
         self.holding = True
+        self.holding_writes = self.holding_writes or writes
 
     @property
     def held(self) -> int:
         return len(self._held)
 
-    async def wait_held(self) -> None:
-        """Until a read is held back (one issued before hold() once its latency is over)."""
-        await self._held_read.wait()
+    async def wait_held(self, write: bool = False) -> None:
+        """Until a read (a write) is held back (one issued before hold() once its
+        latency is over)."""
+        await (self._held_write if write else self._held_read).wait()
 
     def release(self) -> None:
         """The held reads finish, as a backend nobody hurries would."""
-        self.holding = False
+        self.holding = self.holding_writes = False
         self._held_read.clear()
+        self._held_write.clear()
         for hurry in self._held:
             hurry.set()
 
@@ -209,9 +216,10 @@ class BlkBack:
         self._server = None
         self._tasks = set()
         self._inflight.clear()
-        self.holding = False
+        self.holding = self.holding_writes = False
         self._held.clear()
         self._held_read.clear()
+        self._held_write.clear()
         for m in [*self._persistent.values(), *([self._ring_map] if self._ring_map else [])]:
             self.grants.unmap(m.handle)
         self._persistent.clear()
@@ -292,9 +300,10 @@ class BlkBack:
                 await asyncio.wait_for(hurry.wait(), self.latency_s)
             except asyncio.TimeoutError:
                 pass
-        if self.holding and op == BLKIF_OP_READ and not hurry.is_set():
+        if (self.holding and (op == BLKIF_OP_READ or self.holding_writes)
+                and not hurry.is_set()):
             self._held.add(hurry)
-            self._held_read.set()
+            (self._held_read if op == BLKIF_OP_READ else self._held_write).set()
             try:
                 await hurry.wait()
             finally:

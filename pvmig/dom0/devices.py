@@ -159,11 +159,12 @@ class DomainDevices:
 
     # ---- what the injection points (pvmig.migration.injector) do with the backends
 
-    def hold_reads(self) -> list:
-        """Every disk backend holds reads back from now on (BlkBack.hold); the backends."""
+    def hold_reads(self, writes: bool = False) -> list:
+        """Every disk backend holds reads (and writes) back from now on (BlkBack.hold);
+        the backends."""
         blks = [blk for blk, _dev in self.backends.values()]
         for blk in blks:
-            blk.hold()
+            blk.hold(writes)
         return blks
 
     def release_reads(self) -> None:

@@ -44,6 +44,14 @@ test or a cell of `pvmig matrix` sees it, not a lucky run:
     storage-fills-up       (migrate --copy-storage) at the destination, the first disk
                            batch past half the disk fails as a full disk's write would
                            (ENOSPC)
+    storage-write-between  (migrate --copy-storage) a write held in flight across the
+                           suspend is answered between the final pass's two reads, of
+                           memory's log and of the disk's: its response into the ring
+                           (logged), its data onto the source's image
+    storage-final-first    (migrate --copy-storage) the final pass reads the disk's log
+                           first, memory's after it (the order reversed): with
+                           storage-write-between, the response goes with memory and the
+                           data stays behind
 
 The first three need a block request in flight at the final pass. Left to chance, the
 backends have usually answered everything by then (the disk is faster than the time
@@ -86,10 +94,13 @@ class InjectionPoint(StrEnum):
     PUSH_DEVICES_LAST = "push-devices-last"
     STORAGE_HOLDS_HALFWAY = "storage-holds-halfway"
     STORAGE_FILLS_UP = "storage-fills-up"
+    STORAGE_WRITE_BETWEEN = "storage-write-between"
+    STORAGE_FINAL_FIRST = "storage-final-first"
 
 
 P = InjectionPoint
 NEEDS_A_READ_IN_FLIGHT = frozenset({P.RESPONSE_BEFORE_FINAL, P.WRITE_AFTER_FINAL, P.TORN_COPY})
+NEEDS_A_WRITE_IN_FLIGHT = frozenset({P.STORAGE_WRITE_BETWEEN})
 NAMES = [p.value for p in InjectionPoint]
 
 
@@ -155,19 +166,20 @@ class Injector:
     async def before_suspend(self, dom: Domain) -> None:
         """While the guest still issues: a read held in flight across the suspend, for
         the points that need one at the final pass."""
-        if not self.points & NEEDS_A_READ_IN_FLIGHT or dom.pv is None or not dom.pv.backends:
+        needs = self.points & (NEEDS_A_READ_IN_FLIGHT | NEEDS_A_WRITE_IN_FLIGHT)
+        if not needs or dom.pv is None or not dom.pv.backends:
             return
-        blks = dom.pv.hold_reads()
-        waits = [asyncio.ensure_future(blk.wait_held()) for blk in blks]
+        write = bool(self.points & NEEDS_A_WRITE_IN_FLIGHT)
+        blks = dom.pv.hold_reads(writes=write)
+        waits = [asyncio.ensure_future(blk.wait_held(write)) for blk in blks]
         try:
             await asyncio.wait(waits, timeout=HOLD_WAIT_S, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for w in waits:
                 w.cancel()
         if not any(blk.held for blk in blks):
-            log.warning("domain %s: no read in flight after %.0f s: injection points %s "
-                        "have nothing to force", dom.name, HOLD_WAIT_S,
-                        sorted(self.points & NEEDS_A_READ_IN_FLIGHT))
+            log.warning("domain %s: no request in flight after %.0f s: injection points %s "
+                        "have nothing to force", dom.name, HOLD_WAIT_S, sorted(needs))
 
     async def before_final_read(self, dom: Domain) -> None:
         if P.RESPONSE_BEFORE_FINAL in self.points and dom.pv is not None:
@@ -189,6 +201,19 @@ class Injector:
             self._rings = np.array(dom.pv.ring_frames(), dtype=frames.dtype)
             frames = np.setdiff1d(frames, self._rings)
         return frames
+
+    @property
+    def storage_final_first(self) -> bool:
+        if P.STORAGE_FINAL_FIRST not in self.points:
+            return False
+        self.fired[P.STORAGE_FINAL_FIRST] = 1
+        return True
+
+    async def between_final_reads(self, dom: Domain) -> None:
+        """storage-write-between: what the backends hold is answered now, the ring pages
+        logged (a read of memory's log after this sends them)."""
+        if P.STORAGE_WRITE_BETWEEN in self.points and dom.pv is not None:
+            self.fired[P.STORAGE_WRITE_BETWEEN] = await dom.pv.answer_in_flight(log_rings=True)
 
     def rings_last(self) -> np.ndarray | None:
         """The frames write-after-final sends after the backends answered (once)."""
@@ -232,5 +257,6 @@ class Injector:
 
     def disarm(self, dom: Domain) -> None:
         """The migration ends here (an abort): held reads go on."""
-        if dom.pv is not None and self.points & NEEDS_A_READ_IN_FLIGHT:
+        if dom.pv is not None and self.points & (NEEDS_A_READ_IN_FLIGHT
+                                                 | NEEDS_A_WRITE_IN_FLIGHT):
             dom.pv.release_reads()
