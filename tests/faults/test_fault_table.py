@@ -148,12 +148,13 @@ def _healthy(address: str) -> None:
     assert vbd.guest.get("read-failures", 0) == 0 and vbd.guest.get("errors", 0) == 0, vbd
 
 
-def _row(who: str, phase: str, where: str, took: float) -> None:
+def _row(who: str, phase: str, where: str, took: float, want: str | None = None,
+         fault: str = "") -> None:
     path = os.environ.get("PVMIG_FAULT_TABLE")
     if path:
         with open(path, "a") as f:
-            f.write(json.dumps({"fault": f"kill {who}", "phase": phase, "outcome": where,
-                                "expected": expected(who, phase),
+            f.write(json.dumps({"fault": fault or f"kill {who}", "phase": phase,
+                                "outcome": where, "expected": want or expected(who, phase),
                                 "recovery-s": round(took, 2)}) + "\n")
 
 
@@ -204,9 +205,10 @@ def test_storage_fault(own_storage, tmp_path, who, phase):
         agent.start()
         _recover(a.address, b.address, mid)
     where = _settled(a.address, b.address)
-    _row(f"{who} (--copy-storage)", phase, where, time.monotonic() - struck)
-
     want = expected(who, "begin" if phase.startswith("storage") else phase)
+    _row(who, phase, where, time.monotonic() - struck, want,
+         fault=f"kill {who} (--copy-storage)")
+
     assert where in want.split("-or-"), (who, phase, where)
     images = {h: (tmp_path / f"store-{h}" / "vm.img").exists() for h in ("a", "b")}
     assert images["a"], "the source's image is kept (no --remove-source-storage)"
