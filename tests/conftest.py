@@ -6,6 +6,7 @@ Keep this file generic: each section below is owned by the tests that use it.
 from __future__ import annotations
 
 import contextlib
+import socket
 from pathlib import Path
 from typing import Callable
 
@@ -14,6 +15,7 @@ from support import local_cluster
 
 from pvmig.hv.logdirty import DirtyLog
 from pvmig.hv.memory import GuestMemory
+from pvmig.rpc.data_channel import Connection
 
 # --------------------------------------------------------------------------------------
 # Tiers, by directory: tests/unit (in-process, fast), tests/e2e (agents and guests as
@@ -98,6 +100,15 @@ def make_log(shm_dir: Path) -> Callable[..., DirtyLog]:
     yield make
     for log in made:
         log.close()
+
+
+@pytest.fixture
+def pair():
+    """Two ends of a data connection (a socket pair): (source's, destination's)."""
+    a, b = socket.socketpair()
+    yield Connection(a, "source"), Connection(b, "destination")
+    a.close()
+    b.close()
 
 
 # --------------------------------------------------------------------------------------

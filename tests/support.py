@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,6 +18,21 @@ import pytest
 from pvmig._proto import pvmig_pb2 as pb
 from pvmig._proto import pvmig_pb2_grpc as pb_grpc
 from pvmig.tools.cluster import LocalCluster
+
+
+def send_in_thread(fn):
+    """Run a sender beside the receiver (a socket pair's buffer is smaller than a
+    batch): (its thread, a box that gets its "result" or its "error")."""
+    box = {}
+
+    def run():
+        try:
+            box["result"] = fn()
+        except BaseException as e:
+            box["error"] = e
+    t = threading.Thread(target=run)
+    t.start()
+    return t, box
 
 
 def pvmig(*args: str, timeout: float = 180.0) -> subprocess.CompletedProcess:

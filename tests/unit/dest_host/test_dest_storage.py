@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import errno
 import os
-import socket
-import threading
 from collections import namedtuple
 
 import numpy as np
 import pytest
+from support import send_in_thread
 
 from dest_host import storage
 from dest_host.storage import DiskCopy, StorageTarget
@@ -20,7 +19,6 @@ from pvmig import errors
 from pvmig.dom0 import disk as disk_mod
 from pvmig.dom0.disk import BLOCK_SIZE, BlockLog, DiskImage
 from pvmig.migration import policy, wire
-from pvmig.rpc.data_channel import Connection
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -283,14 +281,6 @@ def test_a_disk_in_a_directory_not_there_yet_is_made_or_refused_cleanly(tmp_path
 
 
 @pytest.fixture
-def pair():
-    a, b = socket.socketpair()
-    yield Connection(a, "source"), Connection(b, "destination")
-    a.close()
-    b.close()
-
-
-@pytest.fixture
 def target(tmp_path):
     """Disks 0 and 5 made by create, opened as the domain's devices would."""
     t = _create([_vbd("d0.img", 0, BLOCKS), _vbd("d5.img", 5, BLOCKS)], tmp_path / "dst")
@@ -314,15 +304,9 @@ def source(tmp_path):
 
 def _send(pair, source, blocks, device):
     out, _ = pair
-    box = {}
-
-    def run():
-        box["sent"] = wire.send_blocks(out, source.view(), np.asarray(blocks, np.uint32),
-                                       source.log.gens, device=device, seq=1, round=0,
-                                       scratch=wire.Scratch(LIMIT))
-    t = threading.Thread(target=run)
-    t.start()
-    return t, box
+    return send_in_thread(lambda: wire.send_blocks(
+        out, source.view(), np.asarray(blocks, np.uint32), source.log.gens, device=device,
+        seq=1, round=0, scratch=wire.Scratch(LIMIT)))
 
 
 def _receive(pair, target, source, blocks, device=5):

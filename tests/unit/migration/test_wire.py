@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import socket
 import struct
-import threading
 
 import numpy as np
 import pytest
 import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import send_in_thread
 
 from pvmig import errors
 from pvmig.hv.memory import PAGE_SIZE
@@ -44,31 +44,9 @@ def dst(make_memory):
     return mem
 
 
-@pytest.fixture
-def pair():
-    a, b = socket.socketpair()
-    yield Connection(a, "source"), Connection(b, "destination")
-    a.close()
-    b.close()
-
-
-def _send_in_thread(fn):
-    """Run a sender beside the receiver (a socket pair's buffer is smaller than a batch)."""
-    box = {}
-
-    def run():
-        try:
-            box["result"] = fn()
-        except BaseException as e:
-            box["error"] = e
-    t = threading.Thread(target=run)
-    t.start()
-    return t, box
-
-
 def _move(pair, src, dst, frames, **kw):
     out, inp = pair
-    t, box = _send_in_thread(lambda: wire.send_pages(
+    t, box = send_in_thread(lambda: wire.send_pages(
         out, src, np.asarray(frames, np.uint32), seq=kw.pop("seq", 9), round=2,
         scratch=wire.Scratch(LIMIT), **kw))
     h = wire.read_header(inp)
@@ -228,7 +206,7 @@ def test_a_snapshot_batch_stays_whole_when_its_frames_change_during_the_send(
         conn = _WrittenDuringSend(a, src)
         before = src.pages[0:8].copy()
         frames = np.arange(0, 8, dtype=np.uint32)
-        t, box = _send_in_thread(lambda: wire.send_pages(
+        t, box = send_in_thread(lambda: wire.send_pages(
             conn, src, frames, seq=1, round=0, scratch=wire.Scratch(LIMIT), snapshot=snapshot))
         inp = Connection(b, "destination")
         got = wire.Receiver(dst, LIMIT).receive(inp, wire.read_header(inp))

@@ -5,12 +5,11 @@ is read (or, damaged on the way, by its checksum)."""
 
 from __future__ import annotations
 
-import socket
 import struct
-import threading
 
 import numpy as np
 import pytest
+from support import send_in_thread
 
 from pvmig import errors
 from pvmig.dom0.disk import BLOCK_SIZE, BlockLog, DiskImage
@@ -22,14 +21,6 @@ pytestmark = pytest.mark.timeout(60)
 BLOCKS = 128
 LIMIT = 32  # the receiver's buffer, in blocks
 DEVID = 51713  # xvda's devid: above 255, so the whole u16 is used
-
-
-@pytest.fixture
-def pair():
-    a, b = socket.socketpair()
-    yield Connection(a, "source"), Connection(b, "destination")
-    a.close()
-    b.close()
 
 
 @pytest.fixture
@@ -47,20 +38,6 @@ def disk(tmp_path):
     img.close()
 
 
-def _send_in_thread(fn):
-    """Run a sender beside the receiver (a socket pair's buffer is smaller than a batch)."""
-    box = {}
-
-    def run():
-        try:
-            box["result"] = fn()
-        except BaseException as e:
-            box["error"] = e
-    t = threading.Thread(target=run)
-    t.start()
-    return t, box
-
-
 def _buf(fill: int = 0xEE) -> np.ndarray:
     return np.full((LIMIT, BLOCK_SIZE), fill, np.uint8)
 
@@ -68,7 +45,7 @@ def _buf(fill: int = 0xEE) -> np.ndarray:
 def _move(pair, disk, blocks, *, seq=5, round=3):
     out, inp = pair
     blocks = np.asarray(blocks, np.uint32)
-    t, box = _send_in_thread(lambda: wire.send_blocks(
+    t, box = send_in_thread(lambda: wire.send_blocks(
         out, disk.view(), blocks, disk.log.gens, device=DEVID, seq=seq, round=round,
         scratch=wire.Scratch(LIMIT)))
     h = wire.read_header(inp)
@@ -119,7 +96,7 @@ def test_the_generation_sent_is_read_before_the_data(pair, disk):
     out, inp = pair
     before = int(disk.log.gens[3])
     new = b"\x01" * BLOCK_SIZE
-    t, box = _send_in_thread(lambda: wire.send_blocks(
+    t, box = send_in_thread(lambda: wire.send_blocks(
         out, disk.view(), np.array([3, 4], np.uint32), _WriteAfterGens(disk, 3, new),
         device=DEVID, seq=0, round=0, scratch=wire.Scratch(LIMIT)))
     h = wire.read_header(inp)
@@ -148,7 +125,7 @@ def test_a_write_while_the_record_goes_does_not_damage_it(pair, disk):
     out, inp = pair
     old = disk.view()[[5, 6, 7]].copy()
     writing = _WritingConnection(out.sock, disk, 6)
-    t, box = _send_in_thread(lambda: wire.send_blocks(
+    t, box = send_in_thread(lambda: wire.send_blocks(
         writing, disk.view(), np.array([5, 6, 7], np.uint32), disk.log.gens, device=DEVID,
         seq=1, round=0, scratch=wire.Scratch(LIMIT)))
     got, _, _, rows = wire.read_blocks(inp, wire.read_header(inp), _buf(), BLOCKS)
