@@ -116,6 +116,7 @@ class DataChannels:
         if self.epoch.postcopy:
             return self._receive_postcopy(conn, index, self.epoch.recovered)
         receiver = wire.Receiver(mem, MAX_BATCH_PAGES)
+        received = s.host.metrics.received
         round_pages: dict[int, int] = {}
         damaged: dict[int, list[int]] = {}
         ended = False
@@ -133,6 +134,8 @@ class DataChannels:
                     return self._receive_postcopy(conn, index, recovered=False, first=h)
                 raise errors.InvalidArgument("record after the end of the stream")
             if h.type == wire.PAGES:
+                received.labels("memory").inc(wire.HEADER.size + 4 * (h.n_frames + h.n_zero)
+                                              + h.data_len)
                 got = receiver.receive(conn, h)
                 round_pages[h.round] = round_pages.get(h.round, 0) + got.pages
                 if not got.ok:
@@ -142,6 +145,8 @@ class DataChannels:
                 if s.storage is None:
                     raise errors.InvalidArgument(f"migration {s.migration_id} copies no "
                                                  "storage: disk records refused")
+                received.labels("disk").inc(wire.HEADER.size + 8 * (h.n_frames + h.n_zero)
+                                            + h.data_len)
                 got = s.storage.receive(conn, h, receiver.buf)  # (its buffer, free here)
                 if h.type == wire.DISK_SYNC:  # a write-blocking write: held now
                     wire.send_control(conn, wire.ACK, n_frames=got)
@@ -197,6 +202,8 @@ class DataChannels:
                     return
                 s._check_open()
                 if h.type == wire.PAGES:
+                    s.host.metrics.received.labels("memory").inc(
+                        wire.HEADER.size + 4 * (h.n_frames + h.n_zero) + h.data_len)
                     receiver.receive(conn, h)
                 elif h.type == wire.END:
                     wire.read_control_body(conn, h)

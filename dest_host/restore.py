@@ -170,6 +170,7 @@ class RestoreSession:
         except BaseException:
             await session.discard("the guest process did not start")
             raise
+        host.metrics.started.labels("destination").inc()
         return session
 
     # ---- the streams
@@ -198,6 +199,7 @@ class RestoreSession:
 
     def on_pages(self, stream: "_StreamState", batch: pb.PageBatch) -> None:
         unpacked = pages.unpack(batch, self.domain.mem.nr_frames)
+        self.host.metrics.received.labels("memory").inc(batch.ByteSize())
         stream.round_pages[batch.round] = stream.round_pages.get(batch.round, 0) + unpacked.pages
         # A batch of an older round than a frame's last copy straggles in on a stream that
         # broke (the source made new ones and sent the frame again): never over the newer.
@@ -433,6 +435,7 @@ class RestoreSession:
         """Every frame is here (a data connection's end said so): the domain is whole
         again, its record as any running domain's. Once, whoever comes first."""
         if self.domain.missing is not None and self.paging.complete:
+            self.host.metrics.postcopy_faults.inc(self.paging.status().faults)
             self.paging.finish()
             self.domain.missing = None
             self.paging.stop(wait=False)
@@ -468,6 +471,7 @@ class RestoreSession:
         self.host.restores.remove(self.migration_id)
         if self.state is RestoreState.RESUMED:
             self._set_state(RestoreState.FINISHED)
+            self.host.metrics.ended_as("destination", "completed")
 
     # ---- recovery: the coordinator is gone (pvmig recover, or this host's watchdog)
 
@@ -509,17 +513,21 @@ class RestoreSession:
 
     # ---- abort
 
-    async def abort(self, reason: str) -> None:
+    async def abort(self, reason: str, cancelled: bool = False) -> None:
         if self.committed:
             raise errors.FailedPrecondition(
                 f"migration {self.migration_id} is committed: it cannot be discarded")
         log.warning("migration %s discarded: %s", self.migration_id, reason)
-        await self.discard(reason)
+        await self.discard(reason, cancelled)
 
-    async def discard(self, reason: str) -> None:
+    async def discard(self, reason: str, cancelled: bool = False) -> None:
         if self.state is not RestoreState.DISCARDED:
+            begun = self.state is not RestoreState.PREPARING  # (counted as started)
             self.why_discarded = reason
             self._set_state(RestoreState.DISCARDED)
+            if begun:
+                self.host.metrics.ended_as("destination",
+                                           "aborted" if cancelled else "failed")
         self.host.restores.remove(self.migration_id)
         if self.data is not None:  # no data channel's thread left on the memory
             await self.data.close()

@@ -157,7 +157,8 @@ class DataStream:
                     src.hold(blocks, self.conn.has_input)
                 sent = wire.send_blocks(self.conn, disk.view, blocks, disk.log.gens,
                                         device=disk.devid, seq=seq, round=number,
-                                        scratch=self._scratch)
+                                        scratch=self._scratch,
+                                        corrupt=seq == src.corrupt_seq)
                 self.sent_in_round += len(blocks)
                 src.tally.add(sent.normal, sent.zero, sent.wire_bytes)
                 if src.limit is not None:

@@ -167,6 +167,8 @@ class SaveSession:
     postcopy_asked: bool = False  # StartPostcopy: said with the next round's stats
     storage: StorageCopy | None = None  # --copy-storage: the disks' copy
     _mirror: DataStream | None = None  # write-blocking: the connection writes go through
+    cancelled: bool = False  # its abort was asked for (pvmig cancel), not a failure
+    _postcopy_counted: int = 0  # post-copy's bytes already in the metrics
     _completing: asyncio.Future | None = None  # each runs once, whoever asks
     _releasing: asyncio.Future | None = None
 
@@ -234,6 +236,7 @@ class SaveSession:
         except BaseException:
             await session._release()
             raise
+        host.metrics.started.labels("source").inc()
         if dom.pv is not None:
             dom.pv.set_policy(backend_log=settings.backend_log,
                               xenstore_track=settings.xenstore_track)
@@ -393,9 +396,10 @@ class SaveSession:
                 yield progress
         except errors.Unavailable as e:
             if self.state in SAVE_ENDING:
-                raise
+                self._check_not_ended()  # (why it ended, not the broken connection)
             await self._reconnect(e)  # (the blocks are marked again: the next round)
             stats.interrupted = str(e)
+        self.host.metrics.rounds.labels("storage").inc()
         if not stats.interrupted:
             self.storage.copied = True  # (every block went once: round 0, or its redo)
             if self._mirror is not None:
@@ -460,7 +464,7 @@ class SaveSession:
                 yield progress
         except errors.Unavailable as e:
             if self.state in SAVE_ENDING:
-                raise
+                self._check_not_ended()  # (why it ended, not the broken connection)
             # The page streams broke (the network dropped): this round's frames (and
             # blocks) are dirty again, new streams carry them in the next round.
             if frames is None:
@@ -554,6 +558,7 @@ class SaveSession:
         self._check_not_ended()
         self._set_state(St.DELIVERED)
         self.rounds_done += 1
+        self.host.metrics.rounds.labels("memory").inc()
         stats.duration_ns = int((time.monotonic() - started) * 1e9)
         stats.remaining_pages = int(to_come.sum())
         yield pb.RoundProgress(done_pages=0, total_pages=0, bytes=0, stats=stats)
@@ -629,9 +634,11 @@ class SaveSession:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
             t.finished = True
+            self._count_postcopy_bytes(t)
             await self._close()
         except (errors.PvmigError, OSError) as e:
             t.end_epoch(str(e))
+            self._count_postcopy_bytes(t)
             await self._close()
             self._set_state(St.POSTCOPY_PAUSED)
             log.error("migration %s: post-copy paused: %s; the guest at %s lacks up to %d "
@@ -642,6 +649,11 @@ class SaveSession:
                  "them sent twice), %d recover(ies), %d lost and sent again",
                  self.migration_id, len(t.frames), t.pushed, t.requested, t.resent,
                  t.epochs - 1, t.lost)
+
+    def _count_postcopy_bytes(self, t: Transfer) -> None:
+        """The metrics' sent bytes: what this epoch of the transfer added."""
+        self.host.metrics.sent.labels("memory").inc(t.bytes - self._postcopy_counted)
+        self._postcopy_counted = t.bytes
 
     async def recover_postcopy(self) -> pb.PostcopyProgress:
         """A paused post-copy goes on: new data channels (the destination's lane first
@@ -696,6 +708,7 @@ class SaveSession:
     def _round_done(self, frames: np.ndarray, stats: pb.RoundStats,
                     started: float) -> pb.RoundProgress:
         self.rounds_done += 1
+        self.host.metrics.rounds.labels("memory").inc()
         stats.duration_ns = int((time.monotonic() - started) * 1e9)
         stats.remaining_pages = self.domain.log.count()
         if self.storage is not None:
@@ -736,6 +749,8 @@ class SaveSession:
                 task.cancel()
             await asyncio.gather(*pumps, return_exceptions=True)
             self._seq = batches.next_seq
+            self.host.metrics.sent.labels("memory" if disk is None else "disk").inc(
+                tally.bytes)
             if disk is not None:
                 stats.sent_blocks += tally.normal
                 stats.zero_blocks += tally.zero
@@ -906,10 +921,13 @@ class SaveSession:
         for chunk in verify.chunks(hashes, causes):
             yield chunk
 
-    async def complete(self, abandon: bool = False) -> None:
+    async def complete(self, abandon: bool = False, downtime_ns: int = 0) -> None:
         """Destroy the source copy; called by the coordinator, or by recovery (once, if
         both ask at the same time). abandon: post-copy's destination died with the
-        guest, which ran there: this older copy must never run, sent or not."""
+        guest, which ran there: this older copy must never run, sent or not.
+        downtime_ns: the coordinator's measure, for the metrics (once)."""
+        if downtime_ns > 0 and self._completing is None:
+            self.host.metrics.downtime.observe(downtime_ns / 1e9)
         if not self.committed:
             raise errors.FailedPrecondition("the source copy is destroyed only after commit")
         if abandon and self.state in SAVE_POSTCOPY:
@@ -940,14 +958,16 @@ class SaveSession:
                 log.info("migration %s: removed the source's disk image %s",
                          self.migration_id, path)
         self._set_state(St.COMPLETED)
+        self.host.metrics.ended_as("source", "completed")
 
-    async def abort(self, reason: str) -> None:
+    async def abort(self, reason: str, cancelled: bool = False) -> None:
         if self.committed:
             raise errors.FailedPrecondition(
                 f"migration {self.migration_id} is committed: the guest belongs to the "
                 "destination now")
         if self.state in SAVE_UNDECIDED:
             self.why_ended = reason
+            self.cancelled = cancelled
             self._set_state(St.ABORTING)
         log.warning("migration %s aborted: %s", self.migration_id, reason)
         await self._release()
@@ -987,6 +1007,7 @@ class SaveSession:
             log.warning("migration %s rolled back: %s", self.migration_id, reason)
             self.why_ended = reason
             self._set_state(St.ROLLED_BACK)
+            self.host.metrics.ended_as("source", "failed")
         await self._release()  # once, whoever asks
 
     async def expire(self) -> None:
@@ -1023,6 +1044,8 @@ class SaveSession:
             self.host.saves.remove(self.migration_id)
             if self.state is St.ABORTING:
                 self._set_state(St.ABORTED)
+                self.host.metrics.ended_as("source",
+                                           "aborted" if self.cancelled else "failed")
 
     async def _resume_here(self) -> None:
         dom = self.domain

@@ -308,20 +308,24 @@ class DestroyDomainReply(_message.Message):
     def __init__(self) -> None: ...
 
 class MigrationRef(_message.Message):
-    __slots__ = ("migration_id", "reason", "domain", "source_instance", "recover", "abandon")
+    __slots__ = ("migration_id", "reason", "domain", "source_instance", "recover", "abandon", "cancelled", "downtime_ns")
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     DOMAIN_FIELD_NUMBER: _ClassVar[int]
     SOURCE_INSTANCE_FIELD_NUMBER: _ClassVar[int]
     RECOVER_FIELD_NUMBER: _ClassVar[int]
     ABANDON_FIELD_NUMBER: _ClassVar[int]
+    CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    DOWNTIME_NS_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     reason: str
     domain: str
     source_instance: str
     recover: bool
     abandon: bool
-    def __init__(self, migration_id: _Optional[str] = ..., reason: _Optional[str] = ..., domain: _Optional[str] = ..., source_instance: _Optional[str] = ..., recover: _Optional[bool] = ..., abandon: _Optional[bool] = ...) -> None: ...
+    cancelled: bool
+    downtime_ns: int
+    def __init__(self, migration_id: _Optional[str] = ..., reason: _Optional[str] = ..., domain: _Optional[str] = ..., source_instance: _Optional[str] = ..., recover: _Optional[bool] = ..., abandon: _Optional[bool] = ..., cancelled: _Optional[bool] = ..., downtime_ns: _Optional[int] = ...) -> None: ...
 
 class BeginRequest(_message.Message):
     __slots__ = ("migration_id", "domain", "dest_address", "batch_pages", "streams", "backend_log", "xenstore_track", "inject", "save_image", "max_bandwidth_mbps", "quiesce", "recovery", "persistent_grants", "grant_mode", "compress", "transport", "allow_postcopy", "copy_storage", "storage_mode", "remove_source_storage")

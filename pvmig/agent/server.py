@@ -14,6 +14,7 @@ import socket
 from pathlib import Path
 
 import grpc
+import prometheus_client
 import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
@@ -75,7 +76,7 @@ def _awaiting(coro) -> list[str]:
 
 
 async def serve(host: Host, listen: str, *, ready_file: Path | None = None,
-                data_listen: str = "") -> None:
+                data_listen: str = "", metrics_listen: str = "") -> None:
     bind_host, _ = channel.parse_address(listen, listen=True)
     server = grpc.aio.server(options=channel.SERVER_OPTIONS,
                              interceptors=host.security.server_interceptors())
@@ -122,6 +123,7 @@ async def serve(host: Host, listen: str, *, ready_file: Path | None = None,
     await server.start()
     if data is not None:
         data.start()
+    metrics = serve_metrics(host, metrics_listen) if metrics_listen else None
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("pvmig.v1.Agent", health_pb2.HealthCheckResponse.SERVING)
     log.info("agent %s listening on %s (advertised as %s), data channels on %s, guest RAM "
@@ -135,7 +137,8 @@ async def serve(host: Host, listen: str, *, ready_file: Path | None = None,
     if ready_file is not None:
         tmp = Path(f"{ready_file}.tmp")
         tmp.write_text(json.dumps({"address": bound, "pid": os.getpid(),
-                                   "data_port": data.port if data else None}))
+                                   "data_port": data.port if data else None,
+                                   "metrics": metrics}))
         tmp.replace(ready_file)
     try:
         await stop.wait()
@@ -177,12 +180,27 @@ async def _end_migrations(host: Host) -> None:
                       session.migration_id, e or "no answer in time")
 
 
+def serve_metrics(host: Host, listen: str) -> str:
+    """Prometheus's text format over HTTP (GET /metrics), in a thread of its own; the
+    address it serves at."""
+    bind, port = channel.parse_address(listen, listen=True)
+    try:
+        httpd, _thread = prometheus_client.start_http_server(
+            port, addr=bind, registry=host.metrics.registry)
+    except OSError as e:
+        raise errors.Unavailable(f"cannot serve metrics on {listen}: {e.strerror}") from None
+    where = f"{bind}:{httpd.server_port}" if ":" not in bind else f"[{bind}]:{httpd.server_port}"
+    log.info("metrics on http://%s/metrics", where)
+    return where
+
+
 def run(*, listen: str, name: str, data_dir: Path, mem_dir: Path, max_ram_bytes: int,
         advertise: str = "", ready_file: Path | None = None,
         session_timeout_s: float = policy.SESSION_TIMEOUT_S, security=None,
         storage_dir: Path | None = None, data_listen: str = "",
-        transport: policy.Transport = policy.TRANSPORT) -> None:
+        transport: policy.Transport = policy.TRANSPORT, metrics_listen: str = "") -> None:
     host = Host(name=name, data_dir=data_dir, mem_dir=mem_dir, max_ram_bytes=max_ram_bytes,
                 advertise=advertise, session_timeout_s=session_timeout_s, security=security,
                 storage_dir=storage_dir, transport=transport)
-    uvloop.run(serve(host, listen, ready_file=ready_file, data_listen=data_listen))
+    uvloop.run(serve(host, listen, ready_file=ready_file, data_listen=data_listen,
+                     metrics_listen=metrics_listen))

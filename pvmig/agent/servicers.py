@@ -253,12 +253,13 @@ class MigrationSourceServicer(pb_grpc.MigrationSourceServicer):
             return pb.DoneReply()  # a copy its crash left, held for the settling
         session = self.host.saves.lookup(request.migration_id)
         with session.lease.hold():
-            await session.complete(abandon=request.abandon)
+            await session.complete(abandon=request.abandon, downtime_ns=request.downtime_ns)
         return pb.DoneReply()
 
     @_status
     async def Abort(self, request, context):
-        await self.host.saves.lookup(request.migration_id).abort(request.reason)
+        await self.host.saves.lookup(request.migration_id).abort(
+            request.reason, cancelled=request.cancelled)
         return pb.DoneReply()
 
     @_status
@@ -357,7 +358,8 @@ class MigrationDestServicer(pb_grpc.MigrationDestServicer):
             raise errors.FailedPrecondition(
                 f"migration {request.migration_id} is committed on {self.host.name}: it "
                 "cannot be discarded")
-        await self.host.restores.lookup(request.migration_id).abort(request.reason)
+        await self.host.restores.lookup(request.migration_id).abort(
+            request.reason, cancelled=request.cancelled)
         return pb.DoneReply()
 
     @_status

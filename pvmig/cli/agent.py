@@ -19,6 +19,7 @@ AGENT_DEFAULTS = {"listen": None, "name": None, "data_dir": None, "mem_dir": Non
                   "storage_dir": None, "max_ram_mb": None, "advertise": "",
                   "ready_file": None, "session_timeout": policy.SESSION_TIMEOUT_S,
                   "log_level": "info", "data_listen": "", "transport": policy.TRANSPORT.value,
+                  "metrics_listen": "",
                   "tls_ca": None, "tls_cert": None, "tls_key": None, "token_file": None}
 PATHS = ("data_dir", "mem_dir", "storage_dir", "ready_file")
 
@@ -53,6 +54,9 @@ def register(sub, auth) -> None:
                    help="how pages travel in migrations this agent sends, unless pvmig "
                    "migrate says: tcp, data channels beside gRPC (default), or grpc, the "
                    "agent's port only")
+    a.add_argument("--metrics-listen", metavar="HOST:PORT",
+                   help="serve Prometheus metrics (GET /metrics) here (port 0: pick one; "
+                   "the ready file says which); default: none")
     a.add_argument("--log-level")
     a.set_defaults(func=agent)
 
@@ -91,6 +95,8 @@ def agent_settings(args) -> dict:
         raise errors.InvalidArgument(f"--max-ram-mb must be > 0, not {out['max_ram_mb']}")
     if out["data_listen"] and out["data_listen"] != OFF:
         parse_address(out["data_listen"], listen=True)
+    if out["metrics_listen"]:
+        parse_address(out["metrics_listen"], listen=True)
     if out["transport"] not in policy.choices(policy.Transport):
         raise errors.InvalidArgument(f"transport must be one of "
                                      f"{policy.choices(policy.Transport)}, not "
@@ -130,7 +136,8 @@ def agent(args) -> int:
               mem_dir=mem_dir, max_ram_bytes=max_ram, advertise=cfg["advertise"],
               ready_file=cfg["ready_file"], session_timeout_s=cfg["session_timeout"],
               security=sec, storage_dir=cfg["storage_dir"], data_listen=cfg["data_listen"],
-              transport=policy.Transport(cfg["transport"]))
+              transport=policy.Transport(cfg["transport"]),
+              metrics_listen=cfg["metrics_listen"] or "")
     return EXIT_OK
 
 

@@ -268,7 +268,8 @@ def status(args) -> int:
 
 
 def cancel(args) -> int:
-    ref = pb.MigrationRef(migration_id=args.migration, reason="cancelled by pvmig cancel")
+    ref = pb.MigrationRef(migration_id=args.migration, reason="cancelled by pvmig cancel",
+                          cancelled=True)
 
     async def go():
         found = []

@@ -507,7 +507,9 @@ class Migration:
             on_source = await self.source.call(self.source.agent.QueryDomain,
                                                pb.DomainRef(name=self.domain))
         finally:  # the guest runs on the destination: the source copy goes regardless
-            await self.source.call(self.source.source.Complete, self._ref())
+            ref = self._ref()
+            ref.downtime_ns = int(self.report.downtime_s * 1e9) if self.report.downtime_s else 0
+            await self.source.call(self.source.source.Complete, ref)
         if disks:  # (before FrameHashes, which ends the destination's session)
             dst_blocks, _ = await self._hashes(self.dest, self.dest.dest.BlockHashes)
             self.report.set_storage_verdict(verify.differing(src_blocks, dst_blocks), late,
@@ -534,7 +536,11 @@ class Migration:
             return
         reason = str(cause) or type(cause).__name__
         self._phase("abort", reason=reason)
-        ref = pb.MigrationRef(migration_id=self.migration_id, reason=reason)
+        # interrupted here, or aborted at an agent by request (pvmig cancel): not a failure
+        cancelled = isinstance(cause, (asyncio.CancelledError, KeyboardInterrupt,
+                                       errors.Aborted))
+        ref = pb.MigrationRef(migration_id=self.migration_id, reason=reason,
+                              cancelled=cancelled)
         if self._begun:
             await _best_effort(self.source.call(self.source.source.Abort, ref, timeout=90.0),
                                self.report.abort_errors)

@@ -23,6 +23,7 @@ from pvmig.dom0.domain import Domain
 from pvmig.dom0.xenstored import Xenstored
 from pvmig.host.commit_log import CommitLog
 from pvmig.host.domain_records import DomainRecords, domids
+from pvmig.host.metrics import Metrics
 from pvmig.host.sessions import Clock, Sessions
 from pvmig.hv.memory import PAGE_SIZE
 from pvmig.migration import policy
@@ -73,6 +74,7 @@ class Host:
         self.commits = CommitLog(self.data_dir / "migrations", name)
         self.records = DomainRecords(self.data_dir, name)
         self.held_lock = asyncio.Lock()  # the copies a crash left held (pvmig.host.parking)
+        self.metrics = Metrics(self)
         self.xenstored = Xenstored()
         for d in (self.data_dir, self.mem_dir, self.data_dir / "migrations",
                   self.data_dir / "logs"):

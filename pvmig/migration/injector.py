@@ -19,7 +19,9 @@ test or a cell of `pvmig matrix` sees it, not a lucky run:
                            into the guest's ring page, a write no pass sends
     corrupt-batch          round 0's second batch leaves with its checksum one off, as a
                            batch damaged on the way: nothing wrote its frames, so the
-                           migration aborts before the destination's copy runs
+                           migration aborts before the destination's copy runs (with
+                           --copy-storage, the session's second batch, which may be a
+                           disk batch: refused at once, the source sends a copy)
     push-after-fault       post-copy's push waits for the destination's first request:
                            the resumed guest's first read of its memory faults, and the
                            urgent lane serves it (left to chance, the push may have

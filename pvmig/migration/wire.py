@@ -182,19 +182,23 @@ def _views(pages: np.ndarray, frames: np.ndarray, scratch: Scratch) -> list:
 
 
 def send_blocks(conn: Connection, image: np.ndarray, blocks: np.ndarray, gens: np.ndarray, *,
-                device: int, seq: int, round: int, scratch: Scratch) -> Sent:
+                device: int, seq: int, round: int, scratch: Scratch,
+                corrupt: bool = False) -> Sent:
     """One DISK record of `blocks` (at most scratch.batch_pages) of a disk image (its
     (blocks, 4096) view), with their generations. The generations are read first, then
     the blocks gathered into the scratch buffer, and the checksum and the send are of
     that copy: blkback may write the image meanwhile (the block goes again; its copy
-    here is not older than the generation sent with it)."""
+    here is not older than the generation sent with it). corrupt (an injection point):
+    the checksum sent is off by one."""
     gen = gens[blocks]  # (a copy, before the data)
     rows = np.take(image, blocks, axis=0, out=scratch.gather[:len(blocks)])
-    return send_block_rows(conn, DISK, blocks, gen, rows, device=device, seq=seq, round=round)
+    return send_block_rows(conn, DISK, blocks, gen, rows, device=device, seq=seq, round=round,
+                           corrupt=corrupt)
 
 
 def send_block_rows(conn: Connection, type: int, blocks: np.ndarray, gens: np.ndarray,
-                    rows: np.ndarray, *, device: int, seq: int = 0, round: int = 0) -> Sent:
+                    rows: np.ndarray, *, device: int, seq: int = 0, round: int = 0,
+                    corrupt: bool = False) -> Sent:
     """A DISK or DISK_SYNC record of these blocks' rows (zero rows as numbers only)."""
     zero = zero_rows(rows)
     keep = ~zero
@@ -206,7 +210,7 @@ def send_block_rows(conn: Connection, type: int, blocks: np.ndarray, gens: np.nd
     header = Header(type, RAW, round, seq, len(blocks), len(zero_blocks), data_len,
                     device=device)
     body = [fbytes, zbytes, gens.tobytes(), *parts]
-    header.checksum = checksum(header, body)
+    header.checksum = checksum(header, body) ^ int(corrupt)
     conn.send([header.pack(), *body])
     return Sent(len(blocks), len(zero_blocks),
                 HEADER.size + len(fbytes) + len(zbytes) + 4 * len(gens) + data_len)

@@ -48,6 +48,7 @@ class LocalAgent:
         self.proc: subprocess.Popen | None = None
         self.address = ""
         self.data_port: int | None = None
+        self.metrics: str | None = None
 
     @property
     def ready_file(self) -> Path:
@@ -82,6 +83,7 @@ class LocalAgent:
         ready = json.loads(self.ready_file.read_text())
         self.address = ready["address"]
         self.data_port = ready.get("data_port")  # None: --data-listen off
+        self.metrics = ready.get("metrics")  # HOST:PORT of /metrics; None: not served
         creds = self.security.channel_credentials() if self.security is not None else None
         with (grpc.secure_channel(self.address, creds) if creds is not None
               else grpc.insecure_channel(self.address)) as ch:

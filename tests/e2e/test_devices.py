@@ -137,6 +137,8 @@ def test_bad_disk_settings(cluster, tmp_path):
             (("--disk", str(tmp_path / "d.img"), "--disk-blocks", "0"), "a vbd has 1.."),
             (("--disk", "/nonexistent/dir/d.img"), "cannot open disk image /nonexistent/dir/d.img"),
             (("--disk", str(tmp_path / "d.img"), "--disk-latency-ms", "-1"), "must be >= 0"),
+            (("--disk", str(tmp_path / "d.img"), "--disk-fill", "1.5"),
+             "--disk-fill is a fraction, 0..1, not 1.5"),
     ]:
         r = pvmig("domain", "create", "x", "--agent", a, *args)
         assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
