@@ -537,10 +537,10 @@ class RestoreSession:
             self._hasher.cancel()
         async with self._hash_lock:  # no hashing pass left on the memory
             pass
+        if self.storage is not None:  # before the domain goes: whoever sees it gone sees
+            self.storage.delete()     # its images gone (blkback's open fd does not mind)
         if self.host.domains.get(self.domain.name) is self.domain:
             await self.host.drop(self.domain.name)
-        if self.storage is not None:  # after the drop: blkback's fd on it is closed
-            self.storage.delete()
 
     def _check_open(self) -> None:
         if self.state is RestoreState.DISCARDED:
