@@ -16,12 +16,17 @@ def headline(report: Report) -> str:
     if report.status != "completed":
         return f"migration of {report.domain} FAILED: {report.error}"
     v = d["verification"]
+    s = d["storage"]
     verdict = "verification passed" if v["passed"] else (
-        f"VERIFICATION FAILED (memory: {v['memory']}, guest checks: {v['guest-checks']})")
+        f"VERIFICATION FAILED (memory: {v['memory']}, guest checks: {v['guest-checks']}"
+        + (f", disks: {s['verdict']}" if s else "") + ")")
+    disk = (f", disk {s['bytes'] / 2**20:.1f} MiB copied ({s['bytes-ratio']}x its size, "
+            f"{s['mode']})" if s else "")
     return (f"migrated {report.domain} {report.source_agent or report.source} -> "
             f"{report.dest_agent or report.dest} in {d['total-time-ms'] / 1e3:.2f} s, "
             f"downtime {d['downtime-ms']:.1f} ms, {d['transferred-bytes'] / 2**20:.1f} MiB sent "
-            f"({d['transferred-ratio']}x RAM) in {d['dirty-sync-count']} rounds; {verdict}")
+            f"({d['transferred-ratio']}x RAM) in {d['dirty-sync-count']} rounds{disk}; "
+            f"{verdict}")
 
 
 def table(report: Report) -> Table:
@@ -43,6 +48,10 @@ def table(report: Report) -> Table:
                  f"{d['normal-pages']} pages, {d['zero-pages']} zero pages"),
         ("throughput", f"{d['mbps']:.0f} Mbit/s"),
         ("memory", str(d["verification"]["memory"])),
+        *([("disks", f"{d['storage']['bytes'] / 2**20:.1f} MiB copied = "
+                     f"{d['storage']['bytes-ratio']}x their size ({d['storage']['mode']}); "
+                     f"{(d['storage']['verdict'] or {}).get('disks')}, source image "
+                     f"{d['storage']['source-image']}")] if d["storage"] else []),
         ("guest checks", f"{g.get('run', 0)} run, {g.get('failed', 0)} failed, "
                          f"{g.get('sweeps', 0)} full sweeps since resume"),
         ("verdict", "[green]passed" if d["verification"]["passed"] else "[red]failed"),
