@@ -455,8 +455,16 @@ class SaveSession:
         disk_stats, frames = pb.RoundStats(), None
         try:
             if self.storage is not None:
-                async for progress in self._send_disks(number, disk_stats, end=False):
+                # (no storage phase ran: --storage-with-memory, the disks' first copy
+                # goes with memory's round 0)
+                first = not self.storage.copied
+                async for progress in self._send_disks(number, disk_stats, first=first,
+                                                       end=False):
                     yield progress
+                if first:
+                    self.storage.copied = True
+                    if self._mirror is not None:
+                        self.storage.mirror_on(self._mirror)
             frames = read_frames()
             stats = self._round_stats(number, len(frames), time.monotonic())
             stats.MergeFrom(disk_stats)

@@ -85,6 +85,10 @@ def register(sub, auth) -> None:
                    help="with --copy-storage: background (rounds of the blocks written) or "
                    "write-blocking (once the first copy is done, a guest write is answered "
                    "only after both copies hold it)")
+    m.add_argument("--storage-with-memory", action="store_true",
+                   help="with --copy-storage: no storage phase first; the disks' first copy "
+                   "goes with memory's round 0 and their written blocks with each round "
+                   "(QEMU's old migrate -b), where libvirt's order copies them first")
     m.add_argument("--remove-source-storage", action="store_true",
                    help="with --copy-storage: remove the source's images once the migration "
                    "is complete (the default keeps them)")
@@ -183,7 +187,8 @@ def migrate(args) -> int:
                       allow_postcopy=args.allow_postcopy,
                       postcopy_dom0=args.postcopy_dom0, copy_storage=args.copy_storage,
                       storage_mode=args.storage_mode,
-                      remove_source_storage=args.remove_source_storage)
+                      remove_source_storage=args.remove_source_storage,
+                      storage_with_memory=args.storage_with_memory)
     if options.downtime_limit_ms <= 0 or options.max_rounds < 1:
         raise errors.InvalidArgument("--downtime-limit must be > 0 ms and --max-rounds >= 1")
     if options.max_bandwidth_mbps < 0:

@@ -87,6 +87,7 @@ class Options:
     copy_storage: bool = False  # the disks come too (no shared storage)
     storage_mode: StorageMode = StorageMode.BACKGROUND
     remove_source_storage: bool = False  # once complete (the default keeps it, as libvirt)
+    storage_with_memory: bool = False  # no storage phase: the disks' first copy in round 0
 
     @property
     def may_postcopy(self) -> bool:
@@ -107,6 +108,8 @@ class Options:
         if self.copy_storage and self.may_postcopy:
             raise errors.InvalidArgument("--copy-storage with post-copy: not supported (the "
                                          "disk's last blocks go in a final pass)")
+        if self.storage_with_memory and not self.copy_storage:
+            raise errors.InvalidArgument("--storage-with-memory goes with --copy-storage")
         if self.remove_source_storage and not self.copy_storage:
             raise errors.InvalidArgument("--remove-source-storage goes with --copy-storage "
                                          "(on shared storage the image is the destination's)")
@@ -159,7 +162,7 @@ class Migration:
                 await self.begin()
                 self.report.setup_time_s = time.monotonic() - t0
                 if self.options.copy_storage:
-                    await self.storage()
+                    await self.storage()  # (or its start, --storage-with-memory)
                 self._postcopy = self.options.postcopy
                 if not self._postcopy:
                     await self.precopy()
@@ -285,6 +288,9 @@ class Migration:
         round has caught up (write-blocking). At the cap on rounds, memory's rounds go
         on carrying the disks' writes."""
         s = self.report.start_storage(self.options.storage_mode, self._devices)
+        s["order"] = "with-memory" if self.options.storage_with_memory else "storage-first"
+        if self.options.storage_with_memory:  # QEMU's old `migrate -b`: in memory's rounds
+            return
         self._phase("storage", mode=str(self.options.storage_mode),
                     size_mib=round(s["size-bytes"] / 2**20, 1))
         started = time.monotonic()

@@ -87,7 +87,9 @@ class Report:
             "mbps": round(s.bytes * 8 / 1e6 / s.duration_s, 1) if s.duration_s else 0.0})
         if b is not None:
             self.rounds[-1]["disk"] = _blocks(b)
-            self._storage_sums(b, final)
+            # the disks' first copy in memory's round 0 (--storage-with-memory)
+            self._storage_sums(b, final, first=s.round == 0
+                               and not self.storage["storage-rounds"])
         self._precopy_s += s.duration_s
 
     # ---- storage migration
@@ -321,9 +323,9 @@ class Report:
         s["bytes-ratio"] = round(s["bytes"] / s["size-bytes"], 4) if s["size-bytes"] else None
         # blocks blkback dirtied per second, from the first copy's read of the log to the
         # final pass's (what the rounds after the first had to send)
-        first = s["storage-rounds"][0] if s["storage-rounds"] else None
+        first = (s["storage-rounds"] or [r for r in self.rounds if r.get("disk")] or [None])[0]
         final_at = self.phases.get("final")
-        if first is not None and final_at is not None:
+        if first is not None and final_at is not None and "started-ms" in first:
             span = (final_at - first["started-ms"]) / 1e3
             s["dirty-rate"] = round(s["dirty-blocks-after-first"] / span, 1) if span > 0 else None
         # the guest's writes blkback served from begin to the final pass, a second

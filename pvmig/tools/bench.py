@@ -73,7 +73,8 @@ class Cell:
     tls: bool = False  # the agents under mutual TLS
     mode: str = "precopy"  # precopy, postcopy (--postcopy), hybrid (--postcopy-after-precopy)
     # devices "disk": its storage: shared (both agents reach the image), or copied with
-    # --copy-storage in that --storage-mode (background, write-blocking)
+    # --copy-storage in that --storage-mode (background, write-blocking; "with-memory":
+    # background, --storage-with-memory)
     storage: str = ""
 
     @property
@@ -136,7 +137,7 @@ def grid(quick: bool, runs: int) -> list[Cell]:
 def storage_cells(runs: int) -> list[Cell]:
     """Issue 17's: the same guest and disk, the disk shared, then copied in each mode."""
     return [Cell(256, "moderate", "disk", runs=runs, storage=s)
-            for s in ("shared", "background", "write-blocking")]
+            for s in ("shared", "background", "write-blocking", "with-memory")]
 
 
 class MemorySampler:
@@ -390,7 +391,8 @@ def _run_cell(cell: Cell, hosts: list[str], mem_dir: Path, tmp: Path, *,
               keep_content: bool = False) -> Result:
     result = Result(cell)
     name = f"b{abs(hash(cell)) % 10**6}"
-    copied = cell.storage in ("background", "write-blocking")
+    copied = cell.storage in ("background", "write-blocking", "with-memory")
+    mode = "background" if cell.storage == "with-memory" else cell.storage
     # a copied disk is named relative to each agent's storage dir (it moves with the
     # guest); any other, by a path both agents reach
     disk = Path(f"{name}.img") if copied else tmp / f"{name}.img"
@@ -418,8 +420,9 @@ def _run_cell(cell: Cell, hosts: list[str], mem_dir: Path, tmp: Path, *,
                               max_rounds=(2 if cell.auto_converge else 1) * policy.MAX_ROUNDS,
                               postcopy=cell.mode == "postcopy",
                               postcopy_after_precopy=cell.mode == "hybrid",
-                              copy_storage=copied, storage_mode=cell.storage if copied else None,
-                              remove_source_storage=copied)
+                              copy_storage=copied, storage_mode=mode if copied else None,
+                              remove_source_storage=copied,
+                              storage_with_memory=cell.storage == "with-memory")
             report = uvloop.run(migrate(hosts[where], hosts[1 - where], name, options,
                                         Reporter())).to_dict()
             result.reports.append(report)

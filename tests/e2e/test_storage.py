@@ -147,6 +147,23 @@ def test_disk_moves_there_and_back_background(hosts, tmp_path):
     wait_io(a, _blk(query(a, "vm"))["writes_acked"] + 20)
 
 
+def test_with_memory_the_first_copy_goes_in_round_0(hosts, tmp_path):
+    """--storage-with-memory: no storage phase; memory's round 0 carries every block."""
+    a, b = hosts["a"].address, hosts["b"].address
+    create_busy(a)
+    wait_io(a, 50)
+    r, data = migrate(a, b, "vm", tmp_path / "r.json", "--copy-storage",
+                      "--storage-with-memory")
+    assert r.returncode == 0, r.stderr + r.stdout
+    s = data["storage"]
+    assert s["order"] == "with-memory" and s["storage-rounds"] == [] and s["ready"] is None
+    assert "storage" not in data["phases-ms"]
+    assert data["rounds"][0]["disk"]["blocks"] == BLOCKS and s["bytes-ratio"] >= 0.5
+    assert s["verdict"]["unexplained"] == 0 and data["verification"]["passed"] is True
+    wait_io(b, _blk(query(b, "vm"))["writes_acked"] + 30)
+    no_acknowledged_write_lost(hosts["b"], store(tmp_path, "b") / DISK)
+
+
 def test_write_blocking_mirrors_each_write(hosts, tmp_path):
     a, b = hosts["a"].address, hosts["b"].address
     create_busy(a)
