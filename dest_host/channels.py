@@ -145,6 +145,8 @@ class DataChannels:
                 if s.storage is None:
                     raise errors.InvalidArgument(f"migration {s.migration_id} copies no "
                                                  "storage: disk records refused")
+                if s.ended:  # (the guest may run here from now on: its own writes rule)
+                    raise errors.InvalidArgument("disk record after the end of the stream")
                 received.labels("disk").inc(wire.HEADER.size + 8 * (h.n_frames + h.n_zero)
                                             + h.data_len)
                 got = s.storage.receive(conn, h, receiver.buf)  # (its buffer, free here)

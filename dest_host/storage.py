@@ -131,7 +131,12 @@ class StorageTarget:
                     f"{policy.STORAGE_HEADROOM_BYTES >> 20} MiB to spare): refused before "
                     "the copy")
         record = host.data_dir / PARTIAL / f"{migration_id}.json"
-        _write_record(record, paths)  # before the first image: a crash finds it
+        try:
+            _write_record(record, paths)  # before the first image: a crash finds it
+        except OSError as e:
+            raise errors.FailedPrecondition(
+                f"{host_name} cannot record the images it is to make in {record.parent}: "
+                f"{e.strerror}") from None
         target = cls([], record, fills_up)
         try:
             for c, path in zip(vbds, paths):
@@ -153,6 +158,11 @@ class StorageTarget:
             target.delete()
             raise errors.FailedPrecondition(f"disk image {e.filename} appeared on "
                                             f"{host_name} meanwhile: refused") from None
+        except OSError as e:  # a directory it may not write, a quota
+            target.delete()
+            raise errors.FailedPrecondition(
+                f"{host_name} cannot make disk image {e.filename or ''}: {e.strerror}: "
+                "refused before the copy") from None
         except BaseException:
             target.delete()
             raise

@@ -164,16 +164,18 @@ class DataStream:
                 if src.limit is not None:
                     src.limit.take_blocking(sent.wire_bytes)
 
-    async def write_through(self, device: int, block: int, gen: int, data: bytes) -> None:
+    async def write_through(self, device: int, block: int, gen: int, data: bytes) -> wire.Sent:
         """One write-blocking write: returns once the destination's image holds it."""
-        await self._run(self._write_through, device, block, gen, data)
+        return await self._run(self._write_through, device, block, gen, data)
 
-    def _write_through(self, device: int, block: int, gen: int, data: bytes) -> None:
+    def _write_through(self, device: int, block: int, gen: int, data: bytes) -> wire.Sent:
         rows = np.frombuffer(data, np.uint8).reshape(1, -1)
         with self._failures():
-            wire.send_block_rows(self.conn, wire.DISK_SYNC, np.array([block], np.uint32),
-                                 np.array([gen], np.uint32), rows, device=device)
+            sent = wire.send_block_rows(self.conn, wire.DISK_SYNC,
+                                        np.array([block], np.uint32),
+                                        np.array([gen], np.uint32), rows, device=device)
             wire.read_control_body(self.conn, self._expect(wire.ACK))
+        return sent
 
     async def end_round(self, number: int, *, wait: bool = True) -> list[Mismatch]:
         """Mark the end of a round; with wait, return once the destination has it all

@@ -232,6 +232,11 @@ class SaveSession:
             host.records.remember(dom, migration_id=request.migration_id, role=Role.SOURCE,
                                   dest=request.dest_address,
                                   dest_name=session._dest.hello_reply.agent_name)
+            if settings.copy_storage:  # the disks' logs on: the first round sends all
+                session.storage = StorageCopy.start(
+                    dom.pv, settings.storage_mode,
+                    hold_halfway=InjectionPoint.STORAGE_HOLDS_HALFWAY in inject.points)
+                session.storage.on_sent = host.metrics.sent.labels("disk").inc
             session._set_state(St.ACTIVE)
         except BaseException:
             await session._release()
@@ -240,10 +245,6 @@ class SaveSession:
         if dom.pv is not None:
             dom.pv.set_policy(backend_log=settings.backend_log,
                               xenstore_track=settings.xenstore_track)
-        if settings.copy_storage:  # the disks' logs on: the first storage round sends all
-            session.storage = StorageCopy.start(
-                dom.pv, settings.storage_mode,
-                hold_halfway=InjectionPoint.STORAGE_HOLDS_HALFWAY in inject.points)
         # Log-dirty on: forget what was written before; round 0 sends every frame.
         dom.log.read_and_clear()
         dom.journal.reset()
@@ -495,7 +496,7 @@ class SaveSession:
         disk_stats = pb.RoundStats()
         try:
             if disk_first:
-                self.storage.seal()
+                await self._seal_storage()
                 async for progress in self._send_disks(number, disk_stats, final=True,
                                                        end=False):
                     yield progress
@@ -524,7 +525,7 @@ class SaveSession:
                 # After every frame is read: a response the copied ring holds was
                 # written after its data, whose block the log has by now.
                 await self.inject.between_final_reads(self.domain)
-                self.storage.seal()
+                await self._seal_storage()
                 async for progress in self._send_disks(number, stats, final=True):
                     yield progress
             # after the final pass's pages are on their way: nothing will send it
@@ -538,6 +539,15 @@ class SaveSession:
         self._check_not_ended()  # (aborted as the ends came back: no commit may follow)
         self._set_state(St.DELIVERED)
         yield self._round_done(frames, stats, started)
+
+    async def _seal_storage(self) -> None:
+        """Before the final read of the disks' logs: from here a write reaches only this
+        image, and no mirrored write is left on its way (one that arrived after the
+        guest resumed there would be written over the resumed guest's own)."""
+        self.storage.seal()
+        mirror, self._mirror = self._mirror, None
+        if mirror is not None:  # (a write it still carried stays marked: in the take)
+            await mirror.close()
 
     async def switch_to_postcopy(self) -> AsyncIterator[pb.RoundProgress]:
         """After suspend: the device state and the frames still to come (every one if no
@@ -934,8 +944,6 @@ class SaveSession:
         both ask at the same time). abandon: post-copy's destination died with the
         guest, which ran there: this older copy must never run, sent or not.
         downtime_ns: the coordinator's measure, for the metrics (once)."""
-        if downtime_ns > 0 and self._completing is None:
-            self.host.metrics.downtime.observe(downtime_ns / 1e9)
         if not self.committed:
             raise errors.FailedPrecondition("the source copy is destroyed only after commit")
         if abandon and self.state in SAVE_POSTCOPY:
@@ -949,6 +957,8 @@ class SaveSession:
         faults.point("complete")
         if self._completing is None:
             self._own()
+            if downtime_ns > 0:
+                self.host.metrics.downtime.observe(downtime_ns / 1e9)
             self._set_state(St.COMPLETING)
             self._completing = asyncio.ensure_future(self._destroy())
         await asyncio.shield(self._completing)
@@ -1095,6 +1105,11 @@ def _check_copy_storage(dom: Domain, settings: Settings, request: pb.BeginReques
     if request.allow_postcopy:
         raise errors.InvalidArgument("--copy-storage with post-copy: not supported (the "
                                      "disk's last blocks go in a final pass)")
+    if (settings.storage_mode is StorageMode.WRITE_BLOCKING
+            and settings.streams >= policy.MAX_STREAMS):
+        raise errors.InvalidArgument(
+            f"write-blocking takes a data connection of its own beside the streams: at "
+            f"most {policy.MAX_STREAMS - 1} streams with it, not {settings.streams}")
 
 
 async def resolve(host: Host, migration_id: str, reason: str, domain: str = "",

@@ -54,7 +54,9 @@ class StorageCopy:
     bytes: int = 0
     blocks_sent: int = 0
     mirrored: int = 0
+    mirrored_bytes: int = 0
     mirror_broken: str = ""
+    on_sent: object = None  # called with the bytes each mirrored write put on the wire
     _mirror = None  # the DataStream write-blocking writes go on
     _hold_at: int | None = None  # (storage-holds-halfway: the block the first round stops at)
     _released: threading.Event = field(default_factory=threading.Event)
@@ -117,6 +119,9 @@ class StorageCopy:
             d.image.mirror = partial(self._write_through, d)
 
     def mirror_off(self) -> None:
+        """No more writes through (those on their way finish or fail: their blocks stay
+        marked until acknowledged)."""
+        self._mirror = None
         for d in self.disks:
             d.image.mirror = None
 
@@ -125,8 +130,10 @@ class StorageCopy:
         if stream is None or disk.image.mirror is None:
             return
         try:
-            await stream.write_through(disk.devid, block, gen, data)
+            sent = await stream.write_through(disk.devid, block, gen, data)
         except Exception as e:  # the write is the source's: the log keeps it for a round
+            if self._mirror is not stream:
+                return  # (closed or replaced on purpose: a reconnect, the final pass)
             if not self.mirror_broken:
                 self.mirror_broken = str(e)
                 log.warning("write-blocking mirror broke (%s): the dirty log carries the "
@@ -135,6 +142,9 @@ class StorageCopy:
             return
         disk.log.held(block, gen)
         self.mirrored += 1
+        self.mirrored_bytes += sent.wire_bytes
+        if self.on_sent is not None:
+            self.on_sent(sent.wire_bytes)
 
     # ---- the final pass and after
 
@@ -184,6 +194,7 @@ class StorageCopy:
         """Into a round's RoundStats: the write latency so far, the mirror's count."""
         s.write_p50_ns, s.write_p99_ns, s.writes = self.write_latency()
         s.mirrored_writes = self.mirrored
+        s.mirrored_bytes = self.mirrored_bytes
         s.mirror_broken = self.mirror_broken
 
 

@@ -481,7 +481,7 @@ class PostcopyStatus(_message.Message):
     def __init__(self, total_pages: _Optional[int] = ..., missing_pages: _Optional[int] = ..., faults: _Optional[int] = ..., requests: _Optional[int] = ..., blocktime_ns: _Optional[int] = ..., latency_p50_ns: _Optional[int] = ..., latency_p99_ns: _Optional[int] = ..., latency_max_ns: _Optional[int] = ..., taken_pages: _Optional[int] = ..., paused: _Optional[bool] = ..., dom0_waits: _Optional[int] = ..., dom0_touched: _Optional[int] = ..., injected: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class RoundStats(_message.Message):
-    __slots__ = ("round", "dirty_pages", "sent_pages", "zero_pages", "bytes", "duration_ns", "dirty_rate", "started_ns", "remaining_pages", "interval_ns", "injected", "interrupted", "postcopy_asked", "dirty_blocks", "sent_blocks", "zero_blocks", "block_bytes", "remaining_blocks", "write_p50_ns", "write_p99_ns", "writes", "mirrored_writes", "mirror_broken")
+    __slots__ = ("round", "dirty_pages", "sent_pages", "zero_pages", "bytes", "duration_ns", "dirty_rate", "started_ns", "remaining_pages", "interval_ns", "injected", "interrupted", "postcopy_asked", "dirty_blocks", "sent_blocks", "zero_blocks", "block_bytes", "remaining_blocks", "write_p50_ns", "write_p99_ns", "writes", "mirrored_writes", "mirror_broken", "mirrored_bytes")
     class InjectedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -512,6 +512,7 @@ class RoundStats(_message.Message):
     WRITES_FIELD_NUMBER: _ClassVar[int]
     MIRRORED_WRITES_FIELD_NUMBER: _ClassVar[int]
     MIRROR_BROKEN_FIELD_NUMBER: _ClassVar[int]
+    MIRRORED_BYTES_FIELD_NUMBER: _ClassVar[int]
     round: int
     dirty_pages: int
     sent_pages: int
@@ -535,7 +536,8 @@ class RoundStats(_message.Message):
     writes: int
     mirrored_writes: int
     mirror_broken: str
-    def __init__(self, round: _Optional[int] = ..., dirty_pages: _Optional[int] = ..., sent_pages: _Optional[int] = ..., zero_pages: _Optional[int] = ..., bytes: _Optional[int] = ..., duration_ns: _Optional[int] = ..., dirty_rate: _Optional[float] = ..., started_ns: _Optional[int] = ..., remaining_pages: _Optional[int] = ..., interval_ns: _Optional[int] = ..., injected: _Optional[_Mapping[str, int]] = ..., interrupted: _Optional[str] = ..., postcopy_asked: _Optional[bool] = ..., dirty_blocks: _Optional[int] = ..., sent_blocks: _Optional[int] = ..., zero_blocks: _Optional[int] = ..., block_bytes: _Optional[int] = ..., remaining_blocks: _Optional[int] = ..., write_p50_ns: _Optional[int] = ..., write_p99_ns: _Optional[int] = ..., writes: _Optional[int] = ..., mirrored_writes: _Optional[int] = ..., mirror_broken: _Optional[str] = ...) -> None: ...
+    mirrored_bytes: int
+    def __init__(self, round: _Optional[int] = ..., dirty_pages: _Optional[int] = ..., sent_pages: _Optional[int] = ..., zero_pages: _Optional[int] = ..., bytes: _Optional[int] = ..., duration_ns: _Optional[int] = ..., dirty_rate: _Optional[float] = ..., started_ns: _Optional[int] = ..., remaining_pages: _Optional[int] = ..., interval_ns: _Optional[int] = ..., injected: _Optional[_Mapping[str, int]] = ..., interrupted: _Optional[str] = ..., postcopy_asked: _Optional[bool] = ..., dirty_blocks: _Optional[int] = ..., sent_blocks: _Optional[int] = ..., zero_blocks: _Optional[int] = ..., block_bytes: _Optional[int] = ..., remaining_blocks: _Optional[int] = ..., write_p50_ns: _Optional[int] = ..., write_p99_ns: _Optional[int] = ..., writes: _Optional[int] = ..., mirrored_writes: _Optional[int] = ..., mirror_broken: _Optional[str] = ..., mirrored_bytes: _Optional[int] = ...) -> None: ...
 
 class RoundProgress(_message.Message):
     __slots__ = ("done_pages", "total_pages", "bytes", "stats")

@@ -273,7 +273,7 @@ def status(args) -> int:
 
 
 def cancel(args) -> int:
-    ref = pb.MigrationRef(migration_id=args.migration, reason="cancelled by pvmig cancel",
+    ref = pb.MigrationRef(migration_id=args.migration, reason=policy.CANCEL_REASON,
                           cancelled=True)
 
     async def go():

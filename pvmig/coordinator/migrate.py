@@ -300,8 +300,9 @@ class Migration:
                 continue
             expected = policy_expected(s["storage-rounds"], stats.remaining_blocks)
             n = len(s["storage-rounds"])
+            whole = sum(not r.get("interrupted") for r in s["storage-rounds"])
             if self.options.storage_mode is StorageMode.WRITE_BLOCKING:
-                ready = n >= 2  # the first copy, then one round under the mirror
+                ready = whole >= 2  # the first copy, then one round under the mirror
             else:
                 ready = expected <= self.options.downtime_limit_ms / 1e3
             if ready or n >= policy.MAX_STORAGE_ROUNDS:
@@ -542,9 +543,10 @@ class Migration:
             return
         reason = str(cause) or type(cause).__name__
         self._phase("abort", reason=reason)
-        # interrupted here, or aborted at an agent by request (pvmig cancel): not a failure
-        cancelled = isinstance(cause, (asyncio.CancelledError, KeyboardInterrupt,
-                                       errors.Aborted))
+        # interrupted here, or aborted at an agent by request (pvmig cancel, whose
+        # reason the agent's error repeats): not a failure
+        cancelled = isinstance(cause, (asyncio.CancelledError, KeyboardInterrupt)) or (
+            isinstance(cause, errors.Aborted) and policy.CANCEL_REASON in str(cause))
         ref = pb.MigrationRef(migration_id=self.migration_id, reason=reason,
                               cancelled=cancelled)
         if self._begun:

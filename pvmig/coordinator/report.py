@@ -102,7 +102,8 @@ class Report:
             "size-bytes": sum(d.blocks for d in vbds) * PAGE_SIZE, "bytes": 0,
             "blocks-sent": 0, "rounds": 0, "storage-rounds": [], "ready": None,
             "ready-ms": None, "final-blocks": None, "dirty-blocks-after-first": 0,
-            "write-latency-ms": None, "mirrored-writes": 0, "mirror-broken": "",
+            "write-latency-ms": None, "mirrored-writes": 0, "mirrored-bytes": 0,
+            "mirror-broken": "",
             "verdict": None, "source-image": None}
         return self.storage
 
@@ -129,6 +130,7 @@ class Report:
             s["write-latency-ms"] = {"p50": round(b.write_p50_ns / 1e6, 3),
                                      "p99": round(b.write_p99_ns / 1e6, 3), "writes": b.writes}
         s["mirrored-writes"] = b.mirrored_writes
+        s["mirrored-bytes"] = b.mirrored_bytes  # (so far: the last round's says all)
         s["mirror-broken"] = b.mirror_broken
 
     def set_storage_verdict(self, differing: np.ndarray | None, causes: np.ndarray,
@@ -320,6 +322,7 @@ class Report:
         if self.storage is None:
             return None
         s = dict(self.storage)
+        s["bytes"] += s["mirrored-bytes"]  # the rounds' and the write-blocking writes'
         s["bytes-ratio"] = round(s["bytes"] / s["size-bytes"], 4) if s["size-bytes"] else None
         # blocks blkback dirtied per second, from the first copy's read of the log to the
         # final pass's (what the rounds after the first had to send)

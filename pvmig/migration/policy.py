@@ -99,6 +99,10 @@ MAX_STORAGE_ROUNDS = 10
 STORAGE_HEADROOM_BYTES = 16 << 20
 
 
+# pvmig cancel's reason: an abort asked for, not a failure (the agents' metrics)
+CANCEL_REASON = "cancelled by pvmig cancel"
+
+
 def batch_pages(transport: Transport) -> int:
     """A transport's default batch."""
     return DATA_BATCH_PAGES if transport is Transport.TCP else BATCH_PAGES

@@ -247,8 +247,9 @@ def _storage_summary(cell: Cell, done: list[dict]) -> dict:
         "disk-bytes-per-size-median": _med([s["bytes-ratio"] for s in st]),
         "disk-bytes-per-size-max": max((s["bytes-ratio"] for s in st), default=None),
         "storage-rounds-median": _med([len(s["storage-rounds"]) for s in st]),
-        "ready-ms-median": _med([s["ready-ms"] for s in st]),
-        "final-blocks-median": _med([s["final-blocks"] for s in st]),
+        "ready-ms-median": _med([s["ready-ms"] for s in st if s["ready-ms"] is not None]),
+        "final-blocks-median": _med([s["final-blocks"] for s in st
+                                     if s["final-blocks"] is not None]),
         "dirty-blocks-s-median": _med([s["dirty-rate"] for s in st if s.get("dirty-rate")]),
         "writes-s-median": _med([s["writes-s"] for s in st if s.get("writes-s")]),
         "write-latency-ms-p50-median": _med([x["p50"] for x in lat]),

@@ -100,7 +100,7 @@ def test_disk_only_one_host_has_moves_there_and_back(netns_cluster, tmp_path):
     once each move is complete: one image at the end, where the guest is, and every
     write the guest saw acknowledged on it (its reads check each block's last one)."""
     c = netns_cluster
-    on_a, on_b = c["on"]["a"], c["on"]["b"]
+    on_a = c["on"]["a"]
     stores = {h: c["base"] / h / "storage" for h in ("a", "b")}
     r = on_a.pvmig("domain", "create", "vm", "--agent", c["a"], "--ram-mb", str(RAM_MB),
                    "--dirty-rate", "2000", "--disk", "vm.img", "--disk-blocks", "1024",

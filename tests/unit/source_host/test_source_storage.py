@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from pvmig.dom0.disk import BLOCK_SIZE, BlockLog, DiskImage
+from pvmig.migration import wire
 from pvmig.migration.policy import StorageMode
 from source_host.storage import LATE, StorageCopy
 
@@ -173,6 +174,7 @@ class _Stream:
         if self.fail is not None:
             raise self.fail
         self.writes.append((devid, block, gen, bytes(data)))
+        return wire.Sent(1, 0, wire.HEADER.size + 8 + len(data))
 
 
 def _guest_write(image: DiskImage, block: int, data: bytes) -> None:
@@ -277,3 +279,26 @@ def test_hold_stops_the_first_round_at_half_the_disk_until_the_end(devices):
 def test_hold_does_nothing_without_the_injection(devices):
     copy = _start(devices)
     copy.hold(np.arange(0, 16, dtype=np.uint32))  # returns at once
+
+
+def test_mirrored_writes_count_their_bytes_and_a_closed_mirror_is_no_breakage(tmp_path):
+    """What each write through put on the wire is counted (the report, the metrics); a
+    write whose stream was closed on purpose (a reconnect, the final pass) fails
+    without marking the mirror broken."""
+    image = DiskImage(tmp_path / "d.img", 8)
+    devices = SimpleNamespace(disks={0: image}, backends={})
+    copy = StorageCopy.start(devices, StorageMode.WRITE_BLOCKING)
+    seen = []
+    copy.on_sent = seen.append
+    stream = _Stream()
+    copy.mirror_on(stream)
+    _guest_write(image, 3, bytes([7]) * BLOCK_SIZE)
+    assert copy.mirrored == 1 and copy.mirrored_bytes == seen[0] > BLOCK_SIZE
+    assert copy.count() == 0  # held at the destination: not dirty
+
+    closing = _Stream(fail=RuntimeError("closed"),
+                      meanwhile=lambda: copy.mirror_off())  # closed while on its way
+    copy.mirror_on(closing)
+    _guest_write(image, 4, bytes([9]) * BLOCK_SIZE)
+    assert copy.mirror_broken == "" and copy.count() == 1  # block 4: for the next round
+    image.close()
