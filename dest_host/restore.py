@@ -136,7 +136,7 @@ class RestoreSession:
         try:
             dom = host.reserve(request.domain, request.ram_bytes, workload={},
                                devices=[_device_dict(d) for d in request.devices],
-                               lazy=request.postcopy)
+                               lazy=request.postcopy, labels=dict(request.labels))
         except BaseException:
             if storage is not None:
                 storage.delete()
@@ -170,7 +170,7 @@ class RestoreSession:
         except BaseException:
             await session.discard("the guest process did not start")
             raise
-        host.metrics.started.labels("destination").inc()
+        host.migration_began("destination", session.migration_id, dom.name)
         return session
 
     # ---- the streams
@@ -471,7 +471,7 @@ class RestoreSession:
         self.host.restores.remove(self.migration_id)
         if self.state is RestoreState.RESUMED:
             self._set_state(RestoreState.FINISHED)
-            self.host.metrics.ended_as("destination", "completed")
+            self.host.migration_ended("destination", self.migration_id, "completed")
 
     # ---- recovery: the coordinator is gone (pvmig recover, or this host's watchdog)
 
@@ -526,8 +526,8 @@ class RestoreSession:
             self.why_discarded = reason
             self._set_state(RestoreState.DISCARDED)
             if begun:
-                self.host.metrics.ended_as("destination",
-                                           "aborted" if cancelled else "failed")
+                self.host.migration_ended("destination", self.migration_id,
+                                          "aborted" if cancelled else "failed")
         self.host.restores.remove(self.migration_id)
         if self.data is not None:  # no data channel's thread left on the memory
             await self.data.close()

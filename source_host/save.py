@@ -241,7 +241,7 @@ class SaveSession:
         except BaseException:
             await session._release()
             raise
-        host.metrics.started.labels("source").inc()
+        host.migration_began("source", session.migration_id, dom.name)
         if dom.pv is not None:
             dom.pv.set_policy(backend_log=settings.backend_log,
                               xenstore_track=settings.xenstore_track)
@@ -976,7 +976,7 @@ class SaveSession:
                 log.info("migration %s: removed the source's disk image %s",
                          self.migration_id, path)
         self._set_state(St.COMPLETED)
-        self.host.metrics.ended_as("source", "completed")
+        self.host.migration_ended("source", self.migration_id, "completed")
 
     async def abort(self, reason: str, cancelled: bool = False) -> None:
         if self.committed:
@@ -1025,7 +1025,7 @@ class SaveSession:
             log.warning("migration %s rolled back: %s", self.migration_id, reason)
             self.why_ended = reason
             self._set_state(St.ROLLED_BACK)
-            self.host.metrics.ended_as("source", "failed")
+            self.host.migration_ended("source", self.migration_id, "failed")
         await self._release()  # once, whoever asks
 
     async def expire(self) -> None:
@@ -1062,8 +1062,8 @@ class SaveSession:
             self.host.saves.remove(self.migration_id)
             if self.state is St.ABORTING:
                 self._set_state(St.ABORTED)
-                self.host.metrics.ended_as("source",
-                                           "aborted" if self.cancelled else "failed")
+                self.host.migration_ended("source", self.migration_id,
+                                          "aborted" if self.cancelled else "failed")
 
     async def _resume_here(self) -> None:
         dom = self.domain

@@ -202,16 +202,25 @@ class DeviceStats(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., devid: _Optional[int] = ..., served: _Optional[int] = ..., refused: _Optional[int] = ..., guest: _Optional[_Mapping[str, int]] = ..., address: _Optional[str] = ..., failed_frames: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class CreateDomainRequest(_message.Message):
-    __slots__ = ("name", "ram_bytes", "workload", "devices")
+    __slots__ = ("name", "ram_bytes", "workload", "devices", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     RAM_BYTES_FIELD_NUMBER: _ClassVar[int]
     WORKLOAD_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     name: str
     ram_bytes: int
     workload: WorkloadConfig
     devices: _containers.RepeatedCompositeFieldContainer[DeviceConfig]
-    def __init__(self, name: _Optional[str] = ..., ram_bytes: _Optional[int] = ..., workload: _Optional[_Union[WorkloadConfig, _Mapping]] = ..., devices: _Optional[_Iterable[_Union[DeviceConfig, _Mapping]]] = ...) -> None: ...
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, name: _Optional[str] = ..., ram_bytes: _Optional[int] = ..., workload: _Optional[_Union[WorkloadConfig, _Mapping]] = ..., devices: _Optional[_Iterable[_Union[DeviceConfig, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class GuestFailure(_message.Message):
     __slots__ = ("frame", "expected_generation", "found_generation")
@@ -258,7 +267,14 @@ class FrameRange(_message.Message):
     def __init__(self, area: _Optional[str] = ..., first: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
 
 class DomainInfo(_message.Message):
-    __slots__ = ("name", "domid", "ram_bytes", "state", "guest_pid", "guest", "migration_id", "workload", "devices", "device_stats", "shared_frames", "postcopy", "missing_frames")
+    __slots__ = ("name", "domid", "ram_bytes", "state", "guest_pid", "guest", "migration_id", "workload", "devices", "device_stats", "shared_frames", "postcopy", "missing_frames", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     DOMID_FIELD_NUMBER: _ClassVar[int]
     RAM_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -272,6 +288,7 @@ class DomainInfo(_message.Message):
     SHARED_FRAMES_FIELD_NUMBER: _ClassVar[int]
     POSTCOPY_FIELD_NUMBER: _ClassVar[int]
     MISSING_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     name: str
     domid: int
     ram_bytes: int
@@ -285,7 +302,8 @@ class DomainInfo(_message.Message):
     shared_frames: _containers.RepeatedCompositeFieldContainer[FrameRange]
     postcopy: str
     missing_frames: int
-    def __init__(self, name: _Optional[str] = ..., domid: _Optional[int] = ..., ram_bytes: _Optional[int] = ..., state: _Optional[str] = ..., guest_pid: _Optional[int] = ..., guest: _Optional[_Union[GuestStats, _Mapping]] = ..., migration_id: _Optional[str] = ..., workload: _Optional[_Union[WorkloadConfig, _Mapping]] = ..., devices: _Optional[_Iterable[_Union[DeviceConfig, _Mapping]]] = ..., device_stats: _Optional[_Iterable[_Union[DeviceStats, _Mapping]]] = ..., shared_frames: _Optional[_Iterable[_Union[FrameRange, _Mapping]]] = ..., postcopy: _Optional[str] = ..., missing_frames: _Optional[int] = ...) -> None: ...
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, name: _Optional[str] = ..., domid: _Optional[int] = ..., ram_bytes: _Optional[int] = ..., state: _Optional[str] = ..., guest_pid: _Optional[int] = ..., guest: _Optional[_Union[GuestStats, _Mapping]] = ..., migration_id: _Optional[str] = ..., workload: _Optional[_Union[WorkloadConfig, _Mapping]] = ..., devices: _Optional[_Iterable[_Union[DeviceConfig, _Mapping]]] = ..., device_stats: _Optional[_Iterable[_Union[DeviceStats, _Mapping]]] = ..., shared_frames: _Optional[_Iterable[_Union[FrameRange, _Mapping]]] = ..., postcopy: _Optional[str] = ..., missing_frames: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class DomainRef(_message.Message):
     __slots__ = ("name",)
@@ -306,6 +324,32 @@ class ListDomainsReply(_message.Message):
 class DestroyDomainReply(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class ListMigrationsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class MigrationEntry(_message.Message):
+    __slots__ = ("migration_id", "domain", "role", "began_unix_ns", "ended_unix_ns", "outcome")
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    BEGAN_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    ENDED_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    migration_id: str
+    domain: str
+    role: str
+    began_unix_ns: int
+    ended_unix_ns: int
+    outcome: str
+    def __init__(self, migration_id: _Optional[str] = ..., domain: _Optional[str] = ..., role: _Optional[str] = ..., began_unix_ns: _Optional[int] = ..., ended_unix_ns: _Optional[int] = ..., outcome: _Optional[str] = ...) -> None: ...
+
+class ListMigrationsReply(_message.Message):
+    __slots__ = ("migrations",)
+    MIGRATIONS_FIELD_NUMBER: _ClassVar[int]
+    migrations: _containers.RepeatedCompositeFieldContainer[MigrationEntry]
+    def __init__(self, migrations: _Optional[_Iterable[_Union[MigrationEntry, _Mapping]]] = ...) -> None: ...
 
 class MigrationRef(_message.Message):
     __slots__ = ("migration_id", "reason", "domain", "source_instance", "recover", "abandon", "cancelled", "downtime_ns")
@@ -574,7 +618,14 @@ class DoneReply(_message.Message):
     def __init__(self) -> None: ...
 
 class PrepareRequest(_message.Message):
-    __slots__ = ("migration_id", "domain", "ram_bytes", "source_agent", "devices", "save_image", "source_address", "source_instance", "postcopy", "postcopy_dom0", "inject", "copy_storage")
+    __slots__ = ("migration_id", "domain", "ram_bytes", "source_agent", "devices", "save_image", "source_address", "source_instance", "postcopy", "postcopy_dom0", "inject", "copy_storage", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     DOMAIN_FIELD_NUMBER: _ClassVar[int]
     RAM_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -587,6 +638,7 @@ class PrepareRequest(_message.Message):
     POSTCOPY_DOM0_FIELD_NUMBER: _ClassVar[int]
     INJECT_FIELD_NUMBER: _ClassVar[int]
     COPY_STORAGE_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     domain: str
     ram_bytes: int
@@ -599,7 +651,8 @@ class PrepareRequest(_message.Message):
     postcopy_dom0: PostcopyDom0
     inject: _containers.RepeatedScalarFieldContainer[str]
     copy_storage: bool
-    def __init__(self, migration_id: _Optional[str] = ..., domain: _Optional[str] = ..., ram_bytes: _Optional[int] = ..., source_agent: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[DeviceConfig, _Mapping]]] = ..., save_image: _Optional[str] = ..., source_address: _Optional[str] = ..., source_instance: _Optional[str] = ..., postcopy: _Optional[bool] = ..., postcopy_dom0: _Optional[_Union[PostcopyDom0, str]] = ..., inject: _Optional[_Iterable[str]] = ..., copy_storage: _Optional[bool] = ...) -> None: ...
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, migration_id: _Optional[str] = ..., domain: _Optional[str] = ..., ram_bytes: _Optional[int] = ..., source_agent: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[DeviceConfig, _Mapping]]] = ..., save_image: _Optional[str] = ..., source_address: _Optional[str] = ..., source_instance: _Optional[str] = ..., postcopy: _Optional[bool] = ..., postcopy_dom0: _Optional[_Union[PostcopyDom0, str]] = ..., inject: _Optional[_Iterable[str]] = ..., copy_storage: _Optional[bool] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class PrepareReply(_message.Message):
     __slots__ = ("guest_pid",)

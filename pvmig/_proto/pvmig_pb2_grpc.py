@@ -64,6 +64,11 @@ class AgentStub:
                 request_serializer=pvmig_dot___proto_dot_pvmig__pb2.DomainRef.SerializeToString,
                 response_deserializer=pvmig_dot___proto_dot_pvmig__pb2.DestroyDomainReply.FromString,
                 _registered_method=True)
+        self.ListMigrations = channel.unary_unary(
+                '/pvmig.v1.Agent/ListMigrations',
+                request_serializer=pvmig_dot___proto_dot_pvmig__pb2.ListMigrationsRequest.SerializeToString,
+                response_deserializer=pvmig_dot___proto_dot_pvmig__pb2.ListMigrationsReply.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -105,6 +110,12 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListMigrations(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +148,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.DestroyDomain,
                     request_deserializer=pvmig_dot___proto_dot_pvmig__pb2.DomainRef.FromString,
                     response_serializer=pvmig_dot___proto_dot_pvmig__pb2.DestroyDomainReply.SerializeToString,
+            ),
+            'ListMigrations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMigrations,
+                    request_deserializer=pvmig_dot___proto_dot_pvmig__pb2.ListMigrationsRequest.FromString,
+                    response_serializer=pvmig_dot___proto_dot_pvmig__pb2.ListMigrationsReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -301,6 +317,33 @@ class Agent:
             '/pvmig.v1.Agent/DestroyDomain',
             pvmig_dot___proto_dot_pvmig__pb2.DomainRef.SerializeToString,
             pvmig_dot___proto_dot_pvmig__pb2.DestroyDomainReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMigrations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pvmig.v1.Agent/ListMigrations',
+            pvmig_dot___proto_dot_pvmig__pb2.ListMigrationsRequest.SerializeToString,
+            pvmig_dot___proto_dot_pvmig__pb2.ListMigrationsReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -121,7 +121,8 @@ def _domain_msg(info: dict) -> pb.DomainInfo:
                          shared_frames=[pb.FrameRange(area=a, first=f, count=n)
                                         for a, f, n in info["shared_frames"]],
                          postcopy=info.get("postcopy", ""),
-                         missing_frames=info.get("missing_frames", 0))
+                         missing_frames=info.get("missing_frames", 0),
+                         labels=info.get("labels", {}))
 
 
 class AgentServicer(pb_grpc.AgentServicer):
@@ -148,7 +149,8 @@ class AgentServicer(pb_grpc.AgentServicer):
     async def CreateDomain(self, request, context):
         fields = {f.name: v for f, v in request.workload.ListFields()}
         devices = [{f.name: v for f, v in d.ListFields()} for d in request.devices]
-        dom = await self.host.create_domain(request.name, request.ram_bytes, fields, devices)
+        dom = await self.host.create_domain(request.name, request.ram_bytes, fields, devices,
+                                            labels=dict(request.labels))
         return _domain_msg(dom.info())
 
     @_status
@@ -164,6 +166,13 @@ class AgentServicer(pb_grpc.AgentServicer):
     async def DestroyDomain(self, request, context):
         await self.host.destroy_domain(request.name)
         return pb.DestroyDomainReply()
+
+    @_status
+    async def ListMigrations(self, request, context):
+        return pb.ListMigrationsReply(migrations=[
+            pb.MigrationEntry(migration_id=e.migration_id, domain=e.domain, role=e.role,
+                              began_unix_ns=e.began_unix_ns, ended_unix_ns=e.ended_unix_ns,
+                              outcome=e.outcome) for e in self.host.ledger.entries()])
 
 
 class MigrationSourceServicer(pb_grpc.MigrationSourceServicer):

@@ -6,7 +6,7 @@ import json
 
 from google.protobuf.json_format import MessageToDict
 
-from pvmig import errors
+from pvmig import errors, labels
 from pvmig._proto import pvmig_pb2 as pb
 from pvmig.cli.common import EXIT_OK, agent_call
 from pvmig.host.host import DEFAULT_WORKLOAD
@@ -46,6 +46,9 @@ def register(sub, auth) -> None:
                    help="blkback offers feature-persistent")
     c.add_argument("--grant-mode", choices=choices(GrantMode), default=GrantMode.MAP.value,
                    help="how blkback reaches the guest's buffers")
+    c.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                   help="a label the domain carries from host to host (repeatable): the "
+                   "fleet's policies select domains by them (pvmig evacuate)")
     c.add_argument("--vif", action="store_true",
                    help="give the guest a PV network device bridged to a UDP port of its "
                    "host (its address: `pvmig domain show`); talk to it with `pvmig peer`")
@@ -65,6 +68,7 @@ def domain_create(args) -> int:
         raise errors.InvalidArgument(f"--ram-mb must be > 0, not {args.ram_mb}")
     if args.seed < 0:
         raise errors.InvalidArgument(f"--seed must be >= 0, not {args.seed}")
+    given_labels = labels.parse(args.label)
     workload = pb.WorkloadConfig(dirty_rate=args.dirty_rate, hot_fraction=args.hot_fraction,
                                  hot_share=args.hot_share, fill=args.fill, seed=args.seed)
 
@@ -85,7 +89,8 @@ def domain_create(args) -> int:
         devices.append(pb.DeviceConfig(kind="vif", devid=0))
 
     info = agent_call(args.agent, "CreateDomain", pb.CreateDomainRequest(
-        name=args.name, ram_bytes=args.ram_mb << 20, workload=workload, devices=devices),
+        name=args.name, ram_bytes=args.ram_mb << 20, workload=workload, devices=devices,
+        labels=given_labels),
         timeout=600.0, hello=True)
     print(f"created {info.name} (domid {info.domid}, {info.ram_bytes >> 20} MiB, "
           f"guest pid {info.guest_pid}) on {args.agent}")
@@ -94,10 +99,12 @@ def domain_create(args) -> int:
 
 def domain_list(args) -> int:
     reply = agent_call(args.agent, "ListDomains", pb.ListDomainsRequest())
-    print(f"{'NAME':<20} {'DOMID':>5} {'RAM MiB':>8} {'STATE':<10} {'CHECKS':>10} {'FAILED':>6}")
+    print(f"{'NAME':<20} {'DOMID':>5} {'RAM MiB':>8} {'STATE':<10} {'CHECKS':>10} {'FAILED':>6}"
+          "  LABELS")
     for d in reply.domains:
+        shown = ",".join(f"{k}={v}" for k, v in sorted(d.labels.items()))
         print(f"{d.name:<20} {d.domid:>5} {d.ram_bytes >> 20:>8} {d.state:<10} "
-              f"{d.guest.checks_run:>10} {d.guest.checks_failed:>6}")
+              f"{d.guest.checks_run:>10} {d.guest.checks_failed:>6}  {shown}")
     return EXIT_OK
 
 

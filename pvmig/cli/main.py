@@ -1,4 +1,4 @@
-"""The `pvmig` command: agent, domain, migrate, demo."""
+"""The `pvmig` command: agent, domain, migrate, evacuate, rebalance, demo."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import logging
 import sys
 
 from pvmig import errors
-from pvmig.cli import agent, common, domain, experiments, migrate
+from pvmig.cli import agent, common, domain, experiments, fleet, migrate
 from pvmig.rpc import security
 
-GROUPS = (agent, domain, migrate, experiments)  # each adds its commands, in this order
+GROUPS = (agent, domain, migrate, fleet, experiments)  # each adds its commands, in this order
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,6 +44,7 @@ from pvmig.migration.policy import (
     Quiesce,
     Recovery,
     StorageMode,
+    TimeoutAction,
     Transport,
     from_wire,
     to_wire,
@@ -115,6 +116,11 @@ class Options:
                                          "(on shared storage the image is the destination's)")
 
 
+class Intervened(errors.Aborted):
+    """Stopped on purpose by whoever runs the migration (a fleet's completion timeout, a
+    stall): counted as aborted, not as failed."""
+
+
 @dataclass
 class Migration:
     source: AgentClient
@@ -137,6 +143,10 @@ class Migration:
     _suspended_ns: int = 0
     _devices: list = field(default_factory=list)
     _device_stats_before: list = field(default_factory=list)
+    _labels: dict = field(default_factory=dict)
+    # Asked at each pre-copy round boundary (a fleet's timeouts): None to go on, or
+    # (TimeoutAction, why) to stop iterating that way.
+    control: object = None
 
     def __post_init__(self) -> None:
         self.report = Report(migration_id=self.migration_id, domain=self.domain,
@@ -216,6 +226,7 @@ class Migration:
         self.report.ram_bytes = info.ram_bytes
         self._steps = (time.monotonic(), info.guest.steps)  # the guest's progress, for post-copy
         self._devices = self._with_grant_policy(info.devices)
+        self._labels = dict(info.labels)
         self._device_stats_before = list(info.device_stats)
         self.report.source_agent, self.report.dest_agent = src.agent_name, dst.agent_name
         for name, client in (("source", self.source), ("dest", self.dest)):
@@ -254,7 +265,8 @@ class Migration:
             devices=self._devices, save_image=self._image("dest"),
             postcopy=self.options.may_postcopy,
             postcopy_dom0=to_wire(self.options.postcopy_dom0, PostcopyDom0),
-            inject=list(self.options.inject), copy_storage=self.options.copy_storage),
+            inject=list(self.options.inject), copy_storage=self.options.copy_storage,
+            labels=self._labels),
             timeout=120.0)
         self._prepared = True
 
@@ -335,6 +347,8 @@ class Migration:
             self.report.rounds[-1]["hash-ms"] = round((time.monotonic() - t) * 1e3, 3)
             decision = self.policy(rounds, can_throttle=bool(converge and converge.can_throttle))
             self.report.expected_downtime_s = decision.expected_downtime_s
+            if self.control is not None and await self._intervene():
+                return
             switch = self._switch_reason(decision)
             if switch:
                 self.report.stop_reason = switch
@@ -351,6 +365,28 @@ class Migration:
                     migration_id=self.migration_id, percent=throttle))
                 self.report.max_throttle = throttle
                 self._phase("throttle", percent=throttle)
+
+    async def _intervene(self) -> bool:
+        """The control's word at a round boundary: True when pre-copy ends here (to
+        stop and copy, or to switch); an abort raises."""
+        asked = self.control(self.report)
+        if asked is None:
+            return False
+        action, why = TimeoutAction(asked[0]), asked[1]
+        self.report.intervention = {"action": str(action), "reason": why,
+                                    "round": len(self.report.rounds) - 1}
+        self._phase("intervention", action=str(action), reason=why)
+        if action is TimeoutAction.ABORT:
+            raise Intervened(f"stopped: {why}")
+        if action is TimeoutAction.POSTCOPY and self.options.may_postcopy:
+            self.report.stop_reason = f"postcopy-forced ({why})"
+            self._postcopy = True
+            return True
+        # pause (or post-copy the destination was not prepared for): stop and copy now
+        self.report.stop_reason = f"forced ({why})"
+        self.report.converged = False
+        self._phase("stop-and-copy", reason=self.report.stop_reason)
+        return True
 
     def _switch_reason(self, decision) -> str:
         """Why pre-copy ends here in a switch to post-copy, or "" (it goes on, or stops
@@ -545,7 +581,8 @@ class Migration:
         self._phase("abort", reason=reason)
         # interrupted here, or aborted at an agent by request (pvmig cancel, whose
         # reason the agent's error repeats): not a failure
-        cancelled = isinstance(cause, (asyncio.CancelledError, KeyboardInterrupt)) or (
+        cancelled = isinstance(cause, (asyncio.CancelledError, KeyboardInterrupt,
+                                       Intervened)) or (
             isinstance(cause, errors.Aborted) and policy.CANCEL_REASON in str(cause))
         ref = pb.MigrationRef(migration_id=self.migration_id, reason=reason,
                               cancelled=cancelled)

@@ -60,6 +60,7 @@ class Report:
     unrecovered: bool = False  # ... or that it could not be: pvmig recover, later
     postcopy: dict | None = None  # the post-copy phase, when the migration switched to it
     storage: dict | None = None  # migrate --copy-storage: the disks' copy
+    intervention: dict | None = None  # a fleet's timeout or stall ended pre-copy early
     phases: dict[str, float] = field(default_factory=dict)  # ms from the start
     t0: float = 0.0
     _precopy_s: float = 0.0
@@ -316,6 +317,7 @@ class Report:
             "postcopy-blocktime": (self.postcopy or {}).get("blocktime-ms"),
             "postcopy": self.postcopy,
             "storage": self._storage_out(),
+            "intervention": self.intervention,
         }
 
     def _storage_out(self) -> dict | None:

@@ -78,6 +78,7 @@ class Domain:
     userfault: UserFault | None = None  # post-copy: the guest's faults, and page placement
     missing: np.ndarray | None = None  # post-copy: frames not here yet (bool per frame)
     postcopy: str = ""  # post-copy's paging state (postcopy-active, -paused) until done
+    labels: dict = field(default_factory=dict)  # pvmig.labels: they move with the domain
     _watch: asyncio.Task | None = field(default=None, repr=False)
     _exited: asyncio.Future | None = field(default=None, repr=False)
     _suspending: asyncio.Task | None = field(default=None, repr=False)
@@ -305,7 +306,7 @@ class Domain:
                 "guest": stats, "workload": self.workload, "devices": self.devices,
                 "device_stats": self.pv.stats() if self.pv is not None and whole else [],
                 "shared_frames": shared_areas(self.mem) if whole else [],
-                "postcopy": self.postcopy,
+                "postcopy": self.postcopy, "labels": dict(self.labels),
                 "missing_frames": int(self.missing.sum()) if self.missing is not None else 0}
 
     # ---- internals

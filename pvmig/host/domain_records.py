@@ -50,6 +50,7 @@ class DomainRecord:
     vcpu: bytes | None = None  # a context to resume from, if the RAM has not run since
     resumes: int | None = None  # the RAM's resume count when `vcpu` was taken
     recovery: str = Recovery.REPLAY.value  # how the frontends come back
+    labels: dict | None = None  # pvmig.labels (None: a record from before labels)
 
     @classmethod
     def unpack(cls, data: bytes) -> "DomainRecord":
@@ -77,7 +78,7 @@ class DomainRecord:
 def of_domain(dom: Domain, **migration) -> DomainRecord:
     return DomainRecord(
         name=dom.name, ram=str(dom.mem.path), ram_bytes=dom.ram_bytes,
-        workload=dom.workload, devices=dom.devices,
+        workload=dom.workload, devices=dom.devices, labels=dict(dom.labels),
         backends=dom.pv.backend_records() if dom.pv is not None else {},
         pid=dom.proc.pid if dom.proc else 0,
         started=process_started(dom.proc.pid) if dom.proc else 0, **migration)

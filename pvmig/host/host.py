@@ -23,9 +23,11 @@ from pvmig.dom0.domain import Domain
 from pvmig.dom0.xenstored import Xenstored
 from pvmig.host.commit_log import CommitLog
 from pvmig.host.domain_records import DomainRecords, domids
+from pvmig.host.ledger import Ledger
 from pvmig.host.metrics import Metrics
 from pvmig.host.sessions import Clock, Sessions
 from pvmig.hv.memory import PAGE_SIZE
+from pvmig.labels import check as check_labels
 from pvmig.migration import policy
 from pvmig.rpc.security import Security
 
@@ -75,6 +77,7 @@ class Host:
         self.records = DomainRecords(self.data_dir, name)
         self.held_lock = asyncio.Lock()  # the copies a crash left held (pvmig.host.parking)
         self.metrics = Metrics(self)
+        self.ledger = Ledger()
         self.xenstored = Xenstored()
         for d in (self.data_dir, self.mem_dir, self.data_dir / "migrations",
                   self.data_dir / "logs"):
@@ -96,6 +99,16 @@ class Host:
             log.warning("removing %s, left by an agent that did not stop cleanly", path)
             path.unlink(missing_ok=True)
 
+    # ---- migrations, as counted (metrics) and recorded (ledger) here
+
+    def migration_began(self, role: str, migration_id: str, domain: str) -> None:
+        self.metrics.started.labels(role).inc()
+        self.ledger.began(migration_id, role, domain)
+
+    def migration_ended(self, role: str, migration_id: str, outcome: str) -> None:
+        self.metrics.ended_as(role, outcome)
+        self.ledger.ended(migration_id, role, outcome)
+
     # ---- domains
 
     def domain(self, name: str) -> Domain:
@@ -106,7 +119,7 @@ class Host:
 
     def reserve(self, name: str, ram_bytes: int, workload: dict,
                 devices: list[dict] = (), ram_from: Path | None = None,
-                lazy: bool = False) -> Domain:
+                lazy: bool = False, labels: dict | None = None) -> Domain:
         """Check and allocate a domain's memory (or take over a kept RAM file: a parked
         domain's); the caller starts its guest."""
         if not _NAME.match(name):
@@ -114,12 +127,14 @@ class Host:
                 f"bad domain name {name!r}: use letters, digits, '_', '.', '-' (at most 64)")
         if name in self.domains:
             raise errors.AlreadyExists(f"domain {name!r} already exists on host {self.name}")
+        labels = check_labels(labels or {})
         self._check_ram(ram_bytes, allocating=ram_from is None)
         devices = [normalise(d) for d in devices]
         dom = Domain.allocate(name=name, domid=self._next_domid, ram_bytes=ram_bytes,
                               mem_dir=self.mem_dir, workload=workload, ram_from=ram_from,
                               lazy=lazy)
         dom.devices = devices
+        dom.labels = labels
         self._next_domid += 1
         self.domains[name] = dom
         return dom
@@ -141,13 +156,13 @@ class Host:
             self.records.backends_changed(dom)
 
     async def create_domain(self, name: str, ram_bytes: int, workload: dict,
-                            devices: list[dict] = ()) -> Domain:
+                            devices: list[dict] = (), labels: dict | None = None) -> Domain:
         for key in workload:
             if key not in DEFAULT_WORKLOAD:
                 raise errors.InvalidArgument(f"unknown workload setting {key!r}")
         workload = {**DEFAULT_WORKLOAD, **workload}
         _check_workload(workload)
-        dom = self.reserve(name, ram_bytes, workload, devices)
+        dom = self.reserve(name, ram_bytes, workload, devices, labels=labels)
         try:
             self.start_devices(dom, fresh_disks=True)
             await dom.boot(self.log_path(dom))

@@ -101,7 +101,7 @@ async def unpark(host: Host, path: Path, record: DomainRecord) -> None:
     if not kept.exists() or kept.stat().st_size != record.ram_bytes:
         raise errors.DataLoss(f"its RAM file {kept} is gone or not {record.ram_bytes} bytes")
     dom = host.reserve(record.name, record.ram_bytes, record.workload, record.devices,
-                       ram_from=kept)
+                       ram_from=kept, labels=record.labels)
     try:
         host.start_devices(dom, fresh_disks=False)
         await dom.start_waiting(host.log_path(dom))

@@ -65,6 +65,15 @@ class StorageMode(StrEnum):
     WRITE_BLOCKING = "write-blocking"
 
 
+class TimeoutAction(StrEnum):
+    """What a fleet does with a migration past its completion timeout, or stalled:
+    abort it (the guest stays), pause the guest and copy the rest (Nova's
+    force-complete: a longer downtime, but done), or switch to post-copy."""
+    ABORT = "abort"
+    PAUSE = "pause"
+    POSTCOPY = "postcopy"
+
+
 class Transport(StrEnum):
     TCP = "tcp"  # data channels: binary records on plain (or TLS) connections
     GRPC = "grpc"  # the PageStream service: for networks where only the agent's port is open

@@ -1,0 +1,73 @@
+"""`pvmig evacuate` and `pvmig rebalance`: a fleet's domains moved under its caps."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from pvmig.cli.common import EXIT_FAILED, EXIT_OK, run
+from pvmig.cli.migrate import check_writable
+from pvmig.fleet import config, display, operation
+
+
+def register(sub, auth) -> None:
+    e = sub.add_parser("evacuate", help="move every domain off a host of the fleet, placed "
+                       "by free RAM and the policies' labels, under the fleet's caps",
+                       parents=[auth])
+    e.add_argument("host", help="the host to empty: its name in the fleet file, or its "
+                   "address")
+    _common(e)
+    e.set_defaults(func=evacuate)
+    r = sub.add_parser("rebalance", help="even the hosts' RAM: move domains from the "
+                       "fullest hosts to the emptiest, under the fleet's caps", parents=[auth])
+    _common(r)
+    r.set_defaults(func=rebalance)
+
+
+def _common(p) -> None:
+    p.add_argument("--fleet", required=True, type=Path, metavar="FILE",
+                   help="the fleet file (TOML: agents, caps, policies; see docs/FLEET.md)")
+    p.add_argument("--report", type=Path, metavar="FILE",
+                   help="write the operation's JSON report here")
+
+
+def evacuate(args) -> int:
+    return _operate(args, lambda op: op.evacuate(args.host), "evacuate")
+
+
+def rebalance(args) -> int:
+    return _operate(args, lambda op: op.rebalance(), "rebalance")
+
+
+def _operate(args, start, kind: str) -> int:
+    fleet = config.load(args.fleet)
+    if args.report:
+        check_writable(args.report)
+    op = operation.Operation(fleet, kind, display.for_terminal)
+    result = run(start(op))
+    if args.report:
+        operation.write(result, args.report)
+    out = Console()
+    if op.runner is not None and op.runner.rows:
+        out.print(display.table(op.runner.rows, f"{kind}: {result['status']}"))
+    for u in result.get("unplaced", []):
+        print(f"not moved: {u['domain']} ({u['ram-bytes'] >> 20} MiB): {u['why']}")
+    seen = result["observed"]
+    dt = result["downtime-ms"] or {}
+    print(f"{kind}: {result['completed']} of {result['planned']} moved in "
+          f"{result['total-time-ms'] / 1e3:.1f} s; downtime median {dt.get('median', '-')} "
+          f"ms, max {dt.get('max', '-')} ms; at most {seen['most-at-once']} at once "
+          f"(cap {fleet.parallel_migrations}), {max(seen['most-outbound'].values(), default=0)}"
+          f" from one host (cap {fleet.parallel_outbound_per_host}); "
+          f"census {'clean' if result['census-ok'] else 'NOT clean'}")
+    if result["cancelled"]:
+        print(f"pvmig: {kind} cancelled ({result['cancelled']}): what had not committed "
+              "runs where it was", file=sys.stderr)
+    if not result["census-ok"]:
+        print("pvmig: a domain is not running exactly once: " + ", ".join(
+            f"{d} on {[w['host'] + ':' + w['state'] for w in where]}"
+            for d, where in result["census"].items()
+            if len(where) != 1 or where[0]["state"] != "running"), file=sys.stderr)
+    return EXIT_OK if result["status"] == "completed" else EXIT_FAILED

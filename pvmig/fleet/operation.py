@@ -1,0 +1,124 @@
+"""A fleet operation, top to bottom: survey the agents, plan, carry the plan out under
+the caps, then account for it from the agents themselves.
+
+    survey     every agent answers (its RAM, labels, domains), or nothing moves
+    plan       evacuate: every domain off a host; rebalance: from full hosts to empty
+    run        the moves under the caps (pvmig.fleet.runner)
+    census     each domain runs on exactly one host, its guest's checks clean
+    ledgers    the agents' records of their migrations: never more at once than allowed
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import statistics
+import time
+from pathlib import Path
+
+from pvmig import errors
+from pvmig.fleet import inventory, placement
+from pvmig.fleet.config import Fleet
+from pvmig.fleet.runner import COMPLETED, Runner
+
+
+class Operation:
+    def __init__(self, fleet: Fleet, kind: str, display_of) -> None:
+        self.fleet, self.kind, self.display_of = fleet, kind, display_of
+        self.result: dict = {"operation": kind, "fleet-file": fleet.path,
+                             "caps": {"parallel-migrations": fleet.parallel_migrations,
+                                      "parallel-outbound-per-host":
+                                      fleet.parallel_outbound_per_host,
+                                      "retries": fleet.retries}}
+        self.runner: Runner | None = None
+
+    def settings_of(self, dom):
+        settings, chosen = self.fleet.policy_for(dom.labels)
+        return settings, (chosen.hosts if chosen else {})
+
+    async def evacuate(self, host: str) -> dict:
+        name = self.fleet.agent(host).name
+        self.result["host"] = name
+        hosts = await inventory.survey(self.fleet)
+        moves, unplaced = placement.evacuation(
+            name, hosts, lambda d: self.settings_of(d)[1])
+        return await self._carry_out(hosts, moves, unplaced, f"evacuate {name}")
+
+    async def rebalance(self) -> dict:
+        hosts = await inventory.survey(self.fleet)
+        self.result["spread-before"] = round(placement.spread(hosts), 4)
+        moves = placement.rebalance(hosts, lambda d: self.settings_of(d)[1])
+        self.result["spread-planned"] = round(placement.spread(hosts), 4)
+        return await self._carry_out(hosts, moves, [], "rebalance")
+
+    async def _carry_out(self, hosts, moves, unplaced, title: str) -> dict:
+        t0 = time.monotonic()
+        self.result["unplaced"] = [{"domain": u.domain.name, "ram-bytes": u.domain.ram,
+                                    "why": u.why} for u in unplaced]
+        self.runner = runner = Runner(self.fleet, hosts, None)
+        runner.display = display = self.display_of(lambda: runner.rows, title)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, runner.cancel, f"{signal.Signals(sig).name} "
+                                    "received")
+        try:
+            rows = await runner.run(moves, self.settings_of)
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+            display.close()
+        r = self.result
+        r["total-time-ms"] = round((time.monotonic() - t0) * 1e3, 3)
+        r["migrations"] = [row.to_dict() for row in rows]
+        r["queue"] = [{"t-ms": round(t * 1e3, 3), "queued": q, "migrating": m}
+                      for t, q, m in runner.timeline]
+        downtimes = [row.last["downtime-ms"] for row in rows
+                     if row.state == COMPLETED and row.last["downtime-ms"] is not None]
+        r["downtime-ms"] = _spread(downtimes)
+        names = {m.domain.name for m in moves} | {u.domain.name for u in unplaced}
+        r["census"] = await inventory.census(self.fleet, names)
+        r["census-ok"] = all(len(where) == 1 and where[0]["state"] == "running"
+                             and where[0]["failed"] == 0 for where in r["census"].values())
+        r["observed"] = await self._observed(rows)
+        r["cancelled"] = runner.cancelled or None
+        done = sum(row.state == COMPLETED for row in rows)
+        r["completed"], r["planned"] = done, len(rows)
+        r["status"] = ("cancelled" if runner.cancelled else
+                       "completed" if done == len(rows) and not unplaced and r["census-ok"]
+                       and r["observed"]["within-caps"] else "partial")
+        return r
+
+    async def _observed(self, rows) -> dict:
+        """The caps, as the agents' ledgers saw them: each source's entry of each
+        migration this ran, from its Begin to its end."""
+        ids = {a["migration-id"] for row in rows for a in row.attempts}
+        now = time.time_ns()
+        spans: dict[str, list] = {}
+        for host, entries in (await inventory.ledgers(self.fleet)).items():
+            spans[host] = [(e.began_unix_ns, e.ended_unix_ns or now) for e in entries
+                           if e.role == "source" and e.migration_id in ids]
+        at_once = inventory.most_at_once([s for v in spans.values() for s in v])
+        outbound = {h: inventory.most_at_once(v) for h, v in spans.items() if v}
+        return {"from": "the agents' ledgers (ListMigrations: each source's Begin to end)",
+                "migrations-seen": sum(len(v) for v in spans.values()),
+                "most-at-once": at_once, "most-outbound": outbound,
+                "within-caps": at_once <= self.fleet.parallel_migrations and all(
+                    n <= self.fleet.parallel_outbound_per_host for n in outbound.values())}
+
+
+def _spread(values: list[float]) -> dict | None:
+    if not values:
+        return None
+    v = sorted(values)
+    p95 = v[min(len(v) - 1, round(0.95 * (len(v) - 1)))]
+    return {"n": len(v), "min": v[0], "median": round(statistics.median(v), 3),
+            "p95": p95, "max": v[-1], "spread": round(v[-1] - v[0], 3)}
+
+
+def write(result: dict, path: Path) -> None:
+    text = json.dumps(result, indent=2) + "\n"
+    try:
+        path.write_text(text)
+    except OSError as e:
+        raise errors.InvalidArgument(f"cannot write the report {path}: {e.strerror}") from None
