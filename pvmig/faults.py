@@ -54,6 +54,7 @@ AGENT_POINTS = ("commit", "committed", "dest-committed", "complete", "unpark", "
 COORDINATOR_PHASES = ("connect", "prepare", "begin", "stop-and-copy", "suspend", "quiesce",
                       "final", "commit", "committed", "resumed", "verify", "done",
                       "throttle", "streams-reconnected", "abort", "recover", "precopy", "switch",
+                      "intervention",
                       "postcopy-active", "postcopy-done", "postcopy-paused",
                       "postcopy-recovered", "storage", "storage-ready",
                       "storage-not-converged")

@@ -10,10 +10,12 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from pvmig._proto import pvmig_pb2 as pb
 from pvmig._proto import pvmig_pb2_grpc as pb_grpc
@@ -119,6 +121,17 @@ def peer_stats(path: Path) -> dict:
         return json.loads(path.read_text())
     except (FileNotFoundError, ValueError):
         return {}
+
+
+def scrape(address: str) -> dict:
+    """An agent's Prometheus metrics: {(name, sorted labels): value}."""
+    text = urllib.request.urlopen(f"http://{address}/metrics", timeout=10).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def metric(metrics: dict, name: str, **labels) -> float:
+    return metrics.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 def json_lines(text: str) -> list[dict]:
@@ -309,3 +322,75 @@ def local_cluster(base: Path, names=("a", "b"), *, session_timeout_s: float | No
         args = [*(extra_args or ()), *lease] or None
     with LocalCluster(Path(base), list(names), extra_args=args, **agent_kwargs) as c:
         yield c
+
+
+# ---- fleets (pvmig evacuate, rebalance)
+
+def ledger(address: str) -> list:
+    """An agent's own record of its migrations (ListMigrations)."""
+    with grpc.insecure_channel(address) as ch:
+        return list(pb_grpc.AgentStub(ch).ListMigrations(pb.ListMigrationsRequest(),
+                                                          timeout=10).migrations)
+
+
+def most_at_once(spans: list[tuple[int, int]]) -> int:
+    """The most spans open at one instant, counted here apart from pvmig's own."""
+    points = sorted([(b, 1) for b, _ in spans] + [(e, -1) for _, e in spans])
+    most = now = 0
+    for _, step in points:
+        now += step
+        most = max(most, now)
+    return most
+
+
+def check_fleet_result(result: dict, agents: dict, *, cluster_cap: int, outbound_cap: int,
+                       metrics: bool = True) -> None:
+    """What every fleet operation must show, asked of the agents themselves: `agents`
+    maps a name to (gRPC address, metrics address). Every domain it planned runs on
+    exactly one host, its guest checking and clean; the caps held in the agents'
+    ledgers; each agent's metrics say what the reports say (agents fresh for the test,
+    every migration of one attempt)."""
+    rows = result["migrations"]
+    ids = {a["migration-id"]: row for row in rows for a in row["attempts"]}
+    # the caps, from each source's ledger
+    spans, per_host = [], {}
+    for name, (address, _) in agents.items():
+        mine = [(e.began_unix_ns, e.ended_unix_ns) for e in ledger(address)
+                if e.role == "source" and e.migration_id in ids]
+        assert all(end for _, end in mine), f"{name}: a migration still open in its ledger"
+        spans += mine
+        per_host[name] = most_at_once(mine)
+    assert len(spans) == len(ids), "each attempt in exactly one source's ledger"
+    assert most_at_once(spans) <= cluster_cap, (most_at_once(spans), cluster_cap)
+    assert max(per_host.values()) <= outbound_cap, (per_host, outbound_cap)
+    assert result["observed"]["most-at-once"] == most_at_once(spans)
+    # every domain once, where the report says, its guest clean
+    where: dict[str, list] = {}
+    for name, (address, _) in agents.items():
+        for d in domains(address).values():
+            where.setdefault(d.name, []).append((name, d))
+    for row in rows:
+        found = where.get(row["domain"], [])
+        assert len(found) == 1, f"{row['domain']} on {[h for h, _ in found]}"
+        host, info = found[0]
+        assert host == (row["dest"] if row["state"] == "completed" else row["source"]), row
+        assert info.state == "running" and info.guest.checks_failed == 0, info
+        wait_running_and_checking(agents[host][0], row["domain"])
+    if not metrics:
+        return
+    for name, (_, at) in agents.items():
+        m = scrape(at)
+        out = [a for row in rows for a in row["attempts"] if row["source"] == name]
+        came = [a for row in rows for a in row["attempts"] if a["dest"] == name]
+        done = [a for a in out if a["status"] == "completed"]
+        assert metric(m, "pvmig_migrations_started_total", role="source") == len(out), name
+        assert metric(m, "pvmig_migrations_started_total", role="destination") == len(came)
+        assert metric(m, "pvmig_migrations_ended_total", role="source",
+                      outcome="completed") == len(done), name
+        assert metric(m, "pvmig_migration_sent_bytes_total", kind="memory") == sum(
+            a["transferred-bytes"] for a in out), name
+        assert metric(m, "pvmig_migration_received_bytes_total", kind="memory") == sum(
+            a["transferred-bytes"] for a in came), name
+        assert metric(m, "pvmig_migration_downtime_seconds_count") == len(done), name
+        assert metric(m, "pvmig_migration_downtime_seconds_sum") == pytest.approx(
+            sum(a["downtime-ms"] for a in done) / 1e3, abs=1e-5), name

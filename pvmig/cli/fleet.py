@@ -43,10 +43,16 @@ def rebalance(args) -> int:
 
 def _operate(args, start, kind: str) -> int:
     fleet = config.load(args.fleet)
+    made = bool(args.report) and not args.report.exists()
     if args.report:
         check_writable(args.report)
     op = operation.Operation(fleet, kind, display.for_terminal)
-    result = run(start(op))
+    try:
+        result = run(start(op))
+    except BaseException:
+        if made:  # (nothing was done: no empty report left to be read as one)
+            args.report.unlink(missing_ok=True)
+        raise
     if args.report:
         operation.write(result, args.report)
     out = Console()

@@ -262,4 +262,20 @@ def _labels(t: dict, key: str, where: str, bad) -> dict:
 
 def _is_address(address: str) -> bool:
     host, sep, port = address.rpartition(":")
-    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
+    return bool(sep and host and port.isascii() and port.isdigit() and 0 < int(port) < 65536)
+
+
+def render(agents: list[tuple[str, str, dict]], **fleet_keys) -> str:
+    """A fleet file naming `agents` (name, address, labels), with [fleet] keys given:
+    what a cluster's bring-up writes beside itself (pvmig.tools.cluster, deploy/)."""
+    unknown = set(fleet_keys) - _FLEET_KEYS
+    if unknown:
+        raise errors.InvalidArgument(f"unknown [fleet] keys {sorted(unknown)}")
+    out = ["# written by pvmig for this cluster; see docs/FLEET.md", "[fleet]"]
+    out += [f"{k} = {v}" for k, v in fleet_keys.items()]
+    for name, address, given in agents:
+        out += ["", "[[agents]]", f'name = "{name}"', f'address = "{address}"']
+        if given:
+            out.append("labels = { " + ", ".join(f'"{k}" = "{v}"' for k, v in given.items())
+                       + " }")
+    return "\n".join(out) + "\n"

@@ -69,7 +69,7 @@ def best_host(dom: DomainView, hosts: list[HostView], allowed: dict,
         most = max(fitting, key=lambda h: h.free_ram)
         return (f"needs {dom.ram >> 20} MiB; the most free on a host it may go to is "
                 f"{most.free_ram >> 20} MiB ({most.name})")
-    return max(roomy, key=lambda h: (h.free_ram, [-ord(c) for c in h.name]))
+    return min(roomy, key=lambda h: (-h.free_ram, h.name))
 
 
 def reserve(move: Move, hosts: dict[str, HostView]) -> None:
@@ -117,10 +117,12 @@ def rebalance(hosts: dict[str, HostView], allowed_of, max_moves: int = 64) -> li
         for dom in sorted(fullest.domains.values(), key=lambda d: d.name):
             if dom.name in moved or dom.state != "running":
                 continue
-            others = [h for h in hosts.values() if h is not fullest]
-            where = best_host(dom, sorted(others, key=lambda h: h.load), allowed_of(dom))
-            if isinstance(where, str):
+            allowed = allowed_of(dom)
+            fits = [h for h in hosts.values() if h is not fullest
+                    and h.free_ram >= dom.ram and labels.matches(allowed, h.labels)]
+            if not fits:
                 continue
+            where = min(fits, key=lambda h: (h.load, h.name))  # the emptiest it may go to
             move = Move(dom, fullest.name, where.name)
             reserve(move, hosts)
             after = spread(hosts)

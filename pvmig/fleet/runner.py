@@ -13,17 +13,20 @@ was, or where it went.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 
 from pvmig.coordinator import migrate as coordinator
 from pvmig.coordinator.progress import Reporter
+from pvmig.coordinator.report import Report
 from pvmig.fleet.config import Fleet, Settings
 from pvmig.fleet.placement import DomainView, HostView, Move, best_host
 from pvmig.fleet.watch import Watch
 from pvmig.migration.policy import TimeoutAction
 from pvmig.rpc.client import AgentClient
 
+log = logging.getLogger(__name__)
 QUEUED, MIGRATING, COMPLETED, FAILED, ABORTED, CANCELLED = (
     "queued", "migrating", "completed", "failed", "aborted", "cancelled")
 
@@ -142,6 +145,9 @@ class Runner:
             self.display.update(row)
             try:
                 report = await self._attempt(row)
+            except Exception as e:  # a bug: this row ends, the others go on
+                log.exception("migration of %s failed", row.domain)
+                report = _broken(row, e)
             finally:
                 async with self._room:
                     self._running[row.source] -= 1
@@ -247,6 +253,14 @@ class Runner:
         queued = sum(r.state == QUEUED for r in self.rows)
         running = sum(r.state == MIGRATING for r in self.rows)
         self.timeline.append((round(self._now(), 4), queued, running))
+
+
+def _broken(row: Row, e: Exception):
+    """A report for an attempt that ended in a bug: where the guest is, the census says."""
+    report = Report(migration_id="", domain=row.domain, source=row.source, dest=row.dest)
+    report.status, report.error = "failed", f"internal error: {type(e).__name__}: {e}"
+    report.committed = True  # (unknown: not retried)
+    return report
 
 
 def _ms(s: float | None) -> float | None:

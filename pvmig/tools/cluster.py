@@ -23,6 +23,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from pvmig.fleet.config import render
+
 READY_TIMEOUT_S = 30.0
 
 
@@ -151,6 +153,11 @@ class LocalCluster:
         for agent in self.agents.values():
             agent.stop()
         shutil.rmtree(self.mem_root, ignore_errors=True)
+
+    def fleet_toml(self, labels: dict | None = None, **fleet_keys) -> str:
+        """A fleet file naming these agents (pvmig evacuate --fleet); labels: by name."""
+        return render([(n, a.address, (labels or {}).get(n, {}))
+                       for n, a in self.agents.items()], **fleet_keys)
 
     def __enter__(self) -> "LocalCluster":
         return self.start()

@@ -10,24 +10,13 @@ import json
 import subprocess
 import sys
 import time
-import urllib.request
 
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-from support import migrate, pvmig
+from support import metric as value
+from support import migrate, pvmig, scrape
 
 BLOCKS = 1024
-
-
-def scrape(address: str) -> dict:
-    text = urllib.request.urlopen(f"http://{address}/metrics", timeout=10).read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def value(metrics: dict, name: str, **labels) -> float:
-    return metrics.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 @pytest.fixture
