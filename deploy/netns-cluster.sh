@@ -1,32 +1,38 @@
 #!/usr/bin/env bash
-# Two pvmig hosts on one machine: network namespaces joined by a veth pair, optionally
-# shaped with tc tbf, an agent in each. The cheap way to put a real network (its own
-# addresses, a bandwidth cap, no loopback shortcuts) between two agents.
+# N pvmig hosts on one machine (2 by default): network namespaces on one switch (a
+# bridge in a namespace of its own), each host's uplink optionally shaped with tc tbf,
+# an agent in each. The cheap way to put a real network (its own addresses, a bandwidth
+# cap, contention for a link, no loopback shortcuts) between agents.
 #
-#   deploy/netns-cluster.sh up [--rate 200mbit] [--base DIR] [--prefix pvmig-]
+#   deploy/netns-cluster.sh up [--hosts N] [--rate 200mbit] [--base DIR] [--prefix pvmig-]
 #                              [--subnet 10.77.0] [--port 7000] [-- AGENT-ARGS...]
-#   deploy/netns-cluster.sh exec a|b COMMAND...     # run COMMAND on host a or b
+#   deploy/netns-cluster.sh exec HOST COMMAND...   # run COMMAND on host a, b, c...
 #   deploy/netns-cluster.sh status [--base DIR] [--prefix pvmig-]
 #   deploy/netns-cluster.sh down [--base DIR] [--prefix pvmig-]
 #
-# The hosts are the namespaces PREFIXa and PREFIXb with SUBNET.1 and SUBNET.2 on their
-# veth0; the veth pair lives entirely inside them, so the root namespace gets no new
-# interface or route and several clusters (different prefixes) can share one subnet.
-# The root namespace cannot reach the agents: run the coordinator on one of the hosts,
-# as Xen's toolstack runs on the source host:
+# The hosts are the namespaces PREFIXa, PREFIXb, ... (N of them, 2 to 16) with
+# SUBNET.1, SUBNET.2, ... on their veth0; the other end of each is a port of the bridge
+# in PREFIXswitch. --rate shapes both directions of every uplink (the host's veth0 and
+# its port on the switch): the migrations out of one host share its uplink's rate, as
+# they would share a NIC. Nothing is added to the root namespace (no interface, no
+# route), so several clusters (different prefixes) can share one subnet.
+# The root namespace cannot reach the agents: run the coordinator (or pvmig evacuate)
+# on one of the hosts, as Xen's toolstack runs on the source host:
 #   deploy/netns-cluster.sh exec a pvmig migrate --source 10.77.0.1:7000 \
 #       --dest 10.77.0.2:7000 --domain vm
-# /dev/shm and the file system are shared by both hosts, so a disk image under any path
+#   deploy/netns-cluster.sh exec a pvmig evacuate a --fleet BASE/fleet.toml
+# /dev/shm and the file system are shared by all hosts, so a disk image under any path
 # (say /tmp/vm.img) is shared storage; each agent gets a guest RAM directory of its own,
 # and a storage dir of its own (BASE/HOST/storage): a disk named by a relative path
 # (--disk vm.img) lives there, on that host only (migrate --copy-storage moves it).
 #
 # PVMIG names the pvmig command (default: pvmig on PATH), e.g. PVMIG=.venv/bin/pvmig;
 # PVMIG_NETNS_PREFIX the default prefix (for exec, which takes no options).
-# `up` writes BASE/cluster.json ({"a": "SUBNET.1:PORT", "b": ..., namespaces, rate})
-# once both agents serve and each reaches the other across the link. `down` ends every
-# process in the two namespaces (the agents and their guests), then deletes them; it
-# works after a failed or partial `up`, and when nothing is up.
+# `up` writes BASE/cluster.json ({"a": "SUBNET.1:PORT", ..., "hosts", namespaces, rate})
+# and BASE/fleet.toml (the agents, for pvmig evacuate and rebalance) once every agent
+# serves and reaches the others across the switch. `down` ends every process in the
+# cluster's namespaces (the agents and their guests), then deletes them; it works after
+# a failed or partial `up`, and when nothing is up.
 set -Eeuo pipefail
 
 PROG=$(basename "$0")
@@ -36,7 +42,7 @@ STOP_TIMEOUT_S=10
 die() { echo "$PROG: $*" >&2; exit 1; }
 
 usage() {
-    sed -n '6,10p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '7,11p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -45,11 +51,14 @@ base=""
 rate=""
 subnet=10.77.0
 port=7000
+nhosts=2
 agent_args=()
+HOST_NAMES=(a b c d e f g h i j k l m n o p)
 
 parse_options() {
     while (($#)); do
         case $1 in
+            --hosts) nhosts=${2:?--hosts needs a number of hosts}; shift 2 ;;
             --rate) rate=${2:?--rate needs a value, e.g. 200mbit}; shift 2 ;;
             --base) base=${2:?--base needs a directory}; shift 2 ;;
             --prefix) prefix=${2:?--prefix needs a value}; shift 2 ;;
@@ -65,12 +74,31 @@ parse_options() {
     if ! [[ $port =~ ^[0-9]+$ ]] || ((port < 1 || port > 65535)); then
         die "--port '$port' is not a port"
     fi
+    if ! [[ $nhosts =~ ^[0-9]+$ ]] || ((nhosts < 2 || nhosts > ${#HOST_NAMES[@]})); then
+        die "--hosts '$nhosts' is not a number of hosts from 2 to ${#HOST_NAMES[@]}"
+    fi
+    hosts=("${HOST_NAMES[@]:0:nhosts}")
     [[ -z $rate || $rate =~ ^[1-9][0-9]*(kbit|mbit|gbit)$ ]] \
         || die "--rate '$rate' is not a rate such as 200mbit (kbit, mbit or gbit)"
 }
 
 ns_of() { echo "${prefix}$1"; }
-addr_of() { case $1 in a) echo "$subnet.1" ;; b) echo "$subnet.2" ;; esac; }
+switch_ns() { echo "${prefix}switch"; }
+index_of() {
+    local i
+    for i in "${!HOST_NAMES[@]}"; do
+        [[ ${HOST_NAMES[$i]} == "$1" ]] && { echo "$i"; return 0; }
+    done
+    return 1
+}
+addr_of() { echo "$subnet.$(($(index_of "$1") + 1))"; }
+# the hosts this prefix has namespaces for (down and status need no --hosts)
+hosts_up() {
+    local h
+    for h in "${HOST_NAMES[@]}"; do
+        if ns_exists "$(ns_of "$h")"; then echo "$h"; fi
+    done
+}
 mem_root() { echo "/dev/shm/${prefix}cluster"; }
 ns_exists() { ip netns list | awk '{print $1}' | grep -qxF "$1"; }
 
@@ -105,11 +133,14 @@ stop_ns() {
 cmd_down() {
     parse_options "$@"
     need_root down
-    local h
-    for h in a b; do stop_ns "$(ns_of "$h")"; done
+    local h gone=()
+    mapfile -t gone < <(hosts_up)
+    for h in "${gone[@]}"; do stop_ns "$(ns_of "$h")"; done
+    stop_ns "$(switch_ns)"
     rm -rf "$(mem_root)"
-    rm -f "$base/cluster.json" "$base"/{a,b}/agent.pid "$base"/{a,b}/ready.json
-    echo "down: ${prefix}a and ${prefix}b removed"
+    rm -f "$base/cluster.json" "$base/fleet.toml"
+    for h in "${HOST_NAMES[@]}"; do rm -f "$base/$h/agent.pid" "$base/$h/ready.json"; done
+    echo "down: ${#gone[@]} hosts (${gone[*]:-none}) and the switch removed"
 }
 
 # ---- up
@@ -177,8 +208,9 @@ cmd_up() {
         || die "pvmig command '${pvmig_cmd[0]}' not found:" \
                "put pvmig on PATH or set PVMIG=/path/to/pvmig"
     [[ -z $rate ]] || command -v tc >/dev/null || die "'tc' not found (iproute2): needed for --rate"
-    local h
-    for h in a b; do
+    local h other sw
+    sw=$(switch_ns)
+    for h in "${hosts[@]}" switch; do
         ! ns_exists "$(ns_of "$h")" \
             || die "namespace $(ns_of "$h") exists already: run '$PROG down --prefix $prefix' first"
     done
@@ -187,35 +219,56 @@ cmd_up() {
     trap 'if [[ -z $up_done ]]; then echo "$PROG: up failed, tearing down" >&2;
           cmd_down --prefix "$prefix" --base "$base" >/dev/null 2>&1 || true; fi' EXIT
     mkdir -p "$base"
-    for h in a b; do
+    ip netns add "$sw"
+    ip -n "$sw" link add br0 type bridge
+    ip -n "$sw" link set br0 up
+    for h in "${hosts[@]}"; do
         ip netns add "$(ns_of "$h")"
         ip -n "$(ns_of "$h")" link set lo up
-    done
-    ip link add veth0 netns "$(ns_of a)" type veth peer name veth0 netns "$(ns_of b)"
-    for h in a b; do
+        # the host's uplink: veth0 in its namespace, port up-HOST on the switch
+        ip link add veth0 netns "$(ns_of "$h")" type veth peer name "up-$h" netns "$sw"
+        ip -n "$sw" link set "up-$h" master br0 up
         ip -n "$(ns_of "$h")" addr add "$(addr_of "$h")/24" dev veth0
         ip -n "$(ns_of "$h")" link set veth0 up
         if [[ -n $rate ]]; then
-            # tbf on each end's egress shapes both directions (netem is missing from
-            # some kernels, tbf is not).
+            # tbf on the egress of both ends shapes both directions (netem is missing
+            # from some kernels, tbf is not)
             ip netns exec "$(ns_of "$h")" tc qdisc add dev veth0 root tbf rate "$rate" \
+                burst "$(burst_for "$rate")" latency 50ms
+            ip netns exec "$sw" tc qdisc add dev "up-$h" root tbf rate "$rate" \
                 burst "$(burst_for "$rate")" latency 50ms
         fi
     done
-    for h in a b; do start_agent "$h"; done
-    for h in a b; do wait_ready "$h"; done
-    check_link a b
-    check_link b a
+    for h in "${hosts[@]}"; do start_agent "$h"; done
+    for h in "${hosts[@]}"; do wait_ready "$h"; done
+    for other in "${hosts[@]:1}"; do  # through the switch, both ways
+        check_link a "$other"
+        check_link "$other" a
+    done
     up_done=1
+    local addrs="" names="" quoted=""
+    for h in "${hosts[@]}"; do
+        addrs+="\"$h\": \"$(addr_of "$h"):$port\", "
+        names+="${names:+, }\"$h\": \"$(ns_of "$h")\""
+        quoted+="${quoted:+, }\"$h\""
+    done
     cat >"$base/cluster.json" <<EOF
-{"a": "$(addr_of a):$port", "b": "$(addr_of b):$port",
- "namespaces": {"a": "$(ns_of a)", "b": "$(ns_of b)"}, "rate": "${rate:-unshaped}", "base": "$base"}
+{${addrs}"hosts": [$quoted], "namespaces": {$names}, "switch": "$sw",
+ "rate": "${rate:-unshaped}", "base": "$base", "fleet": "$base/fleet.toml"}
 EOF
-    for h in a b; do
+    {
+        echo "# written by $PROG up: the agents of this cluster (see docs/FLEET.md)"
+        echo "[fleet]"
+        for h in "${hosts[@]}"; do
+            printf '\n[[agents]]\nname = "%s"\naddress = "%s:%s"\n' "$h" "$(addr_of "$h")" "$port"
+        done
+    } >"$base/fleet.toml"
+    for h in "${hosts[@]}"; do
         echo "host $h: namespace $(ns_of "$h"), agent $(addr_of "$h"):$port" \
              "(pid $(cat "$base/$h/agent.pid"), log $base/$h/agent.log)"
     done
-    echo "link: veth0 <-> veth0, ${rate:-not shaped}"
+    echo "switch: br0 in $sw, ${#hosts[@]} uplinks, each ${rate:-not shaped}"
+    echo "fleet file: $base/fleet.toml"
     echo "run the coordinator on a host: $PROG exec a pvmig migrate" \
          "--source $(addr_of a):$port --dest $(addr_of b):$port --domain NAME"
 }
@@ -225,8 +278,10 @@ EOF
 cmd_status() {
     parse_options "$@"
     need_root status
-    local h ns pid
-    for h in a b; do
+    local h ns pid shown=()
+    mapfile -t shown < <(hosts_up)
+    ((${#shown[@]})) || echo "no hosts up with prefix $prefix"
+    for h in "${shown[@]}"; do
         ns=$(ns_of "$h")
         if ! ns_exists "$ns"; then echo "host $h: namespace $ns absent"; continue; fi
         pid=$(cat "$base/$h/agent.pid" 2>/dev/null || echo "")
@@ -238,12 +293,16 @@ cmd_status() {
         ip -n "$ns" -br addr show dev veth0 2>/dev/null | sed 's/^/  /' || true
         ip netns exec "$ns" tc qdisc show dev veth0 2>/dev/null | sed 's/^/  /' || true
     done
+    if ns_exists "$(switch_ns)"; then
+        echo "switch: $(switch_ns)"
+        ip -n "$(switch_ns)" -br link show master br0 2>/dev/null | sed 's/^/  /' || true
+    fi
 }
 
 cmd_exec() {
-    (($# >= 2)) || die "usage: $PROG exec a|b COMMAND..."
+    (($# >= 2)) || die "usage: $PROG exec HOST COMMAND..."
     local h=$1; shift
-    [[ $h == a || $h == b ]] || die "exec: host must be a or b, not '$h'"
+    index_of "$h" >/dev/null || die "exec: a host is one of ${HOST_NAMES[*]}, not '$h'"
     need_root exec
     ns_exists "$(ns_of "$h")" || die "namespace $(ns_of "$h") absent: run '$PROG up' first"
     exec ip netns exec "$(ns_of "$h")" "$@"

@@ -326,11 +326,33 @@ def local_cluster(base: Path, names=("a", "b"), *, session_timeout_s: float | No
 
 # ---- fleets (pvmig evacuate, rebalance)
 
-def ledger(address: str) -> list:
-    """An agent's own record of its migrations (ListMigrations)."""
-    with grpc.insecure_channel(address) as ch:
-        return list(pb_grpc.AgentStub(ch).ListMigrations(pb.ListMigrationsRequest(),
-                                                          timeout=10).migrations)
+_SCRAPE = ("import sys, urllib.request; sys.stdout.write(urllib.request.urlopen("
+           "'http://' + sys.argv[1] + '/metrics', timeout=10).read().decode())")
+
+
+class FleetProbe:
+    """A fleet's agents as a test asks them, through a Via (Via([]): this machine; `ip
+    netns exec`, `docker-compose exec`: a host of the cluster). agents: name ->
+    (gRPC address, metrics address or None)."""
+
+    def __init__(self, via: Via, agents: dict) -> None:
+        self.via, self.agents = via, agents
+
+    def status(self) -> dict:
+        """name -> {"domains": [...], "migrations": [...]} (pvmig status --json)."""
+        args = [a for address, _ in self.agents.values() for a in ("--agent", address)]
+        r = self.via.pvmig("status", "--json", *args, timeout=60)
+        assert r.returncode == 0, f"pvmig status: {r.stderr}"
+        by_address = json.loads(r.stdout)
+        return {n: by_address[address] for n, (address, _) in self.agents.items()}
+
+    def metrics(self, name: str) -> dict:
+        r = run_via(self.via.wrapper, [self.via.command[0], "-c", _SCRAPE,
+                                       self.agents[name][1]], timeout=30)
+        assert r.returncode == 0, f"scraping {name}'s metrics: {r.stderr}"
+        return {(x.name, tuple(sorted(x.labels.items()))): x.value
+                for family in text_string_to_metric_families(r.stdout)
+                for x in family.samples}
 
 
 def most_at_once(spans: list[tuple[int, int]]) -> int:
@@ -343,20 +365,21 @@ def most_at_once(spans: list[tuple[int, int]]) -> int:
     return most
 
 
-def check_fleet_result(result: dict, agents: dict, *, cluster_cap: int, outbound_cap: int,
-                       metrics: bool = True) -> None:
-    """What every fleet operation must show, asked of the agents themselves: `agents`
-    maps a name to (gRPC address, metrics address). Every domain it planned runs on
-    exactly one host, its guest checking and clean; the caps held in the agents'
-    ledgers; each agent's metrics say what the reports say (agents fresh for the test,
-    every migration of one attempt)."""
+def check_fleet_result(result: dict, probe: FleetProbe, *, cluster_cap: int,
+                       outbound_cap: int, metrics: bool = True) -> None:
+    """What every fleet operation must show, asked of the agents themselves. Every
+    domain it planned runs on exactly one host, its guest checking and clean; the caps
+    held in the agents' ledgers; each agent's metrics say what the reports say (agents
+    fresh for the test, every migration of one attempt)."""
     rows = result["migrations"]
-    ids = {a["migration-id"]: row for row in rows for a in row["attempts"]}
+    ids = {a["migration-id"] for row in rows for a in row["attempts"]}
+    status = probe.status()
     # the caps, from each source's ledger
     spans, per_host = [], {}
-    for name, (address, _) in agents.items():
-        mine = [(e.began_unix_ns, e.ended_unix_ns) for e in ledger(address)
-                if e.role == "source" and e.migration_id in ids]
+    for name, seen in status.items():
+        mine = [(int(m["began_unix_ns"]), int(m.get("ended_unix_ns", 0)))
+                for m in seen["migrations"]
+                if m["role"] == "source" and m["migration_id"] in ids]
         assert all(end for _, end in mine), f"{name}: a migration still open in its ledger"
         spans += mine
         per_host[name] = most_at_once(mine)
@@ -366,20 +389,20 @@ def check_fleet_result(result: dict, agents: dict, *, cluster_cap: int, outbound
     assert result["observed"]["most-at-once"] == most_at_once(spans)
     # every domain once, where the report says, its guest clean
     where: dict[str, list] = {}
-    for name, (address, _) in agents.items():
-        for d in domains(address).values():
-            where.setdefault(d.name, []).append((name, d))
+    for name, seen in status.items():
+        for d in seen["domains"]:
+            where.setdefault(d["name"], []).append((name, d))
     for row in rows:
         found = where.get(row["domain"], [])
         assert len(found) == 1, f"{row['domain']} on {[h for h, _ in found]}"
         host, info = found[0]
         assert host == (row["dest"] if row["state"] == "completed" else row["source"]), row
-        assert info.state == "running" and info.guest.checks_failed == 0, info
-        wait_running_and_checking(agents[host][0], row["domain"])
+        assert info["state"] == "running" and _counter(info, "checks_failed") == 0, info
+        probe.via.wait_checking(probe.agents[host][0], row["domain"])
     if not metrics:
         return
-    for name, (_, at) in agents.items():
-        m = scrape(at)
+    for name in probe.agents:
+        m = probe.metrics(name)
         out = [a for row in rows for a in row["attempts"] if row["source"] == name]
         came = [a for row in rows for a in row["attempts"] if a["dest"] == name]
         done = [a for a in out if a["status"] == "completed"]

@@ -248,15 +248,19 @@ def status(args) -> int:
             async with AgentClient(address) as agent:
                 hello = await agent.hello()
                 reply = await agent.call(agent.agent.ListDomains, pb.ListDomainsRequest())
-                out[address] = (hello.agent_name, list(reply.domains))
+                ledger = await agent.call(agent.agent.ListMigrations,
+                                          pb.ListMigrationsRequest())
+                out[address] = (hello.agent_name, list(reply.domains),
+                                list(ledger.migrations))
         return out
     result = run(go())
+    as_dict = lambda m: MessageToDict(m, preserving_proto_field_name=True)  # noqa: E731
     if args.json:
-        print(json.dumps({addr: {"agent": name, "domains": [
-            MessageToDict(d, preserving_proto_field_name=True) for d in doms]}
-            for addr, (name, doms) in result.items()}))
+        print(json.dumps({addr: {"agent": name, "domains": [as_dict(d) for d in doms],
+                                 "migrations": [as_dict(m) for m in ledger]}
+                          for addr, (name, doms, ledger) in result.items()}))
         return EXIT_OK
-    for address, (name, doms) in result.items():
+    for address, (name, doms, ledger) in result.items():
         print(f"{name} ({address}): {len(doms)} domain(s)")
         for d in doms:
             g = d.guest
@@ -269,6 +273,11 @@ def status(args) -> int:
             for s in d.device_stats:
                 line += f"  {s.kind}{s.devid}: {s.served} served"
             print(line)
+        ended = [m for m in ledger if m.ended_unix_ns]
+        print(f"  migrations since its start: {len(ended)} ended ("
+              + ", ".join(f"{o} {sum(m.outcome == o for m in ended)}"
+                          for o in ("completed", "failed", "aborted")) + f"), "
+              f"{len(ledger) - len(ended)} under way")
     return EXIT_OK
 
 

@@ -37,6 +37,8 @@ class Ledger:
         entry = Entry(migration_id, domain, role, self.clock())
         self._entries.append(entry)
         self._open[(migration_id, role)] = entry
+        if len(self._open) > KEEP:  # (one that never ended: its entry is gone already)
+            del self._open[next(iter(self._open))]
 
     def ended(self, migration_id: str, role: str, outcome: str) -> None:
         """Once per entry: a second end of the same one (a late abort) changes nothing."""

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from support import check_fleet_result, create, domains, metric, pvmig, scrape
+from support import FleetProbe, Via, check_fleet_result, create, domains, metric, pvmig, scrape
 
 NAMES = ("a", "b", "c")
 
@@ -22,8 +22,8 @@ def fleet3(make_cluster, tmp_path):
         "--metrics-listen", "127.0.0.1:0", "--max-ram-mb", "320"])
 
 
-def agents_of(cluster) -> dict:
-    return {n: (cluster[n].address, cluster[n].metrics) for n in NAMES}
+def agents_of(cluster) -> FleetProbe:
+    return FleetProbe(Via([]), {n: (cluster[n].address, cluster[n].metrics) for n in NAMES})
 
 
 def write_fleet(cluster, tmp_path, body: str = "", **caps) -> str:
