@@ -262,8 +262,9 @@ def netns_script(*args: str, timeout: float = 60) -> subprocess.CompletedProcess
 
 
 @contextlib.contextmanager
-def netns_cluster_up(tmp_path, rate: str | None = None, agent_args: tuple = ()):
-    """Hosts a and b in namespaces of their own prefix (a user's pvmig-a, pvmig-b are
+def netns_cluster_up(tmp_path, rate: str | None = None, agent_args: tuple = (),
+                     hosts: int = 2):
+    """Hosts a, b, ... in namespaces of their own prefix (a user's pvmig-a, pvmig-b are
     left alone): cluster.json, plus "on": {host: Via} to run pvmig on each."""
     problem = netns_problem()
     require(problem is None, str(problem))
@@ -273,7 +274,7 @@ def netns_cluster_up(tmp_path, rate: str | None = None, agent_args: tuple = ()):
     try:
         shaped = ["--rate", rate] if rate else []
         extra = ["--", *agent_args] if agent_args else []
-        up = netns_script("up", *shaped, *where, *extra)
+        up = netns_script("up", "--hosts", str(hosts), *shaped, *where, *extra)
         assert up.returncode == 0, f"netns-cluster.sh up failed:\n{up.stdout}{up.stderr}"
         cluster = json.loads((base / "cluster.json").read_text())
         cluster["on"] = {h: Via(["ip", "netns", "exec", ns])
@@ -281,7 +282,7 @@ def netns_cluster_up(tmp_path, rate: str | None = None, agent_args: tuple = ()):
         cluster["base"] = base
         yield cluster
     finally:
-        for h in ("a", "b"):  # shown when the test fails
+        for h in "abcdefghijklmnop"[:hosts]:  # shown when the test fails
             log = base / h / "agent.log"
             if log.exists():
                 print(f"---- agent {h}\n" + "\n".join(log.read_text().splitlines()[-30:]))
@@ -335,8 +336,8 @@ class FleetProbe:
     netns exec`, `docker-compose exec`: a host of the cluster). agents: name ->
     (gRPC address, metrics address or None)."""
 
-    def __init__(self, via: Via, agents: dict) -> None:
-        self.via, self.agents = via, agents
+    def __init__(self, via: Via, agents: dict, python: str = sys.executable) -> None:
+        self.via, self.agents, self.python = via, agents, python
 
     def status(self) -> dict:
         """name -> {"domains": [...], "migrations": [...]} (pvmig status --json)."""
@@ -347,7 +348,7 @@ class FleetProbe:
         return {n: by_address[address] for n, (address, _) in self.agents.items()}
 
     def metrics(self, name: str) -> dict:
-        r = run_via(self.via.wrapper, [self.via.command[0], "-c", _SCRAPE,
+        r = run_via(self.via.wrapper, [self.python, "-c", _SCRAPE,
                                        self.agents[name][1]], timeout=30)
         assert r.returncode == 0, f"scraping {name}'s metrics: {r.stderr}"
         return {(x.name, tuple(sorted(x.labels.items()))): x.value

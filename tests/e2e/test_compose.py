@@ -3,7 +3,8 @@ base, cached; this work tree's wheel), bring up deploy/docker-compose.yml under 
 of its own, move a busy guest with a disk on the shared volume and a NIC from container a
 to container b and back while the net peer in the third container talks to it, and a
 guest whose disk only its container has (its own storage dir) there and back with the
-disk (--copy-storage); tear down with the volume.
+disk (--copy-storage); with a third agent (deploy/compose-agents.sh), evacuate a host of
+four busy guests (pvmig evacuate); tear down with the volume.
 
 Service names resolve only on the project's network, so every pvmig command runs in the
 peer container (`docker-compose exec -T peer`): the coordinator is a machine on the
@@ -14,17 +15,21 @@ failed without them in CI.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
-from support import ROOT, Via, device, require, run_via
+from support import ROOT, FleetProbe, Via, check_fleet_result, device, require, run_via
 
 BUILD = ROOT / "deploy" / "build-image.sh"
 COMPOSE_FILE = ROOT / "deploy" / "docker-compose.yml"
+MORE_AGENTS = ROOT / "deploy" / "compose-agents.sh"
 IMAGE = "pvmig:e2e"  # not the user's pvmig:dev
 RAM_MB = 64
 A, B = "a:7000", "b:7000"
@@ -54,31 +59,57 @@ def image():
     return IMAGE
 
 
+@contextlib.contextmanager
+def compose_up(image, agents: int = 2):
+    """The cluster under a project of its own, with `agents` agents (a, b: the compose
+    file's; more from deploy/compose-agents.sh): the peer container's Via, with .hosts
+    (each agent's container) and .fleet (a fleet file naming them, in the shared volume:
+    /shared/fleet.toml)."""
+    project = f"pvmige2e{os.getpid()}"
+    files = ["-f", str(COMPOSE_FILE)]
+    with tempfile.TemporaryDirectory() as tmp:
+        fleet = Path(tmp) / "fleet.toml"
+        more = Path(tmp) / "more.yml"
+        r = subprocess.run([str(MORE_AGENTS), str(agents), "--fleet", str(fleet)],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        more.write_text(r.stdout)
+        if agents > 2:
+            files += ["-f", str(more)]
+        base = ["docker-compose", *files, "-p", project]
+        env = {**os.environ, "PVMIG_IMAGE": image}
+        names = "abcdefghijklmnop"[:agents]
+
+        def dc(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+            return subprocess.run([*base, *args], capture_output=True, text=True,
+                                  timeout=timeout, env=env, stdin=subprocess.DEVNULL)
+        try:
+            # up returns once the agents are healthy (their ready files): peer depends on it.
+            up = dc("up", "-d")
+            assert up.returncode == 0, f"docker-compose up failed:\n{up.stderr[-3000:]}"
+            peer = Via([*base, "exec", "-T", "peer"], ("pvmig",))
+            peer.hosts = {h: Via([*base, "exec", "-T", h], ()) for h in names}
+            put = subprocess.run([*base, "exec", "-T", "peer", "sh", "-c",
+                                  "cat > /shared/fleet.toml"], input=fleet.read_text(),
+                                 capture_output=True, text=True, timeout=60, env=env)
+            assert put.returncode == 0, put.stderr
+            peer.fleet = "/shared/fleet.toml"
+            yield peer
+        finally:
+            logs = dc("logs", "--no-color", "--tail", "30", *names, timeout=60)
+            print(logs.stdout)  # shown when the test fails
+            down = dc("down", "-v", "--remove-orphans", "--timeout", "10")
+            assert down.returncode == 0, f"docker-compose down failed:\n{down.stderr}"
+            left = subprocess.run(["docker", "ps", "-aq", "--filter",
+                                   f"label=com.docker.compose.project={project}"],
+                                  capture_output=True, text=True, timeout=30).stdout
+            assert not left.strip(), f"containers left behind: {left}"
+
+
 @pytest.fixture
 def compose(image):
-    project = f"pvmige2e{os.getpid()}"
-    base = ["docker-compose", "-f", str(COMPOSE_FILE), "-p", project]
-    env = {**os.environ, "PVMIG_IMAGE": image}
-
-    def dc(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([*base, *args], capture_output=True, text=True, timeout=timeout,
-                              env=env, stdin=subprocess.DEVNULL)
-    try:
-        # up returns once a and b are healthy (their ready files): peer depends on it.
-        up = dc("up", "-d")
-        assert up.returncode == 0, f"docker-compose up failed:\n{up.stderr[-3000:]}"
-        peer = Via([*base, "exec", "-T", "peer"], ("pvmig",))
-        peer.hosts = {h: Via([*base, "exec", "-T", h], ()) for h in ("a", "b")}
+    with compose_up(image) as peer:
         yield peer
-    finally:
-        logs = dc("logs", "--no-color", "--tail", "30", "a", "b", timeout=60)
-        print(logs.stdout)  # shown when the test fails
-        down = dc("down", "-v", "--remove-orphans", "--timeout", "10")
-        assert down.returncode == 0, f"docker-compose down failed:\n{down.stderr}"
-        left = subprocess.run(["docker", "ps", "-aq", "--filter",
-                               f"label=com.docker.compose.project={project}"],
-                              capture_output=True, text=True, timeout=30).stdout
-        assert not left.strip(), f"containers left behind: {left}"
 
 
 def read_shared(peer: Via, path: str) -> dict:
@@ -199,3 +230,30 @@ def test_compose_disk_only_one_host_has_moves_there_and_back(compose):
     blk = device(home, "vbd")["guest"]
     assert int(blk["resumes"]) == 2 and int(blk.get("read_failures", 0)) == 0
     assert int(blk.get("reads_checked", 0)) > 0 and int(home["guest"].get("checks_failed", 0)) == 0
+
+
+@pytest.mark.timeout(600)
+def test_compose_evacuates_a_host_of_three(image):
+    """Three agents; four busy guests (memory at 2000 pages/s, a disk on the shared
+    volume under I/O) leave a, at most 2 at once: each runs once and clean at the end,
+    the caps held in the agents' ledgers, the metrics match the report."""
+    with compose_up(image, agents=3) as peer:
+        for i in range(4):
+            r = peer.pvmig("domain", "create", f"vm{i}", "--agent", A, "--ram-mb",
+                           str(RAM_MB), "--dirty-rate", "2000", "--disk",
+                           f"/shared/vm{i}.img", "--disk-io-rate", "100")
+            assert r.returncode == 0, r.stderr
+        put = run_via(peer.wrapper, ["sh", "-c", "sed -i 's/^\\[fleet\\]$/[fleet]\\n"
+                                     "parallel_migrations = 2\\nparallel_outbound_per_host"
+                                     " = 2/' /shared/fleet.toml && cat /shared/fleet.toml"],
+                      timeout=30)
+        assert put.returncode == 0 and "parallel_migrations = 2" in put.stdout, put
+        r = peer.pvmig("evacuate", "a", "--fleet", peer.fleet, "--report",
+                       "/shared/evacuate.json", timeout=300)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        result = read_shared(peer, "/shared/evacuate.json")
+        assert result["status"] == "completed" and result["census-ok"], result
+        assert {row["dest"] for row in result["migrations"]} == {"b", "c"}
+        probe = FleetProbe(peer, {h: (f"{h}:7000", f"{h}:9100") for h in "abc"},
+                           python="python3")
+        check_fleet_result(result, probe, cluster_cap=2, outbound_cap=2)

@@ -1,10 +1,11 @@
-"""End to end over a real link: two hosts in network namespaces joined by a veth pair
-shaped to 200 Mbit/s by tc tbf (deploy/netns-cluster.sh). A busy guest with a disk on
-shared storage and a NIC moves a -> b and back while a net peer on host b talks to it;
-a guest whose disk only its host has moves with the disk (--copy-storage), there and back.
+"""End to end over a real link: hosts in network namespaces on one switch, each uplink
+shaped by tc tbf (deploy/netns-cluster.sh). A busy guest with a disk on shared storage
+and a NIC moves a -> b and back while a net peer on host b talks to it; a guest whose
+disk only its host has moves with the disk (--copy-storage), there and back; a host of
+three is evacuated (pvmig evacuate) of four busy guests through its one uplink.
 
-The root namespace cannot reach the hosts' addresses (the veth pair lives entirely in
-the two namespaces), so every pvmig command runs on one of the hosts through
+The root namespace cannot reach the hosts' addresses (the links live entirely in the
+cluster's namespaces), so every pvmig command runs on one of the hosts through
 `ip netns exec`, as a toolstack runs on a host: a -> b is driven from a, b -> a from b.
 Needs root and iproute2 (veth, tbf); skipped without them, failed without them in CI.
 """
@@ -15,7 +16,7 @@ import json
 import subprocess
 
 import pytest
-from support import device, netns_cluster_up
+from support import FleetProbe, check_fleet_result, device, netns_cluster_up
 
 RATE_MBIT = 200
 RAM_MB = 64
@@ -126,3 +127,35 @@ def test_disk_only_one_host_has_moves_there_and_back(netns_cluster, tmp_path):
     blk = device(home, "vbd")["guest"]
     assert int(blk["resumes"]) == 2 and int(blk.get("read_failures", 0)) == 0
     assert int(blk.get("reads_checked", 0)) > 0 and int(home["guest"].get("checks_failed", 0)) == 0
+
+
+def test_evacuate_a_host_of_three_through_its_shaped_uplink(tmp_path):
+    """Four busy guests leave a through its one uplink (500 Mbit/s, shared by the
+    migrations under way): at most 2 at once, as the fleet file says; each runs once,
+    clean, at the end; each agent's metrics say what the report says."""
+    with netns_cluster_up(tmp_path, "500mbit", hosts=3,
+                          agent_args=("--metrics-listen", "0.0.0.0:9100",
+                                      "--max-ram-mb", "320")) as c:
+        on_a = c["on"]["a"]
+        for i in range(4):
+            r = on_a.pvmig("domain", "create", f"vm{i}", "--agent", c["a"], "--ram-mb",
+                           str(RAM_MB), "--dirty-rate", "2000", "--disk",
+                           str(tmp_path / f"vm{i}.img"), "--disk-io-rate", "100")
+            assert r.returncode == 0, r.stderr
+        fleet = c["base"] / "fleet.toml"
+        text = fleet.read_text()
+        assert text.count("[[agents]]") == 3, text
+        fleet.write_text(text.replace("[fleet]", "[fleet]\nparallel_migrations = 2\n"
+                                      "parallel_outbound_per_host = 2"))
+        report = tmp_path / "evacuate.json"
+        r = on_a.pvmig("evacuate", "a", "--fleet", str(fleet), "--report", str(report),
+                       timeout=300)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        result = json.loads(report.read_text())
+        assert result["status"] == "completed" and result["census-ok"], result
+        assert {row["dest"] for row in result["migrations"]} == {"b", "c"}
+        metrics = {h: json.loads((c["base"] / h / "ready.json").read_text())["metrics"]
+                   for h in c["hosts"]}
+        probe = FleetProbe(on_a, {h: (c[h], metrics[h].replace("0.0.0.0", c[h].split(":")[0]))
+                                  for h in c["hosts"]})
+        check_fleet_result(result, probe, cluster_cap=2, outbound_cap=2)
