@@ -66,6 +66,10 @@ def _value(field, depth: int) -> st.SearchStrategy:
     return _ints(t)
 
 
+def _is_map(field) -> bool:
+    return field.type == F.TYPE_MESSAGE and field.message_type.GetOptions().map_entry
+
+
 def messages(descriptor, depth: int = 0) -> st.SearchStrategy:
     """Well-formed messages of `descriptor` with arbitrary field values."""
     cls = pb.__dict__.get(descriptor.name)
@@ -73,6 +77,11 @@ def messages(descriptor, depth: int = 0) -> st.SearchStrategy:
         return st.just(cls() if cls else None)
     fields = {}
     for f in descriptor.fields:
+        if _is_map(f):
+            key, val = (f.message_type.fields_by_name[n] for n in ("key", "value"))
+            fields[f.name] = st.dictionaries(_value(key, depth), _value(val, depth),
+                                             max_size=3)
+            continue
         v = _value(f, depth)
         fields[f.name] = (st.lists(v, max_size=3) if f.is_repeated
                           else st.none() | v)
@@ -82,14 +91,14 @@ def messages(descriptor, depth: int = 0) -> st.SearchStrategy:
         msg = cls()
         for name, strat in fields.items():
             value = draw(strat)
-            if value is None or value == []:
+            if value is None or value == [] or value == {}:
                 continue
             f = descriptor.fields_by_name[name]
-            if f.type == F.TYPE_MESSAGE:
+            if _is_map(f):
+                getattr(msg, name).update(value)
+            elif f.type == F.TYPE_MESSAGE:
                 if f.is_repeated:
                     getattr(msg, name).extend(value)
-                elif f.message_type.GetOptions().map_entry:
-                    continue
                 else:
                     getattr(msg, name).CopyFrom(value)
             elif f.is_repeated:
@@ -136,10 +145,10 @@ def _tidy(cluster) -> None:
                         pass  # an incoming one: discarded by its lease
 
 
-# Hello, Clock and ListDomains answer whatever they are sent (a wrong version is tried
-# below): every other call is fuzzed
+# Hello, Clock, ListDomains and ListMigrations answer whatever they are sent (a wrong
+# version is tried below): every other call is fuzzed
 FUZZED = [(s, m) for s, m in UNARY + SERVER_STREAMING
-          if m.name not in ("Hello", "Clock", "ListDomains")]
+          if m.name not in ("Hello", "Clock", "ListDomains", "ListMigrations")]
 
 
 @pytest.mark.parametrize("service,method", FUZZED,
