@@ -211,6 +211,21 @@ class Kernel:
         chan.send({"op": "resumed", "id": request.get("id", 0), "t": time.monotonic_ns()})
         return True
 
+    def set_workload(self, msg: dict) -> dict:
+        """What its administrator asks of the guest (a scenario's workload change): the
+        new rates go into its own info page, so that they move with its RAM and the next
+        host's guest goes on at them. Answers the rates now in force."""
+        with self.vm.writing(0):
+            info = self.work.info
+            if msg.get("dirty_rate") is not None:
+                info["dirty_rate"] = float(msg["dirty_rate"])
+            if msg.get("io_rate") is not None and int(info[0]["blk_blocks"]):
+                info["blk_io_rate"] = float(msg["io_rate"])
+        if self.devices is not None and self.devices.work is not None:
+            self.devices.work.rate = float(info[0]["blk_io_rate"])
+        return {"dirty_rate": float(info[0]["dirty_rate"]),
+                "io_rate": float(info[0]["blk_io_rate"])}
+
     def handle(self, msg: dict, chan: GuestChannel) -> bool:
         """Answer one request from the agent; False when the guest must stop."""
         op, rid = msg.get("op"), msg.get("id", 0)
@@ -218,6 +233,9 @@ class Kernel:
             return self.suspend(chan, rid)
         if op == "ping":
             chan.send({"op": "pong", "id": rid})
+            return True
+        if op == "workload":
+            chan.send({"op": "workload-set", "id": rid, **self.set_workload(msg)})
             return True
         chan.send({"op": "error", "id": rid, "error": f"unknown request {op!r}"})
         return True

@@ -393,7 +393,8 @@ def check_fleet_result(result: dict, probe: FleetProbe, *, cluster_cap: int,
     for name, seen in status.items():
         for d in seen["domains"]:
             where.setdefault(d["name"], []).append((name, d))
-    for row in rows:
+    last = {row["domain"]: row for row in rows}  # (a domain may move more than once)
+    for row in last.values():
         found = where.get(row["domain"], [])
         assert len(found) == 1, f"{row['domain']} on {[h for h, _ in found]}"
         host, info = found[0]

@@ -325,6 +325,16 @@ class DestroyDomainReply(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class SetWorkloadRequest(_message.Message):
+    __slots__ = ("name", "dirty_rate", "io_rate")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DIRTY_RATE_FIELD_NUMBER: _ClassVar[int]
+    IO_RATE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dirty_rate: float
+    io_rate: float
+    def __init__(self, name: _Optional[str] = ..., dirty_rate: _Optional[float] = ..., io_rate: _Optional[float] = ...) -> None: ...
+
 class ListMigrationsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

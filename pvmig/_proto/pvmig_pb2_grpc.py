@@ -64,6 +64,11 @@ class AgentStub:
                 request_serializer=pvmig_dot___proto_dot_pvmig__pb2.DomainRef.SerializeToString,
                 response_deserializer=pvmig_dot___proto_dot_pvmig__pb2.DestroyDomainReply.FromString,
                 _registered_method=True)
+        self.SetWorkload = channel.unary_unary(
+                '/pvmig.v1.Agent/SetWorkload',
+                request_serializer=pvmig_dot___proto_dot_pvmig__pb2.SetWorkloadRequest.SerializeToString,
+                response_deserializer=pvmig_dot___proto_dot_pvmig__pb2.DomainInfo.FromString,
+                _registered_method=True)
         self.ListMigrations = channel.unary_unary(
                 '/pvmig.v1.Agent/ListMigrations',
                 request_serializer=pvmig_dot___proto_dot_pvmig__pb2.ListMigrationsRequest.SerializeToString,
@@ -110,6 +115,12 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetWorkload(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListMigrations(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -148,6 +159,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.DestroyDomain,
                     request_deserializer=pvmig_dot___proto_dot_pvmig__pb2.DomainRef.FromString,
                     response_serializer=pvmig_dot___proto_dot_pvmig__pb2.DestroyDomainReply.SerializeToString,
+            ),
+            'SetWorkload': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetWorkload,
+                    request_deserializer=pvmig_dot___proto_dot_pvmig__pb2.SetWorkloadRequest.FromString,
+                    response_serializer=pvmig_dot___proto_dot_pvmig__pb2.DomainInfo.SerializeToString,
             ),
             'ListMigrations': grpc.unary_unary_rpc_method_handler(
                     servicer.ListMigrations,
@@ -317,6 +333,33 @@ class Agent:
             '/pvmig.v1.Agent/DestroyDomain',
             pvmig_dot___proto_dot_pvmig__pb2.DomainRef.SerializeToString,
             pvmig_dot___proto_dot_pvmig__pb2.DestroyDomainReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetWorkload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pvmig.v1.Agent/SetWorkload',
+            pvmig_dot___proto_dot_pvmig__pb2.SetWorkloadRequest.SerializeToString,
+            pvmig_dot___proto_dot_pvmig__pb2.DomainInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -168,6 +168,14 @@ class AgentServicer(pb_grpc.AgentServicer):
         return pb.DestroyDomainReply()
 
     @_status
+    async def SetWorkload(self, request, context):
+        dom = await self.host.set_workload(
+            request.name,
+            request.dirty_rate if request.HasField("dirty_rate") else None,
+            request.io_rate if request.HasField("io_rate") else None)
+        return _domain_msg(dom.info())
+
+    @_status
     async def ListMigrations(self, request, context):
         return pb.ListMigrationsReply(migrations=[
             pb.MigrationEntry(migration_id=e.migration_id, domain=e.domain, role=e.role,

@@ -1,4 +1,5 @@
-"""`pvmig domain`: create, list, show and destroy domains on an agent."""
+"""`pvmig domain`: create, list, show and destroy domains on an agent, and change a
+running guest's workload."""
 
 from __future__ import annotations
 
@@ -61,6 +62,15 @@ def register(sub, auth) -> None:
             x.add_argument("name")
         x.add_argument("--agent", required=True, metavar="HOST:PORT")
         x.set_defaults(func=func)
+    w = dsub.add_parser("workload", help="change a running guest's dirty rate or disk I/O "
+                        "rate (the guest keeps them in its memory: they move with it)",
+                        parents=[auth])
+    w.add_argument("name")
+    w.add_argument("--agent", required=True, metavar="HOST:PORT")
+    w.add_argument("--dirty-rate", type=float, metavar="N", help="pages written per second")
+    w.add_argument("--io-rate", type=float, metavar="N",
+                   help="block requests issued per second (a domain with a disk)")
+    w.set_defaults(func=domain_workload)
 
 
 def domain_create(args) -> int:
@@ -117,4 +127,19 @@ def domain_show(args) -> int:
 def domain_destroy(args) -> int:
     agent_call(args.agent, "DestroyDomain", pb.DomainRef(name=args.name))
     print(f"destroyed {args.name} on {args.agent}")
+    return EXIT_OK
+
+
+def domain_workload(args) -> int:
+    if args.dirty_rate is None and args.io_rate is None:
+        raise errors.InvalidArgument("give --dirty-rate or --io-rate (or both)")
+    request = pb.SetWorkloadRequest(name=args.name)
+    if args.dirty_rate is not None:
+        request.dirty_rate = args.dirty_rate
+    if args.io_rate is not None:
+        request.io_rate = args.io_rate
+    info = agent_call(args.agent, "SetWorkload", request)
+    vbd = [d for d in info.devices if d.kind == "vbd"]
+    print(f"{info.name}: dirty rate {info.workload.dirty_rate:g} pages/s"
+          + (f", disk I/O {vbd[0].io_rate:g} requests/s" if vbd else ""))
     return EXIT_OK

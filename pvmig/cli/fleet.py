@@ -1,4 +1,5 @@
-"""`pvmig evacuate` and `pvmig rebalance`: a fleet's domains moved under its caps."""
+"""`pvmig evacuate`, `pvmig rebalance` and `pvmig scenario`: a fleet's domains moved
+under its caps."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from pathlib import Path
 
 from rich.console import Console
 
+from pvmig import errors
 from pvmig.cli.common import EXIT_FAILED, EXIT_OK, run
 from pvmig.cli.migrate import check_writable
-from pvmig.fleet import config, display, operation
+from pvmig.fleet import config, display, figures, operation, scenario
 
 
 def register(sub, auth) -> None:
@@ -24,6 +26,20 @@ def register(sub, auth) -> None:
                        "fullest hosts to the emptiest, under the fleet's caps", parents=[auth])
     _common(r)
     r.set_defaults(func=rebalance)
+    s = sub.add_parser("scenario", help="play a timeline of domain creations, workload "
+                       "changes, migrations and evacuations on a fleet; report and plots")
+    ssub = s.add_subparsers(dest="action", required=True)
+    sr = ssub.add_parser("run", help="play the scenario against its fleet's agents",
+                         parents=[auth])
+    sr.add_argument("file", type=Path, help="the scenario (TOML; see docs/FLEET.md)")
+    sr.add_argument("--out", type=Path, metavar="DIR",
+                    help="where report.json, timeline.png and migrations.png go "
+                    "(default: NAME-results beside the scenario file)")
+    sr.add_argument("--no-plots", action="store_true", help="the report only")
+    sr.set_defaults(func=scenario_run)
+    sc = ssub.add_parser("check", help="check a scenario and its fleet file; run nothing")
+    sc.add_argument("file", type=Path)
+    sc.set_defaults(func=scenario_check)
 
 
 def _common(p) -> None:
@@ -76,4 +92,47 @@ def _operate(args, start, kind: str) -> int:
             f"{d} on {[w['host'] + ':' + w['state'] for w in where]}"
             for d, where in result["census"].items()
             if len(where) != 1 or where[0]["state"] != "running"), file=sys.stderr)
+    return EXIT_OK if result["status"] == "completed" else EXIT_FAILED
+
+
+def scenario_check(args) -> int:
+    spec = scenario.load(args.file)
+    print(f"{spec.path}: {len(spec.steps)} steps over {spec.steps[-1].at:g} s on "
+          f"{len(spec.fleet.agents)} agents ({', '.join(spec.fleet.agents)}); "
+          f"caps {spec.fleet.parallel_migrations} in all, "
+          f"{spec.fleet.parallel_outbound_per_host} from one host")
+    for step in spec.steps:
+        print(f"  {step.at:8.2f} {step.title}{' (when idle)' if step.when_idle else ''}")
+    return EXIT_OK
+
+
+def scenario_run(args) -> int:
+    spec = scenario.load(args.file)
+    out = args.out or args.file.parent / f"{spec.name}-results"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise errors.InvalidArgument(f"cannot make the output directory {out}: "
+                                     f"{e.strerror}") from None
+    check_writable(out / "report.json")
+    play = scenario.Scenario(spec, display.for_terminal,
+                             say=lambda line: print(line, file=sys.stderr, flush=True))
+    result = run(play.run())
+    operation.write(result, out / "report.json")
+    written = [out / "report.json"]
+    if not args.no_plots and result["migrations"]:
+        written += figures.draw(result, out)
+    dt = result["downtime-ms"] or {}
+    seen = result["observed"]
+    print(f"{spec.name}: {result['status']}: {len(result['steps'])} steps "
+          f"({result['steps-failed']} failed), {result['completed']} of "
+          f"{result['planned']} migrations completed in {result['total-time-ms'] / 1e3:.1f} "
+          f"s; downtime median {dt.get('median', '-')} ms, max {dt.get('max', '-')} ms; "
+          f"at most {seen['most-at-once']} at once (cap {spec.fleet.parallel_migrations}); "
+          f"census {'clean' if result['census-ok'] else 'NOT clean'}")
+    for step in result["steps"]:
+        if step["error"]:
+            print(f"pvmig: step {step['step']} ({step['action']}): {step['error']}",
+                  file=sys.stderr)
+    print("wrote " + ", ".join(str(p) for p in written))
     return EXIT_OK if result["status"] == "completed" else EXIT_FAILED

@@ -238,6 +238,25 @@ class Domain:
         self.state = DomainState.SUSPENDED
         return msg["vcpu"], msg["t"]
 
+    async def set_workload(self, dirty_rate: float | None, io_rate: float | None) -> dict:
+        """Ask the running guest to change its own rates (it writes them in its info
+        page, where they move with it); returns those now in force."""
+        self._require(DomainState.RUNNING, DomainState.OUTGOING)
+        try:
+            msg = await self._exchange({"op": "workload", "dirty_rate": dirty_rate,
+                                        "io_rate": io_rate}, "workload-set", START_TIMEOUT_S)
+        except errors.GuestError as e:
+            if self.state not in (DomainState.RUNNING, DomainState.OUTGOING):
+                # (a suspend overtook the request: the guest refused it, suspended)
+                raise errors.FailedPrecondition(
+                    f"domain {self.name} is {self.state}: its workload stays as it was") from e
+            raise
+        self.workload = {**self.workload, "dirty_rate": msg["dirty_rate"]}
+        for d in self.devices:
+            if d.get("kind") == "vbd":
+                d["io_rate"] = msg["io_rate"]
+        return {"dirty_rate": msg["dirty_rate"], "io_rate": msg["io_rate"]}
+
     async def wait_suspend_outcome(self) -> None:
         """Wait for a suspend still in flight, so that its outcome is known."""
         if self._suspending is not None and not self._suspending.done():
@@ -303,11 +322,16 @@ class Domain:
         return {"name": self.name, "domid": self.domid, "ram_bytes": self.ram_bytes,
                 "state": self.state.value, "migration_id": self.migration_id,
                 "guest_pid": self.proc.pid if self.proc else 0,
-                "guest": stats, "workload": self.workload, "devices": self.devices,
+                "guest": stats, "workload": self._workload_now(stats), "devices": self.devices,
                 "device_stats": self.pv.stats() if self.pv is not None and whole else [],
                 "shared_frames": shared_areas(self.mem) if whole else [],
                 "postcopy": self.postcopy, "labels": dict(self.labels),
                 "missing_frames": int(self.missing.sum()) if self.missing is not None else 0}
+
+    def _workload_now(self, stats: dict) -> dict:
+        """As the guest keeps it (it may have changed since its creation, on another
+        host), where its info page can be read; else as created."""
+        return {**self.workload, **(guestinfo.workload(self.mem) if stats else {})}
 
     # ---- internals
 

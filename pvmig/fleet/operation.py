@@ -11,6 +11,7 @@ the caps, then account for it from the agents themselves.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import statistics
@@ -58,15 +59,10 @@ class Operation:
                                     "why": u.why} for u in unplaced]
         self.runner = runner = Runner(self.fleet, hosts, None)
         runner.display = display = self.display_of(lambda: runner.rows, title)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, runner.cancel, f"{signal.Signals(sig).name} "
-                                    "received")
         try:
-            rows = await runner.run(moves, self.settings_of)
+            with cancelled_by_signals(runner.cancel):
+                rows = await runner.run(moves, self.settings_of)
         finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
             display.close()
         r = self.result
         r["total-time-ms"] = round((time.monotonic() - t0) * 1e3, 3)
@@ -75,12 +71,12 @@ class Operation:
                       for t, q, m in runner.timeline]
         downtimes = [row.last["downtime-ms"] for row in rows
                      if row.state == COMPLETED and row.last["downtime-ms"] is not None]
-        r["downtime-ms"] = _spread(downtimes)
+        r["downtime-ms"] = spread_of(downtimes)
         names = {m.domain.name for m in moves} | {u.domain.name for u in unplaced}
         r["census"] = await inventory.census(self.fleet, names)
         r["census-ok"] = all(len(where) == 1 and where[0]["state"] == "running"
                              and where[0]["failed"] == 0 for where in r["census"].values())
-        r["observed"] = await self._observed(rows)
+        r["observed"] = await observe(self.fleet, rows)
         r["cancelled"] = runner.cancelled or None
         done = sum(row.state == COMPLETED for row in rows)
         r["completed"], r["planned"] = done, len(rows)
@@ -89,25 +85,39 @@ class Operation:
                        and r["observed"]["within-caps"] else "partial")
         return r
 
-    async def _observed(self, rows) -> dict:
-        """The caps, as the agents' ledgers saw them: each source's entry of each
-        migration this ran, from its Begin to its end."""
-        ids = {a["migration-id"] for row in rows for a in row.attempts}
-        now = time.time_ns()
-        spans: dict[str, list] = {}
-        for host, entries in (await inventory.ledgers(self.fleet)).items():
-            spans[host] = [(e.began_unix_ns, e.ended_unix_ns or now) for e in entries
-                           if e.role == "source" and e.migration_id in ids]
-        at_once = inventory.most_at_once([s for v in spans.values() for s in v])
-        outbound = {h: inventory.most_at_once(v) for h, v in spans.items() if v}
-        return {"from": "the agents' ledgers (ListMigrations: each source's Begin to end)",
-                "migrations-seen": sum(len(v) for v in spans.values()),
-                "most-at-once": at_once, "most-outbound": outbound,
-                "within-caps": at_once <= self.fleet.parallel_migrations and all(
-                    n <= self.fleet.parallel_outbound_per_host for n in outbound.values())}
+
+@contextlib.contextmanager
+def cancelled_by_signals(cancel):
+    """SIGINT and SIGTERM call cancel(why) while within: the work stops cleanly."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, cancel, f"{signal.Signals(sig).name} received")
+    try:
+        yield
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
 
 
-def _spread(values: list[float]) -> dict | None:
+async def observe(fleet: Fleet, rows) -> dict:
+    """The caps, as the agents' ledgers saw them: each source's entry of each
+    migration of `rows`, from its Begin to its end."""
+    ids = {a["migration-id"] for row in rows for a in row.attempts}
+    now = time.time_ns()
+    spans: dict[str, list] = {}
+    for host, entries in (await inventory.ledgers(fleet)).items():
+        spans[host] = [(e.began_unix_ns, e.ended_unix_ns or now) for e in entries
+                       if e.role == "source" and e.migration_id in ids]
+    at_once = inventory.most_at_once([s for v in spans.values() for s in v])
+    outbound = {h: inventory.most_at_once(v) for h, v in spans.items() if v}
+    return {"from": "the agents' ledgers (ListMigrations: each source's Begin to end)",
+            "migrations-seen": sum(len(v) for v in spans.values()),
+            "most-at-once": at_once, "most-outbound": outbound,
+            "within-caps": at_once <= fleet.parallel_migrations and all(
+                n <= fleet.parallel_outbound_per_host for n in outbound.values())}
+
+
+def spread_of(values: list[float]) -> dict | None:
     if not values:
         return None
     v = sorted(values)

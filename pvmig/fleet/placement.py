@@ -10,7 +10,7 @@ emptiest while that narrows the spread.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pvmig import labels
 
@@ -74,20 +74,25 @@ def best_host(dom: DomainView, hosts: list[HostView], allowed: dict,
 
 def reserve(move: Move, hosts: dict[str, HostView]) -> None:
     hosts[move.dest].used_ram += move.domain.ram
-    hosts[move.dest].domains[move.domain.name] = move.domain
+    hosts[move.dest].domains[move.domain.name] = replace(move.domain, host=move.dest)
     hosts[move.source].used_ram -= move.domain.ram
     hosts[move.source].domains.pop(move.domain.name, None)
 
 
-def evacuation(source: str, hosts: dict[str, HostView], allowed_of
-               ) -> tuple[list[Move], list[Unplaced]]:
+def evacuation(source: str, hosts: dict[str, HostView], allowed_of,
+               busy: frozenset | set = frozenset()) -> tuple[list[Move], list[Unplaced]]:
     """Every domain off `source`: moves, and those that fit nowhere. allowed_of(dom):
-    the host labels its policy asks for. `hosts` is changed as the plan reserves."""
+    the host labels its policy asks for; busy: domains a move is under way for already
+    (their next move waits for the end of this one). `hosts` is changed as the plan
+    reserves."""
     others = [h for n, h in hosts.items() if n != source]
     moves, unplaced = [], []
     for dom in sorted(hosts[source].domains.values(), key=lambda d: (-d.ram, d.name)):
         if dom.state != "running":  # (migrating already, or crashed: not ours to move)
             unplaced.append(Unplaced(dom, f"it is {dom.state}, not running"))
+            continue
+        if dom.name in busy:
+            unplaced.append(Unplaced(dom, "a move of it is under way already"))
             continue
         where = best_host(dom, others, allowed_of(dom))
         if isinstance(where, str):
@@ -104,10 +109,12 @@ def spread(hosts: dict[str, HostView]) -> float:
     return max(loads) - min(loads)
 
 
-def rebalance(hosts: dict[str, HostView], allowed_of, max_moves: int = 64) -> list[Move]:
+def rebalance(hosts: dict[str, HostView], allowed_of, max_moves: int = 64,
+              busy: frozenset | set = frozenset()) -> list[Move]:
     """Moves that even the hosts' RAM (as shares of their --max-ram): each time, from
     the fullest host, the domain whose move to the emptiest host it may go to narrows
-    the spread most; until no move narrows it. A domain moves at most once."""
+    the spread most; until no move narrows it. A domain moves at most once, and not one
+    in `busy` (a move of it under way)."""
     moves: list[Move] = []
     moved: set[str] = set()
     while len(moves) < max_moves:
@@ -115,7 +122,7 @@ def rebalance(hosts: dict[str, HostView], allowed_of, max_moves: int = 64) -> li
         best, best_spread = None, now
         fullest = max(hosts.values(), key=lambda h: (h.load, h.name))
         for dom in sorted(fullest.domains.values(), key=lambda d: d.name):
-            if dom.name in moved or dom.state != "running":
+            if dom.name in moved or dom.name in busy or dom.state != "running":
                 continue
             allowed = allowed_of(dom)
             fits = [h for h in hosts.values() if h is not fullest

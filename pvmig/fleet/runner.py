@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pvmig.coordinator import migrate as coordinator
 from pvmig.coordinator.progress import Reporter
@@ -51,6 +51,8 @@ class Row:
     ended_s: float | None = None
     error: str = ""
     tried: set = field(default_factory=set)
+    origin: str = ""  # what asked for it (a scenario's step)
+    task: asyncio.Task | None = field(default=None, repr=False, compare=False)
 
     @property
     def last(self) -> dict | None:
@@ -58,7 +60,8 @@ class Row:
 
     def to_dict(self) -> dict:
         last = self.last or {}
-        return {"domain": self.domain, "ram-bytes": self.ram, "source": self.source,
+        return {"domain": self.domain, "origin": self.origin or None,
+                "ram-bytes": self.ram, "source": self.source,
                 "dest": self.dest, "policy": self.settings.policy or None,
                 "state": self.state, "error": self.error or None,
                 "queued-ms": _ms(self.queued_s),
@@ -100,16 +103,34 @@ class Runner:
     # ---- the queue
 
     async def run(self, moves: list[Move], settings_of) -> list[Row]:
+        rows = self.submit(moves, settings_of)
+        await self.drain()
+        return rows
+
+    def submit(self, moves: list[Move], settings_of, origin: str = "") -> list[Row]:
+        """Queue `moves` (planned: their RAM reserved in self.hosts) behind those
+        already queued; each starts when the caps leave room."""
+        rows = []
         for m in moves:
             settings, allowed = settings_of(m.domain)
-            self.rows.append(Row(m.domain.name, m.domain.ram, m.source, m.dest, settings,
-                                 allowed, view=m.domain, queued_s=self._now(),
-                                 tried={m.dest}))
+            rows.append(Row(m.domain.name, m.domain.ram, m.source, m.dest, settings,
+                            allowed, view=m.domain, queued_s=self._now(),
+                            tried={m.dest}, origin=origin))
+        self.rows.extend(rows)
         self._note()
-        for row in self.rows:
+        for row in rows:
             self.display.update(row)
-        await asyncio.gather(*(self._move(row) for row in self.rows))
-        return self.rows
+            row.task = asyncio.get_running_loop().create_task(self._move(row))
+        return rows
+
+    async def drain(self) -> None:
+        """Until every row submitted has ended (those submitted meanwhile too)."""
+        while pending := [r.task for r in self.rows if r.task and not r.task.done()]:
+            await asyncio.gather(*pending)
+
+    def in_flight(self) -> set[str]:
+        """Domains with a move queued or under way."""
+        return {r.domain for r in self.rows if r.task and not r.task.done()}
 
     def cancel(self, why: str) -> None:
         """Abort what runs (before its commit), drop what waits."""
@@ -201,7 +222,7 @@ class Runner:
 
     def _reserve(self, row: Row, host: str) -> None:
         self.hosts[host].used_ram += row.ram
-        self.hosts[host].domains[row.domain] = row.view
+        self.hosts[host].domains[row.domain] = replace(row.view, host=host)
 
     # ---- one migration
 

@@ -172,6 +172,20 @@ class Host:
             raise
         return dom
 
+    async def set_workload(self, name: str, dirty_rate: float | None,
+                           io_rate: float | None) -> Domain:
+        dom = self.domain(name)
+        for key, value in (("dirty_rate", dirty_rate), ("io_rate", io_rate)):
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise errors.InvalidArgument(f"{key} must be a finite number >= 0, not {value}")
+        if dirty_rate is None and io_rate is None:
+            raise errors.InvalidArgument("a workload change needs dirty_rate or io_rate")
+        if io_rate is not None and not any(d.get("kind") == "vbd" for d in dom.devices):
+            raise errors.InvalidArgument(f"domain {name!r} has no disk: no io_rate to set")
+        await dom.set_workload(dirty_rate, io_rate)
+        self.records.backends_changed(dom)  # (its record keeps the rates a revival shows)
+        return dom
+
     async def destroy_domain(self, name: str) -> None:
         dom = self.domain(name)
         if dom.migration_id and (dom.migration_id in self.saves

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -139,7 +140,7 @@ def test_reserve_moves_the_ram_and_the_domain():
     x = hosts["a"].domains["x"]
     reserve(Move(x, "a", "b"), hosts)
     assert hosts["a"].used_ram == GIB and set(hosts["a"].domains) == {"y"}
-    assert hosts["b"].used_ram == 5 * GIB and hosts["b"].domains["x"] is x
+    assert hosts["b"].used_ram == 5 * GIB and hosts["b"].domains["x"] == replace(x, host="b")
     assert consistent(hosts)
 
 
@@ -285,7 +286,7 @@ def test_an_evacuation_plan_never_overcommits_and_accounts_for_every_domain(host
     for m in moves:
         assert m.source == source and m.dest != source
         assert labels.matches(allowed_by_want(m.domain), hosts[m.dest].labels)
-        assert hosts[m.dest].domains[m.domain.name] == m.domain
+        assert hosts[m.dest].domains[m.domain.name] == replace(m.domain, host=m.dest)
     for h in hosts.values():
         assert h.used_ram <= h.max_ram, h.name
     assert consistent(hosts)
@@ -445,3 +446,14 @@ def test_rebalance_properties(hosts):
             trial = copy.deepcopy(hosts)
             reserve(Move(d, fullest.name, to.name), trial)
             assert spread(trial) >= spread(hosts) - 1e-9
+
+
+def test_a_domain_with_a_move_under_way_is_not_planned_again():
+    hosts = fleet(host("a", 8, [("x", 1), ("y", 1)]), host("b", 8), host("c", 8))
+    moves, unplaced = evacuation("a", hosts, anywhere, busy={"x"})
+    assert [m.domain.name for m in moves] == ["y"]
+    assert unplaced == [Unplaced(DomainView("x", "a", GIB, {}), "a move of it is under "
+                                 "way already")]
+    hosts = fleet(host("a", 8, [("x", 2), ("y", 2)]), host("b", 8))
+    assert rebalance(hosts, anywhere, busy={"x", "y"}) == []
+    assert [m.domain.name for m in rebalance(hosts, anywhere, busy={"x"})] == ["y"]

@@ -353,3 +353,17 @@ def test_the_first_sweep_after_a_resume_checks_every_frame(domain, make_memory, 
         f"a 'full sweep since resume' checked {g['checks_since_resume']} of "
         f"{WORK_FRAMES} frames")
     assert g["failed_since_resume"] == 1
+
+
+def test_a_workload_change_is_written_in_the_guests_own_memory_and_moves_with_it(
+        domain, make_memory, make_log):
+    k1, mem, log = domain(dirty_rate=300.0)
+    log.read_and_clear()
+    assert k1.set_workload({"dirty_rate": 5000.0, "io_rate": 9.0}) == {
+        "dirty_rate": 5000.0, "io_rate": 0.0}  # (no disk: no I/O rate to set)
+    assert 0 in log.read_and_clear(), "the info page was written through the dirty log"
+    assert guestinfo.workload(mem)["dirty_rate"] == 5000.0
+    assert k1.set_workload({"io_rate": None})["dirty_rate"] == 5000.0  # unset: unchanged
+
+    k2 = Kernel.restore(_migrate_memory(mem, make_memory, make_log), k1.vcpu_context())
+    assert float(k2.work.info[0]["dirty_rate"]) == 5000.0
