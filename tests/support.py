@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -155,6 +156,30 @@ def require(ok: bool, reason: str) -> None:
     if in_ci():
         pytest.fail(f"{reason} (CI=true: .ci/run should have provided it)", pytrace=False)
     pytest.skip(reason)
+
+
+def interrupted(args: list[str], when: str, timeout: float = 120.0):
+    """Run `pvmig ARGS`, send it SIGINT once its stderr has a line holding `when` (a
+    fleet's line log: "t vm0 a->b migrating precopy"), and return (returncode, stdout,
+    stderr): the event it waits on is the line, never a sleep."""
+    proc = subprocess.Popen([sys.executable, "-m", "pvmig", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    seen = []
+    try:
+        for line in proc.stderr:
+            seen.append(line)
+            if when in line:
+                break
+        else:
+            raise AssertionError(f"no line with {when!r} came: {''.join(seen)[-3000:]}")
+        proc.send_signal(signal.SIGINT)
+        err = "".join(seen) + proc.stderr.read()
+        out = proc.stdout.read()
+        proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, out, err
 
 
 def pvmig_command() -> str:

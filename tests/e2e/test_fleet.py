@@ -6,12 +6,19 @@ refused by name, nothing lost or doubled."""
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
 
 import pytest
-from support import FleetProbe, Via, check_fleet_result, create, domains, metric, pvmig, scrape
+from support import (
+    FleetProbe,
+    Via,
+    check_fleet_result,
+    create,
+    domains,
+    interrupted,
+    metric,
+    pvmig,
+    scrape,
+)
 
 NAMES = ("a", "b", "c")
 
@@ -178,25 +185,11 @@ def test_an_evacuation_cancelled_halfway_leaves_each_guest_once(fleet3, tmp_path
         create(a, f"vm{i}", ram_mb=64)
     body = "\n[defaults]\nbandwidth_mbps = 100\n"
     report = tmp_path / "cancelled.json"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pvmig", "evacuate", "a", "--fleet",
-         write_fleet(fleet3, tmp_path, body, parallel_migrations=1,
-                     parallel_outbound_per_host=1), "--report", str(report)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        for line in proc.stderr:  # the line log: "t vm a->b migrating precopy"
-            if " migrating precopy" in line:
-                break
-        else:
-            raise AssertionError("no migration reached pre-copy")
-        proc.send_signal(signal.SIGINT)
-        err = proc.stderr.read()  # (the rest: what the iteration above had not taken)
-        out = proc.stdout.read()
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 1, out + err
+    code, out, err = interrupted(
+        ["evacuate", "a", "--fleet", write_fleet(fleet3, tmp_path, body, parallel_migrations=1,
+                                                 parallel_outbound_per_host=1),
+         "--report", str(report)], when=" migrating precopy")
+    assert code == 1, out + err
     assert "evacuate cancelled (SIGINT received)" in err, err
     result = json.loads(report.read_text())
     assert result["status"] == "cancelled" and result["census-ok"], result

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from support import FleetProbe, Via, check_fleet_result, create, domains, pvmig
+from support import FleetProbe, Via, check_fleet_result, create, domains, interrupted, pvmig
 
 NAMES = ("a", "b", "c")
 
@@ -155,3 +155,47 @@ def test_pvmig_domain_workload_changes_a_running_guest(cluster):
     info = domains(a)["w"]
     assert info.state == "running" and info.workload.dirty_rate == 4000
     assert info.guest.checks_failed == 0
+
+
+CANCELLED = """
+fleet = "fleet.toml"
+name = "cancelled"
+
+[[step]]
+at = 0
+create = { domain = "vm0", host = "a", ram_mb = 64 }
+
+[[step]]
+at = 0
+create = { domain = "vm1", host = "a", ram_mb = 64 }
+
+[[step]]
+at = 0
+evacuate = { host = "a" }
+
+[[step]]
+at = 0
+when_idle = true
+create = { domain = "late", host = "b", ram_mb = 16 }
+"""
+
+
+def test_a_scenario_cancelled_halfway_leaves_each_guest_once(fleet3, tmp_path):
+    """SIGINT while the first of two moves runs (100 Mbit/s, one at a time): it aborts,
+    the other never starts, the step still waiting is skipped, each guest runs once."""
+    (tmp_path / "fleet.toml").write_text(
+        fleet3.fleet_toml(parallel_migrations=1, parallel_outbound_per_host=1)
+        + "\n[defaults]\nbandwidth_mbps = 100\n")
+    (tmp_path / "c.toml").write_text(CANCELLED)
+    out = tmp_path / "out"
+    code, stdout, err = interrupted(
+        ["scenario", "run", str(tmp_path / "c.toml"), "--out", str(out)],
+        when=" migrating precopy")
+    assert code == 1, stdout + err
+    assert "step 4 (create): skipped: SIGINT received" in err, err
+    result = json.loads((out / "report.json").read_text())
+    assert result["status"] == "cancelled" and result["census-ok"], result
+    assert [s["ok"] for s in result["steps"]] == [True, True, True, False]
+    assert sorted(row["state"] for row in result["migrations"]) == ["cancelled"] * 2
+    assert set(domains(fleet3["a"].address)) == {"vm0", "vm1"}
+    assert not domains(fleet3["b"].address) and not domains(fleet3["c"].address)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from pvmig import errors
+from pvmig.cli import main
 from pvmig.fleet import scenario
 
 FLEET = """
@@ -125,3 +126,14 @@ def test_its_fleet_file_is_checked_too(tmp_path):
     (tmp_path / "u.toml").write_text("fleet = [")
     with pytest.raises(errors.InvalidArgument, match="not TOML"):
         scenario.load(tmp_path / "u.toml")
+
+
+def test_pvmig_scenario_check_lists_the_steps_and_runs_nothing(tmp_path, capsys):
+    (tmp_path / "fleet.toml").write_text(FLEET)
+    (tmp_path / "s.toml").write_text('fleet = "fleet.toml"\n[[step]]\nat = 0\n'
+                                     'evacuate = { host = "a" }\n[[step]]\nat = 2.5\n'
+                                     'when_idle = true\nrebalance = {}\n')
+    assert main.main(["scenario", "check", str(tmp_path / "s.toml")]) == 0
+    out = capsys.readouterr().out
+    assert "2 steps over 2.5 s on 2 agents (a, b); caps 2 in all, 1 from one host" in out
+    assert "    2.50 step 2: rebalance (when idle)" in out
