@@ -114,10 +114,16 @@ def scenario_run(args) -> int:
     except OSError as e:
         raise errors.InvalidArgument(f"cannot make the output directory {out}: "
                                      f"{e.strerror}") from None
+    made = not (out / "report.json").exists()
     check_writable(out / "report.json")
     play = scenario.Scenario(spec, display.for_terminal,
                              say=lambda line: print(line, file=sys.stderr, flush=True))
-    result = run(play.run())
+    try:
+        result = run(play.run())
+    except BaseException:
+        if made:  # (an agent did not answer: nothing ran, no empty report to be read)
+            (out / "report.json").unlink(missing_ok=True)
+        raise
     operation.write(result, out / "report.json")
     written = [out / "report.json"]
     if not args.no_plots and result["migrations"]:

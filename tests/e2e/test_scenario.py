@@ -199,3 +199,16 @@ def test_a_scenario_cancelled_halfway_leaves_each_guest_once(fleet3, tmp_path):
     assert sorted(row["state"] for row in result["migrations"]) == ["cancelled"] * 2
     assert set(domains(fleet3["a"].address)) == {"vm0", "vm1"}
     assert not domains(fleet3["b"].address) and not domains(fleet3["c"].address)
+
+
+def test_a_scenario_with_an_agent_down_runs_nothing(fleet3, tmp_path):
+    (tmp_path / "fleet.toml").write_text(fleet3.fleet_toml().replace(
+        fleet3["c"].address, "127.0.0.1:9"))  # (discard: nobody answers there)
+    (tmp_path / "s.toml").write_text(
+        'fleet = "fleet.toml"\n[[step]]\nat = 0\ncreate = { domain = "x", host = "a" }\n')
+    r = pvmig("scenario", "run", str(tmp_path / "s.toml"), "--out", str(tmp_path / "out"),
+              timeout=120)
+    assert r.returncode != 0 and "the fleet's agents must all answer; not: c" in r.stderr, \
+        r.stderr
+    assert not (tmp_path / "out" / "report.json").exists()
+    assert not domains(fleet3["a"].address)
