@@ -124,9 +124,14 @@ class Runner:
         return rows
 
     async def drain(self) -> None:
-        """Until every row submitted has ended (those submitted meanwhile too)."""
+        """Until every row submitted has ended (those submitted meanwhile too). A
+        waiter that gives up (cancelled) leaves the rows' tasks running: a cancel of the
+        moves is Runner.cancel's, which lets each settle."""
         while pending := [r.task for r in self.rows if r.task and not r.task.done()]:
-            await asyncio.gather(*pending)
+            done, _ = await asyncio.wait(pending)
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    log.error("a move ended in a bug", exc_info=task.exception())
 
     def in_flight(self) -> set[str]:
         """Domains with a move queued or under way."""
