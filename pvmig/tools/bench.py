@@ -48,12 +48,14 @@ from pvmig.rpc.client import AgentClient
 from pvmig.rpc.security import Security, init_ca, issue
 from pvmig.tools import ceiling, qemu_peer
 from pvmig.tools.cluster import LocalCluster
+from pvmig.tools.peer import answered
 from pvmig.tools.plot import bench_figures
 
 MODERATE = 2000      # pages/s: 8 MB/s of writes
 HEAVY = 60000        # pages/s, uncapped
 BUSY_DISK = {"latency_ms": 2.0, "io_rate": 300.0}
 PEER_RATE = 200.0    # the net peer's requests per second to a busy guest
+PEER_READY_S = 60.0  # for its first answer, before a busy cell's migrations begin
 # the storage cells' disk: 256 MiB, full, 300 writes a second (half the requests are
 # writes: 600 a second)
 STORAGE_DISK = {"blocks": 65536, "fill": 1.0, "latency_ms": 2.0, "io_rate": 600.0}
@@ -409,6 +411,13 @@ def _run_cell(cell: Cell, hosts: list[str], mem_dir: Path, tmp: Path, *,
                                  "--stats", str(stats)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1.0)  # the workload and the devices get going
+    if peer is not None and not answered(peer, stats, PEER_READY_S):
+        result.errors.append(f"the net peer had no answer from the guest at {vif} within "
+                             f"{PEER_READY_S:.0f} s")
+        peer.terminate()
+        peer.wait(timeout=30)
+        uvloop.run(_destroy(hosts[0], name))
+        return result
     if keep_content:  # the idle guest's bytes, before they move: QEMU's guest gets them
         result.content = tmp / "qemu-content.ram"
         shutil.copyfile(mem_dir / f"{name}.{domid}.ram", result.content)

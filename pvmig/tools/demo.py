@@ -18,6 +18,7 @@ from pvmig.coordinator.progress import for_stream
 from pvmig.coordinator.summary import print_summary
 from pvmig.rpc.client import AgentClient
 from pvmig.tools.cluster import LocalCluster
+from pvmig.tools.peer import answered
 
 DISK_BLOCKS = 1024
 
@@ -40,7 +41,9 @@ def run_demo(*, ram_mb: int, dirty_rate: float, report_path: Path | None) -> int
                                  "--rate", "200", "--duration", "4", "--stats", str(stats)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         console.print(f"net peer talking to the guest at {vif}")
-        time.sleep(1.0)
+        if not answered(peer, stats, 60.0):
+            console.print("[yellow]the net peer had no answer from the guest yet; "
+                          "migrating anyway[/]")
         reporter = for_stream(sys.stdout)
         try:
             report = uvloop.run(migrate(a, b, "demo", Options(), reporter))

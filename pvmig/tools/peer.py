@@ -18,6 +18,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,6 +141,22 @@ class Peer(asyncio.DatagramProtocol):
     def stats_now(self) -> dict:
         self.stats.target = f"{self.target[0]}:{self.target[1]}"
         return {**self.stats.to_dict(), "outstanding": len(self._outstanding)}
+
+
+def answered(proc: subprocess.Popen, stats_file: Path, timeout_s: float) -> bool:
+    """Wait until the peer process `proc` (`pvmig peer --stats stats_file`) has had its
+    first answer; False if it has not within timeout_s, or exited. A migration begun
+    before that (the peer still starting, on a loaded machine) would leave the peer
+    talking to a host the guest has left, never having been seen by it."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if json.loads(stats_file.read_text()).get("answered", 0) > 0:
+                return True
+        except (OSError, ValueError):
+            pass  # (not written yet)
+        time.sleep(0.05)
+    return False
 
 
 def _write(path: Path, data: dict) -> None:
