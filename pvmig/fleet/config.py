@@ -101,6 +101,15 @@ class Fleet:
         best = min(matching, key=lambda p: (-p.specificity, p.name))
         return replace(self.defaults, **best.overrides, policy=best.name), best
 
+    def rules_for(self, domain_labels: dict) -> tuple[Settings, dict]:
+        """A domain's migration settings, and the labels its destination must carry."""
+        settings, chosen = self.policy_for(domain_labels)
+        return settings, (chosen.hosts if chosen else {})
+
+    def hosts_for(self, dom) -> dict:
+        """The labels a destination of `dom` (anything with .labels) must carry."""
+        return self.rules_for(dom.labels)[1]
+
 
 _FLEET_KEYS = {"parallel_migrations", "parallel_outbound_per_host", "retries"}
 _SETTING_KEYS = {f.name for f in fields(Settings)} - {"policy"}

@@ -28,28 +28,20 @@ class Operation:
     def __init__(self, fleet: Fleet, kind: str, display_of) -> None:
         self.fleet, self.kind, self.display_of = fleet, kind, display_of
         self.result: dict = {"operation": kind, "fleet-file": fleet.path,
-                             "caps": {"parallel-migrations": fleet.parallel_migrations,
-                                      "parallel-outbound-per-host":
-                                      fleet.parallel_outbound_per_host,
-                                      "retries": fleet.retries}}
+                             "caps": caps_of(fleet)}
         self.runner: Runner | None = None
-
-    def settings_of(self, dom):
-        settings, chosen = self.fleet.policy_for(dom.labels)
-        return settings, (chosen.hosts if chosen else {})
 
     async def evacuate(self, host: str) -> dict:
         name = self.fleet.agent(host).name
         self.result["host"] = name
         hosts = await inventory.survey(self.fleet)
-        moves, unplaced = placement.evacuation(
-            name, hosts, lambda d: self.settings_of(d)[1])
+        moves, unplaced = placement.evacuation(name, hosts, self.fleet.hosts_for)
         return await self._carry_out(hosts, moves, unplaced, f"evacuate {name}")
 
     async def rebalance(self) -> dict:
         hosts = await inventory.survey(self.fleet)
         self.result["spread-before"] = round(placement.spread(hosts), 4)
-        moves = placement.rebalance(hosts, lambda d: self.settings_of(d)[1])
+        moves = placement.rebalance(hosts, self.fleet.hosts_for)
         self.result["spread-planned"] = round(placement.spread(hosts), 4)
         return await self._carry_out(hosts, moves, [], "rebalance")
 
@@ -61,29 +53,48 @@ class Operation:
         runner.display = display = self.display_of(lambda: runner.rows, title)
         try:
             with cancelled_by_signals(runner.cancel):
-                rows = await runner.run(moves, self.settings_of)
+                await runner.run(moves)
         finally:
             display.close()
-        r = self.result
-        r["total-time-ms"] = round((time.monotonic() - t0) * 1e3, 3)
-        r["migrations"] = [row.to_dict() for row in rows]
-        r["queue"] = [{"t-ms": round(t * 1e3, 3), "queued": q, "migrating": m}
-                      for t, q, m in runner.timeline]
-        downtimes = [row.last["downtime-ms"] for row in rows
-                     if row.state == COMPLETED and row.last["downtime-ms"] is not None]
-        r["downtime-ms"] = spread_of(downtimes)
+        self.result["total-time-ms"] = round((time.monotonic() - t0) * 1e3, 3)
         names = {m.domain.name for m in moves} | {u.domain.name for u in unplaced}
-        r["census"] = await inventory.census(self.fleet, names)
-        r["census-ok"] = all(len(where) == 1 and where[0]["state"] == "running"
-                             and where[0]["failed"] == 0 for where in r["census"].values())
-        r["observed"] = await observe(self.fleet, rows)
-        r["cancelled"] = runner.cancelled or None
-        done = sum(row.state == COMPLETED for row in rows)
-        r["completed"], r["planned"] = done, len(rows)
-        r["status"] = ("cancelled" if runner.cancelled else
-                       "completed" if done == len(rows) and not unplaced and r["census-ok"]
-                       and r["observed"]["within-caps"] else "partial")
-        return r
+        self.result.update(await account(self.fleet, runner, dict.fromkeys(names, True),
+                                         clean=not unplaced))
+        return self.result
+
+
+def caps_of(fleet: Fleet) -> dict:
+    return {"parallel-migrations": fleet.parallel_migrations,
+            "parallel-outbound-per-host": fleet.parallel_outbound_per_host,
+            "retries": fleet.retries}
+
+
+async def account(fleet: Fleet, runner: Runner, alive: dict[str, bool], clean: bool) -> dict:
+    """What a fleet's work reports once its moves have ended, the agents asked again:
+    each move, the queue over time, the downtimes' spread; the census of the domains
+    named in `alive` (True: each runs on exactly one host, its checks clean; False: a
+    domain destroyed, on none); the caps from the agents' ledgers; and the status,
+    `completed` only if every move completed, all of that holds, and `clean` (nothing
+    else went wrong: nothing left unplaced, no step failed)."""
+    rows = runner.rows
+    census = await inventory.census(fleet, set(alive))
+    census_ok = all(
+        (len(where) == 1 and where[0]["state"] == "running" and where[0]["failed"] == 0)
+        if alive[name] else not where for name, where in census.items())
+    observed = await observe(fleet, rows)
+    done = sum(row.state == COMPLETED for row in rows)
+    return {
+        "migrations": [row.to_dict() for row in rows],
+        "queue": [{"t-ms": round(t * 1e3, 3), "queued": q, "migrating": m}
+                  for t, q, m in runner.timeline],
+        "downtime-ms": spread_of([row.last["downtime-ms"] for row in rows
+                                  if row.state == COMPLETED
+                                  and row.last["downtime-ms"] is not None]),
+        "census": census, "census-ok": census_ok, "observed": observed,
+        "cancelled": runner.cancelled or None, "completed": done, "planned": len(rows),
+        "status": ("cancelled" if runner.cancelled else
+                   "completed" if done == len(rows) and clean and census_ok
+                   and observed["within-caps"] else "partial")}
 
 
 @contextlib.contextmanager

@@ -102,17 +102,18 @@ class Runner:
 
     # ---- the queue
 
-    async def run(self, moves: list[Move], settings_of) -> list[Row]:
-        rows = self.submit(moves, settings_of)
+    async def run(self, moves: list[Move]) -> list[Row]:
+        rows = self.submit(moves)
         await self.drain()
         return rows
 
-    def submit(self, moves: list[Move], settings_of, origin: str = "") -> list[Row]:
+    def submit(self, moves: list[Move], origin: str = "") -> list[Row]:
         """Queue `moves` (planned: their RAM reserved in self.hosts) behind those
-        already queued; each starts when the caps leave room."""
+        already queued; each starts when the caps leave room, with its policy's
+        settings."""
         rows = []
         for m in moves:
-            settings, allowed = settings_of(m.domain)
+            settings, allowed = self.fleet.rules_for(m.domain.labels)
             rows.append(Row(m.domain.name, m.domain.ram, m.source, m.dest, settings,
                             allowed, view=m.domain, queued_s=self._now(),
                             tried={m.dest}, origin=origin))

@@ -55,7 +55,7 @@ from pvmig._proto import pvmig_pb2 as pb
 from pvmig.fleet import config, inventory, operation, placement
 from pvmig.fleet.config import Fleet
 from pvmig.fleet.placement import DomainView, Move
-from pvmig.fleet.runner import COMPLETED, Runner
+from pvmig.fleet.runner import Runner
 from pvmig.rpc.client import AgentClient
 
 # What each action takes: key -> (kind, required); kinds: str, int, number, labels
@@ -227,10 +227,6 @@ class Scenario:
         self.known: dict[str, bool] = {}  # domain -> alive (False: destroyed)
         self._stop = asyncio.Event()
 
-    def settings_of(self, dom):
-        settings, chosen = self.fleet.policy_for(dom.labels)
-        return settings, (chosen.hosts if chosen else {})
-
     def cancel(self, why: str) -> None:
         if self.runner is not None:
             self.runner.cancel(why)
@@ -343,7 +339,7 @@ class Scenario:
         if name in self.runner.in_flight():
             raise errors.FailedPrecondition(f"a move of {name} is under way already")
         dom = self._view(name)
-        allowed = self.settings_of(dom)[1]
+        allowed = self.fleet.hosts_for(dom)
         if "to" in step.args:
             dest = self.runner.hosts[step.args["to"]]
             if dest.name == dom.host:
@@ -362,21 +358,21 @@ class Scenario:
                 raise errors.ResourceExhausted(f"{name} fits nowhere: {dest}")
         move = Move(dom, dom.host, dest.name)
         placement.reserve(move, self.runner.hosts)
-        self.runner.submit([move], self.settings_of, origin=f"step {step.number}")
+        self.runner.submit([move], origin=f"step {step.number}")
         return {"moves": [f"{name} {dom.host}->{dest.name}"]}
 
     async def _evacuate(self, step: Step) -> dict:
         moves, unplaced = placement.evacuation(
-            step.args["host"], self.runner.hosts, lambda d: self.settings_of(d)[1],
+            step.args["host"], self.runner.hosts, self.fleet.hosts_for,
             busy=self.runner.in_flight())
-        self.runner.submit(moves, self.settings_of, origin=f"step {step.number}")
+        self.runner.submit(moves, origin=f"step {step.number}")
         return _planned(moves, unplaced)
 
     async def _rebalance(self, step: Step) -> dict:
         before = placement.spread(self.runner.hosts)
-        moves = placement.rebalance(self.runner.hosts, lambda d: self.settings_of(d)[1],
+        moves = placement.rebalance(self.runner.hosts, self.fleet.hosts_for,
                                     busy=self.runner.in_flight())
-        self.runner.submit(moves, self.settings_of, origin=f"step {step.number}")
+        self.runner.submit(moves, origin=f"step {step.number}")
         return _planned(moves, []) | {"spread-before": round(before, 4), "spread-planned":
                                       round(placement.spread(self.runner.hosts), 4)}
 
@@ -421,35 +417,13 @@ class Scenario:
     # ---- the account
 
     async def _result(self, total_s: float) -> dict:
-        runner = self.runner
-        rows = runner.rows
-        r: dict = {"scenario": self.spec.name, "scenario-file": self.spec.path,
-                   "fleet-file": self.fleet.path,
-                   "caps": {"parallel-migrations": self.fleet.parallel_migrations,
-                            "parallel-outbound-per-host":
-                            self.fleet.parallel_outbound_per_host,
-                            "retries": self.fleet.retries},
-                   "total-time-ms": round(total_s * 1e3, 3), "steps": self.steps,
-                   "migrations": [row.to_dict() for row in rows],
-                   "queue": [{"t-ms": round(t * 1e3, 3), "queued": q, "migrating": m}
-                             for t, q, m in runner.timeline]}
-        r["downtime-ms"] = operation.spread_of([
-            row.last["downtime-ms"] for row in rows
-            if row.state == COMPLETED and row.last["downtime-ms"] is not None])
-        census = await inventory.census(self.fleet, set(self.known))
-        r["census"] = census
-        r["census-ok"] = all(
-            (len(where) == 1 and where[0]["state"] == "running" and where[0]["failed"] == 0)
-            if self.known[name] else not where for name, where in census.items())
-        r["observed"] = await operation.observe(self.fleet, rows)
-        r["cancelled"] = runner.cancelled or None
-        done = sum(row.state == COMPLETED for row in rows)
-        r["completed"], r["planned"] = done, len(rows)
-        r["steps-failed"] = sum(not s["ok"] for s in self.steps)
-        r["status"] = ("cancelled" if runner.cancelled else
-                       "completed" if done == len(rows) and not r["steps-failed"]
-                       and r["census-ok"] and r["observed"]["within-caps"] else "partial")
-        return r
+        failed = sum(not s["ok"] for s in self.steps)
+        return {"scenario": self.spec.name, "scenario-file": self.spec.path,
+                "fleet-file": self.fleet.path, "caps": operation.caps_of(self.fleet),
+                "total-time-ms": round(total_s * 1e3, 3), "steps": self.steps,
+                "steps-failed": failed,
+                **await operation.account(self.fleet, self.runner, self.known,
+                                          clean=not failed)}
 
 
 def _planned(moves, unplaced) -> dict:

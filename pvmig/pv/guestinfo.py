@@ -80,16 +80,16 @@ def layout(nr_frames: int, dev_frames: int = 0) -> Layout:
                   nr_frames - work_first)
 
 
-WORKLOAD = ("dirty_rate", "hot_fraction", "hot_share", "fill", "seed")
-
-
 def workload(mem: GuestMemory) -> dict:
     """The rates the guest runs at now, as it keeps them (its workload moves with it and
     changes on request: pvmig domain workload); empty if the guest never booted."""
     info = view(mem)[0].copy()
     if int(info["magic"]) != MAGIC:
         return {}
-    return {k: float(info[k]) for k in WORKLOAD[:-1]} | {"seed": int(info["seed"])}
+    return {"dirty_rate": float(info["dirty_rate"]),
+            "hot_fraction": float(info["hot_fraction"]),
+            "hot_share": float(info["hot_share"]), "fill": float(info["fill"]),
+            "seed": int(info["seed"])}
 
 
 def read(mem: GuestMemory) -> dict:

@@ -573,3 +573,15 @@ def test_an_agent_by_name_or_address():
     assert f.agent("10.0.0.2:7000") is f.agents["b"]
     with pytest.raises(errors.NotFound, match="no agent 'c' in the fleet \\(a, b\\)"):
         f.agent("c")
+
+
+def test_a_domains_rules_are_its_policys_settings_and_host_labels():
+    f = fleet_with({"name": "db", "selector": {"tier": "db"}, "hosts": {"disk": "ssd"},
+                    "bandwidth_mbps": 400})
+    settings, hosts = f.rules_for({"tier": "db"})
+    assert settings.bandwidth_mbps == 400 and settings.policy == "db"
+    assert hosts == {"disk": "ssd"} and f.rules_for({"tier": "web"}) == (f.defaults, {})
+
+    class Dom:
+        labels = {"tier": "db"}
+    assert f.hosts_for(Dom()) == {"disk": "ssd"}
